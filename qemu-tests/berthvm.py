@@ -1,0 +1,200 @@
+"""Boot Berth images in QEMU and watch them from outside: the serial console, QMP, the disk.
+
+Every VM gets its own copy-on-write overlay (or raw copy) of the built image in a temporary
+directory, so cases never touch build/ and can run in any order.
+"""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILD = os.environ.get("BERTH_BUILD", os.path.join(ROOT, "build"))
+
+READY = re.compile(r"berth: ready version=(\S+) variant=(\S+) slot=(\S) verity=(\S+) boot_ms=(\d+)")
+
+
+def kvm_works():
+    """KVM is used only when /dev/kvm exists and is not the kvm_pvm module (which fails)."""
+    return os.path.exists("/dev/kvm") and not os.path.exists("/sys/module/kvm_pvm") \
+        and os.environ.get("BERTH_NO_KVM") != "1"
+
+
+def arch_paths(arch):
+    d = os.path.join(BUILD, arch)
+    return {k: os.path.join(d, f) for k, f in
+            [("kernel", "kernel"), ("initrd", "initramfs.cpio"), ("qcow2", "disk.qcow2"),
+             ("raw", "disk.img"), ("dir", ".")]}
+
+
+def qemu_argv(arch, disk, disk_format, append, qmp_path, extra=()):
+    p = arch_paths(arch)
+    accel = ["-accel", "kvm", "-cpu", "host"] if kvm_works() and arch == os.uname().machine.replace("aarch64", "arm64") else ["-accel", "tcg"]
+    if arch == "x86_64":
+        argv = ["qemu-system-x86_64", "-M", "pc"] + accel
+        if accel[1] == "tcg":
+            argv += ["-cpu", "max"]
+        console = "ttyS0"
+    else:
+        argv = ["qemu-system-aarch64", "-M", "virt"] + accel
+        if accel[1] == "tcg":
+            argv += ["-cpu", "cortex-a72"]
+        console = "ttyAMA0"
+    argv += [
+        "-m", "1024", "-smp", "2", "-nographic", "-no-reboot",
+        "-kernel", p["kernel"], "-initrd", p["initrd"],
+        "-append", f"console={console} panic=-1 {append}".strip(),
+        "-drive", f"file={disk},if=none,id=disk0,format={disk_format},cache=unsafe",
+        "-device", "virtio-blk-pci,drive=disk0",
+        "-nic", "user,model=virtio-net-pci",
+        "-device", "virtio-rng-pci",
+        "-qmp", f"unix:{qmp_path},server=on,wait=off",
+    ]
+    return argv + list(extra)
+
+
+class VM:
+    """One QEMU process. Use as a context manager; the temp dir goes away on exit."""
+
+    def __init__(self, arch="x86_64", append="", raw=False, disk_size="2G", reboot=False, extra=()):
+        self.arch = arch
+        self.tmp = tempfile.mkdtemp(prefix=f"berth-{arch}-")
+        p = arch_paths(arch)
+        if raw:
+            self.disk = os.path.join(self.tmp, "disk.img")
+            subprocess.run(["cp", "--sparse=always", p["raw"], self.disk], check=True)
+            subprocess.run(["truncate", "-s", disk_size, self.disk], check=True)
+            self.format = "raw"
+        else:
+            self.disk = os.path.join(self.tmp, "disk.qcow2")
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", p["qcow2"],
+                            "-F", "qcow2", self.disk, disk_size], check=True)
+            self.format = "qcow2"
+        self.append = append
+        self.reboot = reboot
+        self.extra = extra
+        self.qmp_path = os.path.join(self.tmp, "qmp.sock")
+        self.out = []
+        self.lock = threading.Condition()
+        self.proc = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.kill()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def start(self):
+        argv = qemu_argv(self.arch, self.disk, self.format, self.append, self.qmp_path, self.extra)
+        if self.reboot:
+            argv.remove("-no-reboot")
+        self.out = []
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT)
+        threading.Thread(target=self._pump, daemon=True).start()
+        return self
+
+    def _pump(self):
+        for raw in iter(self.proc.stdout.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            with self.lock:
+                self.out.append(line)
+                self.lock.notify_all()
+        with self.lock:
+            self.lock.notify_all()
+
+    def console(self):
+        with self.lock:
+            return "\n".join(self.out)
+
+    def wait_for(self, pattern, timeout=120):
+        """Wait until a console line matches; return the match. Fail on timeout or exit."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self.lock:
+            while True:
+                for line in self.out[seen:]:
+                    m = rx.search(line)
+                    if m:
+                        return m
+                seen = len(self.out)
+                if self.proc.poll() is not None and seen == len(self.out):
+                    # drain: the pump may still be appending
+                    self.lock.wait(0.2)
+                    if seen == len(self.out):
+                        raise AssertionError(f"QEMU exited (rc {self.proc.returncode}) before /{pattern}/\n" + self.tail())
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out after {timeout}s waiting for /{pattern}/\n" + self.tail())
+                self.lock.wait(min(left, 0.5))
+
+    def wait_ready(self, timeout=180):
+        m = self.wait_for(READY.pattern, timeout)
+        return {"version": m.group(1), "variant": m.group(2), "slot": m.group(3),
+                "verity": m.group(4), "boot_ms": int(m.group(5))}
+
+    def wait_exit(self, timeout=120):
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"QEMU still running after {timeout}s\n" + self.tail())
+
+    def qmp(self, command, **args):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(self.qmp_path)
+        f = s.makefile("rw")
+        json.loads(f.readline())  # greeting
+        for cmd in ({"execute": "qmp_capabilities"}, {"execute": command, "arguments": args}):
+            f.write(json.dumps(cmd) + "\n")
+            f.flush()
+            while True:
+                reply = json.loads(f.readline())
+                if "return" in reply or "error" in reply:
+                    break
+        s.close()
+        if "error" in reply:
+            raise AssertionError(f"QMP {command}: {reply['error']}")
+        return reply["return"]
+
+    def tail(self, n=40):
+        with self.lock:
+            return "--- last console lines ---\n" + "\n".join(self.out[-n:])
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def gpt_partitions(disk_raw):
+    """{label: (first_byte, size_bytes)} read with sgdisk, independent of berth's own parser."""
+    out = subprocess.run(["sgdisk", "-p", disk_raw], check=True, capture_output=True, text=True).stdout
+    parts = {}
+    for line in out.splitlines():
+        f = line.split()
+        if len(f) >= 7 and f[0].isdigit():
+            first, last = int(f[1]), int(f[2])
+            parts[f[-1]] = (first * 512, (last - first + 1) * 512)
+    return parts
+
+
+def slot_states(disk_raw, berth):
+    """{"A": {...}, "B": {...}} from `berth bootctl show`."""
+    out = subprocess.run([berth, "bootctl", "show", disk_raw], check=True, capture_output=True,
+                         text=True).stdout
+    states = {}
+    for line in out.splitlines():
+        kv = dict(x.split("=", 1) for x in line.split())
+        if "slot" in kv:
+            states[kv["slot"]] = {k: int(v) for k, v in kv.items() if k != "slot"}
+    return states

@@ -1,0 +1,301 @@
+//! Stage 2: PID 1 in the verified root.
+//!
+//! Runs the boot phases (mounts, data partitions, /etc, hostname, propagation), prints the
+//! machine-readable `berth: ready ...` line, marks the slot successful, then sits in the event
+//! loop: it reaps every child (the program's only `waitpid(-1)`), and turns SIGTERM/SIGINT
+//! (reboot) and SIGPWR/SIGUSR2 or the power button (power-off) into an orderly shutdown.
+//! PID 1 never exits: fatal errors before "ready" reboot so that boot control can fall back;
+//! after "ready", errors are logged and the loop goes on.
+
+mod etc;
+mod grow;
+mod power;
+pub mod selftest;
+mod shutdown;
+
+use std::fs::{self, OpenOptions};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use log::{error, info, warn};
+
+use crate::boot::{self, cmdline::Cmdline, mounts, partitions, Handoff};
+use crate::bootctl::{BootControl, GptBootControl};
+use crate::sys::{self, RebootMode, SignalFd};
+
+const SIGNALS: &[libc::c_int] = &[
+    libc::SIGCHLD,
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGPWR,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGHUP,
+];
+
+const NOSUID_NODEV: libc::c_ulong = sys::MS_NOSUID | sys::MS_NODEV;
+
+/// Stage 2's own mounts, after those stage 1 moved in.
+const STAGE2: &[mounts::Mount] = &[
+    mounts::Mount {
+        source: "devpts",
+        target: "/dev/pts",
+        fstype: "devpts",
+        flags: sys::MS_NOSUID | sys::MS_NOEXEC,
+        data: Some("gid=5,mode=620,ptmxmode=666"),
+    },
+    mounts::Mount {
+        source: "tmpfs",
+        target: "/dev/shm",
+        fstype: "tmpfs",
+        flags: NOSUID_NODEV,
+        data: Some("mode=1777"),
+    },
+    mounts::Mount {
+        source: "tmpfs",
+        target: "/etc",
+        fstype: "tmpfs",
+        flags: NOSUID_NODEV,
+        data: Some("mode=0755,size=16m"),
+    },
+    mounts::Mount {
+        source: "tmpfs",
+        target: "/tmp",
+        fstype: "tmpfs",
+        flags: NOSUID_NODEV,
+        data: Some("mode=1777"),
+    },
+    mounts::Mount {
+        source: "cgroup2",
+        target: "/sys/fs/cgroup",
+        fstype: "cgroup2",
+        flags: sys::MS_NOSUID | sys::MS_NODEV | sys::MS_NOEXEC,
+        data: Some("nsdelegate"),
+    },
+];
+
+/// Where the data partitions go.
+pub const LOCAL: &str = "/local";
+pub const PRIVATE: &str = "/var/lib/berth";
+
+/// Boot state shared by the phases.
+pub struct Ctx {
+    pub cmdline: Cmdline,
+    pub handoff: Handoff,
+    pub parts: Vec<partitions::PartInfo>,
+    pub started: Instant,
+}
+
+type Phase = (&'static str, fn(&mut Ctx) -> Result<(), String>);
+
+const PHASES: &[Phase] = &[
+    ("mounts", |_| {
+        mounts::mount_all(STAGE2).map_err(|e| e.to_string())
+    }),
+    ("find-partitions", find_partitions),
+    ("data", grow::mount_data),
+    ("etc", etc::render),
+    ("hostname", set_hostname),
+    ("propagation", make_rshared),
+];
+
+/// Point stdin/stdout/stderr at /dev/console (the kernel may have left them closed).
+pub fn console_stdio() {
+    if let Ok(c) = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/console")
+    {
+        let _ = sys::dup_to_stdio(&c);
+    }
+}
+
+/// The entry point of PID 1: stage 1 in the initramfs, stage 2 in the real root.
+pub fn pid1() -> ! {
+    crate::klog::init(true);
+    let in_initramfs = matches!(
+        sys::statfs(Path::new("/")),
+        Ok((m, _, _)) if m == sys::RAMFS_MAGIC || m == sys::TMPFS_MAGIC
+    ) && Path::new("/init").exists();
+    if in_initramfs {
+        let e = boot::stage1();
+        boot::fail_and_reboot(&e);
+    }
+    stage2()
+}
+
+fn stage2() -> ! {
+    // Block our signals before any thread exists, so every thread inherits the mask.
+    let signals = match SignalFd::new(SIGNALS) {
+        Ok(s) => s,
+        Err(e) => boot::fail_and_reboot(&format!("signalfd: {e}")),
+    };
+    // A few mounts are needed before logging works when booted without stage 1.
+    if let Err(e) = mounts::mount_all(mounts::EARLY) {
+        boot::fail_and_reboot(&e.to_string());
+    }
+    crate::klog::reopen_kmsg();
+    console_stdio();
+    let _ = sys::disable_cad();
+    std::panic::set_hook(Box::new(|p| error!("panic: {p}")));
+
+    let handoff = match fs::read_to_string(boot::HANDOFF)
+        .map_err(|e| e.to_string())
+        .and_then(|t| toml::from_str::<Handoff>(&t).map_err(|e| e.to_string()))
+    {
+        Ok(h) => h,
+        Err(e) => boot::fail_and_reboot(&format!("{}: {e} (was stage 1 skipped?)", boot::HANDOFF)),
+    };
+    info!(
+        "stage2 start slot={} version={}",
+        handoff.slot, handoff.version
+    );
+    let mut ctx = Ctx {
+        cmdline: Cmdline::read(),
+        handoff,
+        parts: Vec::new(),
+        started: Instant::now(),
+    };
+    for (name, phase) in PHASES {
+        let t = Instant::now();
+        if let Err(e) = phase(&mut ctx) {
+            boot::fail_and_reboot(&format!("stage 2 phase {name} failed: {e}"));
+        }
+        info!("stage2 phase {name} done in {} us", t.elapsed().as_micros());
+    }
+    power::watch_power_button();
+
+    mark_ready(&ctx);
+    if let Some(test) = ctx.cmdline.get("selftest") {
+        selftest::start(test);
+    }
+    event_loop(&ctx, signals)
+}
+
+fn find_partitions(ctx: &mut Ctx) -> Result<(), String> {
+    let disk = ctx
+        .handoff
+        .disk
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned());
+    ctx.parts = partitions::wait_for(
+        &["BERTH-PRIVATE", "BERTH-DATA"],
+        disk.as_deref(),
+        Duration::from_secs(5),
+    )?;
+    Ok(())
+}
+
+fn set_hostname(ctx: &mut Ctx) -> Result<(), String> {
+    let name = ctx.cmdline.get("hostname").unwrap_or("berth").to_string();
+    sys::sethostname(&name).map_err(|e| format!("sethostname {name}: {e}"))
+}
+
+fn make_rshared(_: &mut Ctx) -> Result<(), String> {
+    sys::mount(
+        None,
+        Path::new("/"),
+        None,
+        sys::MS_REC | sys::MS_SHARED,
+        None,
+    )
+    .map_err(|e| format!("make / rshared: {e}"))
+}
+
+/// Milliseconds since the kernel started (CLOCK_BOOTTIME).
+fn uptime_ms() -> u64 {
+    fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map(|s| (s * 1000.0) as u64)
+        .unwrap_or(0)
+}
+
+fn mark_ready(ctx: &Ctx) {
+    let h = &ctx.handoff;
+    // dm-verity's own verdict so far: "V" verified, "C" corruption seen.
+    let verity = crate::sys::dm::status(boot::VERITY_NAME)
+        .ok()
+        .and_then(|s| s.first().cloned())
+        .unwrap_or_else(|| "unknown".into());
+    info!(
+        "ready version={} variant={} slot={} verity={} boot_ms={} stage1_ms={} stage2_ms={}",
+        h.version,
+        h.variant,
+        h.slot,
+        verity,
+        uptime_ms(),
+        h.stage1_ms,
+        ctx.started.elapsed().as_millis()
+    );
+    let mut bc = GptBootControl::new(&h.disk, h.sector_size);
+    match bc.mark_successful(h.slot) {
+        Ok(true) => info!("slot {} marked successful", h.slot),
+        Ok(false) => {}
+        Err(e) => error!("could not mark slot {} successful: {e}", h.slot),
+    }
+}
+
+fn rss_kb() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn event_loop(ctx: &Ctx, signals: SignalFd) -> ! {
+    let idle_report_at = Instant::now() + Duration::from_secs(2);
+    let mut idle_reported = false;
+    loop {
+        let sig = match signals.wait(500) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("waiting for signals: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                None
+            }
+        };
+        match sig {
+            Some(libc::SIGCHLD) | None => {
+                reap();
+            }
+            Some(libc::SIGTERM) | Some(libc::SIGINT) => {
+                shutdown::run(RebootMode::Restart, &signals)
+            }
+            Some(libc::SIGPWR) | Some(libc::SIGUSR2) => {
+                shutdown::run(RebootMode::PowerOff, &signals)
+            }
+            Some(libc::SIGUSR1) => shutdown::run(RebootMode::Halt, &signals),
+            Some(other) => info!("ignoring signal {other}"),
+        }
+        if !idle_reported && Instant::now() >= idle_report_at {
+            idle_reported = true;
+            info!("idle rss_kb={} uptime_ms={}", rss_kb(), uptime_ms());
+        }
+        let _ = ctx;
+    }
+}
+
+/// Reap every exited child (the program's only use of `waitpid(-1)`, through
+/// [`sys::reap_one`]); returns whether any child, direct or adopted orphan, is still alive.
+pub(crate) fn reap() -> bool {
+    loop {
+        match sys::reap_one() {
+            Ok(Some((pid, exit))) => info!("reaped pid {pid} ({exit})"),
+            Ok(None) => return true,
+            Err(e) if e.raw_os_error() == Some(libc::ECHILD) => return false,
+            Err(e) => {
+                warn!("waitpid: {e}");
+                return true;
+            }
+        }
+    }
+}

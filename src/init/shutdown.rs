@@ -1,0 +1,147 @@
+//! Orderly shutdown: stop every process (SIGTERM, a grace period, then SIGKILL), unmount the
+//! block-backed filesystems in reverse mount order (remounting read-only what stays busy),
+//! sync with a time bound, and reboot(2). Never returns.
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use log::{error, info, warn};
+
+use crate::sys::{self, RebootMode, SignalFd};
+
+const GRACE: Duration = Duration::from_secs(10);
+const KILL_WAIT: Duration = Duration::from_secs(2);
+const SYNC_BOUND: Duration = Duration::from_secs(10);
+
+/// Wait until no child is left or `limit` passes; true when none is left.
+fn wait_children(signals: &SignalFd, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if !super::reap() {
+            return true;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        // SIGCHLD (or anything else) wakes us; other requests are ignored while shutting down.
+        let _ = signals.wait(left.as_millis().min(200) as i32);
+    }
+}
+
+/// Mount points backed by block devices, most recent first, from mountinfo text.
+fn block_mounts(mountinfo: &str) -> Vec<String> {
+    let mut out: Vec<String> = mountinfo
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let sep = f.iter().position(|&x| x == "-")?;
+            let source = f.get(sep + 2)?;
+            let target = f.get(4)?;
+            (source.starts_with("/dev/") && *target != "/").then(|| unescape(target))
+        })
+        .collect();
+    out.reverse();
+    out
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = u8::from_str_radix(&s[i + 1..i + 4], 8).unwrap_or(b'?');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn unmount_all() {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for target in block_mounts(&info) {
+        let p = Path::new(&target);
+        match sys::umount(p, 0) {
+            Ok(()) => info!("unmounted {target}"),
+            Err(e) => {
+                let ro = sys::mount(None, p, None, sys::MS_REMOUNT | sys::MS_RDONLY, None);
+                match ro {
+                    Ok(()) => warn!("{target} busy ({e}); remounted read-only"),
+                    Err(e2) => {
+                        error!("{target}: unmount failed ({e}), read-only remount failed ({e2})")
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// sync(2) in a helper thread so a wedged device cannot hang the shutdown forever.
+fn bounded_sync() {
+    let (tx, rx) = mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("sync".into())
+        .spawn(move || {
+            sys::sync();
+            let _ = tx.send(());
+        });
+    if spawned.is_err() || rx.recv_timeout(SYNC_BOUND).is_err() {
+        warn!(
+            "sync did not finish within {}s; going on",
+            SYNC_BOUND.as_secs()
+        );
+    }
+}
+
+pub fn run(mode: RebootMode, signals: &SignalFd) -> ! {
+    let t = Instant::now();
+    info!("shutdown requested: {mode:?}");
+    let _ = sys::kill(-1, libc::SIGTERM);
+    if !wait_children(signals, GRACE) {
+        warn!("processes left after {}s; sending SIGKILL", GRACE.as_secs());
+        let _ = sys::kill(-1, libc::SIGKILL);
+        wait_children(signals, KILL_WAIT);
+    }
+    unmount_all();
+    bounded_sync();
+    info!(
+        "shutdown done in {} ms; {mode:?} now",
+        t.elapsed().as_millis()
+    );
+    let e = sys::reboot(mode);
+    error!("reboot({mode:?}) failed: {e}");
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_block_mounts_newest_first() {
+        let mi = "\
+22 1 254:0 / / ro,relatime shared:1 - erofs /dev/mapper/root ro
+23 22 0:5 / /dev rw shared:2 - devtmpfs devtmpfs rw
+30 22 254:8 / /local rw shared:9 - ext4 /dev/vda8 rw
+31 22 254:8 /var /var rw shared:9 - ext4 /dev/vda8 rw
+32 31 254:7 / /var/lib/berth rw - ext4 /dev/vda7 rw
+33 22 254:8 /x /with\\040space rw - ext4 /dev/vda8 rw
+";
+        assert_eq!(
+            block_mounts(mi),
+            vec!["/with space", "/var/lib/berth", "/var", "/local"]
+        );
+    }
+}

@@ -1,0 +1,66 @@
+//! `berth`: the whole userspace of Berth in one binary. This file only dispatches:
+//! PID 1 (pid 1, or argv[0] `init`), `apiclient` by argv[0], otherwise subcommands.
+
+#![deny(unsafe_code)]
+
+mod apiclient;
+mod boot;
+mod bootctl;
+mod disk;
+mod image;
+mod init;
+mod klog;
+mod sys;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+const USAGE: &str = "berth — a container-host OS in one binary
+
+usage:
+  berth version
+  berth apiclient ...                      (also as argv[0] `apiclient`)
+  berth verity-format DATA HASH [SALT]     build a dm-verity hash tree; prints its parameters
+  berth mkcpio MANIFEST OUT [NAME=VALUE..] build a newc cpio archive (initramfs)
+  berth mkroot MANIFEST DIR [NAME=VALUE..] create a manifest's tree in DIR (root filesystem)
+  berth bootctl show DISK                  A/B boot-control state of a disk image
+  berth bootctl set DISK A|B PRIO TRIES OK set a slot's boot-control state
+  berth selftest NAME                      run a PID 1 self-test (inside Berth)
+As PID 1 (or argv[0] `init`) it boots the system.";
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let argv0 = args
+        .first()
+        .map(|a| a.rsplit('/').next().unwrap_or(a).to_string())
+        .unwrap_or_default();
+    if sys::getpid() == 1 || argv0 == "init" {
+        init::pid1();
+    }
+    if argv0 == "apiclient" {
+        std::process::exit(apiclient::main(&args[1..]));
+    }
+    klog::init(false);
+    let rest = &args[args.len().min(2)..];
+    let result = match args.get(1).map(String::as_str) {
+        Some("version") | Some("--version") => {
+            println!("berth {VERSION}");
+            Ok(())
+        }
+        Some("apiclient") => std::process::exit(apiclient::main(rest)),
+        Some("verity-format") => image::verity_format(rest),
+        Some("mkcpio") => image::mkcpio(rest),
+        Some("mkroot") => image::mkroot(rest),
+        Some("bootctl") => image::bootctl(rest),
+        Some("selftest") => std::process::exit(init::selftest::run(rest.first().map_or("", |s| s))),
+        Some("help") | Some("--help") | Some("-h") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => Err(format!("unknown command '{other}'\n\n{USAGE}")),
+        None => Err(USAGE.to_string()),
+    };
+    if let Err(e) = result {
+        eprintln!("berth: {e}");
+        std::process::exit(1);
+    }
+}
