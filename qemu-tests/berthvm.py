@@ -198,3 +198,33 @@ def slot_states(disk_raw, berth):
         if "slot" in kv:
             states[kv["slot"]] = {k: int(v) for k, v in kv.items() if k != "slot"}
     return states
+
+
+def main(argv):
+    """`berthvm.py run ARCH [DISK]`: boot interactively with the serial console on this terminal
+    (Ctrl-A X quits). Without DISK, a fresh overlay of the built image is used."""
+    import sys
+    if len(argv) < 2 or argv[0] != "run":
+        print("usage: berthvm.py run ARCH [DISK]", file=sys.stderr)
+        return 2
+    arch = argv[1]
+    disk = argv[2] if len(argv) > 2 else None
+    tmp = tempfile.mkdtemp(prefix="berth-run-")
+    if disk is None:
+        disk = os.path.join(tmp, "disk.qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", arch_paths(arch)["qcow2"],
+                        "-F", "qcow2", disk, "4G"], check=True)
+    argv = qemu_argv(arch, disk, "qcow2", "", os.path.join(tmp, "qmp.sock"))
+    argv.remove("-no-reboot")
+    argv = [a.replace("panic=-1", "panic=5") for a in argv]
+    print("berth: " + ("KVM" if "kvm" in argv else "TCG (software emulation)") +
+          f"; disk {disk}; QMP {tmp}/qmp.sock; quit with Ctrl-A X", file=sys.stderr, flush=True)
+    try:
+        return subprocess.call(argv)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main(sys.argv[1:]))

@@ -161,14 +161,14 @@ fn header(out: &mut Vec<u8>, ino: u32, mode: u32, rdev: (u32, u32), name: &str, 
     }
     out.extend_from_slice(name.as_bytes());
     out.push(0);
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
 }
 
 fn push_data(out: &mut Vec<u8>, data: &[u8]) {
     out.extend_from_slice(data);
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
 }

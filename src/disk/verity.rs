@@ -110,7 +110,7 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 pub fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
@@ -167,7 +167,7 @@ pub fn format<R: Read, W: Write + Seek>(
     uuid: [u8; 16],
 ) -> Result<VerityParams, Error> {
     let bs = block as u64;
-    if data_len == 0 || data_len % bs != 0 {
+    if data_len == 0 || !data_len.is_multiple_of(bs) {
         return Err(Error::Invalid(format!(
             "data size {data_len} is not a non-zero multiple of the {block}-byte block"
         )));
@@ -187,8 +187,8 @@ pub fn format<R: Read, W: Write + Seek>(
         current.extend_from_slice(&salted_hash(salt, &buf));
     }
     // Each level is padded to whole blocks, then hashed block by block into the next.
-    for i in 0..sizes.len() {
-        current.resize((sizes[i] * bs) as usize, 0);
+    for &size in &sizes {
+        current.resize((size * bs) as usize, 0);
         let next: Vec<u8> = current
             .chunks(block as usize)
             .flat_map(|b| salted_hash(salt, b))
