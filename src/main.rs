@@ -3,6 +3,8 @@
 
 #![deny(unsafe_code)]
 
+#[allow(dead_code)]
+mod api;
 mod apiclient;
 mod boot;
 mod bootctl;
@@ -11,6 +13,8 @@ mod image;
 mod init;
 mod klog;
 mod sys;
+#[allow(dead_code)]
+mod userdata;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 

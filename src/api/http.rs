@@ -1,0 +1,1 @@
+//! Placeholder: a helper is writing the HTTP/1.1 server here.

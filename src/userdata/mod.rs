@@ -1,0 +1,1 @@
+//! Placeholder: a helper is writing the user-data providers here.
