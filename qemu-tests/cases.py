@@ -118,7 +118,7 @@ def boots_to_ready(arch):
         assert "stage2 start slot=A" in c
 
 
-@case(arches=("x86_64",))
+@case(arches=("x86_64", "arm64"))
 def corrupted_root_never_runs(arch):
     """One flipped byte in ROOT-A is caught by dm-verity; the machine restarts and no code
     from the corrupted root (stage 2) ever runs."""
@@ -155,7 +155,7 @@ def powerdown_is_clean(arch):
         assert parts["BERTH-DATA"][0] + parts["BERTH-DATA"][1] > 2000 * 2**20, parts["BERTH-DATA"]
 
 
-@case(arches=("x86_64",))
+@case(arches=("x86_64", "arm64"))
 def orphans_are_reaped(arch):
     """Processes orphaned to PID 1 are reaped: none is left a zombie."""
     with VM(arch, append="berth.selftest=orphans") as vm:
@@ -167,7 +167,7 @@ def orphans_are_reaped(arch):
         assert len(re.findall(r"berth: reaped pid \d+", vm.console())) >= 5
 
 
-@case(arches=("x86_64",))
+@case(arches=("x86_64", "arm64"))
 def trial_slot_boots_and_is_marked_good(arch):
     """A slot on trial (priority above A, tries 1) boots, uses its try, and is marked successful."""
     with VM(arch, raw=True) as vm:
@@ -184,7 +184,7 @@ def trial_slot_boots_and_is_marked_good(arch):
         assert s["A"] == {"priority": 1, "tries": 0, "successful": 1}, s
 
 
-@case(arches=("x86_64",))
+@case(arches=("x86_64", "arm64"))
 def bad_trial_slot_rolls_back(arch):
     """A slot on trial whose root is corrupt restarts the machine, and the next boot falls back
     to slot A by itself; B is left with no tries and never marked successful."""
