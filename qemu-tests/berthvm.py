@@ -4,6 +4,7 @@ Every VM gets its own copy-on-write overlay (or raw copy) of the built image in 
 directory, so cases never touch build/ and can run in any order.
 """
 
+import http.client
 import json
 import os
 import re
@@ -33,7 +34,7 @@ def arch_paths(arch):
              ("raw", "disk.img"), ("dir", ".")]}
 
 
-def qemu_argv(arch, disk, disk_format, append, qmp_path, extra=()):
+def qemu_argv(arch, disk, disk_format, append, qmp_path, extra=(), api_sock=None, user_data=None):
     p = arch_paths(arch)
     accel = ["-accel", "kvm", "-cpu", "host"] if kvm_works() and arch == os.uname().machine.replace("aarch64", "arm64") else ["-accel", "tcg"]
     if arch == "x86_64":
@@ -56,13 +57,21 @@ def qemu_argv(arch, disk, disk_format, append, qmp_path, extra=()):
         "-device", "virtio-rng-pci",
         "-qmp", f"unix:{qmp_path},server=on,wait=off",
     ]
+    if api_sock:
+        # The guest bridges the virtio-serial port org.berth.api to /run/api.sock.
+        argv += ["-device", "virtio-serial-pci",
+                 "-chardev", f"socket,id=berthapi,path={api_sock},server=on,wait=off",
+                 "-device", "virtserialport,chardev=berthapi,name=org.berth.api"]
+    if user_data:
+        argv += ["-fw_cfg", f"name=opt/berth/user-data,file={user_data}"]
     return argv + list(extra)
 
 
 class VM:
     """One QEMU process. Use as a context manager; the temp dir goes away on exit."""
 
-    def __init__(self, arch="x86_64", append="", raw=False, disk_size="2G", reboot=False, extra=()):
+    def __init__(self, arch="x86_64", append="", raw=False, disk_size="2G", reboot=False, extra=(),
+                 user_data=None):
         self.arch = arch
         self.tmp = tempfile.mkdtemp(prefix=f"berth-{arch}-")
         p = arch_paths(arch)
@@ -80,6 +89,12 @@ class VM:
         self.reboot = reboot
         self.extra = extra
         self.qmp_path = os.path.join(self.tmp, "qmp.sock")
+        self.api_sock = os.path.join(self.tmp, "api.sock")
+        self.user_data = None
+        if user_data is not None:
+            self.user_data = os.path.join(self.tmp, "user-data")
+            with open(self.user_data, "wb") as f:
+                f.write(user_data if isinstance(user_data, bytes) else user_data.encode())
         self.out = []
         self.lock = threading.Condition()
         self.proc = None
@@ -92,7 +107,8 @@ class VM:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def start(self):
-        argv = qemu_argv(self.arch, self.disk, self.format, self.append, self.qmp_path, self.extra)
+        argv = qemu_argv(self.arch, self.disk, self.format, self.append, self.qmp_path, self.extra,
+                         api_sock=self.api_sock, user_data=self.user_data)
         if self.reboot:
             argv.remove("-no-reboot")
         self.out = []
@@ -166,6 +182,10 @@ class VM:
             raise AssertionError(f"QMP {command}: {reply['error']}")
         return reply["return"]
 
+    def api(self, method, path, body=None, timeout=30):
+        """One request to the guest's API through the host socket: (status, parsed JSON or text)."""
+        return api_request(self.api_sock, method, path, body, timeout)
+
     def tail(self, n=40):
         with self.lock:
             return "--- last console lines ---\n" + "\n".join(self.out[-n:])
@@ -174,6 +194,32 @@ class VM:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path, timeout):
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
+def api_request(sock_path, method, path, body=None, timeout=30):
+    """HTTP over a Unix socket; the answer is read by Content-Length (the bridge to a VM cannot
+    close the host's side of the connection)."""
+    c = _UnixHTTPConnection(sock_path, timeout)
+    data = None if body is None else (body if isinstance(body, (bytes, str)) else json.dumps(body))
+    c.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    r = c.getresponse()
+    raw = r.read()
+    c.close()
+    try:
+        return r.status, json.loads(raw) if raw else None
+    except ValueError:
+        return r.status, raw.decode("utf-8", "replace")
 
 
 def gpt_partitions(disk_raw):
@@ -214,11 +260,15 @@ def main(argv):
         disk = os.path.join(tmp, "disk.qcow2")
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", arch_paths(arch)["qcow2"],
                         "-F", "qcow2", disk, "4G"], check=True)
-    argv = qemu_argv(arch, disk, "qcow2", "", os.path.join(tmp, "qmp.sock"))
+    api_sock = os.environ.get("BERTH_API_SOCKET") or os.path.join(tmp, "api.sock")
+    argv = qemu_argv(arch, disk, "qcow2", "", os.path.join(tmp, "qmp.sock"), api_sock=api_sock,
+                     user_data=os.environ.get("BERTH_USER_DATA"))
     argv.remove("-no-reboot")
     argv = [a.replace("panic=-1", "panic=5") for a in argv]
     print("berth: " + ("KVM" if "kvm" in argv else "TCG (software emulation)") +
-          f"; disk {disk}; QMP {tmp}/qmp.sock; quit with Ctrl-A X", file=sys.stderr, flush=True)
+          f"; disk {disk}; QMP {tmp}/qmp.sock; quit with Ctrl-A X", file=sys.stderr)
+    print(f"berth: the VM's API from this host: curl --unix-socket {api_sock} http://localhost/settings",
+          file=sys.stderr, flush=True)
     try:
         return subprocess.call(argv)
     finally:

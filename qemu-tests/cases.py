@@ -205,3 +205,73 @@ def bad_trial_slot_rolls_back(arch):
         vm.kill()
         s = slot_states(vm.disk, host_berth())
         assert s["B"] == {"priority": 2, "tries": 0, "successful": 0}, s
+
+
+# ---------------------------------------------------------------- settings API (issue 3)
+
+@case(arches=("x86_64", "arm64"))
+def settings_through_host_socket_apply_and_persist(arch):
+    """Hostname, motd and a sysctl set through the host's socket to the VM's API are applied
+    at once (read back from the kernel), and are still set and applied after a reboot."""
+    want = {"motd": "hello from the host", "network": {"hostname": "berth-qemu-1"},
+            "kernel": {"sysctl": {"vm.swappiness": "42"}}}
+    with VM(arch, raw=True) as vm:
+        vm.start()
+        vm.wait_ready()
+        vm.wait_for(r"berth: api bridge")
+        st, body = vm.api("GET", "/settings")
+        assert st == 200 and body == {}, (st, body)
+        st, body = vm.api("PATCH", "/settings", want)
+        assert st == 204, (st, body)
+        st, body = vm.api("POST", "/tx/commit_and_apply")
+        assert st == 200 and sorted(body) == ["kernel", "motd", "network"], (st, body)
+        st, state = vm.api("GET", "/system/state")
+        assert state == {"hostname": "berth-qemu-1", "motd": "hello from the host\n",
+                         "sysctl": {"vm.swappiness": "42"}}, state
+        # curl, as a person would use it
+        out = subprocess.run(["curl", "-sf", "--unix-socket", vm.api_sock, "http://localhost/settings"],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0 and '"berth-qemu-1"' in out.stdout, out
+        st, _ = vm.api("POST", "/actions/reboot")
+        assert st == 202
+        vm.wait_for(r"berth: shutdown requested: Restart", timeout=60)
+        vm.wait_exit(90)  # -no-reboot: the restart ends QEMU
+        vm.start()
+        vm.wait_ready()
+        vm.wait_for(r"berth: api bridge")
+        st, body = vm.api("GET", "/settings")
+        assert body == want, body
+        st, state = vm.api("GET", "/system/state")
+        assert state["hostname"] == "berth-qemu-1" and state["sysctl"] == {"vm.swappiness": "42"}, state
+
+
+@case(arches=("x86_64",))
+def user_data_from_fw_cfg_applied_at_first_boot(arch):
+    """TOML user data given through QEMU fw_cfg is applied as one transaction before the API
+    starts, and its effects are visible."""
+    ud = '[settings]\nmotd = "from user data"\n[settings.network]\nhostname = "ud-host"\n' \
+         '[settings.kernel.sysctl]\n"vm.swappiness" = "13"\n'
+    with VM(arch, user_data=ud) as vm:
+        vm.start()
+        vm.wait_ready()
+        vm.wait_for(r"berth: api bridge")
+        st, body = vm.api("GET", "/user-data")
+        assert body.get("applied") is True and "fw_cfg" in body.get("source", ""), body
+        st, state = vm.api("GET", "/system/state")
+        assert state == {"hostname": "ud-host", "motd": "from user data\n", "sysctl": {"vm.swappiness": "13"}}, state
+
+
+@case(arches=("x86_64",))
+def bad_user_data_is_reported_and_boot_goes_on(arch):
+    """User data with an unknown key is rejected as a whole, reported on the console and by the
+    API, and the boot still reaches ready with nothing of it applied."""
+    ud = '[settings]\nmotd = "partial"\n[settings.network]\nhostnme = "typo"\n'
+    with VM(arch, user_data=ud) as vm:
+        vm.start()
+        vm.wait_for(r"berth: user data from .* rejected: .*hostnme")
+        vm.wait_ready()
+        vm.wait_for(r"berth: api bridge")
+        st, body = vm.api("GET", "/user-data")
+        assert body.get("applied") is False and "hostnme" in body.get("error", ""), body
+        st, settings = vm.api("GET", "/settings")
+        assert settings == {}, settings

@@ -3,7 +3,6 @@
 
 #![deny(unsafe_code)]
 
-#[allow(dead_code)]
 mod api;
 mod apiclient;
 mod boot;
@@ -12,8 +11,8 @@ mod disk;
 mod image;
 mod init;
 mod klog;
+mod settings;
 mod sys;
-#[allow(dead_code)]
 mod userdata;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -23,6 +22,7 @@ const USAGE: &str = "berth — a container-host OS in one binary
 usage:
   berth version
   berth apiclient ...                      (also as argv[0] `apiclient`)
+  berth serve --state-dir DIR --socket P   settings + API in dev mode (no PID 1 duties)
   berth verity-format DATA HASH [SALT]     build a dm-verity hash tree; prints its parameters
   berth mkcpio MANIFEST OUT [NAME=VALUE..] build a newc cpio archive (initramfs)
   berth mkroot MANIFEST DIR [NAME=VALUE..] create a manifest's tree in DIR (root filesystem)
@@ -51,6 +51,7 @@ fn main() {
             Ok(())
         }
         Some("apiclient") => std::process::exit(apiclient::main(rest)),
+        Some("serve") => api::serve_dev(rest),
         Some("verity-format") => image::verity_format(rest),
         Some("mkcpio") => image::mkcpio(rest),
         Some("mkroot") => image::mkroot(rest),

@@ -1,6 +1,10 @@
 //! `apiclient`: talks HTTP/1.1 to Berth's API over its Unix socket.
 //!
-//! Today: `raw [-m METHOD] -u URI [-d DATA]` and `get [URI]`, each with `-s SOCKET`.
+//! Commands (each may follow `-s SOCKET`):
+//! - `get [PREFIX | /URI]`: settings under a prefix (`settings.network`), or any GET route
+//! - `set KEY=VALUE...` | `set -j JSON`: change settings in one transaction, commit and apply
+//! - `apply FILE... | -`: TOML (`[settings.x]`, optionally gzip) or JSON files, one transaction
+//! - `raw [-m METHOD] -u URI [-d DATA]`, `reboot`
 //! A non-2xx answer prints the server's error and exits non-zero.
 
 use std::io::{Read, Write};
@@ -9,8 +13,11 @@ use std::time::Duration;
 
 pub const DEFAULT_SOCKET: &str = "/run/api.sock";
 
-const USAGE: &str = "usage: apiclient [-s SOCKET] raw [-m METHOD] -u URI [-d DATA]
-       apiclient [-s SOCKET] get [URI]";
+const USAGE: &str = "usage: apiclient [-s SOCKET] get [PREFIX | /URI]
+       apiclient [-s SOCKET] set KEY=VALUE... | set -j JSON
+       apiclient [-s SOCKET] apply FILE... | apply -
+       apiclient [-s SOCKET] raw [-m METHOD] -u URI [-d DATA]
+       apiclient [-s SOCKET] reboot";
 
 /// Send one request; returns (status, body).
 pub fn request(
@@ -88,9 +95,57 @@ fn run(args: &[String]) -> Result<(), String> {
         socket = rest.get(1).ok_or(USAGE)?.to_string();
         rest.drain(..2);
     }
-    let (method, uri, data) = match rest.as_slice() {
-        ["get"] => ("GET".to_string(), "/".to_string(), None),
-        ["get", uri] => ("GET".to_string(), uri.to_string(), None),
+    match rest.as_slice() {
+        ["get"] => show(call(&socket, "GET", "/settings", None)?, true),
+        ["get", uri] if uri.starts_with('/') => show(call(&socket, "GET", uri, None)?, false),
+        ["get", prefix] => show(
+            call(
+                &socket,
+                "GET",
+                &format!("/settings?prefix={}", encode(prefix)),
+                None,
+            )?,
+            true,
+        ),
+        ["set", "-j", json] => {
+            let v: serde_json::Value =
+                serde_json::from_str(json).map_err(|e| format!("-j: malformed JSON: {e}"))?;
+            transaction(&socket, "/settings", &unwrap_settings(v))
+        }
+        ["set", pairs @ ..] if !pairs.is_empty() => {
+            let mut body = serde_json::Map::new();
+            for p in pairs {
+                let (k, v) = p
+                    .split_once('=')
+                    .ok_or_else(|| format!("'{p}' is not KEY=VALUE"))?;
+                body.insert(k.to_string(), scalar(v));
+            }
+            transaction(
+                &socket,
+                "/settings/keypair",
+                &serde_json::Value::Object(body),
+            )
+        }
+        ["apply", files @ ..] if !files.is_empty() => {
+            let mut patch = serde_json::Value::Object(serde_json::Map::new());
+            for f in files {
+                let bytes = if *f == "-" {
+                    let mut b = Vec::new();
+                    std::io::stdin()
+                        .read_to_end(&mut b)
+                        .map_err(|e| format!("stdin: {e}"))?;
+                    b
+                } else {
+                    std::fs::read(f).map_err(|e| format!("{f}: {e}"))?
+                };
+                let v = match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                    Ok(v) => unwrap_settings(v),
+                    Err(_) => crate::userdata::decode(&bytes).map_err(|e| format!("{f}: {e}"))?,
+                };
+                crate::settings::store::merge(&mut patch, &v);
+            }
+            transaction(&socket, "/settings", &patch)
+        }
         ["raw", opts @ ..] => {
             let (mut m, mut u, mut d) = ("GET".to_string(), None, None);
             let mut it = opts.iter();
@@ -103,20 +158,94 @@ fn run(args: &[String]) -> Result<(), String> {
                     _ => return Err(USAGE.into()),
                 }
             }
-            (m, u.ok_or(USAGE)?, d)
+            let body = call(&socket, &m, &u.ok_or(USAGE)?, d.as_deref())?;
+            print!("{body}");
+            if !body.is_empty() && !body.ends_with('\n') {
+                println!();
+            }
+            Ok(())
         }
-        _ => return Err(USAGE.into()),
-    };
-    let (status, body) = request(&socket, &method, &uri, data.as_deref())?;
-    if (200..300).contains(&status) {
-        print!("{body}");
-        if !body.ends_with('\n') && !body.is_empty() {
-            println!();
-        }
-        Ok(())
-    } else {
-        Err(format!("{method} {uri}: HTTP {status}: {}", body.trim()))
+        ["reboot"] => call(&socket, "POST", "/actions/reboot", None).map(drop),
+        _ => Err(USAGE.into()),
     }
+}
+
+/// One request; a non-2xx status is an error carrying the server's message.
+fn call(socket: &str, method: &str, uri: &str, body: Option<&str>) -> Result<String, String> {
+    let (status, text) = request(socket, method, uri, body)?;
+    if (200..300).contains(&status) {
+        Ok(text)
+    } else {
+        Err(format!("{method} {uri}: HTTP {status}: {}", text.trim()))
+    }
+}
+
+/// Print a JSON answer pretty; settings are shown under a top-level `settings` key.
+fn show(body: String, wrap: bool) -> Result<(), String> {
+    match serde_json::from_str::<serde_json::Value>(&body) {
+        Ok(v) => {
+            let v = if wrap {
+                serde_json::json!({ "settings": v })
+            } else {
+                v
+            };
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or(body));
+        }
+        Err(_) => print!("{body}"),
+    }
+    Ok(())
+}
+
+/// PATCH into a transaction of our own, then commit and apply it; the transaction is deleted
+/// again if the PATCH is refused, so nothing is left half-done.
+fn transaction(socket: &str, route: &str, body: &serde_json::Value) -> Result<(), String> {
+    let tx = format!("apiclient-{}", std::process::id());
+    let text = body.to_string();
+    if let Err(e) = call(socket, "PATCH", &format!("{route}?tx={tx}"), Some(&text)) {
+        let _ = call(socket, "DELETE", &format!("/tx?tx={tx}"), None);
+        return Err(e);
+    }
+    call(
+        socket,
+        "POST",
+        &format!("/tx/commit_and_apply?tx={tx}"),
+        None,
+    )
+    .map(drop)
+}
+
+/// `{"settings": {...}}` → `{...}`; anything else as it is.
+fn unwrap_settings(v: serde_json::Value) -> serde_json::Value {
+    match v {
+        serde_json::Value::Object(mut m) if m.len() == 1 && m.contains_key("settings") => {
+            m.remove("settings").unwrap_or_default()
+        }
+        other => other,
+    }
+}
+
+/// `true`, `false` and integers become JSON booleans and numbers; anything else a string.
+/// (`set -j` takes exact JSON.)
+fn scalar(v: &str) -> serde_json::Value {
+    match v {
+        "true" => true.into(),
+        "false" => false.into(),
+        _ => v
+            .parse::<i64>()
+            .map(Into::into)
+            .unwrap_or_else(|_| v.into()),
+    }
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -130,6 +259,22 @@ mod tests {
         let r = parse_response(b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap();
         assert_eq!(r, (404, "abcde".into()));
         assert!(parse_response(b"garbage").is_err());
+    }
+
+    #[test]
+    fn values_and_wrappers() {
+        assert_eq!(scalar("true"), serde_json::json!(true));
+        assert_eq!(scalar("110"), serde_json::json!(110));
+        assert_eq!(scalar("hi there"), serde_json::json!("hi there"));
+        assert_eq!(
+            unwrap_settings(serde_json::json!({"settings": {"motd": "x"}})),
+            serde_json::json!({"motd": "x"})
+        );
+        assert_eq!(
+            unwrap_settings(serde_json::json!({"motd": "x"})),
+            serde_json::json!({"motd": "x"})
+        );
+        assert_eq!(encode("settings.a b"), "settings.a%20b");
     }
 
     #[test]

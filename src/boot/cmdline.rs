@@ -6,7 +6,6 @@
 //! | `berth.disk=vda` | only look for Berth's partitions on this disk |
 //! | `berth.rootwait=SECS` | how long to wait for the disk to appear (default 10) |
 //! | `berth.verity.roothash=HEX` | the root hash the slot must have (UKI: signed cmdline) |
-//! | `berth.hostname=NAME` | hostname until settings provide one (default `berth`) |
 //! | `berth.selftest=orphans` | after ready, run a self-test (QEMU tests) |
 //! | `berth.shell=1` | reserved for a debug console; unused |
 

@@ -1,5 +1,6 @@
 //! /etc is a tmpfs, rendered on every boot. This renders the base files every Linux program
-//! expects; the settings issue adds files rendered from settings.
+//! expects; files that depend on settings (motd, hostname, hosts, ...) come from
+//! `settings::render` in a later phase.
 
 use std::fs;
 
@@ -7,7 +8,7 @@ use super::Ctx;
 
 pub fn render(ctx: &mut Ctx) -> Result<(), String> {
     let h = &ctx.handoff;
-    let files: [(&str, String); 6] = [
+    let files: [(&str, String); 4] = [
         (
             "os-release",
             format!(
@@ -19,8 +20,6 @@ pub fn render(ctx: &mut Ctx) -> Result<(), String> {
         ),
         ("passwd", "root:x:0:0:root:/root:/sbin/nologin\nnobody:x:65534:65534:nobody:/:/sbin/nologin\n".into()),
         ("group", "root:x:0:\ntty:x:5:\napi:x:274:\nnogroup:x:65534:\n".into()),
-        ("hosts", "127.0.0.1 localhost\n::1 localhost\n".into()),
-        ("hostname", format!("{}\n", ctx.cmdline.get("hostname").unwrap_or("berth"))),
         ("nsswitch.conf", "passwd: files\ngroup: files\nhosts: files dns\n".into()),
     ];
     for (name, text) in files {

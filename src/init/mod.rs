@@ -1,6 +1,7 @@
 //! Stage 2: PID 1 in the verified root.
 //!
-//! Runs the boot phases (mounts, data partitions, /etc, hostname, propagation), prints the
+//! Runs the boot phases (mounts, data partitions, /etc, propagation, settings and user data,
+//! the API), prints the
 //! machine-readable `berth: ready ...` line, marks the slot successful, then sits in the event
 //! loop: it reaps every child (the program's only `waitpid(-1)`), and turns SIGTERM/SIGINT
 //! (reboot) and SIGPWR/SIGUSR2 or the power button (power-off) into an orderly shutdown.
@@ -11,6 +12,7 @@ mod etc;
 mod grow;
 mod power;
 pub mod selftest;
+mod settings;
 mod shutdown;
 
 use std::fs::{self, OpenOptions};
@@ -84,6 +86,10 @@ pub struct Ctx {
     pub handoff: Handoff,
     pub parts: Vec<partitions::PartInfo>,
     pub started: Instant,
+    /// Open between the datastore and api phases, then owned by the API.
+    pub store: Option<crate::settings::Datastore>,
+    /// How the first boot's user data went (for the API).
+    pub user_data: serde_json::Value,
 }
 
 type Phase = (&'static str, fn(&mut Ctx) -> Result<(), String>);
@@ -95,8 +101,11 @@ const PHASES: &[Phase] = &[
     ("find-partitions", find_partitions),
     ("data", grow::mount_data),
     ("etc", etc::render),
-    ("hostname", set_hostname),
     ("propagation", make_rshared),
+    ("datastore", settings::open_datastore),
+    ("user-data", settings::apply_user_data),
+    ("settings", settings::apply_settings),
+    ("api", settings::start_api),
 ];
 
 /// Point stdin/stdout/stderr at /dev/console (the kernel may have left them closed).
@@ -155,6 +164,8 @@ fn stage2() -> ! {
         handoff,
         parts: Vec::new(),
         started: Instant::now(),
+        store: None,
+        user_data: serde_json::Value::Null,
     };
     for (name, phase) in PHASES {
         let t = Instant::now();
@@ -184,11 +195,6 @@ fn find_partitions(ctx: &mut Ctx) -> Result<(), String> {
         Duration::from_secs(5),
     )?;
     Ok(())
-}
-
-fn set_hostname(ctx: &mut Ctx) -> Result<(), String> {
-    let name = ctx.cmdline.get("hostname").unwrap_or("berth").to_string();
-    sys::sethostname(&name).map_err(|e| format!("sethostname {name}: {e}"))
 }
 
 fn make_rshared(_: &mut Ctx) -> Result<(), String> {

@@ -1,0 +1,380 @@
+//! The API's routes, compatible with Bottlerocket's where they exist (see docs/api.md).
+//!
+//! [`Api`] holds the datastore and what applying settings needs; [`Api::handle`] maps one
+//! request to one response. Errors are JSON with the right 4xx status and never leave a
+//! half-applied change: patches are validated before they are stored, commits are atomic.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use serde_json::{json, Map, Value};
+
+use super::http::{Request, Response};
+use crate::settings::{render, store, Datastore};
+
+/// What `POST /actions/*` asks the system to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Reboot,
+    Shutdown,
+}
+
+/// Facts about the running OS for `GET /os`.
+#[derive(Debug, Clone, Default)]
+pub struct OsInfo {
+    pub version: String,
+    pub variant: String,
+    pub arch: String,
+    pub build_id: String,
+    pub slot: String,
+}
+
+pub struct Api {
+    pub store: Mutex<Datastore>,
+    pub etc: PathBuf,
+    pub host: Box<dyn render::Host>,
+    pub os: OsInfo,
+    /// Carries out reboot/shutdown (PID 1) or records them (dev mode).
+    pub actions: Box<dyn Fn(Action) + Send + Sync>,
+    /// How user data went at first boot, for `GET /user-data`.
+    pub user_data: Mutex<Value>,
+}
+
+const ROUTES: &[(&str, &[&str])] = &[
+    ("/", &["GET"]),
+    ("/settings", &["GET", "PATCH"]),
+    ("/settings/keypair", &["PATCH"]),
+    ("/tx", &["GET", "DELETE"]),
+    ("/tx/list", &["GET"]),
+    ("/tx/commit", &["POST"]),
+    ("/tx/apply", &["POST"]),
+    ("/tx/commit_and_apply", &["POST"]),
+    ("/os", &["GET"]),
+    ("/configuration-files", &["GET"]),
+    ("/services", &["GET"]),
+    ("/user-data", &["GET"]),
+    ("/system/state", &["GET"]),
+    ("/actions/reboot", &["POST"]),
+    ("/actions/shutdown", &["POST"]),
+];
+
+fn store_error(e: store::Error) -> Response {
+    let status = match e {
+        store::Error::Invalid(_) | store::Error::BadTxName(_) | store::Error::NotAnObject => 400,
+        store::Error::EmptyCommit(_) => 409,
+        store::Error::Io { .. } | store::Error::Corrupt { .. } => 500,
+    };
+    Response::error(status, &e.to_string())
+}
+
+fn json_body(req: &Request) -> Result<Value, Response> {
+    if req.body.is_empty() {
+        return Err(Response::error(400, "request body is empty; expected JSON"));
+    }
+    serde_json::from_slice(&req.body)
+        .map_err(|e| Response::error(400, &format!("malformed JSON: {e}")))
+}
+
+/// Strip an optional leading `settings.` from a dotted key.
+fn key_path(key: &str) -> Vec<&str> {
+    let k = key
+        .strip_prefix("settings.")
+        .unwrap_or(if key == "settings" { "" } else { key });
+    k.split('.').filter(|s| !s.is_empty()).collect()
+}
+
+/// The part of `settings` under dotted `key` (two levels, then the rest as one map key:
+/// `kernel.sysctl.net.ipv4.ip_forward`), wrapped back into its parents.
+fn select(settings: &Value, key: &str) -> Option<Value> {
+    let parts = key_path(key);
+    if parts.is_empty() {
+        return Some(settings.clone());
+    }
+    // Map-valued settings have dotted keys of their own: join everything after depth 2.
+    let mut path: Vec<String> = parts.iter().take(2).map(|s| s.to_string()).collect();
+    if parts.len() > 2 {
+        path.push(parts[2..].join("."));
+    }
+    let mut v = settings;
+    for p in &path {
+        v = v.get(p)?;
+    }
+    let mut out = v.clone();
+    for p in path.iter().rev() {
+        let mut m = Map::new();
+        m.insert(p.clone(), out);
+        out = Value::Object(m);
+    }
+    Some(out)
+}
+
+fn get_settings(api: &Api, req: &Request) -> Response {
+    let live = api
+        .store
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .live()
+        .clone();
+    let keys: Vec<String> = match (req.query_get("keys"), req.query_get("prefix")) {
+        (Some(k), _) => k
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
+        (None, Some(p)) => vec![p.to_string()],
+        (None, None) => return Response::json(200, &live),
+    };
+    let mut out = Value::Object(Map::new());
+    for k in keys {
+        if let Some(v) = select(&live, &k) {
+            store::merge(&mut out, &v);
+        }
+    }
+    Response::json(200, &out)
+}
+
+fn tx_name(req: &Request) -> Result<String, Response> {
+    let tx = req.query_get("tx").unwrap_or(store::DEFAULT_TX).to_string();
+    store::check_tx_name(&tx).map_err(store_error)?;
+    Ok(tx)
+}
+
+/// `{"settings.motd": "hi", "network.hostname": "x"}` → a nested patch.
+fn keypairs_to_patch(body: &Value) -> Result<Value, Response> {
+    let obj = body
+        .as_object()
+        .ok_or_else(|| Response::error(400, "expected an object of \"dotted.key\": value pairs"))?;
+    let mut patch = Value::Object(Map::new());
+    for (k, v) in obj {
+        let parts = key_path(k);
+        if parts.is_empty() {
+            return Err(Response::error(400, &format!("'{k}' names no setting")));
+        }
+        let mut path: Vec<String> = parts.iter().take(2).map(|s| s.to_string()).collect();
+        if parts.len() > 2 {
+            path.push(parts[2..].join("."));
+        }
+        let mut nested = v.clone();
+        for p in path.iter().rev() {
+            let mut m = Map::new();
+            m.insert(p.clone(), nested);
+            nested = Value::Object(m);
+        }
+        store::merge(&mut patch, &nested);
+    }
+    Ok(patch)
+}
+
+impl Api {
+    fn apply(&self, changed: Option<&[String]>) -> Result<Vec<String>, Response> {
+        let settings = self
+            .store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .settings();
+        render::apply(&settings, changed, &self.etc, self.host.as_ref()).map_err(|e| {
+            Response::error(
+                500,
+                &format!("settings committed, but applying failed: {e}"),
+            )
+        })
+    }
+
+    fn patch(&self, req: &Request, patch: Value) -> Response {
+        let tx = match tx_name(req) {
+            Ok(t) => t,
+            Err(r) => return r,
+        };
+        match self
+            .store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .patch(&tx, &patch)
+        {
+            Ok(()) => Response::empty(204),
+            Err(e) => store_error(e),
+        }
+    }
+
+    fn commit(&self, req: &Request) -> Result<Vec<String>, Response> {
+        let tx = tx_name(req)?;
+        self.store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .commit(&tx)
+            .map_err(store_error)
+    }
+
+    /// What is in effect on the system now, read back from the kernel and /etc: the hostname,
+    /// the current value of every sysctl named in the settings, and the rendered motd.
+    fn system_state(&self) -> Response {
+        let settings = self
+            .store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .settings();
+        let read = |r: std::io::Result<String>| {
+            r.map(Value::String)
+                .unwrap_or_else(|e| json!({"error": e.to_string()}))
+        };
+        let sysctl: Map<String, Value> = render::sysctls(&settings)
+            .keys()
+            .map(|k| (k.clone(), read(self.host.read_sysctl(k))))
+            .collect();
+        let motd = std::fs::read_to_string(self.etc.join("motd"));
+        Response::json(
+            200,
+            &json!({"hostname": read(self.host.hostname()), "sysctl": sysctl, "motd": read(motd)}),
+        )
+    }
+
+    pub fn handle(&self, req: &Request) -> Response {
+        let allowed = ROUTES.iter().find(|(p, _)| *p == req.path).map(|(_, m)| *m);
+        let Some(methods) = allowed else {
+            return Response::error(404, &format!("no route {}", req.path));
+        };
+        if !methods.contains(&req.method.as_str()) {
+            return Response::error(
+                405,
+                &format!(
+                    "{} does not allow {}; allowed: {}",
+                    req.path,
+                    req.method,
+                    methods.join(", ")
+                ),
+            );
+        }
+        match (req.method.as_str(), req.path.as_str()) {
+            ("GET", "/") => Response::json(
+                200,
+                &json!({"name": "berth", "version": self.os.version,
+                        "routes": ROUTES.iter().map(|(p, m)| json!({"path": p, "methods": m})).collect::<Vec<_>>()}),
+            ),
+            ("GET", "/settings") => get_settings(self, req),
+            ("PATCH", "/settings") => match json_body(req) {
+                Ok(v) => self.patch(req, v),
+                Err(r) => r,
+            },
+            ("PATCH", "/settings/keypair") => {
+                match json_body(req).and_then(|b| keypairs_to_patch(&b)) {
+                    Ok(p) => self.patch(req, p),
+                    Err(r) => r,
+                }
+            }
+            ("GET", "/tx") => match tx_name(req) {
+                Ok(tx) => match self
+                    .store
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pending(&tx)
+                {
+                    Ok(v) => Response::json(200, &v),
+                    Err(e) => store_error(e),
+                },
+                Err(r) => r,
+            },
+            ("DELETE", "/tx") => match tx_name(req) {
+                Ok(tx) => match self
+                    .store
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .delete(&tx)
+                {
+                    Ok(v) => Response::json(200, &v),
+                    Err(e) => store_error(e),
+                },
+                Err(r) => r,
+            },
+            ("GET", "/tx/list") => {
+                match self.store.lock().unwrap_or_else(|p| p.into_inner()).list() {
+                    Ok(l) => Response::json(200, &json!(l)),
+                    Err(e) => store_error(e),
+                }
+            }
+            ("POST", "/tx/commit") => match self.commit(req) {
+                Ok(changed) => Response::json(200, &json!(changed)),
+                Err(r) => r,
+            },
+            ("POST", "/tx/apply") => {
+                let keys: Option<Vec<String>> = req
+                    .query_get("keys")
+                    .map(|k| k.split(',').map(|s| key_path(s).join(".")).collect());
+                match self.apply(keys.as_deref()) {
+                    Ok(_) => Response::empty(204),
+                    Err(r) => r,
+                }
+            }
+            ("POST", "/tx/commit_and_apply") => match self.commit(req) {
+                Ok(changed) => match self.apply(Some(&changed)) {
+                    Ok(_) => Response::json(200, &json!(changed)),
+                    Err(r) => r,
+                },
+                Err(r) => r,
+            },
+            ("GET", "/os") => Response::json(
+                200,
+                &json!({"pretty_name": format!("Berth {}", self.os.version), "variant_id": self.os.variant,
+                        "version_id": self.os.version, "build_id": self.os.build_id, "arch": self.os.arch,
+                        "slot": self.os.slot}),
+            ),
+            ("GET", "/configuration-files") => {
+                let files: Map<String, Value> = render::CONFIG_FILES
+                    .iter()
+                    .map(|(n, f)| {
+                        let path = self.etc.join(f.path).to_string_lossy().into_owned();
+                        (n.to_string(), json!({"path": path, "settings": f.settings}))
+                    })
+                    .collect();
+                Response::json(200, &Value::Object(files))
+            }
+            ("GET", "/services") => Response::json(200, &json!({})),
+            ("GET", "/system/state") => self.system_state(),
+            ("GET", "/user-data") => Response::json(
+                200,
+                &self.user_data.lock().unwrap_or_else(|p| p.into_inner()),
+            ),
+            ("POST", "/actions/reboot") => {
+                (self.actions)(Action::Reboot);
+                Response::empty(202)
+            }
+            ("POST", "/actions/shutdown") => {
+                (self.actions)(Action::Shutdown);
+                Response::empty(202)
+            }
+            _ => Response::error(500, "route table and handler disagree"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selects_dotted_keys() {
+        let s =
+            json!({"motd": "m", "kernel": {"sysctl": {"net.ipv4.ip_forward": "1", "vm.x": "2"}}});
+        assert_eq!(select(&s, "settings.motd"), Some(json!({"motd": "m"})));
+        assert_eq!(select(&s, "motd"), Some(json!({"motd": "m"})));
+        assert_eq!(
+            select(&s, "settings.kernel.sysctl.net.ipv4.ip_forward"),
+            Some(json!({"kernel": {"sysctl": {"net.ipv4.ip_forward": "1"}}}))
+        );
+        assert_eq!(select(&s, "settings.network"), None);
+        assert_eq!(select(&s, "settings"), Some(s.clone()));
+    }
+
+    #[test]
+    fn keypairs_become_nested_patches() {
+        let p =
+            keypairs_to_patch(&json!({"settings.motd": "hi", "kernel.sysctl.vm.swappiness": "5"}))
+                .unwrap();
+        assert_eq!(
+            p,
+            json!({"motd": "hi", "kernel": {"sysctl": {"vm.swappiness": "5"}}})
+        );
+        assert!(keypairs_to_patch(&json!([1])).is_err());
+        assert!(keypairs_to_patch(&json!({"settings": 1})).is_err());
+    }
+}

@@ -1,0 +1,157 @@
+//! Stage 2's settings phases: open the datastore on PRIVATE, apply user data once at first
+//! boot, apply the settings (files under /etc, hostname, sysctls), and start the API with its
+//! host bridge.
+
+use std::fs;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use log::{error, info, warn};
+use serde_json::{json, Value};
+
+use super::{Ctx, PRIVATE};
+use crate::api::{self, routes};
+use crate::boot::{partitions, Handoff};
+use crate::settings::{render, Datastore};
+use crate::sys;
+use crate::userdata;
+
+const USER_DATA_TX: &str = "user-data";
+
+fn datastore_dir() -> std::path::PathBuf {
+    Path::new(PRIVATE).join("datastore")
+}
+
+/// Where the outcome of the first boot's user data is kept (it is applied only once).
+fn user_data_state() -> std::path::PathBuf {
+    Path::new(PRIVATE).join("user-data.json")
+}
+
+pub fn open_datastore(ctx: &mut Ctx) -> Result<(), String> {
+    let store = Datastore::open(&datastore_dir()).map_err(|e| e.to_string())?;
+    ctx.store = Some(store);
+    Ok(())
+}
+
+/// Fetch user data from the platform's providers. The slot's BOOT partition is mounted
+/// read-only for the time it takes to look for `user-data.toml` there.
+fn fetch(
+    handoff: &Handoff,
+    parts: &[partitions::PartInfo],
+) -> Result<Option<userdata::UserData>, String> {
+    let sysfs = Path::new("/sys");
+    let boot = partitions::by_label(parts, &handoff.slot.label("BOOT"))
+        .ok()
+        .cloned();
+    let dir = Path::new("/run/berth/boot");
+    let mounted = boot.as_ref().is_some_and(|b| {
+        fs::create_dir_all(dir).is_ok()
+            && sys::mount(
+                Some(&b.path().to_string_lossy()),
+                dir,
+                Some("vfat"),
+                sys::MS_RDONLY,
+                None,
+            )
+            .is_ok()
+    });
+    let imds = userdata::imds_if_ec2(sysfs);
+    let r = userdata::fetch(sysfs, mounted.then_some(dir), imds).map_err(|e| e.to_string());
+    if mounted {
+        let _ = sys::umount(dir, 0);
+    }
+    r
+}
+
+/// First boot only: apply user data as one transaction. Bad user data is reported (console and
+/// `GET /user-data`) and does not stop the boot.
+pub fn apply_user_data(ctx: &mut Ctx) -> Result<(), String> {
+    let state_path = user_data_state();
+    if let Ok(text) = fs::read_to_string(&state_path) {
+        ctx.user_data = serde_json::from_str(&text).unwrap_or(Value::Null);
+        return Ok(());
+    }
+    let fetched = fetch(&ctx.handoff, &ctx.parts);
+    let store = ctx.store.as_mut().ok_or("datastore not open")?;
+    let outcome = match fetched {
+        Ok(None) => json!({"source": null, "applied": false, "message": "no user data"}),
+        Ok(Some(ud)) => {
+            let source = ud.source.to_string();
+            let _ = store.delete(USER_DATA_TX);
+            match store
+                .patch(USER_DATA_TX, &ud.settings)
+                .and_then(|_| store.commit(USER_DATA_TX))
+            {
+                Ok(changed) => {
+                    info!("user data from {source} applied: {}", changed.join(", "));
+                    json!({"source": source, "applied": true, "changed": changed})
+                }
+                Err(e) => {
+                    let _ = store.delete(USER_DATA_TX);
+                    error!("user data from {source} rejected: {e}");
+                    json!({"source": source, "applied": false, "error": e.to_string()})
+                }
+            }
+        }
+        Err(e) => {
+            error!("user data: {e}");
+            json!({"source": null, "applied": false, "error": e})
+        }
+    };
+    if let Err(e) =
+        crate::settings::store::write_atomic(&state_path, outcome.to_string().as_bytes())
+    {
+        warn!("recording the user-data outcome: {e}");
+    }
+    ctx.user_data = outcome;
+    Ok(())
+}
+
+pub fn apply_settings(ctx: &mut Ctx) -> Result<(), String> {
+    let settings = ctx.store.as_ref().ok_or("datastore not open")?.settings();
+    match render::apply(&settings, None, Path::new("/etc"), &render::RealHost) {
+        Ok(done) => info!("settings applied: {}", done.len()),
+        // A bad sysctl must not stop the boot; it is logged and visible in the settings.
+        Err(e) => error!("applying settings: {e}"),
+    }
+    Ok(())
+}
+
+pub fn start_api(ctx: &mut Ctx) -> Result<(), String> {
+    let store = ctx.store.take().ok_or("datastore not open")?;
+    let h = &ctx.handoff;
+    let api = routes::Api {
+        store: Mutex::new(store),
+        etc: "/etc".into(),
+        host: Box::new(render::RealHost),
+        os: routes::OsInfo {
+            version: h.version.clone(),
+            variant: h.variant.clone(),
+            arch: std::env::consts::ARCH.into(),
+            build_id: h.root_hash.chars().take(12).collect(),
+            slot: h.slot.to_string(),
+        },
+        actions: Box::new(|a| {
+            let sig = match a {
+                routes::Action::Reboot => libc::SIGTERM,
+                routes::Action::Shutdown => libc::SIGPWR,
+            };
+            // Let the 202 reach the client before shutdown starts.
+            let _ = std::thread::Builder::new()
+                .name("action".into())
+                .spawn(move || {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    let _ = sys::kill(1, sig);
+                });
+        }),
+        user_data: Mutex::new(ctx.user_data.clone()),
+    };
+    let socket = Path::new(api::SOCKET);
+    let listener = api::listen(socket, Some(api::API_GID))
+        .map_err(|e| format!("{}: {e}", socket.display()))?;
+    api::spawn(Arc::new(api), listener).map_err(|e| format!("starting the API thread: {e}"))?;
+    if api::bridge::start(socket) {
+        info!("api bridge to the host started");
+    }
+    Ok(())
+}

@@ -1,0 +1,389 @@
+//! The typed settings model. Key names follow Bottlerocket's where the meaning is the same
+//! (kebab-case; `settings.network.hostname`, `settings.kernel.sysctl`, ...). Unknown keys are
+//! rejected, and [`parse`] names the full path of whatever is wrong.
+//! Every setting is documented in docs/settings.md.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Settings {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub motd: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<Network>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<Kernel>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ntp: Option<Ntp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub updates: Option<Updates>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<Kubernetes>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_containers: Option<BTreeMap<String, HostContainer>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_registry: Option<ContainerRegistry>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Network {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Kernel {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sysctl: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Ntp {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time_servers: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Updates {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata_base_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub targets_base_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version_lock: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ignore_waves: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Kubernetes {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_server: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_certificate: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bootstrap_token: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_labels: Option<BTreeMap<String, String>>,
+    /// Taint key → list of `value:Effect`, as Bottlerocket has it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_taints: Option<BTreeMap<String, Vec<String>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_pods: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_dns_ip: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub standalone_mode: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct HostContainer {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub superpowered: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ContainerRegistry {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mirrors: Option<Vec<Mirror>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Mirror {
+    pub registry: String,
+    pub endpoint: Vec<String>,
+}
+
+/// A setting that is not acceptable, with its full dotted key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Invalid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+impl std::error::Error for Invalid {}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> Invalid {
+    Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// Deserialize and validate settings from JSON, naming the failing key (`settings.x.y`).
+pub fn parse(value: &Value) -> Result<Settings, Invalid> {
+    let settings: Settings = serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let key = if path == "." {
+            "settings".to_string()
+        } else {
+            format!("settings.{path}")
+        };
+        invalid(key, e.into_inner().to_string())
+    })?;
+    settings.validate()?;
+    Ok(settings)
+}
+
+/// An RFC 1123 host name: dot-separated labels of letters, digits and '-', 1–63 each.
+pub fn valid_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+/// A sysctl name as written with dots: `net.ipv4.ip_forward`, `kernel.pid_max`.
+pub fn valid_sysctl_key(k: &str) -> bool {
+    !k.is_empty()
+        && k.len() <= 256
+        && k.split(['.', '/']).all(|seg| {
+            !seg.is_empty()
+                && seg != ".."
+                && seg
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-:".contains(c))
+        })
+}
+
+fn check_url(key: &str, url: &Option<String>) -> Result<(), Invalid> {
+    match url {
+        Some(u)
+            if !(u.starts_with("http://") || u.starts_with("https://"))
+                || u.contains(char::is_whitespace) =>
+        {
+            Err(invalid(
+                key,
+                format!("'{u}' is not an http:// or https:// URL"),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+impl Settings {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if let Some(m) = &self.motd {
+            if m.len() > 16 * 1024 {
+                return Err(invalid("settings.motd", "longer than 16 KiB"));
+            }
+        }
+        if let Some(h) = self.network.as_ref().and_then(|n| n.hostname.as_ref()) {
+            if !valid_hostname(h) {
+                return Err(invalid(
+                    "settings.network.hostname",
+                    format!("'{h}' is not a valid host name"),
+                ));
+            }
+        }
+        for (k, v) in self
+            .kernel
+            .as_ref()
+            .and_then(|k| k.sysctl.as_ref())
+            .into_iter()
+            .flatten()
+        {
+            let key = format!("settings.kernel.sysctl.{k}");
+            if !valid_sysctl_key(k) {
+                return Err(invalid(key, "not a valid sysctl name"));
+            }
+            if v.contains(['\n', '\0']) || v.len() > 4096 {
+                return Err(invalid(key, "value must be one line of at most 4096 bytes"));
+            }
+        }
+        for s in self
+            .ntp
+            .as_ref()
+            .and_then(|n| n.time_servers.as_ref())
+            .into_iter()
+            .flatten()
+        {
+            if s.is_empty() || s.contains(char::is_whitespace) {
+                return Err(invalid(
+                    "settings.ntp.time-servers",
+                    format!("'{s}' is not a server name"),
+                ));
+            }
+        }
+        if let Some(u) = &self.updates {
+            check_url("settings.updates.metadata-base-url", &u.metadata_base_url)?;
+            check_url("settings.updates.targets-base-url", &u.targets_base_url)?;
+            if u.seed.is_some_and(|s| s > 2047) {
+                return Err(invalid("settings.updates.seed", "must be in 0..=2047"));
+            }
+        }
+        if let Some(k) = &self.kubernetes {
+            check_url("settings.kubernetes.api-server", &k.api_server)?;
+            if k.max_pods.is_some_and(|m| m == 0 || m > 10_000) {
+                return Err(invalid(
+                    "settings.kubernetes.max-pods",
+                    "must be in 1..=10000",
+                ));
+            }
+            if let Some(ip) = &k.cluster_dns_ip {
+                if ip.parse::<std::net::IpAddr>().is_err() {
+                    return Err(invalid(
+                        "settings.kubernetes.cluster-dns-ip",
+                        format!("'{ip}' is not an IP address"),
+                    ));
+                }
+            }
+        }
+        for name in self.host_containers.iter().flat_map(|m| m.keys()) {
+            if name.is_empty()
+                || name.len() > 63
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            {
+                return Err(invalid(
+                    format!("settings.host-containers.{name}"),
+                    "name must be 1-63 of [a-z0-9-]",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn accepts_bottlerocket_shaped_settings() {
+        let v = json!({
+            "motd": "hi",
+            "network": {"hostname": "node-1.example"},
+            "kernel": {"sysctl": {"net.ipv4.ip_forward": "1"}},
+            "updates": {"metadata-base-url": "http://10.0.2.2:8000/metadata", "seed": 2047, "ignore-waves": true},
+            "kubernetes": {"api-server": "https://k8s:6443", "max-pods": 110, "node-taints": {"dedicated": ["gpu:NoSchedule"]}},
+            "host-containers": {"admin": {"enabled": false, "superpowered": true, "source": "r/admin:1"}},
+            "ntp": {"time-servers": ["pool.ntp.org"]},
+            "container-registry": {"mirrors": [{"registry": "docker.io", "endpoint": ["http://10.0.2.2:5000"]}]}
+        });
+        let s = parse(&v).unwrap();
+        assert_eq!(s.network.unwrap().hostname.unwrap(), "node-1.example");
+        assert_eq!(
+            serde_json::to_value(parse(&v).unwrap()).unwrap(),
+            v,
+            "round trip"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            (
+                json!({"network": {"hostnme": "x"}}),
+                "settings.network",
+                "hostnme",
+            ),
+            (json!({"motd": 5}), "settings.motd", "string"),
+            (json!({"bogus": 1}), "settings", "bogus"),
+            (
+                json!({"network": {"hostname": "-bad-"}}),
+                "settings.network.hostname",
+                "valid host name",
+            ),
+            (
+                json!({"kernel": {"sysctl": {"../../etc": "1"}}}),
+                "settings.kernel.sysctl.../../etc",
+                "sysctl",
+            ),
+            (
+                json!({"kernel": {"sysctl": {"vm.x": "a\nb"}}}),
+                "settings.kernel.sysctl.vm.x",
+                "one line",
+            ),
+            (
+                json!({"updates": {"seed": 2048}}),
+                "settings.updates.seed",
+                "2047",
+            ),
+            (
+                json!({"updates": {"metadata-base-url": "ftp://x"}}),
+                "settings.updates.metadata-base-url",
+                "URL",
+            ),
+            (
+                json!({"kubernetes": {"max-pods": 0}}),
+                "settings.kubernetes.max-pods",
+                "1..=",
+            ),
+            (
+                json!({"kubernetes": {"cluster-dns-ip": "10.0.0"}}),
+                "settings.kubernetes.cluster-dns-ip",
+                "IP",
+            ),
+            (
+                json!({"host-containers": {"Admin": {}}}),
+                "settings.host-containers.Admin",
+                "[a-z0-9-]",
+            ),
+            (json!([1, 2]), "settings", "struct"),
+        ];
+        for (v, key, needle) in cases {
+            let e = parse(&v).unwrap_err();
+            assert_eq!(e.key, key, "{v}: {e}");
+            assert!(e.message.contains(needle), "{v}: {e}");
+        }
+    }
+
+    #[test]
+    fn hostnames_and_sysctl_names() {
+        for (h, ok) in [
+            ("a", true),
+            ("a.b-c", true),
+            ("", false),
+            ("a..b", false),
+            ("a_b", false),
+            (&"x".repeat(64), false),
+        ] {
+            assert_eq!(valid_hostname(h), ok, "{h}");
+        }
+        for (k, ok) in [
+            ("net.ipv4.ip_forward", true),
+            ("net/ipv4/conf/eth0/rp_filter", true),
+            ("", false),
+            ("a..b", false),
+            ("a b", false),
+            ("..", false),
+        ] {
+            assert_eq!(valid_sysctl_key(k), ok, "{k}");
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! Turning settings into effects: configuration files rendered under /etc (a tmpfs, rendered
+//! anew on every boot), the hostname, and sysctls written to /proc/sys.
+//!
+//! The effects on the running kernel go through [`Host`], so dev mode (`berth serve`) can
+//! render the same files into its state directory while never changing the machine it runs on.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::model::Settings;
+
+/// What a setting group changes on the running system.
+pub trait Host: Send + Sync {
+    fn set_hostname(&self, name: &str) -> io::Result<()>;
+    fn write_sysctl(&self, key: &str, value: &str) -> io::Result<()>;
+    /// What is in effect now (read back, for `GET /system/state`).
+    fn hostname(&self) -> io::Result<String>;
+    fn read_sysctl(&self, key: &str) -> io::Result<String>;
+}
+
+/// The real machine (PID 1).
+pub struct RealHost;
+
+/// `/proc/sys/` path of a dotted sysctl name. In a name with '/' the dots are literal
+/// (`net/ipv4/conf/eth0.100/rp_filter`), as sysctl(8) has it.
+pub fn sysctl_path(key: &str) -> PathBuf {
+    let rel = if key.contains('/') {
+        key.to_string()
+    } else {
+        key.replace('.', "/")
+    };
+    Path::new("/proc/sys").join(rel)
+}
+
+impl Host for RealHost {
+    fn set_hostname(&self, name: &str) -> io::Result<()> {
+        crate::sys::sethostname(name)
+    }
+
+    fn write_sysctl(&self, key: &str, value: &str) -> io::Result<()> {
+        fs::write(sysctl_path(key), format!("{value}\n"))
+    }
+
+    fn hostname(&self) -> io::Result<String> {
+        fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim_end().to_string())
+    }
+
+    fn read_sysctl(&self, key: &str) -> io::Result<String> {
+        fs::read_to_string(sysctl_path(key)).map(|s| s.trim_end().to_string())
+    }
+}
+
+/// Dev mode: records what it would do under `dir` (`hostname`, `sysctl/<key>`).
+pub struct RecordingHost {
+    pub dir: PathBuf,
+}
+
+impl Host for RecordingHost {
+    fn set_hostname(&self, name: &str) -> io::Result<()> {
+        fs::create_dir_all(&self.dir)?;
+        fs::write(self.dir.join("hostname"), format!("{name}\n"))
+    }
+
+    fn write_sysctl(&self, key: &str, value: &str) -> io::Result<()> {
+        let d = self.dir.join("sysctl");
+        fs::create_dir_all(&d)?;
+        fs::write(d.join(key.replace('/', ".")), format!("{value}\n"))
+    }
+
+    fn hostname(&self) -> io::Result<String> {
+        fs::read_to_string(self.dir.join("hostname")).map(|s| s.trim_end().to_string())
+    }
+
+    fn read_sysctl(&self, key: &str) -> io::Result<String> {
+        fs::read_to_string(self.dir.join("sysctl").join(key.replace('/', ".")))
+            .map(|s| s.trim_end().to_string())
+    }
+}
+
+/// A rendered configuration file and the setting groups it depends on.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigFile {
+    pub path: &'static str,
+    pub settings: &'static [&'static str],
+}
+
+/// Every file rendered from settings, by name (as `GET /configuration-files` lists them).
+pub const CONFIG_FILES: &[(&str, ConfigFile)] = &[
+    (
+        "motd",
+        ConfigFile {
+            path: "motd",
+            settings: &["motd"],
+        },
+    ),
+    (
+        "hostname",
+        ConfigFile {
+            path: "hostname",
+            settings: &["network"],
+        },
+    ),
+    (
+        "hosts",
+        ConfigFile {
+            path: "hosts",
+            settings: &["network"],
+        },
+    ),
+    (
+        "sysctl",
+        ConfigFile {
+            path: "sysctl.d/90-berth.conf",
+            settings: &["kernel"],
+        },
+    ),
+    (
+        "ntp",
+        ConfigFile {
+            path: "ntp.conf",
+            settings: &["ntp"],
+        },
+    ),
+];
+
+pub const DEFAULT_HOSTNAME: &str = "berth";
+
+fn hostname(s: &Settings) -> &str {
+    s.network
+        .as_ref()
+        .and_then(|n| n.hostname.as_deref())
+        .unwrap_or(DEFAULT_HOSTNAME)
+}
+
+pub fn sysctls(s: &Settings) -> BTreeMap<String, String> {
+    s.kernel
+        .as_ref()
+        .and_then(|k| k.sysctl.clone())
+        .unwrap_or_default()
+}
+
+/// The contents of configuration file `name` for `s`.
+pub fn render_file(name: &str, s: &Settings) -> String {
+    match name {
+        "motd" => s
+            .motd
+            .as_deref()
+            .map(|m| format!("{}\n", m.trim_end_matches('\n')))
+            .unwrap_or_default(),
+        "hostname" => format!("{}\n", hostname(s)),
+        "hosts" => {
+            let h = hostname(s);
+            format!("127.0.0.1 localhost\n::1 localhost\n127.0.1.1 {h}\n")
+        }
+        "sysctl" => sysctls(s)
+            .iter()
+            .map(|(k, v)| format!("{k} = {v}\n"))
+            .collect(),
+        "ntp" => {
+            let servers = s
+                .ntp
+                .as_ref()
+                .and_then(|n| n.time_servers.clone())
+                .unwrap_or_default();
+            servers
+                .iter()
+                .map(|t| format!("server {t} iburst\n"))
+                .collect()
+        }
+        _ => String::new(),
+    }
+}
+
+/// Which top-level setting groups `changed` keys (`network.hostname`, `motd`) touch.
+fn groups(changed: &[String]) -> Vec<&str> {
+    let mut g: Vec<&str> = changed
+        .iter()
+        .map(|k| k.split('.').next().unwrap_or(""))
+        .collect();
+    g.sort();
+    g.dedup();
+    g
+}
+
+/// Render the files under `etc` and apply the effects for the `changed` keys (all of them
+/// when `changed` is None). Returns what was done; failures of single effects are collected
+/// and reported together after everything else was applied.
+pub fn apply(
+    s: &Settings,
+    changed: Option<&[String]>,
+    etc: &Path,
+    host: &dyn Host,
+) -> Result<Vec<String>, String> {
+    let all = changed.is_none();
+    let g = changed.map(groups).unwrap_or_default();
+    let touched = |group: &str| all || g.contains(&group);
+    let mut done = Vec::new();
+    let mut errors = Vec::new();
+    for (name, file) in CONFIG_FILES {
+        if !file.settings.iter().any(|grp| touched(grp)) {
+            continue;
+        }
+        let path = etc.join(file.path);
+        let text = render_file(name, s);
+        let r = path
+            .parent()
+            .map_or(Ok(()), fs::create_dir_all)
+            .and_then(|_| fs::write(&path, text));
+        match r {
+            Ok(()) => done.push(format!("rendered {}", path.display())),
+            Err(e) => errors.push(format!("{}: {e}", path.display())),
+        }
+    }
+    if touched("network") {
+        match host.set_hostname(hostname(s)) {
+            Ok(()) => done.push(format!("hostname {}", hostname(s))),
+            Err(e) => errors.push(format!("hostname {}: {e}", hostname(s))),
+        }
+    }
+    if touched("kernel") {
+        for (k, v) in sysctls(s) {
+            match host.write_sysctl(&k, &v) {
+                Ok(()) => done.push(format!("sysctl {k}={v}")),
+                Err(e) => errors.push(format!("sysctl {k}: {e}")),
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(done)
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::model::parse;
+    use serde_json::json;
+
+    #[test]
+    fn renders_and_applies_only_what_changed() {
+        let d = std::env::temp_dir().join(format!("berth-render-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        let host = RecordingHost {
+            dir: d.join("host"),
+        };
+        let s = parse(&json!({"motd": "hello", "network": {"hostname": "n1"}, "kernel": {"sysctl": {"vm.swappiness": "7"}}})).unwrap();
+        let done = apply(&s, Some(&["motd".to_string()]), &d.join("etc"), &host).unwrap();
+        assert_eq!(done.len(), 1, "{done:?}");
+        assert_eq!(fs::read_to_string(d.join("etc/motd")).unwrap(), "hello\n");
+        assert!(!d.join("host/hostname").exists());
+        apply(&s, None, &d.join("etc"), &host).unwrap();
+        assert_eq!(fs::read_to_string(d.join("host/hostname")).unwrap(), "n1\n");
+        assert_eq!(
+            fs::read_to_string(d.join("host/sysctl/vm.swappiness")).unwrap(),
+            "7\n"
+        );
+        assert!(fs::read_to_string(d.join("etc/hosts"))
+            .unwrap()
+            .contains("127.0.1.1 n1"));
+        assert_eq!(
+            fs::read_to_string(d.join("etc/sysctl.d/90-berth.conf")).unwrap(),
+            "vm.swappiness = 7\n"
+        );
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn sysctl_paths() {
+        assert_eq!(
+            sysctl_path("net.ipv4.ip_forward"),
+            PathBuf::from("/proc/sys/net/ipv4/ip_forward")
+        );
+        assert_eq!(
+            sysctl_path("net/ipv4/conf/eth0.1/rp_filter"),
+            PathBuf::from("/proc/sys/net/ipv4/conf/eth0.1/rp_filter")
+        );
+    }
+
+    struct Failing;
+    impl Host for Failing {
+        fn set_hostname(&self, _: &str) -> io::Result<()> {
+            Err(io::Error::other("nope"))
+        }
+        fn write_sysctl(&self, _: &str, _: &str) -> io::Result<()> {
+            Err(io::Error::other("read-only"))
+        }
+        fn hostname(&self) -> io::Result<String> {
+            Err(io::Error::other("nope"))
+        }
+        fn read_sysctl(&self, _: &str) -> io::Result<String> {
+            Err(io::Error::other("nope"))
+        }
+    }
+
+    #[test]
+    fn failures_are_collected_not_fatal() {
+        let d = std::env::temp_dir().join(format!("berth-render-f-{}", std::process::id()));
+        let s = parse(&json!({"motd": "m", "kernel": {"sysctl": {"vm.a": "1"}}})).unwrap();
+        let e = apply(&s, None, &d, &Failing).unwrap_err();
+        assert!(
+            e.contains("hostname berth: nope") && e.contains("sysctl vm.a: read-only"),
+            "{e}"
+        );
+        assert_eq!(
+            fs::read_to_string(d.join("motd")).unwrap(),
+            "m\n",
+            "files still rendered"
+        );
+        fs::remove_dir_all(&d).unwrap();
+    }
+}
