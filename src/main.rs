@@ -23,6 +23,7 @@ usage:
   berth version
   berth apiclient ...                      (also as argv[0] `apiclient`)
   berth serve --state-dir DIR --socket P   settings + API in dev mode (no PID 1 duties)
+  berth bench-api SOCKET get|commit N SECS load generator for scripts/bench api
   berth verity-format DATA HASH [SALT]     build a dm-verity hash tree; prints its parameters
   berth mkcpio MANIFEST OUT [NAME=VALUE..] build a newc cpio archive (initramfs)
   berth mkroot MANIFEST DIR [NAME=VALUE..] create a manifest's tree in DIR (root filesystem)
@@ -52,6 +53,7 @@ fn main() {
         }
         Some("apiclient") => std::process::exit(apiclient::main(rest)),
         Some("serve") => api::serve_dev(rest),
+        Some("bench-api") => api::bench::run(rest),
         Some("verity-format") => image::verity_format(rest),
         Some("mkcpio") => image::mkcpio(rest),
         Some("mkroot") => image::mkroot(rest),

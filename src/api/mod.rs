@@ -4,6 +4,7 @@
 //! the datastore and actions, [`bridge`] carries the API over a virtio-serial port so the host
 //! running a VM can reach it. `berth serve` runs it in dev mode on a developer machine.
 
+pub mod bench;
 pub mod bridge;
 pub mod http;
 pub mod routes;

@@ -5,6 +5,7 @@
 //! - `set KEY=VALUE...` | `set -j JSON`: change settings in one transaction, commit and apply
 //! - `apply FILE... | -`: TOML (`[settings.x]`, optionally gzip) or JSON files, one transaction
 //! - `raw [-m METHOD] -u URI [-d DATA]`, `reboot`
+//!
 //! A non-2xx answer prints the server's error and exits non-zero.
 
 use std::io::{Read, Write};

@@ -139,6 +139,12 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> Invalid {
 
 /// Deserialize and validate settings from JSON, naming the failing key (`settings.x.y`).
 pub fn parse(value: &Value) -> Result<Settings, Invalid> {
+    if !value.is_object() {
+        return Err(invalid(
+            "settings",
+            "wrong shape: expected an object of settings",
+        ));
+    }
     let settings: Settings = serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let key = if path == "." {
@@ -148,8 +154,29 @@ pub fn parse(value: &Value) -> Result<Settings, Invalid> {
         };
         invalid(key, e.into_inner().to_string())
     })?;
+    // serde accepts a JSON array for a struct (fields in order); we do not. The typed value
+    // must give back exactly what was sent, or some part had the wrong shape.
+    let back = serde_json::to_value(&settings).expect("settings serialize");
+    if let Some(key) = first_difference("settings", value, &back) {
+        return Err(invalid(key, "wrong shape: expected an object here"));
+    }
     settings.validate()?;
     Ok(settings)
+}
+
+fn first_difference(path: &str, sent: &Value, typed: &Value) -> Option<String> {
+    match (sent, typed) {
+        (Value::Object(a), Value::Object(b)) => a.iter().find_map(|(k, v)| {
+            first_difference(&format!("{path}.{k}"), v, b.get(k).unwrap_or(&Value::Null))
+        }),
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => a
+            .iter()
+            .zip(b)
+            .enumerate()
+            .find_map(|(i, (x, y))| first_difference(&format!("{path}[{i}]"), x, y)),
+        (a, b) if a == b => None,
+        _ => Some(path.to_string()),
+    }
 }
 
 /// An RFC 1123 host name: dot-separated labels of letters, digits and '-', 1–63 each.
@@ -309,11 +336,11 @@ mod tests {
         let cases = [
             (
                 json!({"network": {"hostnme": "x"}}),
-                "settings.network",
-                "hostnme",
+                "settings.network.hostnme",
+                "unknown field",
             ),
             (json!({"motd": 5}), "settings.motd", "string"),
-            (json!({"bogus": 1}), "settings", "bogus"),
+            (json!({"bogus": 1}), "settings.bogus", "unknown field"),
             (
                 json!({"network": {"hostname": "-bad-"}}),
                 "settings.network.hostname",
@@ -354,12 +381,70 @@ mod tests {
                 "settings.host-containers.Admin",
                 "[a-z0-9-]",
             ),
-            (json!([1, 2]), "settings", "struct"),
+            (json!([1, 2]), "settings", "wrong shape"),
+            (json!({"network": ["h"]}), "settings.network", "wrong shape"),
         ];
         for (v, key, needle) in cases {
             let e = parse(&v).unwrap_err();
             assert_eq!(e.key, key, "{v}: {e}");
             assert!(e.message.contains(needle), "{v}: {e}");
+        }
+    }
+
+    fn arb_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let keys = prop_oneof![
+            Just("motd".to_string()),
+            Just("network".to_string()),
+            Just("hostname".to_string()),
+            Just("kernel".to_string()),
+            Just("sysctl".to_string()),
+            Just("updates".to_string()),
+            Just("seed".to_string()),
+            Just("host-containers".to_string()),
+            Just("enabled".to_string()),
+            "[a-z.-]{0,8}",
+        ];
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(|f| serde_json::Number::from_f64(f)
+                .map(Value::Number)
+                .unwrap_or(Value::Null)),
+            ".{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 48, 6, move |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                proptest::collection::btree_map(keys.clone(), inner, 0..5)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn strip_nulls(v: &Value) -> Value {
+        match v {
+            Value::Object(m) => Value::Object(
+                m.iter()
+                    .filter(|(_, x)| !x.is_null())
+                    .map(|(k, x)| (k.clone(), strip_nulls(x)))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    }
+
+    proptest::proptest! {
+        /// Any JSON at all: parse answers Ok or a keyed error, never panics, and whatever it
+        /// accepts round-trips and passes validation.
+        #[test]
+        fn parse_never_panics_and_accepts_only_valid(v in arb_json()) {
+            if let Ok(s) = parse(&v) {
+                proptest::prop_assert!(s.validate().is_ok());
+                // `null` means "not set", so it does not come back.
+                proptest::prop_assert_eq!(serde_json::to_value(&s).unwrap(), strip_nulls(&v));
+            }
         }
     }
 

@@ -96,6 +96,13 @@ pub fn merge(target: &mut Value, patch: &Value) {
 /// whose values differ between `old` and `new`.
 pub fn changed_keys(old: &Value, new: &Value) -> Vec<String> {
     fn walk(prefix: &str, old: &Value, new: &Value, depth: usize, out: &mut BTreeSet<String>) {
+        let empty = Value::Object(Map::new());
+        // A group that appears or disappears is compared with an empty one, key by key.
+        let (old, new) = match (old, new) {
+            (Value::Null, b @ Value::Object(_)) => (&empty, b),
+            (a @ Value::Object(_), Value::Null) => (a, &empty),
+            other => other,
+        };
         match (old, new) {
             (Value::Object(a), Value::Object(b)) if depth < 2 => {
                 let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
@@ -412,6 +419,16 @@ mod tests {
                 vec!["kernel.sysctl"],
             ),
             (json!({"motd": "x"}), json!({}), vec!["motd"]),
+            (
+                json!({}),
+                json!({"network": {"hostname": "a"}}),
+                vec!["network.hostname"],
+            ),
+            (
+                json!({"kernel": {"sysctl": {"a": "1"}}}),
+                json!({}),
+                vec!["kernel.sysctl"],
+            ),
         ];
         for (old, new, want) in cases {
             assert_eq!(changed_keys(&old, &new), want, "{old} -> {new}");
