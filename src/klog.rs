@@ -12,9 +12,7 @@ struct Logger {
     kmsg: Mutex<Option<File>>,
 }
 
-static LOGGER: Logger = Logger {
-    kmsg: Mutex::new(None),
-};
+static LOGGER: Logger = Logger { kmsg: Mutex::new(None) };
 
 impl Log for Logger {
     fn enabled(&self, _: &Metadata) -> bool {

@@ -12,6 +12,7 @@ mod image;
 mod init;
 mod klog;
 mod settings;
+mod supervisor;
 mod sys;
 mod userdata;
 
@@ -34,10 +35,7 @@ As PID 1 (or argv[0] `init`) it boots the system.";
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let argv0 = args
-        .first()
-        .map(|a| a.rsplit('/').next().unwrap_or(a).to_string())
-        .unwrap_or_default();
+    let argv0 = args.first().map(|a| a.rsplit('/').next().unwrap_or(a).to_string()).unwrap_or_default();
     if sys::getpid() == 1 || argv0 == "init" {
         init::pid1();
     }

@@ -9,11 +9,7 @@ use std::time::{Duration, Instant};
 fn read_response(r: &mut BufReader<UnixStream>) -> Result<u16, String> {
     let mut line = String::new();
     r.read_line(&mut line).map_err(|e| e.to_string())?;
-    let status = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or("bad status line")?;
+    let status = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or("bad status line")?;
     let mut len = 0usize;
     loop {
         line.clear();
@@ -39,10 +35,8 @@ fn request(
     uri: &str,
     body: &str,
 ) -> Result<(), String> {
-    let req = format!(
-        "{method} {uri} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
+    let req =
+        format!("{method} {uri} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}", body.len());
     w.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
     match read_response(r)? {
         s if (200..300).contains(&s) => Ok(()),
@@ -68,13 +62,7 @@ fn client(socket: String, mode: String, id: usize, until: Instant) -> Result<Vec
                 &format!("/settings?tx={tx}"),
                 &format!("{{\"motd\":\"bench {id} {n}\"}}"),
             )?;
-            request(
-                &mut w,
-                &mut r,
-                "POST",
-                &format!("/tx/commit_and_apply?tx={tx}"),
-                "",
-            )?;
+            request(&mut w, &mut r, "POST", &format!("/tx/commit_and_apply?tx={tx}"), "")?;
         }
         lat.push(t.elapsed().as_micros() as u32);
         n += 1;
@@ -108,9 +96,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let elapsed = start.elapsed().as_secs_f64();
     all.sort_unstable();
     let pct = |p: f64| {
-        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0)
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0)
     };
     println!(
         "mode={mode} clients={clients} ops={} ops_per_s={:.0} p50_us={} p99_us={} max_us={}",

@@ -20,13 +20,10 @@ pub const PORT_NAME: &str = "org.berth.api";
 
 /// The /dev node of the virtio-serial port called `name`, if there is one.
 pub fn find_port(name: &str) -> Option<PathBuf> {
-    fs::read_dir("/sys/class/virtio-ports")
-        .ok()?
-        .flatten()
-        .find_map(|e| {
-            let n = fs::read_to_string(e.path().join("name")).ok()?;
-            (n.trim() == name).then(|| Path::new("/dev").join(e.file_name()))
-        })
+    fs::read_dir("/sys/class/virtio-ports").ok()?.flatten().find_map(|e| {
+        let n = fs::read_to_string(e.path().join("name")).ok()?;
+        (n.trim() == name).then(|| Path::new("/dev").join(e.file_name()))
+    })
 }
 
 fn session(port: &mut File, first: &[u8], socket: &Path) -> std::io::Result<()> {
@@ -34,16 +31,14 @@ fn session(port: &mut File, first: &[u8], socket: &Path) -> std::io::Result<()> 
     api.write_all(first)?;
     let mut from_api = api.try_clone()?;
     let mut to_port = port.try_clone()?;
-    let back = std::thread::Builder::new()
-        .name("api-bridge-out".into())
-        .spawn(move || {
-            let mut buf = [0u8; 16 * 1024];
-            while let Ok(n) = from_api.read(&mut buf) {
-                if n == 0 || to_port.write_all(&buf[..n]).is_err() {
-                    break;
-                }
+    let back = std::thread::Builder::new().name("api-bridge-out".into()).spawn(move || {
+        let mut buf = [0u8; 16 * 1024];
+        while let Ok(n) = from_api.read(&mut buf) {
+            if n == 0 || to_port.write_all(&buf[..n]).is_err() {
+                break;
             }
-        })?;
+        }
+    })?;
     let mut buf = [0u8; 16 * 1024];
     loop {
         match port.read(&mut buf) {

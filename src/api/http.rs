@@ -92,10 +92,7 @@ pub struct Request {
 impl Request {
     /// The value of the first query parameter called `name`.
     pub fn query_get(&self, name: &str) -> Option<&str> {
-        self.query
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
     /// The value of the first header called `name` (any case).
@@ -118,11 +115,7 @@ impl Response {
     /// A JSON document.
     pub fn json(status: u16, value: &serde_json::Value) -> Response {
         match serde_json::to_vec(value) {
-            Ok(body) => Response {
-                status,
-                content_type: "application/json",
-                body,
-            },
+            Ok(body) => Response { status, content_type: "application/json", body },
             // A `Value` always serializes; this only keeps the server from trusting that.
             Err(e) => Response::error(500, &format!("cannot serialize the response: {e}")),
         }
@@ -130,30 +123,19 @@ impl Response {
 
     /// No body at all (for 204, or an empty answer with any other status).
     pub fn empty(status: u16) -> Response {
-        Response {
-            status,
-            content_type: "",
-            body: Vec::new(),
-        }
+        Response { status, content_type: "", body: Vec::new() }
     }
 
     /// Plain UTF-8 text.
     // Part of the handler's API; no route answers with text yet.
     #[allow(dead_code)]
     pub fn text(status: u16, body: String) -> Response {
-        Response {
-            status,
-            content_type: "text/plain; charset=utf-8",
-            body: body.into_bytes(),
-        }
+        Response { status, content_type: "text/plain; charset=utf-8", body: body.into_bytes() }
     }
 
     /// The API's error document: `{"status": <status>, "error": "<message>"}`.
     pub fn error(status: u16, message: &str) -> Response {
-        Response::json(
-            status,
-            &serde_json::json!({ "status": status, "error": message }),
-        )
+        Response::json(status, &serde_json::json!({ "status": status, "error": message }))
     }
 }
 
@@ -225,26 +207,18 @@ impl fmt::Display for HttpError {
         match self {
             HttpError::BadRequest(m) => write!(f, "bad request: {m}"),
             HttpError::Timeout => write!(f, "the request was not complete in time"),
-            HttpError::LengthRequired => write!(
-                f,
-                "Transfer-Encoding is not supported: send the body with a Content-Length"
-            ),
+            HttpError::LengthRequired => {
+                write!(f, "Transfer-Encoding is not supported: send the body with a Content-Length")
+            }
             HttpError::BodyTooLarge { max } => {
-                write!(
-                    f,
-                    "the request body is larger than the limit of {max} bytes"
-                )
+                write!(f, "the request body is larger than the limit of {max} bytes")
             }
             HttpError::ExpectationFailed(v) => {
-                write!(
-                    f,
-                    "unsupported Expect '{v}': only 100-continue is supported"
-                )
+                write!(f, "unsupported Expect '{v}': only 100-continue is supported")
             }
-            HttpError::HeadersTooLarge { max } => write!(
-                f,
-                "the request line and headers are larger than the limit of {max} bytes"
-            ),
+            HttpError::HeadersTooLarge { max } => {
+                write!(f, "the request line and headers are larger than the limit of {max} bytes")
+            }
             HttpError::VersionNotSupported(v) => {
                 write!(f, "HTTP version '{v}' is not supported: use HTTP/1.1")
             }
@@ -296,20 +270,13 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<(Head, usize)>, 
         if let Some(nl) = find_newline(buf, start) {
             parse_request_line(trim_cr(&buf[start..nl]))?;
         }
-        return if buf.len() > max {
-            Err(too_large)
-        } else {
-            Ok(None)
-        };
+        return if buf.len() > max { Err(too_large) } else { Ok(None) };
     };
     if end > max {
         return Err(too_large);
     }
 
-    let mut lines = buf[start..end]
-        .split(|&b| b == b'\n')
-        .map(trim_cr)
-        .take_while(|line| !line.is_empty());
+    let mut lines = buf[start..end].split(|&b| b == b'\n').map(trim_cr).take_while(|line| !line.is_empty());
     let (method, target, http_minor) = parse_request_line(lines.next().unwrap_or_default())?;
     let mut headers = Vec::new();
     for line in lines {
@@ -369,10 +336,7 @@ fn head_end(buf: &[u8], from: usize) -> Option<usize> {
 }
 
 fn find_newline(buf: &[u8], from: usize) -> Option<usize> {
-    buf.get(from..)?
-        .iter()
-        .position(|&b| b == b'\n')
-        .map(|i| from + i)
+    buf.get(from..)?.iter().position(|&b| b == b'\n').map(|i| from + i)
 }
 
 fn trim_cr(line: &[u8]) -> &[u8] {
@@ -391,16 +355,11 @@ fn is_token(s: &[u8]) -> bool {
 /// `METHOD SP /target SP HTTP/1.x` → (method, target, minor version).
 fn parse_request_line(line: &[u8]) -> Result<(&str, &str, u8), HttpError> {
     let mut parts = line.splitn(3, |&b| b == b' ');
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
-    else {
-        return Err(HttpError::bad(
-            "malformed request line: expected 'METHOD /path HTTP/1.1'",
-        ));
+    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(HttpError::bad("malformed request line: expected 'METHOD /path HTTP/1.1'"));
     };
     if !is_token(method) {
-        return Err(HttpError::bad(
-            "malformed request line: invalid method token",
-        ));
+        return Err(HttpError::bad("malformed request line: invalid method token"));
     }
     if !target.starts_with(b"/") || !target.iter().all(|b| (0x21..=0x7e).contains(b)) {
         return Err(HttpError::bad(
@@ -412,17 +371,11 @@ fn parse_request_line(line: &[u8]) -> Result<(&str, &str, u8), HttpError> {
             if major.is_ascii_digit() && minor.is_ascii_digit() =>
         {
             if *major != b'1' {
-                return Err(HttpError::VersionNotSupported(
-                    String::from_utf8_lossy(version).into_owned(),
-                ));
+                return Err(HttpError::VersionNotSupported(String::from_utf8_lossy(version).into_owned()));
             }
             (minor - b'0').min(1)
         }
-        _ => {
-            return Err(HttpError::bad(
-                "malformed request line: invalid HTTP version",
-            ))
-        }
+        _ => return Err(HttpError::bad("malformed request line: invalid HTTP version")),
     };
     // Both parts were checked to be ASCII above.
     let method = std::str::from_utf8(method).map_err(|_| HttpError::bad("invalid method"))?;
@@ -433,34 +386,22 @@ fn parse_request_line(line: &[u8]) -> Result<(&str, &str, u8), HttpError> {
 /// `name: value` → (lowercased name, trimmed value).
 fn parse_header_line(line: &[u8]) -> Result<(String, String), HttpError> {
     if line.starts_with(b" ") || line.starts_with(b"\t") {
-        return Err(HttpError::bad(
-            "obsolete header line folding is not supported",
-        ));
+        return Err(HttpError::bad("obsolete header line folding is not supported"));
     }
     let Some(colon) = line.iter().position(|&b| b == b':') else {
-        return Err(HttpError::bad(format!(
-            "malformed header line without a colon: '{}'",
-            printable(line)
-        )));
+        return Err(HttpError::bad(format!("malformed header line without a colon: '{}'", printable(line))));
     };
     let (name, value) = (&line[..colon], &line[colon + 1..]);
     if !is_token(name) {
-        return Err(HttpError::bad(format!(
-            "invalid header name '{}'",
-            printable(name)
-        )));
+        return Err(HttpError::bad(format!("invalid header name '{}'", printable(name))));
     }
     let name = String::from_utf8_lossy(name).to_ascii_lowercase();
     let value = trim_ows(value);
     if value.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
-        return Err(HttpError::bad(format!(
-            "control character in the value of header '{name}'"
-        )));
+        return Err(HttpError::bad(format!("control character in the value of header '{name}'")));
     }
     let Ok(value) = std::str::from_utf8(value) else {
-        return Err(HttpError::bad(format!(
-            "the value of header '{name}' is not valid UTF-8"
-        )));
+        return Err(HttpError::bad(format!("the value of header '{name}' is not valid UTF-8")));
     };
     Ok((name, value.to_string()))
 }
@@ -477,18 +418,11 @@ fn trim_ows(mut s: &[u8]) -> &[u8] {
 
 /// At most 40 characters of `bytes`, for an error message.
 fn printable(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes)
-        .chars()
-        .take(40)
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
+    String::from_utf8_lossy(bytes).chars().take(40).map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 
 fn find_header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
+    headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
 }
 
 /// The body length: every `Content-Length` (each maybe a list) must be digits and agree.
@@ -555,12 +489,8 @@ fn percent_decode(s: &str) -> Result<String, HttpError> {
         }
         i += 1;
     }
-    String::from_utf8(out).map_err(|_| {
-        HttpError::bad(format!(
-            "query '{}' is not valid UTF-8 once decoded",
-            printable(bytes)
-        ))
-    })
+    String::from_utf8(out)
+        .map_err(|_| HttpError::bad(format!("query '{}' is not valid UTF-8 once decoded", printable(bytes))))
 }
 
 /// Serve `listener` until `stop` is set; see the module docs.
@@ -598,19 +528,17 @@ pub fn serve(listener: UnixListener, limits: Limits, handler: Handler, stop: Arc
             continue;
         }
         let slot = Slot(Arc::clone(&active));
-        let (limits, handler, stop) =
-            (Arc::clone(&limits), Arc::clone(&handler), Arc::clone(&stop));
-        let spawned = thread::Builder::new()
-            .name("api-conn".to_string())
-            .stack_size(CONN_STACK_BYTES)
-            .spawn(move || {
+        let (limits, handler, stop) = (Arc::clone(&limits), Arc::clone(&handler), Arc::clone(&stop));
+        let spawned = thread::Builder::new().name("api-conn".to_string()).stack_size(CONN_STACK_BYTES).spawn(
+            move || {
                 let mut conn = Conn::new(stream, &limits);
                 conn.run(&handler, &stop);
                 // Free the slot before the client can see the connection close, so a client that
                 // reconnects after reading to the end is never refused for its own old slot.
                 drop(slot);
                 drop(conn);
-            });
+            },
+        );
         if let Err(e) = spawned {
             // The closure (stream and slot) is dropped: the client sees the connection close.
             log::error!("api: cannot start a connection thread: {e}");
@@ -670,14 +598,7 @@ struct Conn<'a> {
 
 impl<'a> Conn<'a> {
     fn new(stream: UnixStream, limits: &'a Limits) -> Conn<'a> {
-        Conn {
-            stream,
-            limits,
-            buf: vec![0; INITIAL_BUFFER],
-            filled: 0,
-            out: Vec::new(),
-            timeout: None,
-        }
+        Conn { stream, limits, buf: vec![0; INITIAL_BUFFER], filled: 0, out: Vec::new(), timeout: None }
     }
 
     /// `read_timeout`, but never zero (a zero socket timeout is an error).
@@ -711,12 +632,7 @@ impl<'a> Conn<'a> {
             };
             let response = call_handler(handler, &request);
             self.out.clear();
-            encode_response(
-                &mut self.out,
-                &response,
-                request.method == "HEAD",
-                connection,
-            );
+            encode_response(&mut self.out, &response, request.method == "HEAD", connection);
             if let Err(e) = self.stream.write_all(&self.out) {
                 log::debug!("api: cannot write a response: {e}");
                 return;
@@ -775,17 +691,13 @@ impl<'a> Conn<'a> {
             if parse {
                 if let Some((head, used)) = parse_head(&self.buf[..self.filled], self.limits)? {
                     let deadline = deadline.unwrap_or_else(|| Instant::now() + full);
-                    return Ok(self
-                        .read_body(&head, used, deadline)?
-                        .map(|body| (head, body)));
+                    return Ok(self.read_body(&head, used, deadline)?.map(|body| (head, body)));
                 }
             }
             if self.filled == self.buf.len() {
                 let cap = self.limits.max_header_bytes.saturating_add(1);
                 if self.buf.len() >= cap {
-                    return Err(HttpError::HeadersTooLarge {
-                        max: self.limits.max_header_bytes,
-                    });
+                    return Err(HttpError::HeadersTooLarge { max: self.limits.max_header_bytes });
                 }
                 let grown = self.buf.len().saturating_mul(2).min(cap);
                 self.buf.resize(grown, 0);
@@ -843,12 +755,7 @@ impl<'a> Conn<'a> {
         if body.len() == want {
             return Ok(Some(body));
         }
-        if head.expect_continue
-            && self
-                .stream
-                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-                .is_err()
-        {
+        if head.expect_continue && self.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").is_err() {
             return Ok(None);
         }
         let mut got = body.len();
@@ -878,10 +785,7 @@ impl<'a> Conn<'a> {
 }
 
 fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
 }
 
 /// Run the handler; a panic becomes a logged 500, and a status it may not send becomes 500 too.
@@ -903,23 +807,14 @@ fn call_handler(handler: &Handler, request: &Request) -> Response {
                 .copied()
                 .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
                 .unwrap_or("(no message)");
-            log::error!(
-                "api: handler panicked on {} {}: {message}",
-                request.method,
-                request.path
-            );
+            log::error!("api: handler panicked on {} {}: {message}", request.method, request.path);
             Response::error(500, "internal error: the request handler failed")
         }
     }
 }
 
 /// Append the whole response (status line, headers, body) to `out`.
-fn encode_response(
-    out: &mut Vec<u8>,
-    response: &Response,
-    head_only: bool,
-    connection: ConnectionHeader,
-) {
+fn encode_response(out: &mut Vec<u8>, response: &Response, head_only: bool, connection: ConnectionHeader) {
     let status = response.status;
     let bodiless = status == 204 || status == 304 || status < 200;
     out.reserve(160 + response.body.len());
@@ -996,9 +891,7 @@ mod tests {
     }
 
     fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
-        list.iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect()
+        list.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
     }
 
     #[test]
@@ -1121,10 +1014,7 @@ mod tests {
             ("POST / HTTP/1.1\r\nContent-Length: 1x\r\n\r\n", 400),
             ("POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
             ("POST / HTTP/1.1\r\nContent-Length:\r\n\r\n", 400),
-            (
-                "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
-                400,
-            ),
+            ("POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
             ("POST / HTTP/1.1\r\nContent-Length: 1, 2\r\n\r\n", 400),
             ("GET / HTTP/1.x\r\n\r\n", 400),
             ("GET / HTTPS/1.1\r\n\r\n", 400),
@@ -1132,10 +1022,7 @@ mod tests {
             ("GET / HTTP/0.9\r\n\r\n", 505),
             ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 411),
             ("POST / HTTP/1.1\r\nContent-Length: 1048577\r\n\r\n", 413),
-            (
-                "POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
-                413,
-            ),
+            ("POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n", 413),
             ("POST / HTTP/1.1\r\nExpect: something\r\n\r\n", 417),
             (&long_header, 431),
             (&long_unfinished, 431),
@@ -1170,14 +1057,10 @@ mod tests {
     #[test]
     fn expect_continue_only_for_http11() {
         let (head, _) =
-            parse("PUT / HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n")
-                .unwrap()
-                .unwrap();
+            parse("PUT / HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n").unwrap().unwrap();
         assert!(head.expect_continue);
         let (head, _) =
-            parse("PUT / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n")
-                .unwrap()
-                .unwrap();
+            parse("PUT / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n").unwrap().unwrap();
         assert!(!head.expect_continue);
     }
 
@@ -1237,10 +1120,7 @@ mod tests {
     fn error_body_is_status_and_message() {
         let response = Response::error(400, "bad thing");
         let value: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
-        assert_eq!(
-            value,
-            serde_json::json!({"status": 400, "error": "bad thing"})
-        );
+        assert_eq!(value, serde_json::json!({"status": 400, "error": "bad thing"}));
         assert_eq!(response.content_type, "application/json");
     }
 
@@ -1345,11 +1225,9 @@ mod tests {
     fn test_handler(request: &Request) -> Response {
         match request.path.as_str() {
             "/panic" => panic!("test handler panics on purpose"),
-            "/echo" => Response {
-                status: 200,
-                content_type: "application/octet-stream",
-                body: request.body.clone(),
-            },
+            "/echo" => {
+                Response { status: 200, content_type: "application/octet-stream", body: request.body.clone() }
+            }
             "/nested" => match serde_json::from_slice::<serde_json::Value>(&request.body) {
                 Ok(_) => Response::empty(204),
                 Err(e) => Response::error(400, &e.to_string()),
@@ -1387,20 +1265,13 @@ mod tests {
                 serve(listener, limits, Arc::new(test_handler), server_stop);
                 let _ = tx.send(());
             });
-            TestServer {
-                dir,
-                socket,
-                stop,
-                done,
-            }
+            TestServer { dir, socket, stop, done }
         }
 
         fn connect(&self) -> Client {
             let stream = UnixStream::connect(&self.socket).unwrap();
             // Bounds every test: a server that never answers fails the test instead of hanging it.
-            stream
-                .set_read_timeout(Some(Duration::from_secs(3)))
-                .unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
             let reader = BufReader::new(stream.try_clone().unwrap());
             Client { stream, reader }
         }
@@ -1479,11 +1350,7 @@ mod tests {
             let length = find_header(&headers, "content-length").map_or(0, |v| v.parse().unwrap());
             let mut body = vec![0; length];
             self.reader.read_exact(&mut body).unwrap();
-            Reply {
-                status,
-                headers,
-                body,
-            }
+            Reply { status, headers, body }
         }
 
         fn get(&mut self, path: &str) -> Reply {
@@ -1510,9 +1377,7 @@ mod tests {
             serde_json::json!({"method": "GET", "path": "/one", "query": [["a", "b c"]]})
         );
         assert_eq!(client.get("/two").json()["path"], "/two");
-        client.send(
-            b"POST /echo HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloGET /three HTTP/1.1\r\n\r\n",
-        );
+        client.send(b"POST /echo HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloGET /three HTTP/1.1\r\n\r\n");
         assert_eq!(client.reply().body, b"hello");
         assert_eq!(client.reply().json()["path"], "/three");
         client.send(b"GET /last HTTP/1.1\r\nConnection: close\r\n\r\n");
@@ -1552,10 +1417,7 @@ mod tests {
                 length = Some(v.to_string());
             }
         }
-        assert!(
-            length.is_some_and(|l| l != "0"),
-            "HEAD tells the GET length"
-        );
+        assert!(length.is_some_and(|l| l != "0"), "HEAD tells the GET length");
         // No body came: the next reply starts right here.
         assert_eq!(client.get("/after").json()["path"], "/after");
     }
@@ -1574,10 +1436,7 @@ mod tests {
 
     #[test]
     fn oversized_body_gets_413_before_the_body_is_sent() {
-        let limits = Limits {
-            max_body_bytes: 100,
-            ..Limits::default()
-        };
+        let limits = Limits { max_body_bytes: 100, ..Limits::default() };
         let server = TestServer::start(limits);
         let mut client = server.connect();
         client.send(b"POST /echo HTTP/1.1\r\nContent-Length: 100\r\n\r\n");
@@ -1622,9 +1481,7 @@ mod tests {
     fn chunked_request_gets_411() {
         let server = TestServer::start(Limits::default());
         let mut client = server.connect();
-        client.send(
-            b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
-        );
+        client.send(b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n");
         assert_eq!(client.reply().status, 411);
         assert!(client.closed());
     }
@@ -1646,11 +1503,9 @@ mod tests {
     fn dribbling_client_cannot_outlast_the_request_deadline() {
         let server = TestServer::start(TestServer::limits(300, 4));
         let mut client = server.connect();
-        client
-            .stream
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        let request = b"GET /slow HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+        client.stream.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let request =
+            b"GET /slow HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
         let mut answer = Vec::new();
         let mut scratch = [0u8; 512];
         // One byte every ~100 ms: never idle for a whole read_timeout, yet never done in time.
@@ -1675,10 +1530,7 @@ mod tests {
             answered_while_sending,
             "the server kept waiting for a client that sends a byte every 100 ms"
         );
-        client
-            .stream
-            .set_read_timeout(Some(Duration::from_secs(3)))
-            .unwrap();
+        client.stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
         let _ = client.stream.read_to_end(&mut answer);
         let answer = String::from_utf8_lossy(&answer);
         assert!(answer.starts_with("HTTP/1.1 408 "), "{answer:?}");
@@ -1729,11 +1581,7 @@ mod tests {
         // serde_json's recursion limit is 128; this is as deep as it goes.
         let body = format!("{}{}", "[".repeat(127), "]".repeat(127));
         client.send(
-            format!(
-                "POST /nested HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            )
-            .as_bytes(),
+            format!("POST /nested HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes(),
         );
         assert_eq!(client.reply().status, 204);
     }

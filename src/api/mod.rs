@@ -51,12 +51,7 @@ pub fn spawn(api: Arc<Api>, listener: UnixListener) -> io::Result<()> {
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
-            http::serve(
-                listener,
-                http::Limits::default(),
-                handler,
-                Arc::new(AtomicBool::new(false)),
-            )
+            http::serve(listener, http::Limits::default(), handler, Arc::new(AtomicBool::new(false)))
         })
         .map(drop)
 }
@@ -83,9 +78,7 @@ pub fn serve_dev(args: &[String]) -> Result<(), String> {
     let api = Api {
         store: Mutex::new(store),
         etc: state.join("etc"),
-        host: Box::new(render::RecordingHost {
-            dir: state.join("host"),
-        }),
+        host: Box::new(render::RecordingHost { dir: state.join("host") }),
         os: OsInfo {
             version: crate::VERSION.into(),
             variant: "dev".into(),
@@ -100,28 +93,16 @@ pub fn serve_dev(args: &[String]) -> Result<(), String> {
             }
         }),
         user_data: Mutex::new(json!({"source": null, "applied": false})),
+        services: None,
     };
-    let settings = api
-        .store
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .settings();
+    let settings = api.store.lock().unwrap_or_else(|p| p.into_inner()).settings();
     render::apply(&settings, None, &api.etc, api.host.as_ref())
         .map_err(|e| format!("rendering settings: {e}"))?;
     let listener = listen(&socket, None).map_err(|e| format!("{}: {e}", socket.display()))?;
-    info!(
-        "serving the API on {} (state in {})",
-        socket.display(),
-        state.display()
-    );
+    info!("serving the API on {} (state in {})", socket.display(), state.display());
     let api = Arc::new(api);
     let handler: Arc<dyn Fn(&http::Request) -> http::Response + Send + Sync> =
         Arc::new(move |r| api.handle(r));
-    http::serve(
-        listener,
-        http::Limits::default(),
-        handler,
-        Arc::new(AtomicBool::new(false)),
-    );
+    http::serve(listener, http::Limits::default(), handler, Arc::new(AtomicBool::new(false)));
     Ok(())
 }

@@ -5,12 +5,13 @@
 //! half-applied change: patches are validated before they are stored, commits are atomic.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Map, Value};
 
 use super::http::{Request, Response};
 use crate::settings::{render, store, Datastore};
+use crate::supervisor::Supervisor;
 
 /// What `POST /actions/*` asks the system to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +39,8 @@ pub struct Api {
     pub actions: Box<dyn Fn(Action) + Send + Sync>,
     /// How user data went at first boot, for `GET /user-data`.
     pub user_data: Mutex<Value>,
+    /// PID 1's supervisor (None in dev mode, which runs no services).
+    pub services: Option<Arc<Mutex<Supervisor>>>,
 }
 
 const ROUTES: &[(&str, &[&str])] = &[
@@ -52,6 +55,8 @@ const ROUTES: &[(&str, &[&str])] = &[
     ("/os", &["GET"]),
     ("/configuration-files", &["GET"]),
     ("/services", &["GET"]),
+    ("/services/NAME", &["GET"]),
+    ("/logs", &["GET"]),
     ("/user-data", &["GET"]),
     ("/system/state", &["GET"]),
     ("/actions/reboot", &["POST"]),
@@ -71,15 +76,12 @@ fn json_body(req: &Request) -> Result<Value, Response> {
     if req.body.is_empty() {
         return Err(Response::error(400, "request body is empty; expected JSON"));
     }
-    serde_json::from_slice(&req.body)
-        .map_err(|e| Response::error(400, &format!("malformed JSON: {e}")))
+    serde_json::from_slice(&req.body).map_err(|e| Response::error(400, &format!("malformed JSON: {e}")))
 }
 
 /// Strip an optional leading `settings.` from a dotted key.
 fn key_path(key: &str) -> Vec<&str> {
-    let k = key
-        .strip_prefix("settings.")
-        .unwrap_or(if key == "settings" { "" } else { key });
+    let k = key.strip_prefix("settings.").unwrap_or(if key == "settings" { "" } else { key });
     k.split('.').filter(|s| !s.is_empty()).collect()
 }
 
@@ -109,19 +111,9 @@ fn select(settings: &Value, key: &str) -> Option<Value> {
 }
 
 fn get_settings(api: &Api, req: &Request) -> Response {
-    let live = api
-        .store
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .live()
-        .clone();
+    let live = api.store.lock().unwrap_or_else(|p| p.into_inner()).live().clone();
     let keys: Vec<String> = match (req.query_get("keys"), req.query_get("prefix")) {
-        (Some(k), _) => k
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect(),
+        (Some(k), _) => k.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect(),
         (None, Some(p)) => vec![p.to_string()],
         (None, None) => return Response::json(200, &live),
     };
@@ -168,17 +160,16 @@ fn keypairs_to_patch(body: &Value) -> Result<Value, Response> {
 
 impl Api {
     fn apply(&self, changed: Option<&[String]>) -> Result<Vec<String>, Response> {
-        let settings = self
-            .store
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .settings();
-        render::apply(&settings, changed, &self.etc, self.host.as_ref()).map_err(|e| {
-            Response::error(
-                500,
-                &format!("settings committed, but applying failed: {e}"),
-            )
-        })
+        let settings = self.store.lock().unwrap_or_else(|p| p.into_inner()).settings();
+        let done = render::apply(&settings, changed, &self.etc, self.host.as_ref())
+            .map_err(|e| Response::error(500, &format!("settings committed, but applying failed: {e}")))?;
+        // Services whose configuration was re-rendered are restarted to read it.
+        if let Some(mut sup) = self.supervisor() {
+            for name in render::affected_services(changed) {
+                sup.restart(name);
+            }
+        }
+        Ok(done)
     }
 
     fn patch(&self, req: &Request, patch: Value) -> Response {
@@ -186,12 +177,7 @@ impl Api {
             Ok(t) => t,
             Err(r) => return r,
         };
-        match self
-            .store
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .patch(&tx, &patch)
-        {
+        match self.store.lock().unwrap_or_else(|p| p.into_inner()).patch(&tx, &patch) {
             Ok(()) => Response::empty(204),
             Err(e) => store_error(e),
         }
@@ -199,29 +185,18 @@ impl Api {
 
     fn commit(&self, req: &Request) -> Result<Vec<String>, Response> {
         let tx = tx_name(req)?;
-        self.store
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .commit(&tx)
-            .map_err(store_error)
+        self.store.lock().unwrap_or_else(|p| p.into_inner()).commit(&tx).map_err(store_error)
     }
 
     /// What is in effect on the system now, read back from the kernel and /etc: the hostname,
     /// the current value of every sysctl named in the settings, and the rendered motd.
     fn system_state(&self) -> Response {
-        let settings = self
-            .store
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .settings();
+        let settings = self.store.lock().unwrap_or_else(|p| p.into_inner()).settings();
         let read = |r: std::io::Result<String>| {
-            r.map(Value::String)
-                .unwrap_or_else(|e| json!({"error": e.to_string()}))
+            r.map(Value::String).unwrap_or_else(|e| json!({"error": e.to_string()}))
         };
-        let sysctl: Map<String, Value> = render::sysctls(&settings)
-            .keys()
-            .map(|k| (k.clone(), read(self.host.read_sysctl(k))))
-            .collect();
+        let sysctl: Map<String, Value> =
+            render::sysctls(&settings).keys().map(|k| (k.clone(), read(self.host.read_sysctl(k)))).collect();
         let motd = std::fs::read_to_string(self.etc.join("motd"));
         Response::json(
             200,
@@ -229,23 +204,40 @@ impl Api {
         )
     }
 
+    fn supervisor(&self) -> Option<std::sync::MutexGuard<'_, Supervisor>> {
+        self.services.as_ref().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn service(&self, name: &str) -> Response {
+        match self.supervisor().and_then(|s| s.report_one(name)) {
+            Some(v) => Response::json(200, &v),
+            None => Response::error(404, &format!("no service '{name}'")),
+        }
+    }
+
+    fn logs(&self, req: &Request) -> Response {
+        let Some(name) = req.query_get("service") else {
+            return Response::error(400, "name the service: /logs?service=NAME");
+        };
+        match self.supervisor().and_then(|s| s.logs(name)) {
+            Some(text) => Response::text(200, text),
+            None => Response::error(404, &format!("no service '{name}'")),
+        }
+    }
+
     pub fn handle(&self, req: &Request) -> Response {
-        let allowed = ROUTES.iter().find(|(p, _)| *p == req.path).map(|(_, m)| *m);
+        let route = if req.path.starts_with("/services/") { "/services/NAME" } else { req.path.as_str() };
+        let allowed = ROUTES.iter().find(|(p, _)| *p == route).map(|(_, m)| *m);
         let Some(methods) = allowed else {
             return Response::error(404, &format!("no route {}", req.path));
         };
         if !methods.contains(&req.method.as_str()) {
             return Response::error(
                 405,
-                &format!(
-                    "{} does not allow {}; allowed: {}",
-                    req.path,
-                    req.method,
-                    methods.join(", ")
-                ),
+                &format!("{} does not allow {}; allowed: {}", req.path, req.method, methods.join(", ")),
             );
         }
-        match (req.method.as_str(), req.path.as_str()) {
+        match (req.method.as_str(), route) {
             ("GET", "/") => Response::json(
                 200,
                 &json!({"name": "berth", "version": self.os.version,
@@ -256,50 +248,35 @@ impl Api {
                 Ok(v) => self.patch(req, v),
                 Err(r) => r,
             },
-            ("PATCH", "/settings/keypair") => {
-                match json_body(req).and_then(|b| keypairs_to_patch(&b)) {
-                    Ok(p) => self.patch(req, p),
-                    Err(r) => r,
-                }
-            }
+            ("PATCH", "/settings/keypair") => match json_body(req).and_then(|b| keypairs_to_patch(&b)) {
+                Ok(p) => self.patch(req, p),
+                Err(r) => r,
+            },
             ("GET", "/tx") => match tx_name(req) {
-                Ok(tx) => match self
-                    .store
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .pending(&tx)
-                {
+                Ok(tx) => match self.store.lock().unwrap_or_else(|p| p.into_inner()).pending(&tx) {
                     Ok(v) => Response::json(200, &v),
                     Err(e) => store_error(e),
                 },
                 Err(r) => r,
             },
             ("DELETE", "/tx") => match tx_name(req) {
-                Ok(tx) => match self
-                    .store
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .delete(&tx)
-                {
+                Ok(tx) => match self.store.lock().unwrap_or_else(|p| p.into_inner()).delete(&tx) {
                     Ok(v) => Response::json(200, &v),
                     Err(e) => store_error(e),
                 },
                 Err(r) => r,
             },
-            ("GET", "/tx/list") => {
-                match self.store.lock().unwrap_or_else(|p| p.into_inner()).list() {
-                    Ok(l) => Response::json(200, &json!(l)),
-                    Err(e) => store_error(e),
-                }
-            }
+            ("GET", "/tx/list") => match self.store.lock().unwrap_or_else(|p| p.into_inner()).list() {
+                Ok(l) => Response::json(200, &json!(l)),
+                Err(e) => store_error(e),
+            },
             ("POST", "/tx/commit") => match self.commit(req) {
                 Ok(changed) => Response::json(200, &json!(changed)),
                 Err(r) => r,
             },
             ("POST", "/tx/apply") => {
-                let keys: Option<Vec<String>> = req
-                    .query_get("keys")
-                    .map(|k| k.split(',').map(|s| key_path(s).join(".")).collect());
+                let keys: Option<Vec<String>> =
+                    req.query_get("keys").map(|k| k.split(',').map(|s| key_path(s).join(".")).collect());
                 match self.apply(keys.as_deref()) {
                     Ok(_) => Response::empty(204),
                     Err(r) => r,
@@ -328,12 +305,15 @@ impl Api {
                     .collect();
                 Response::json(200, &Value::Object(files))
             }
-            ("GET", "/services") => Response::json(200, &json!({})),
+            ("GET", "/services") => {
+                Response::json(200, &self.supervisor().map(|s| s.report()).unwrap_or_else(|| json!({})))
+            }
+            ("GET", "/services/NAME") => self.service(&req.path["/services/".len()..]),
+            ("GET", "/logs") => self.logs(req),
             ("GET", "/system/state") => self.system_state(),
-            ("GET", "/user-data") => Response::json(
-                200,
-                &self.user_data.lock().unwrap_or_else(|p| p.into_inner()),
-            ),
+            ("GET", "/user-data") => {
+                Response::json(200, &self.user_data.lock().unwrap_or_else(|p| p.into_inner()))
+            }
             ("POST", "/actions/reboot") => {
                 (self.actions)(Action::Reboot);
                 Response::empty(202)
@@ -353,8 +333,7 @@ mod tests {
 
     #[test]
     fn selects_dotted_keys() {
-        let s =
-            json!({"motd": "m", "kernel": {"sysctl": {"net.ipv4.ip_forward": "1", "vm.x": "2"}}});
+        let s = json!({"motd": "m", "kernel": {"sysctl": {"net.ipv4.ip_forward": "1", "vm.x": "2"}}});
         assert_eq!(select(&s, "settings.motd"), Some(json!({"motd": "m"})));
         assert_eq!(select(&s, "motd"), Some(json!({"motd": "m"})));
         assert_eq!(
@@ -368,12 +347,8 @@ mod tests {
     #[test]
     fn keypairs_become_nested_patches() {
         let p =
-            keypairs_to_patch(&json!({"settings.motd": "hi", "kernel.sysctl.vm.swappiness": "5"}))
-                .unwrap();
-        assert_eq!(
-            p,
-            json!({"motd": "hi", "kernel": {"sysctl": {"vm.swappiness": "5"}}})
-        );
+            keypairs_to_patch(&json!({"settings.motd": "hi", "kernel.sysctl.vm.swappiness": "5"})).unwrap();
+        assert_eq!(p, json!({"motd": "hi", "kernel": {"sysctl": {"vm.swappiness": "5"}}}));
         assert!(keypairs_to_patch(&json!([1])).is_err());
         assert!(keypairs_to_patch(&json!({"settings": 1})).is_err());
     }

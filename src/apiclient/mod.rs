@@ -21,34 +21,23 @@ const USAGE: &str = "usage: apiclient [-s SOCKET] get [PREFIX | /URI]
        apiclient [-s SOCKET] reboot";
 
 /// Send one request; returns (status, body).
-pub fn request(
-    socket: &str,
-    method: &str,
-    uri: &str,
-    body: Option<&str>,
-) -> Result<(u16, String), String> {
-    let mut s =
-        UnixStream::connect(socket).map_err(|e| format!("cannot connect to {socket}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))
-        .map_err(|e| e.to_string())?;
+pub fn request(socket: &str, method: &str, uri: &str, body: Option<&str>) -> Result<(u16, String), String> {
+    let mut s = UnixStream::connect(socket).map_err(|e| format!("cannot connect to {socket}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
     let body = body.unwrap_or("");
     let req = format!(
         "{method} {uri} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    s.write_all(req.as_bytes())
-        .map_err(|e| format!("sending to {socket}: {e}"))?;
+    s.write_all(req.as_bytes()).map_err(|e| format!("sending to {socket}: {e}"))?;
     let mut resp = Vec::new();
-    s.read_to_end(&mut resp)
-        .map_err(|e| format!("reading from {socket}: {e}"))?;
+    s.read_to_end(&mut resp).map_err(|e| format!("reading from {socket}: {e}"))?;
     parse_response(&resp)
 }
 
 fn parse_response(resp: &[u8]) -> Result<(u16, String), String> {
     let text = String::from_utf8_lossy(resp);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or("malformed HTTP response (no header end)")?;
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("malformed HTTP response (no header end)")?;
     let status = head
         .split_whitespace()
         .nth(1)
@@ -58,11 +47,7 @@ fn parse_response(resp: &[u8]) -> Result<(u16, String), String> {
         let l = l.to_ascii_lowercase();
         l.starts_with("transfer-encoding:") && l.contains("chunked")
     });
-    let body = if chunked {
-        dechunk(body)?
-    } else {
-        body.to_string()
-    };
+    let body = if chunked { dechunk(body)? } else { body.to_string() };
     Ok((status, body))
 }
 
@@ -99,15 +84,9 @@ fn run(args: &[String]) -> Result<(), String> {
     match rest.as_slice() {
         ["get"] => show(call(&socket, "GET", "/settings", None)?, true),
         ["get", uri] if uri.starts_with('/') => show(call(&socket, "GET", uri, None)?, false),
-        ["get", prefix] => show(
-            call(
-                &socket,
-                "GET",
-                &format!("/settings?prefix={}", encode(prefix)),
-                None,
-            )?,
-            true,
-        ),
+        ["get", prefix] => {
+            show(call(&socket, "GET", &format!("/settings?prefix={}", encode(prefix)), None)?, true)
+        }
         ["set", "-j", json] => {
             let v: serde_json::Value =
                 serde_json::from_str(json).map_err(|e| format!("-j: malformed JSON: {e}"))?;
@@ -116,25 +95,17 @@ fn run(args: &[String]) -> Result<(), String> {
         ["set", pairs @ ..] if !pairs.is_empty() => {
             let mut body = serde_json::Map::new();
             for p in pairs {
-                let (k, v) = p
-                    .split_once('=')
-                    .ok_or_else(|| format!("'{p}' is not KEY=VALUE"))?;
+                let (k, v) = p.split_once('=').ok_or_else(|| format!("'{p}' is not KEY=VALUE"))?;
                 body.insert(k.to_string(), scalar(v));
             }
-            transaction(
-                &socket,
-                "/settings/keypair",
-                &serde_json::Value::Object(body),
-            )
+            transaction(&socket, "/settings/keypair", &serde_json::Value::Object(body))
         }
         ["apply", files @ ..] if !files.is_empty() => {
             let mut patch = serde_json::Value::Object(serde_json::Map::new());
             for f in files {
                 let bytes = if *f == "-" {
                     let mut b = Vec::new();
-                    std::io::stdin()
-                        .read_to_end(&mut b)
-                        .map_err(|e| format!("stdin: {e}"))?;
+                    std::io::stdin().read_to_end(&mut b).map_err(|e| format!("stdin: {e}"))?;
                     b
                 } else {
                     std::fs::read(f).map_err(|e| format!("{f}: {e}"))?
@@ -185,11 +156,7 @@ fn call(socket: &str, method: &str, uri: &str, body: Option<&str>) -> Result<Str
 fn show(body: String, wrap: bool) -> Result<(), String> {
     match serde_json::from_str::<serde_json::Value>(&body) {
         Ok(v) => {
-            let v = if wrap {
-                serde_json::json!({ "settings": v })
-            } else {
-                v
-            };
+            let v = if wrap { serde_json::json!({ "settings": v }) } else { v };
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or(body));
         }
         Err(_) => print!("{body}"),
@@ -206,13 +173,7 @@ fn transaction(socket: &str, route: &str, body: &serde_json::Value) -> Result<()
         let _ = call(socket, "DELETE", &format!("/tx?tx={tx}"), None);
         return Err(e);
     }
-    call(
-        socket,
-        "POST",
-        &format!("/tx/commit_and_apply?tx={tx}"),
-        None,
-    )
-    .map(drop)
+    call(socket, "POST", &format!("/tx/commit_and_apply?tx={tx}"), None).map(drop)
 }
 
 /// `{"settings": {...}}` → `{...}`; anything else as it is.
@@ -231,19 +192,14 @@ fn scalar(v: &str) -> serde_json::Value {
     match v {
         "true" => true.into(),
         "false" => false.into(),
-        _ => v
-            .parse::<i64>()
-            .map(Into::into)
-            .unwrap_or_else(|_| v.into()),
+        _ => v.parse::<i64>().map(Into::into).unwrap_or_else(|_| v.into()),
     }
 }
 
 fn encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -257,7 +213,10 @@ mod tests {
     fn parses_plain_and_chunked_responses() {
         let r = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}").unwrap();
         assert_eq!(r, (200, "{}".into()));
-        let r = parse_response(b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap();
+        let r = parse_response(
+            b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        )
+        .unwrap();
         assert_eq!(r, (404, "abcde".into()));
         assert!(parse_response(b"garbage").is_err());
     }
@@ -271,10 +230,7 @@ mod tests {
             unwrap_settings(serde_json::json!({"settings": {"motd": "x"}})),
             serde_json::json!({"motd": "x"})
         );
-        assert_eq!(
-            unwrap_settings(serde_json::json!({"motd": "x"})),
-            serde_json::json!({"motd": "x"})
-        );
+        assert_eq!(unwrap_settings(serde_json::json!({"motd": "x"})), serde_json::json!({"motd": "x"}));
         assert_eq!(encode("settings.a b"), "settings.a%20b");
     }
 

@@ -37,9 +37,7 @@ impl Cmdline {
     }
 
     pub fn get_u64(&self, key: &str, default: u64) -> u64 {
-        self.get(key)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
+        self.get(key).and_then(|v| v.parse().ok()).unwrap_or(default)
     }
 }
 

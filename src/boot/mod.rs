@@ -69,10 +69,7 @@ const PHASES: &[Phase] = &[
 
 /// Run stage 1. Returns only if the switch into the root failed; the caller reboots.
 pub fn stage1() -> String {
-    let mut ctx = Ctx {
-        started: Some(Instant::now()),
-        ..Default::default()
-    };
+    let mut ctx = Ctx { started: Some(Instant::now()), ..Default::default() };
     for (name, phase) in PHASES {
         let t = Instant::now();
         if let Err(e) = phase(&mut ctx) {
@@ -91,11 +88,7 @@ fn early_mounts(ctx: &mut Ctx) -> Result<(), String> {
     // Our own log lines must not be rate-limited away.
     let _ = fs::write("/proc/sys/kernel/printk_devkmsg", "on\n");
     ctx.cmdline = Cmdline::read();
-    info!(
-        "stage1 start version={} kernel={}",
-        crate::VERSION,
-        sys::kernel_release()
-    );
+    info!("stage1 start version={} kernel={}", crate::VERSION, sys::kernel_release());
     Ok(())
 }
 
@@ -116,14 +109,8 @@ fn find_disk(ctx: &mut Ctx) -> Result<(), String> {
     let first = &ctx.parts[0];
     ctx.disk = first.disk_path();
     let f = fs::File::open(&ctx.disk).map_err(|e| format!("{}: {e}", ctx.disk.display()))?;
-    ctx.sector =
-        sys::logical_sector_size(&f).map_err(|e| format!("{}: {e}", ctx.disk.display()))? as u64;
-    info!(
-        "disk {} (sector {} bytes, {} partitions)",
-        ctx.disk.display(),
-        ctx.sector,
-        ctx.parts.len()
-    );
+    ctx.sector = sys::logical_sector_size(&f).map_err(|e| format!("{}: {e}", ctx.disk.display()))? as u64;
+    info!("disk {} (sector {} bytes, {} partitions)", ctx.disk.display(), ctx.sector, ctx.parts.len());
     Ok(())
 }
 
@@ -139,11 +126,7 @@ fn choose_slot(ctx: &mut Ctx) -> Result<(), String> {
         a.slot,
         a.on_trial,
         a.tries_left,
-        if forced.is_some() {
-            ", forced by berth.slot"
-        } else {
-            ""
-        }
+        if forced.is_some() { ", forced by berth.slot" } else { "" }
     );
     ctx.attempt = Some(a);
     Ok(())
@@ -157,19 +140,12 @@ fn read_slot_metadata(ctx: &mut Ctx) -> Result<(), String> {
     let boot = partitions::by_label(&ctx.parts, &slot(ctx).label("BOOT"))?;
     let dir = Path::new("/run/berth/boot");
     fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-    sys::mount(
-        Some(&boot.path().to_string_lossy()),
-        dir,
-        Some("vfat"),
-        sys::MS_RDONLY,
-        None,
-    )
-    .map_err(|e| format!("mount {} ({}): {e}", boot.path().display(), boot.label))?;
+    sys::mount(Some(&boot.path().to_string_lossy()), dir, Some("vfat"), sys::MS_RDONLY, None)
+        .map_err(|e| format!("mount {} ({}): {e}", boot.path().display(), boot.label))?;
     let text = fs::read_to_string(dir.join(SlotMeta::FILE));
     let _ = sys::umount(dir, 0);
     let text = text.map_err(|e| format!("{} on {}: {e}", SlotMeta::FILE, boot.label))?;
-    let meta =
-        SlotMeta::parse(&text).map_err(|e| format!("{} on {}: {e}", SlotMeta::FILE, boot.label))?;
+    let meta = SlotMeta::parse(&text).map_err(|e| format!("{} on {}: {e}", SlotMeta::FILE, boot.label))?;
     if let Some(want) = ctx.cmdline.get("verity.roothash") {
         if want != meta.verity.root_hash {
             return Err(format!(
@@ -179,13 +155,7 @@ fn read_slot_metadata(ctx: &mut Ctx) -> Result<(), String> {
             ));
         }
     }
-    info!(
-        "slot {} is version {} ({} {})",
-        slot(ctx),
-        meta.version,
-        meta.variant,
-        meta.arch
-    );
+    info!("slot {} is version {} ({} {})", slot(ctx), meta.version, meta.variant, meta.arch);
     ctx.meta = Some(meta);
     Ok(())
 }
@@ -200,44 +170,24 @@ fn open_verity(ctx: &mut Ctx) -> Result<(), String> {
         kind: "verity".into(),
         params: meta.verity.table(&root.majmin(), &hash.majmin()),
     };
-    let uuid = format!(
-        "BERTH-VERITY-{}-{}",
-        slot(ctx),
-        &meta.verity.root_hash[..16]
-    );
-    let (major, minor) =
-        dm::create(VERITY_NAME, &uuid, &[target], true).map_err(|e| e.to_string())?;
+    let uuid = format!("BERTH-VERITY-{}-{}", slot(ctx), &meta.verity.root_hash[..16]);
+    let (major, minor) = dm::create(VERITY_NAME, &uuid, &[target], true).map_err(|e| e.to_string())?;
     fs::create_dir_all("/dev/mapper").map_err(|e| format!("mkdir /dev/mapper: {e}"))?;
     let node = Path::new("/dev/mapper").join(VERITY_NAME);
     let _ = fs::remove_file(&node);
-    sys::mknod_block(&node, major, minor, 0o600)
-        .map_err(|e| format!("mknod {}: {e}", node.display()))?;
-    info!(
-        "dm-verity {} over {} + {} as {major}:{minor}",
-        node.display(),
-        root.dev,
-        hash.dev
-    );
+    sys::mknod_block(&node, major, minor, 0o600).map_err(|e| format!("mknod {}: {e}", node.display()))?;
+    info!("dm-verity {} over {} + {} as {major}:{minor}", node.display(), root.dev, hash.dev);
     Ok(())
 }
 
 fn mount_root(_ctx: &mut Ctx) -> Result<(), String> {
     fs::create_dir_all(SYSROOT).map_err(|e| e.to_string())?;
     let dev = format!("/dev/mapper/{VERITY_NAME}");
-    sys::mount(
-        Some(&dev),
-        Path::new(SYSROOT),
-        Some("erofs"),
-        sys::MS_RDONLY,
-        None,
-    )
-    .map_err(|e| format!("mount {dev} (erofs) on {SYSROOT}: {e}"))?;
+    sys::mount(Some(&dev), Path::new(SYSROOT), Some("erofs"), sys::MS_RDONLY, None)
+        .map_err(|e| format!("mount {dev} (erofs) on {SYSROOT}: {e}"))?;
     let init = Path::new(SYSROOT).join("sbin/init");
     if !init.exists() {
-        return Err(format!(
-            "{} does not exist in the root filesystem",
-            init.display()
-        ));
+        return Err(format!("{} does not exist in the root filesystem", init.display()));
     }
     Ok(())
 }
@@ -254,10 +204,7 @@ fn write_handoff(ctx: &mut Ctx) -> Result<(), String> {
         version: meta.version.clone(),
         variant: meta.variant.clone(),
         root_hash: meta.verity.root_hash.clone(),
-        stage1_ms: ctx
-            .started
-            .map(|t| t.elapsed().as_millis() as u64)
-            .unwrap_or(0),
+        stage1_ms: ctx.started.map(|t| t.elapsed().as_millis() as u64).unwrap_or(0),
     };
     let text = toml::to_string(&h).map_err(|e| e.to_string())?;
     fs::write(HANDOFF, text).map_err(|e| format!("{HANDOFF}: {e}"))

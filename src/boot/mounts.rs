@@ -18,20 +18,8 @@ const NODEV_NOEXEC: libc::c_ulong = sys::MS_NOSUID | sys::MS_NODEV | sys::MS_NOE
 
 /// The first mounts of stage 1, in the initramfs.
 pub const EARLY: &[Mount] = &[
-    Mount {
-        source: "proc",
-        target: "/proc",
-        fstype: "proc",
-        flags: NODEV_NOEXEC,
-        data: None,
-    },
-    Mount {
-        source: "sysfs",
-        target: "/sys",
-        fstype: "sysfs",
-        flags: NODEV_NOEXEC,
-        data: None,
-    },
+    Mount { source: "proc", target: "/proc", fstype: "proc", flags: NODEV_NOEXEC, data: None },
+    Mount { source: "sysfs", target: "/sys", fstype: "sysfs", flags: NODEV_NOEXEC, data: None },
     Mount {
         source: "devtmpfs",
         target: "/dev",
@@ -54,9 +42,7 @@ pub fn is_mountpoint(target: &Path) -> bool {
     let (Ok(me), Some(parent)) = (std::fs::metadata(target), target.parent()) else {
         return false;
     };
-    std::fs::metadata(parent)
-        .map(|p| p.dev() != me.dev())
-        .unwrap_or(false)
+    std::fs::metadata(parent).map(|p| p.dev() != me.dev()).unwrap_or(false)
 }
 
 /// Mount every entry of `table` under `root`, creating mount points; entries already mounted
@@ -69,9 +55,8 @@ pub fn mount_all(table: &[Mount]) -> io::Result<()> {
         }
         std::fs::create_dir_all(target)
             .map_err(|e| io::Error::new(e.kind(), format!("mkdir {}: {e}", m.target)))?;
-        sys::mount(Some(m.source), target, Some(m.fstype), m.flags, m.data).map_err(|e| {
-            io::Error::new(e.kind(), format!("mount {} on {}: {e}", m.fstype, m.target))
-        })?;
+        sys::mount(Some(m.source), target, Some(m.fstype), m.flags, m.data)
+            .map_err(|e| io::Error::new(e.kind(), format!("mount {} on {}: {e}", m.fstype, m.target)))?;
     }
     Ok(())
 }

@@ -36,9 +36,7 @@ impl PartInfo {
 }
 
 fn uevent_field<'a>(uevent: &'a str, key: &str) -> Option<&'a str> {
-    uevent
-        .lines()
-        .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+    uevent.lines().find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
 }
 
 /// Parse one partition's uevent text; `disk` is the parent device's name.
@@ -70,11 +68,7 @@ pub fn scan(sysfs_block: &Path) -> Vec<PartInfo> {
         // The parent of .../block/vda/vda1 is the disk.
         let disk = fs::canonicalize(&dir)
             .ok()
-            .and_then(|p| {
-                p.parent()
-                    .and_then(|d| d.file_name())
-                    .map(|n| n.to_string_lossy().into_owned())
-            })
+            .and_then(|p| p.parent().and_then(|d| d.file_name()).map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_default();
         if let Some(p) = parse_uevent(&uevent, &disk) {
             out.push(p);
@@ -86,11 +80,7 @@ pub fn scan(sysfs_block: &Path) -> Vec<PartInfo> {
 
 /// The partitions of the first disk (or of `disk`, if given) that holds all of `labels`,
 /// waiting up to `timeout` for it to appear.
-pub fn wait_for(
-    labels: &[&str],
-    disk: Option<&str>,
-    timeout: Duration,
-) -> Result<Vec<PartInfo>, String> {
+pub fn wait_for(labels: &[&str], disk: Option<&str>, timeout: Duration) -> Result<Vec<PartInfo>, String> {
     let deadline = Instant::now() + timeout;
     loop {
         let all = scan(Path::new("/sys/class/block"));
@@ -98,10 +88,7 @@ pub fn wait_for(
             return Ok(found);
         }
         if Instant::now() >= deadline {
-            let seen: Vec<String> = all
-                .iter()
-                .map(|p| format!("{}={}", p.dev, p.label))
-                .collect();
+            let seen: Vec<String> = all.iter().map(|p| format!("{}={}", p.dev, p.label)).collect();
             return Err(format!(
                 "no disk{} with partitions {} after {}s (labelled partitions seen: [{}])",
                 disk.map(|d| format!(" '{d}'")).unwrap_or_default(),
@@ -117,24 +104,15 @@ pub fn wait_for(
 fn pick_disk(all: &[PartInfo], labels: &[&str], disk: Option<&str>) -> Option<Vec<PartInfo>> {
     let mut disks: Vec<&str> = all.iter().map(|p| p.disk.as_str()).collect();
     disks.dedup();
-    disks
-        .into_iter()
-        .filter(|d| disk.is_none_or(|want| want == *d))
-        .find_map(|d| {
-            let on_disk: Vec<PartInfo> = all.iter().filter(|p| p.disk == d).cloned().collect();
-            labels
-                .iter()
-                .all(|l| on_disk.iter().any(|p| p.label == *l))
-                .then_some(on_disk)
-        })
+    disks.into_iter().filter(|d| disk.is_none_or(|want| want == *d)).find_map(|d| {
+        let on_disk: Vec<PartInfo> = all.iter().filter(|p| p.disk == d).cloned().collect();
+        labels.iter().all(|l| on_disk.iter().any(|p| p.label == *l)).then_some(on_disk)
+    })
 }
 
 /// The partition labelled `label` in `parts`.
 pub fn by_label<'a>(parts: &'a [PartInfo], label: &str) -> Result<&'a PartInfo, String> {
-    parts
-        .iter()
-        .find(|p| p.label == label)
-        .ok_or_else(|| format!("no partition labelled {label}"))
+    parts.iter().find(|p| p.label == label).ok_or_else(|| format!("no partition labelled {label}"))
 }
 
 #[cfg(test)]
@@ -142,14 +120,7 @@ mod tests {
     use super::*;
 
     fn part(label: &str, dev: &str, disk: &str) -> PartInfo {
-        PartInfo {
-            label: label.into(),
-            dev: dev.into(),
-            disk: disk.into(),
-            number: 1,
-            major: 254,
-            minor: 1,
-        }
+        PartInfo { label: label.into(), dev: dev.into(), disk: disk.into(), number: 1, major: 254, minor: 1 }
     }
 
     #[test]
@@ -170,11 +141,7 @@ mod tests {
         assert_eq!(p.majmin(), "254:3");
         assert!(parse_uevent("MAJOR=254\nMINOR=0\nDEVNAME=vda\nDEVTYPE=disk\n", "block").is_none());
         // A partition without a label (MBR) is not one of ours.
-        assert!(parse_uevent(
-            "MAJOR=8\nMINOR=1\nDEVNAME=sda1\nDEVTYPE=partition\nPARTN=1\n",
-            "sda"
-        )
-        .is_none());
+        assert!(parse_uevent("MAJOR=8\nMINOR=1\nDEVNAME=sda1\nDEVTYPE=partition\nPARTN=1\n", "sda").is_none());
     }
 
     #[test]

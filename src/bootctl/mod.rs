@@ -122,10 +122,7 @@ impl fmt::Display for Error {
             Error::Gpt(p, e) => write!(f, "partition table of {}: {e}", p.display()),
             Error::MissingPartition(l) => write!(f, "no partition labelled {l}"),
             Error::NothingBootable { a, b } => {
-                write!(
-                    f,
-                    "no bootable slot (A: {a:?}, B: {b:?}); reinstall or repair the disk"
-                )
+                write!(f, "no bootable slot (A: {a:?}, B: {b:?}); reinstall or repair the disk")
             }
         }
     }
@@ -152,11 +149,7 @@ pub trait BootControl {
             st.tries -= 1;
             self.set_state(slot, st)?;
         }
-        Ok(BootAttempt {
-            slot,
-            on_trial,
-            tries_left: st.tries,
-        })
+        Ok(BootAttempt { slot, on_trial, tries_left: st.tries })
     }
 
     /// Mark `slot` good: it stays bootable from now on.
@@ -180,10 +173,7 @@ pub struct GptBootControl {
 
 impl GptBootControl {
     pub fn new(disk: &Path, sector: u64) -> GptBootControl {
-        GptBootControl {
-            disk: disk.to_path_buf(),
-            sector,
-        }
+        GptBootControl { disk: disk.to_path_buf(), sector }
     }
 
     fn open(&self, write: bool) -> Result<File, Error> {
@@ -214,8 +204,7 @@ impl BootControl for GptBootControl {
         let label = slot.label("BOOT");
         let p = gpt.by_name(&label).ok_or(Error::MissingPartition(label))?;
         let g = |e| Error::Gpt(self.disk.clone(), e);
-        gpt.set_attributes(p.number, state.to_attributes(p.attributes))
-            .map_err(g)?;
+        gpt.set_attributes(p.number, state.to_attributes(p.attributes)).map_err(g)?;
         gpt.write(&mut f).map_err(g)?;
         f.sync_all().map_err(|e| Error::Open(self.disk.clone(), e))
     }
@@ -246,11 +235,7 @@ mod tests {
     use super::*;
 
     fn st(priority: u8, tries: u8, successful: bool) -> SlotState {
-        SlotState {
-            priority,
-            tries,
-            successful,
-        }
+        SlotState { priority, tries, successful }
     }
 
     #[test]
@@ -266,29 +251,14 @@ mod tests {
         let good = |p| st(p, 0, true);
         let trial = |p, t| st(p, t, false);
         let cases = [
-            (
-                good(1),
-                st(0, 0, false),
-                Some(Slot::A),
-                "fresh image boots A",
-            ),
+            (good(1), st(0, 0, false), Some(Slot::A), "fresh image boots A"),
             (good(1), trial(2, 1), Some(Slot::B), "update on trial wins"),
-            (
-                good(1),
-                trial(2, 0),
-                Some(Slot::A),
-                "failed update falls back",
-            ),
+            (good(1), trial(2, 0), Some(Slot::A), "failed update falls back"),
             (good(2), good(1), Some(Slot::A), "higher priority wins"),
             (good(1), good(1), Some(Slot::A), "tie goes to A"),
             (trial(1, 0), good(1), Some(Slot::B), "A exhausted"),
             (trial(1, 0), trial(1, 0), None, "nothing left"),
-            (
-                st(0, 5, true),
-                st(0, 0, true),
-                None,
-                "priority 0 never boots",
-            ),
+            (st(0, 5, true), st(0, 0, true), None, "priority 0 never boots"),
         ];
         for (a, b, want, what) in cases {
             assert_eq!(choose(a, b), want, "{what}");
@@ -310,10 +280,7 @@ mod tests {
     fn a_failing_update_rolls_back_by_itself() {
         let mut bc = Mem([st(1, 0, true), st(2, 1, false)]);
         let first = bc.begin_boot(None).unwrap();
-        assert_eq!(
-            (first.slot, first.on_trial, first.tries_left),
-            (Slot::B, true, 0)
-        );
+        assert_eq!((first.slot, first.on_trial, first.tries_left), (Slot::B, true, 0));
         // B never marked successful: the next boot takes A.
         let second = bc.begin_boot(None).unwrap();
         assert_eq!((second.slot, second.on_trial), (Slot::A, false));
@@ -338,10 +305,7 @@ mod tests {
         assert_eq!(bc.state(Slot::A).unwrap(), st(1, 0, false));
         assert!(matches!(bc.state(Slot::B), Err(Error::MissingPartition(_))));
         bc.set_state(Slot::A, st(3, 2, true)).unwrap();
-        assert_eq!(
-            GptBootControl::new(&img, 512).state(Slot::A).unwrap(),
-            st(3, 2, true)
-        );
+        assert_eq!(GptBootControl::new(&img, 512).state(Slot::A).unwrap(), st(3, 2, true));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

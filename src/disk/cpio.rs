@@ -15,27 +15,10 @@ use std::io::{self, Write};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Entry {
-    Dir {
-        path: String,
-        mode: u32,
-    },
-    Node {
-        path: String,
-        mode: u32,
-        kind: char,
-        major: u32,
-        minor: u32,
-    },
-    File {
-        path: String,
-        data: Vec<u8>,
-        mode: u32,
-    },
-    Symlink {
-        path: String,
-        target: String,
-        mode: u32,
-    },
+    Dir { path: String, mode: u32 },
+    Node { path: String, mode: u32, kind: char, major: u32, minor: u32 },
+    File { path: String, data: Vec<u8>, mode: u32 },
+    Symlink { path: String, target: String, mode: u32 },
 }
 
 fn parse_mode(s: &str, line: usize) -> Result<u32, String> {
@@ -47,13 +30,9 @@ fn expand(s: &str, vars: &HashMap<String, String>, line: usize) -> Result<String
     let mut rest = s;
     while let Some(i) = rest.find("${") {
         out.push_str(&rest[..i]);
-        let end = rest[i..]
-            .find('}')
-            .ok_or_else(|| format!("line {line}: unterminated ${{ in '{s}'"))?;
+        let end = rest[i..].find('}').ok_or_else(|| format!("line {line}: unterminated ${{ in '{s}'"))?;
         let name = &rest[i + 2..i + end];
-        let v = vars
-            .get(name)
-            .ok_or_else(|| format!("line {line}: variable '{name}' is not set"))?;
+        let v = vars.get(name).ok_or_else(|| format!("line {line}: variable '{name}' is not set"))?;
         out.push_str(v);
         rest = &rest[i + end + 1..];
     }
@@ -79,21 +58,13 @@ fn parse(
             if f.len() == k {
                 Ok(())
             } else {
-                Err(format!(
-                    "line {n}: '{}' takes {} fields, got {}",
-                    f[0],
-                    k - 1,
-                    f.len() - 1
-                ))
+                Err(format!("line {n}: '{}' takes {} fields, got {}", f[0], k - 1, f.len() - 1))
             }
         };
         let entry = match f[0] {
             "dir" => {
                 want(5)?;
-                Entry::Dir {
-                    path: f[1].into(),
-                    mode: parse_mode(f[2], n)?,
-                }
+                Entry::Dir { path: f[1].into(), mode: parse_mode(f[2], n)? }
             }
             "nod" => {
                 want(8)?;
@@ -102,10 +73,7 @@ fn parse(
                     "b" => 'b',
                     other => return Err(format!("line {n}: node type '{other}' is not c or b")),
                 };
-                let num = |s: &str| {
-                    s.parse::<u32>()
-                        .map_err(|_| format!("line {n}: bad number '{s}'"))
-                };
+                let num = |s: &str| s.parse::<u32>().map_err(|_| format!("line {n}: bad number '{s}'"));
                 Entry::Node {
                     path: f[1].into(),
                     mode: parse_mode(f[2], n)?,
@@ -118,19 +86,11 @@ fn parse(
                 want(6)?;
                 let src = expand(f[2], vars, n)?;
                 let data = read(&src).map_err(|e| format!("line {n}: {src}: {e}"))?;
-                Entry::File {
-                    path: f[1].into(),
-                    data,
-                    mode: parse_mode(f[3], n)?,
-                }
+                Entry::File { path: f[1].into(), data, mode: parse_mode(f[3], n)? }
             }
             "slink" => {
                 want(6)?;
-                Entry::Symlink {
-                    path: f[1].into(),
-                    target: f[2].into(),
-                    mode: parse_mode(f[3], n)?,
-                }
+                Entry::Symlink { path: f[1].into(), target: f[2].into(), mode: parse_mode(f[3], n)? }
             }
             other => return Err(format!("line {n}: unknown entry type '{other}'")),
         };
@@ -140,21 +100,7 @@ fn parse(
 }
 
 fn header(out: &mut Vec<u8>, ino: u32, mode: u32, rdev: (u32, u32), name: &str, size: usize) {
-    let fields = [
-        ino,
-        mode,
-        0,
-        0,
-        1,
-        0,
-        size as u32,
-        0,
-        0,
-        rdev.0,
-        rdev.1,
-        name.len() as u32 + 1,
-        0,
-    ];
+    let fields = [ino, mode, 0, 0, 1, 0, size as u32, 0, 0, rdev.0, rdev.1, name.len() as u32 + 1, 0];
     out.extend_from_slice(b"070701");
     for v in fields {
         out.extend_from_slice(format!("{v:08x}").as_bytes());
@@ -183,39 +129,17 @@ pub fn build(
     for (i, e) in parse(manifest, vars, read)?.iter().enumerate() {
         let ino = i as u32 + 1;
         match e {
-            Entry::Dir { path, mode } => {
-                header(&mut out, ino, 0o040000 | mode, (0, 0), rel(path), 0)
-            }
-            Entry::Node {
-                path,
-                mode,
-                kind,
-                major,
-                minor,
-            } => {
+            Entry::Dir { path, mode } => header(&mut out, ino, 0o040000 | mode, (0, 0), rel(path), 0),
+            Entry::Node { path, mode, kind, major, minor } => {
                 let t = if *kind == 'c' { 0o020000 } else { 0o060000 };
                 header(&mut out, ino, t | mode, (*major, *minor), rel(path), 0)
             }
             Entry::File { path, data, mode } => {
-                header(
-                    &mut out,
-                    ino,
-                    0o100000 | mode,
-                    (0, 0),
-                    rel(path),
-                    data.len(),
-                );
+                header(&mut out, ino, 0o100000 | mode, (0, 0), rel(path), data.len());
                 push_data(&mut out, data);
             }
             Entry::Symlink { path, target, mode } => {
-                header(
-                    &mut out,
-                    ino,
-                    0o120000 | mode,
-                    (0, 0),
-                    rel(path),
-                    target.len(),
-                );
+                header(&mut out, ino, 0o120000 | mode, (0, 0), rel(path), target.len());
                 push_data(&mut out, target.as_bytes());
             }
         }
@@ -247,9 +171,7 @@ pub fn stage_dir(
                 continue;
             }
             Entry::Node { path, .. } => {
-                return Err(format!(
-                    "{path}: device nodes are not allowed in a filesystem tree"
-                ))
+                return Err(format!("{path}: device nodes are not allowed in a filesystem tree"))
             }
         };
         let p = root.join(rel(path));
@@ -258,8 +180,7 @@ pub fn stage_dir(
             Entry::File { data, .. } => std::fs::write(&p, data).map_err(|e| io(&p, e))?,
             _ => unreachable!("handled above"),
         }
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))
-            .map_err(|e| io(&p, e))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).map_err(|e| io(&p, e))?;
     }
     Ok(())
 }
@@ -315,9 +236,7 @@ mod tests {
         std::fs::create_dir_all(&root).unwrap();
         let m = "dir /sbin 0755 0 0\nfile /sbin/init ${BIN} 0700 0 0\nslink /init /sbin/init 0777 0 0\n";
         // stage_dir reads real files: a missing source is named in the error.
-        assert!(stage_dir(m, &vars(), &root)
-            .unwrap_err()
-            .contains("/x/berth"));
+        assert!(stage_dir(m, &vars(), &root).unwrap_err().contains("/x/berth"));
         let bin = root.join("berth.bin");
         std::fs::write(&bin, b"ELF").unwrap();
         let v = HashMap::from([("BIN".to_string(), bin.to_string_lossy().into_owned())]);
@@ -325,10 +244,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let md = std::fs::metadata(root.join("sbin/init")).unwrap();
         assert_eq!(md.permissions().mode() & 0o777, 0o700);
-        assert_eq!(
-            std::fs::read_link(root.join("init")).unwrap(),
-            std::path::PathBuf::from("/sbin/init")
-        );
+        assert_eq!(std::fs::read_link(root.join("init")).unwrap(), std::path::PathBuf::from("/sbin/init"));
         assert!(stage_dir("nod /dev/x 0600 0 0 c 1 1", &v, &root).is_err());
         std::fs::remove_dir_all(&root).unwrap();
     }

@@ -171,16 +171,10 @@ impl Gpt {
         let entry_count = le32(&h, 80);
         let entry_size = le32(&h, 84);
         if entry_size != ENTRY_SIZE || entry_count == 0 || entry_count > 1024 {
-            return Err(Error::Unsupported(format!(
-                "{entry_count} entries of {entry_size} bytes"
-            )));
+            return Err(Error::Unsupported(format!("{entry_count} entries of {entry_size} bytes")));
         }
         let entries_lba = le64(&h, 72);
-        let raw_entries = read_at(
-            dev,
-            entries_lba * sector,
-            (entry_count * ENTRY_SIZE) as usize,
-        )?;
+        let raw_entries = read_at(dev, entries_lba * sector, (entry_count * ENTRY_SIZE) as usize)?;
         if crc32(&raw_entries) != le32(&h, 88) {
             return Err(Error::BadCrc("partition entry array"));
         }
@@ -202,9 +196,7 @@ impl Gpt {
 
     /// The used entries, in table order.
     pub fn partitions(&self) -> Vec<Partition> {
-        (0..self.entry_count)
-            .filter_map(|i| self.entry(i))
-            .collect()
+        (0..self.entry_count).filter_map(|i| self.entry(i)).collect()
     }
 
     fn entry(&self, i: u32) -> Option<Partition> {
@@ -216,11 +208,8 @@ impl Gpt {
         }
         let mut unique = [0u8; 16];
         unique.copy_from_slice(&e[16..32]);
-        let units: Vec<u16> = e[56..128]
-            .chunks(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]))
-            .take_while(|&u| u != 0)
-            .collect();
+        let units: Vec<u16> =
+            e[56..128].chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).take_while(|&u| u != 0).collect();
         Some(Partition {
             number: i + 1,
             type_guid: Guid(type_guid),
@@ -326,12 +315,8 @@ pub(crate) mod tests {
         let disk_bytes = 4 << 20;
         let mut raw_entries = vec![0u8; 128 * 128];
         let ty = Guid::parse("c12a7328-f81f-11d2-ba4b-00a0c93ec93b").unwrap();
-        for (i, (name, first, last, attrs)) in [
-            ("BERTH-BOOT-A", 2048u64, 4095u64, 1u64 << 48),
-            ("BERTH-DATA", 4096, 6143, 0),
-        ]
-        .iter()
-        .enumerate()
+        for (i, (name, first, last, attrs)) in
+            [("BERTH-BOOT-A", 2048u64, 4095u64, 1u64 << 48), ("BERTH-DATA", 4096, 6143, 0)].iter().enumerate()
         {
             let e = &mut raw_entries[i * 128..(i + 1) * 128];
             e[0..16].copy_from_slice(&ty.0);

@@ -56,24 +56,18 @@ impl VerityParams {
         if self.algorithm != "sha256" {
             return Err(format!("unsupported verity algorithm '{}'", self.algorithm));
         }
-        for (name, v) in [
-            ("data-block-size", self.data_block_size),
-            ("hash-block-size", self.hash_block_size),
-        ] {
+        for (name, v) in
+            [("data-block-size", self.data_block_size), ("hash-block-size", self.hash_block_size)]
+        {
             if !(512..=65536).contains(&v) || !v.is_power_of_two() {
-                return Err(format!(
-                    "verity {name} {v} is not a power of two in 512..65536"
-                ));
+                return Err(format!("verity {name} {v} is not a power of two in 512..65536"));
             }
         }
         if self.data_blocks == 0 {
             return Err("verity data-blocks is 0".into());
         }
         if self.root_hash.len() != 2 * DIGEST || hex_decode(&self.root_hash).is_none() {
-            return Err(format!(
-                "verity root-hash '{}' is not 64 hex digits",
-                self.root_hash
-            ));
+            return Err(format!("verity root-hash '{}' is not 64 hex digits", self.root_hash));
         }
         if self.salt.len() > 512 || hex_decode(&self.salt).is_none() {
             return Err("verity salt is not hex (at most 256 bytes)".into());
@@ -113,10 +107,7 @@ pub fn hex_decode(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
 
 fn salted_hash(salt: &[u8], block: &[u8]) -> [u8; DIGEST] {
@@ -189,10 +180,7 @@ pub fn format<R: Read, W: Write + Seek>(
     // Each level is padded to whole blocks, then hashed block by block into the next.
     for &size in &sizes {
         current.resize((size * bs) as usize, 0);
-        let next: Vec<u8> = current
-            .chunks(block as usize)
-            .flat_map(|b| salted_hash(salt, b))
-            .collect();
+        let next: Vec<u8> = current.chunks(block as usize).flat_map(|b| salted_hash(salt, b)).collect();
         levels.push(std::mem::replace(&mut current, next));
     }
     // After the top level (or with no levels, one data block), `current` is the root digest.
@@ -251,15 +239,7 @@ mod tests {
 
     fn build(data: &[u8]) -> (VerityParams, Vec<u8>) {
         let mut out = Cursor::new(Vec::new());
-        let p = format(
-            &mut Cursor::new(data),
-            data.len() as u64,
-            &mut out,
-            4096,
-            b"salt",
-            [1; 16],
-        )
-        .unwrap();
+        let p = format(&mut Cursor::new(data), data.len() as u64, &mut out, 4096, b"salt", [1; 16]).unwrap();
         (p, out.into_inner())
     }
 
@@ -320,15 +300,7 @@ mod tests {
     #[test]
     fn rejects_partial_blocks_and_bad_params() {
         let mut out = Cursor::new(Vec::new());
-        assert!(format(
-            &mut Cursor::new(vec![0; 100]),
-            100,
-            &mut out,
-            4096,
-            b"",
-            [0; 16]
-        )
-        .is_err());
+        assert!(format(&mut Cursor::new(vec![0; 100]), 100, &mut out, 4096, b"", [0; 16]).is_err());
         let (mut p, _) = build(&[0; 4096]);
         assert!(p.validate().is_ok());
         p.root_hash = "zz".into();
@@ -340,10 +312,7 @@ mod tests {
         let (p, _) = build(&[0; 8192]);
         let t = p.table("254:1", "254:2");
         let f: Vec<&str> = t.split(' ').collect();
-        assert_eq!(
-            &f[..8],
-            &["1", "254:1", "254:2", "4096", "4096", "2", "1", "sha256"]
-        );
+        assert_eq!(&f[..8], &["1", "254:1", "254:2", "4096", "4096", "2", "1", "sha256"]);
         assert_eq!(f[9], hex(b"salt"));
         assert_eq!(&f[10..], &["1", "restart_on_corruption"]);
     }

@@ -35,30 +35,18 @@ pub fn verity_format(args: &[String]) -> Result<(), String> {
         .map_err(|e| format!("{hash}: {e}"))?;
     let mut uuid = [0u8; 16];
     uuid.copy_from_slice(&salt_or_hash(&salt)[..16]);
-    let p = verity::format(
-        &mut BufReader::with_capacity(1 << 20, f),
-        len,
-        &mut out,
-        4096,
-        &salt,
-        uuid,
-    )
-    .map_err(|e| format!("{data}: {e}"))?;
+    let p = verity::format(&mut BufReader::with_capacity(1 << 20, f), len, &mut out, 4096, &salt, uuid)
+        .map_err(|e| format!("{data}: {e}"))?;
     #[derive(serde::Serialize)]
     struct Wrapper {
         verity: verity::VerityParams,
     }
-    print!(
-        "{}",
-        toml::to_string(&Wrapper { verity: p }).map_err(|e| e.to_string())?
-    );
+    print!("{}", toml::to_string(&Wrapper { verity: p }).map_err(|e| e.to_string())?);
     Ok(())
 }
 
 fn salt_or_hash(salt: &[u8]) -> Vec<u8> {
-    ring::digest::digest(&ring::digest::SHA256, salt)
-        .as_ref()
-        .to_vec()
+    ring::digest::digest(&ring::digest::SHA256, salt).as_ref().to_vec()
 }
 
 /// `berth mkcpio MANIFEST OUT [NAME=VALUE...]`
@@ -79,8 +67,7 @@ pub fn mkroot(args: &[String]) -> Result<(), String> {
     };
     let text = std::fs::read_to_string(manifest).map_err(|e| format!("{manifest}: {e}"))?;
     std::fs::create_dir_all(dir).map_err(|e| format!("{dir}: {e}"))?;
-    cpio::stage_dir(&text, &parse_vars(vars)?, Path::new(dir))
-        .map_err(|e| format!("{manifest}: {e}"))
+    cpio::stage_dir(&text, &parse_vars(vars)?, Path::new(dir)).map_err(|e| format!("{manifest}: {e}"))
 }
 
 fn parse_vars(vars: &[String]) -> Result<HashMap<String, String>, String> {
@@ -118,22 +105,12 @@ pub fn bootctl(args: &[String]) -> Result<(), String> {
         [cmd, disk, slot, prio, tries, ok] if cmd == "set" => {
             let slot = Slot::parse(slot).ok_or_else(|| format!("slot '{slot}' is not A or B"))?;
             let num = |s: &str| {
-                s.parse::<u8>()
-                    .ok()
-                    .filter(|&v| v < 16)
-                    .ok_or_else(|| format!("'{s}' is not 0..15"))
+                s.parse::<u8>().ok().filter(|&v| v < 16).ok_or_else(|| format!("'{s}' is not 0..15"))
             };
-            let state = crate::bootctl::SlotState {
-                priority: num(prio)?,
-                tries: num(tries)?,
-                successful: ok == "1",
-            };
-            GptBootControl::new(Path::new(disk), 512)
-                .set_state(slot, state)
-                .map_err(|e| e.to_string())
+            let state =
+                crate::bootctl::SlotState { priority: num(prio)?, tries: num(tries)?, successful: ok == "1" };
+            GptBootControl::new(Path::new(disk), 512).set_state(slot, state).map_err(|e| e.to_string())
         }
-        _ => Err(
-            "usage: berth bootctl show DISK | berth bootctl set DISK A|B PRIORITY TRIES 0|1".into(),
-        ),
+        _ => Err("usage: berth bootctl show DISK | berth bootctl set DISK A|B PRIORITY TRIES 0|1".into()),
     }
 }

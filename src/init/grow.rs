@@ -20,11 +20,7 @@ const MIB: u64 = 1 << 20;
 /// Extend DATA's partition to the end of the disk if at least 1 MiB would be gained.
 fn grow_partition(disk: &Path, sector: u64, data: &PartInfo) -> Result<(), String> {
     let err = |e: &dyn std::fmt::Display| format!("{}: {e}", disk.display());
-    let mut f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(disk)
-        .map_err(|e| err(&e))?;
+    let mut f = OpenOptions::new().read(true).write(true).open(disk).map_err(|e| err(&e))?;
     let size = sys::block_size_bytes(&f).map_err(|e| err(&e))?;
     let mut gpt = Gpt::read(&mut f, sector).map_err(|e| err(&e))?;
     let entry = gpt
@@ -32,11 +28,7 @@ fn grow_partition(disk: &Path, sector: u64, data: &PartInfo) -> Result<(), Strin
         .into_iter()
         .find(|p| p.number == data.number)
         .ok_or_else(|| format!("partition {} missing from the GPT", data.number))?;
-    if gpt
-        .partitions()
-        .iter()
-        .any(|p| p.first_lba > entry.first_lba)
-    {
+    if gpt.partitions().iter().any(|p| p.first_lba > entry.first_lba) {
         return Err("BERTH-DATA is not the last partition; not growing it".into());
     }
     gpt.relocate_backup(size);
@@ -46,20 +38,14 @@ fn grow_partition(disk: &Path, sector: u64, data: &PartInfo) -> Result<(), Strin
     if new_last <= entry.last_lba || (new_last - entry.last_lba) * sector < MIB {
         return Ok(());
     }
-    gpt.set_last_lba(entry.number, new_last)
-        .map_err(|e| err(&e))?;
+    gpt.set_last_lba(entry.number, new_last).map_err(|e| err(&e))?;
     gpt.write(&mut f).map_err(|e| err(&e))?;
     f.sync_all().map_err(|e| err(&e))?;
     let start = entry.first_lba * sector;
     let len = (new_last + 1 - entry.first_lba) * sector;
     sys::resize_partition(&f, entry.number, start, len)
         .map_err(|e| format!("BLKPG resize {}: {e}", data.dev))?;
-    info!(
-        "grew {} from {} MiB to {} MiB",
-        data.label,
-        entry.size_bytes(sector) / MIB,
-        len / MIB
-    );
+    info!("grew {} from {} MiB to {} MiB", data.label, entry.size_bytes(sector) / MIB, len / MIB);
     Ok(())
 }
 
@@ -76,11 +62,7 @@ fn ext4_geometry(dev: &Path) -> Result<(u64, u64), String> {
     let lo = u32::from_le_bytes(sb[4..8].try_into().expect("4 bytes")) as u64;
     let hi = u32::from_le_bytes(sb[0x150..0x154].try_into().expect("4 bytes")) as u64;
     let incompat = u32::from_le_bytes(sb[0x60..0x64].try_into().expect("4 bytes"));
-    let blocks = if incompat & 0x80 != 0 {
-        lo | (hi << 32)
-    } else {
-        lo
-    };
+    let blocks = if incompat & 0x80 != 0 { lo | (hi << 32) } else { lo };
     let bsize = 1024u64 << u32::from_le_bytes(sb[0x18..0x1c].try_into().expect("4 bytes"));
     Ok((blocks, bsize))
 }
@@ -94,21 +76,14 @@ fn mount_ext4(dev: &PartInfo, target: &str) -> Result<(), String> {
         sys::MS_NOSUID | sys::MS_NODEV | sys::MS_RELATIME,
         None,
     )
-    .map_err(|e| {
-        format!(
-            "mount {} ({}) on {target}: {e}",
-            dev.path().display(),
-            dev.label
-        )
-    })
+    .map_err(|e| format!("mount {} ({}) on {target}: {e}", dev.path().display(), dev.label))
 }
 
 /// Grow the mounted filesystem on `dev` at `target` to fill its partition.
 fn grow_filesystem(dev: &PartInfo, target: &str) -> Result<(), String> {
     let (blocks, bsize) = ext4_geometry(&dev.path())?;
     let f = File::open(dev.path()).map_err(|e| format!("{}: {e}", dev.path().display()))?;
-    let part_bytes =
-        sys::block_size_bytes(&f).map_err(|e| format!("{}: {e}", dev.path().display()))?;
+    let part_bytes = sys::block_size_bytes(&f).map_err(|e| format!("{}: {e}", dev.path().display()))?;
     let want = part_bytes / bsize;
     if want <= blocks || (want - blocks) * bsize < MIB {
         return Ok(());
@@ -126,15 +101,8 @@ pub fn mount_data(ctx: &mut Ctx) -> Result<(), String> {
     mount_ext4(&data, LOCAL)?;
     grow_filesystem(&data, LOCAL)?;
     let var = Path::new(LOCAL).join("var");
-    fs::create_dir_all(var.join("lib/berth"))
-        .map_err(|e| format!("mkdir {}: {e}", var.display()))?;
-    sys::mount(
-        Some(&var.to_string_lossy()),
-        Path::new("/var"),
-        None,
-        sys::MS_BIND,
-        None,
-    )
-    .map_err(|e| format!("bind {} on /var: {e}", var.display()))?;
+    fs::create_dir_all(var.join("lib/berth")).map_err(|e| format!("mkdir {}: {e}", var.display()))?;
+    sys::mount(Some(&var.to_string_lossy()), Path::new("/var"), None, sys::MS_BIND, None)
+        .map_err(|e| format!("bind {} on /var: {e}", var.display()))?;
     mount_ext4(&private, PRIVATE)
 }

@@ -12,28 +12,24 @@ mod etc;
 mod grow;
 mod power;
 pub mod selftest;
+mod services;
 mod settings;
 mod shutdown;
 
 use std::fs::{self, OpenOptions};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 
 use crate::boot::{self, cmdline::Cmdline, mounts, partitions, Handoff};
 use crate::bootctl::{BootControl, GptBootControl};
+use crate::supervisor::Supervisor;
 use crate::sys::{self, RebootMode, SignalFd};
 
-const SIGNALS: &[libc::c_int] = &[
-    libc::SIGCHLD,
-    libc::SIGTERM,
-    libc::SIGINT,
-    libc::SIGPWR,
-    libc::SIGUSR1,
-    libc::SIGUSR2,
-    libc::SIGHUP,
-];
+const SIGNALS: &[libc::c_int] =
+    &[libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGPWR, libc::SIGUSR1, libc::SIGUSR2, libc::SIGHUP];
 
 const NOSUID_NODEV: libc::c_ulong = sys::MS_NOSUID | sys::MS_NODEV;
 
@@ -90,14 +86,13 @@ pub struct Ctx {
     pub store: Option<crate::settings::Datastore>,
     /// How the first boot's user data went (for the API).
     pub user_data: serde_json::Value,
+    pub supervisor: Arc<Mutex<Supervisor>>,
 }
 
 type Phase = (&'static str, fn(&mut Ctx) -> Result<(), String>);
 
 const PHASES: &[Phase] = &[
-    ("mounts", |_| {
-        mounts::mount_all(STAGE2).map_err(|e| e.to_string())
-    }),
+    ("mounts", |_| mounts::mount_all(STAGE2).map_err(|e| e.to_string())),
     ("find-partitions", find_partitions),
     ("data", grow::mount_data),
     ("etc", etc::render),
@@ -105,16 +100,13 @@ const PHASES: &[Phase] = &[
     ("datastore", settings::open_datastore),
     ("user-data", settings::apply_user_data),
     ("settings", settings::apply_settings),
+    ("services", services::declare),
     ("api", settings::start_api),
 ];
 
 /// Point stdin/stdout/stderr at /dev/console (the kernel may have left them closed).
 pub fn console_stdio() {
-    if let Ok(c) = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/console")
-    {
+    if let Ok(c) = OpenOptions::new().read(true).write(true).open("/dev/console") {
         let _ = sys::dup_to_stdio(&c);
     }
 }
@@ -155,10 +147,7 @@ fn stage2() -> ! {
         Ok(h) => h,
         Err(e) => boot::fail_and_reboot(&format!("{}: {e} (was stage 1 skipped?)", boot::HANDOFF)),
     };
-    info!(
-        "stage2 start slot={} version={}",
-        handoff.slot, handoff.version
-    );
+    info!("stage2 start slot={} version={}", handoff.slot, handoff.version);
     let mut ctx = Ctx {
         cmdline: Cmdline::read(),
         handoff,
@@ -166,6 +155,7 @@ fn stage2() -> ! {
         started: Instant::now(),
         store: None,
         user_data: serde_json::Value::Null,
+        supervisor: Arc::new(Mutex::new(Supervisor::new(Vec::new()))),
     };
     for (name, phase) in PHASES {
         let t = Instant::now();
@@ -176,47 +166,26 @@ fn stage2() -> ! {
     }
     power::watch_power_button();
 
-    mark_ready(&ctx);
-    if let Some(test) = ctx.cmdline.get("selftest") {
-        selftest::start(test);
-    }
     event_loop(&ctx, signals)
 }
 
 fn find_partitions(ctx: &mut Ctx) -> Result<(), String> {
-    let disk = ctx
-        .handoff
-        .disk
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned());
-    ctx.parts = partitions::wait_for(
-        &["BERTH-PRIVATE", "BERTH-DATA"],
-        disk.as_deref(),
-        Duration::from_secs(5),
-    )?;
+    let disk = ctx.handoff.disk.file_name().map(|n| n.to_string_lossy().into_owned());
+    ctx.parts =
+        partitions::wait_for(&["BERTH-PRIVATE", "BERTH-DATA"], disk.as_deref(), Duration::from_secs(5))?;
     Ok(())
 }
 
 fn make_rshared(_: &mut Ctx) -> Result<(), String> {
-    sys::mount(
-        None,
-        Path::new("/"),
-        None,
-        sys::MS_REC | sys::MS_SHARED,
-        None,
-    )
-    .map_err(|e| format!("make / rshared: {e}"))
+    sys::mount(None, Path::new("/"), None, sys::MS_REC | sys::MS_SHARED, None)
+        .map_err(|e| format!("make / rshared: {e}"))
 }
 
 /// Milliseconds since the kernel started (CLOCK_BOOTTIME).
 fn uptime_ms() -> u64 {
     fs::read_to_string("/proc/uptime")
         .ok()
-        .and_then(|s| {
-            s.split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<f64>().ok())
-        })
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()))
         .map(|s| (s * 1000.0) as u64)
         .unwrap_or(0)
 }
@@ -257,11 +226,17 @@ fn rss_kb() -> u64 {
         .unwrap_or(0)
 }
 
+/// Services that must be ready before the boot counts as healthy (absent ones are skipped).
+const HEALTH_SERVICES: &[&str] = &["containerd"];
+
 fn event_loop(ctx: &Ctx, signals: SignalFd) -> ! {
-    let idle_report_at = Instant::now() + Duration::from_secs(2);
+    let sup = &*ctx.supervisor;
+    let health_deadline = Instant::now() + Duration::from_secs(ctx.cmdline.get_u64("health-timeout", 300));
+    let mut ready_at: Option<Instant> = None;
     let mut idle_reported = false;
     loop {
-        let sig = match signals.wait(500) {
+        // Wake at least every 200 ms: the supervisor's timers (backoff, readiness) run here.
+        let sig = match signals.wait(200) {
             Ok(s) => s,
             Err(e) => {
                 warn!("waiting for signals: {e}");
@@ -270,32 +245,51 @@ fn event_loop(ctx: &Ctx, signals: SignalFd) -> ! {
             }
         };
         match sig {
-            Some(libc::SIGCHLD) | None => {
-                reap();
-            }
-            Some(libc::SIGTERM) | Some(libc::SIGINT) => {
-                shutdown::run(RebootMode::Restart, &signals)
-            }
-            Some(libc::SIGPWR) | Some(libc::SIGUSR2) => {
-                shutdown::run(RebootMode::PowerOff, &signals)
-            }
-            Some(libc::SIGUSR1) => shutdown::run(RebootMode::Halt, &signals),
+            Some(libc::SIGCHLD) | None => {}
+            Some(libc::SIGTERM) | Some(libc::SIGINT) => shutdown::run(RebootMode::Restart, &signals, sup),
+            Some(libc::SIGPWR) | Some(libc::SIGUSR2) => shutdown::run(RebootMode::PowerOff, &signals, sup),
+            Some(libc::SIGUSR1) => shutdown::run(RebootMode::Halt, &signals, sup),
             Some(other) => info!("ignoring signal {other}"),
         }
-        if !idle_reported && Instant::now() >= idle_report_at {
-            idle_reported = true;
-            info!("idle rss_kb={} uptime_ms={}", rss_kb(), uptime_ms());
+        reap(sup);
+        lock(sup).tick();
+        match ready_at {
+            None if lock(sup).healthy(HEALTH_SERVICES) => {
+                mark_ready(ctx);
+                ready_at = Some(Instant::now());
+            }
+            None if Instant::now() >= health_deadline => {
+                let report = lock(sup).report();
+                if ctx.handoff.on_trial {
+                    boot::fail_and_reboot(&format!("not healthy in time; services: {report}"));
+                }
+                error!("not healthy in time (slot already known good, staying up); services: {report}");
+                ready_at = Some(Instant::now());
+            }
+            Some(t) if !idle_reported && t.elapsed() >= Duration::from_secs(2) => {
+                idle_reported = true;
+                info!("idle rss_kb={} uptime_ms={}", rss_kb(), uptime_ms());
+            }
+            _ => {}
         }
-        let _ = ctx;
     }
 }
 
+pub(crate) fn lock(sup: &Mutex<Supervisor>) -> std::sync::MutexGuard<'_, Supervisor> {
+    sup.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Reap every exited child (the program's only use of `waitpid(-1)`, through
-/// [`sys::reap_one`]); returns whether any child, direct or adopted orphan, is still alive.
-pub(crate) fn reap() -> bool {
+/// [`sys::reap_one`]) and hand services' exits to the supervisor; returns whether any child,
+/// direct or adopted orphan, is still alive.
+pub(crate) fn reap(sup: &Mutex<Supervisor>) -> bool {
     loop {
         match sys::reap_one() {
-            Ok(Some((pid, exit))) => info!("reaped pid {pid} ({exit})"),
+            Ok(Some((pid, exit))) => {
+                if !lock(sup).on_exit(pid, exit) {
+                    info!("reaped pid {pid} ({exit})");
+                }
+            }
             Ok(None) => return true,
             Err(e) if e.raw_os_error() == Some(libc::ECHILD) => return false,
             Err(e) => {

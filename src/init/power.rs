@@ -19,10 +19,7 @@ fn has_power_key(bitmap: &str) -> bool {
     // Space-separated hex words, most significant first, each `long` wide (64 bits here).
     let words: Vec<&str> = bitmap.split_whitespace().rev().collect();
     let (word, bit) = ((KEY_POWER / 64) as usize, KEY_POWER % 64);
-    words
-        .get(word)
-        .and_then(|w| u64::from_str_radix(w, 16).ok())
-        .is_some_and(|w| w & (1 << bit) != 0)
+    words.get(word).and_then(|w| u64::from_str_radix(w, 16).ok()).is_some_and(|w| w & (1 << bit) != 0)
 }
 
 fn watch(dev: String) {
@@ -53,8 +50,7 @@ pub fn watch_power_button() {
         if !name.starts_with("event") {
             continue;
         }
-        let caps =
-            std::fs::read_to_string(e.path().join("device/capabilities/key")).unwrap_or_default();
+        let caps = std::fs::read_to_string(e.path().join("device/capabilities/key")).unwrap_or_default();
         if !has_power_key(&caps) {
             continue;
         }

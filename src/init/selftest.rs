@@ -1,30 +1,20 @@
-//! Self-tests that the QEMU tests switch on with `berth.selftest=NAME`; they run as ordinary
-//! children of PID 1 and report on the console, so a test can check PID 1 from outside.
+//! Self-tests that the QEMU tests switch on with `berth.selftest=NAME`; PID 1 runs them as
+//! supervised services (see `init::services`) and they report on the console, so a test can
+//! check PID 1 from outside.
+//!
+//! `crash` (run as the `crashloop` service by `berth.selftest=crashloop`): exits 1 at once.
 //!
 //! `orphans`: a child forks N grandchildren and exits at once, so they are re-parented to
 //! PID 1; they exit shortly after. The reporter then counts zombies in /proc: a PID 1 that
 //! does not reap adopted orphans leaves N of them.
 
 use std::fs;
-use std::process::Command;
 use std::time::Duration;
 
-use log::{error, info};
 
 use crate::sys;
 
 const ORPHANS: usize = 5;
-
-/// Start self-test `name` as a child of PID 1.
-pub fn start(name: &str) {
-    match Command::new("/proc/self/exe")
-        .args(["selftest", name])
-        .spawn()
-    {
-        Ok(child) => info!("selftest {name} started as pid {}", child.id()),
-        Err(e) => error!("selftest {name}: {e}"),
-    }
-}
 
 /// Zombies whose parent is PID 1: exited processes PID 1 has not reaped.
 fn zombies_of_pid1() -> Vec<i32> {
@@ -50,8 +40,12 @@ fn zombies_of_pid1() -> Vec<i32> {
 pub fn run(name: &str) -> i32 {
     match name {
         "orphans" => orphans(),
+        "crash" => {
+            eprintln!("berth selftest: crashing on purpose");
+            1
+        }
         other => {
-            eprintln!("berth selftest: unknown test '{other}' (known: orphans)");
+            eprintln!("berth selftest: unknown test '{other}' (known: orphans, crash)");
             2
         }
     }
@@ -77,10 +71,7 @@ fn orphans() -> i32 {
     }
     std::thread::sleep(Duration::from_secs(2));
     let z = zombies_of_pid1();
-    let line = format!(
-        "berth-selftest: orphans={ORPHANS} zombies={} {z:?}\n",
-        z.len()
-    );
+    let line = format!("berth-selftest: orphans={ORPHANS} zombies={} {z:?}\n", z.len());
     let _ = fs::write("/dev/console", line);
     0
 }

@@ -35,25 +35,13 @@ pub fn open_datastore(ctx: &mut Ctx) -> Result<(), String> {
 
 /// Fetch user data from the platform's providers. The slot's BOOT partition is mounted
 /// read-only for the time it takes to look for `user-data.toml` there.
-fn fetch(
-    handoff: &Handoff,
-    parts: &[partitions::PartInfo],
-) -> Result<Option<userdata::UserData>, String> {
+fn fetch(handoff: &Handoff, parts: &[partitions::PartInfo]) -> Result<Option<userdata::UserData>, String> {
     let sysfs = Path::new("/sys");
-    let boot = partitions::by_label(parts, &handoff.slot.label("BOOT"))
-        .ok()
-        .cloned();
+    let boot = partitions::by_label(parts, &handoff.slot.label("BOOT")).ok().cloned();
     let dir = Path::new("/run/berth/boot");
     let mounted = boot.as_ref().is_some_and(|b| {
         fs::create_dir_all(dir).is_ok()
-            && sys::mount(
-                Some(&b.path().to_string_lossy()),
-                dir,
-                Some("vfat"),
-                sys::MS_RDONLY,
-                None,
-            )
-            .is_ok()
+            && sys::mount(Some(&b.path().to_string_lossy()), dir, Some("vfat"), sys::MS_RDONLY, None).is_ok()
     });
     let imds = userdata::imds_if_ec2(sysfs);
     let r = userdata::fetch(sysfs, mounted.then_some(dir), imds).map_err(|e| e.to_string());
@@ -78,10 +66,7 @@ pub fn apply_user_data(ctx: &mut Ctx) -> Result<(), String> {
         Ok(Some(ud)) => {
             let source = ud.source.to_string();
             let _ = store.delete(USER_DATA_TX);
-            match store
-                .patch(USER_DATA_TX, &ud.settings)
-                .and_then(|_| store.commit(USER_DATA_TX))
-            {
+            match store.patch(USER_DATA_TX, &ud.settings).and_then(|_| store.commit(USER_DATA_TX)) {
                 Ok(changed) => {
                     info!("user data from {source} applied: {}", changed.join(", "));
                     json!({"source": source, "applied": true, "changed": changed})
@@ -98,9 +83,7 @@ pub fn apply_user_data(ctx: &mut Ctx) -> Result<(), String> {
             json!({"source": null, "applied": false, "error": e})
         }
     };
-    if let Err(e) =
-        crate::settings::store::write_atomic(&state_path, outcome.to_string().as_bytes())
-    {
+    if let Err(e) = crate::settings::store::write_atomic(&state_path, outcome.to_string().as_bytes()) {
         warn!("recording the user-data outcome: {e}");
     }
     ctx.user_data = outcome;
@@ -137,18 +120,17 @@ pub fn start_api(ctx: &mut Ctx) -> Result<(), String> {
                 routes::Action::Shutdown => libc::SIGPWR,
             };
             // Let the 202 reach the client before shutdown starts.
-            let _ = std::thread::Builder::new()
-                .name("action".into())
-                .spawn(move || {
-                    std::thread::sleep(std::time::Duration::from_millis(200));
-                    let _ = sys::kill(1, sig);
-                });
+            let _ = std::thread::Builder::new().name("action".into()).spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                let _ = sys::kill(1, sig);
+            });
         }),
         user_data: Mutex::new(ctx.user_data.clone()),
+        services: Some(ctx.supervisor.clone()),
     };
     let socket = Path::new(api::SOCKET);
-    let listener = api::listen(socket, Some(api::API_GID))
-        .map_err(|e| format!("{}: {e}", socket.display()))?;
+    let listener =
+        api::listen(socket, Some(api::API_GID)).map_err(|e| format!("{}: {e}", socket.display()))?;
     api::spawn(Arc::new(api), listener).map_err(|e| format!("starting the API thread: {e}"))?;
     if api::bridge::start(socket) {
         info!("api bridge to the host started");

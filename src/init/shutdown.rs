@@ -1,24 +1,33 @@
-//! Orderly shutdown: stop every process (SIGTERM, a grace period, then SIGKILL), unmount the
+//! Orderly shutdown: stop the services in reverse dependency order (SIGTERM to each one's
+//! process group, a grace period, then SIGKILL), then every other process the same way,
+//! unmount the
 //! block-backed filesystems in reverse mount order (remounting read-only what stays busy),
 //! sync with a time bound, and reboot(2). Never returns.
 
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 
+use crate::supervisor::Supervisor;
 use crate::sys::{self, RebootMode, SignalFd};
 
 const GRACE: Duration = Duration::from_secs(10);
 const KILL_WAIT: Duration = Duration::from_secs(2);
 const SYNC_BOUND: Duration = Duration::from_secs(10);
 
-/// Wait until no child is left or `limit` passes; true when none is left.
-fn wait_children(signals: &SignalFd, limit: Duration) -> bool {
+/// Wait until `done` says so (checked after each reap) or `limit` passes; true when done.
+fn wait_until(
+    signals: &SignalFd,
+    sup: &Mutex<Supervisor>,
+    limit: Duration,
+    done: &dyn Fn(bool) -> bool,
+) -> bool {
     let deadline = Instant::now() + limit;
     loop {
-        if !super::reap() {
+        let children_left = super::reap(sup);
+        if done(children_left) {
             return true;
         }
         let left = deadline.saturating_duration_since(Instant::now());
@@ -52,10 +61,7 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
             let v = u8::from_str_radix(&s[i + 1..i + 4], 8).unwrap_or(b'?');
             out.push(v);
             i += 4;
@@ -89,35 +95,45 @@ fn unmount_all() {
 /// sync(2) in a helper thread so a wedged device cannot hang the shutdown forever.
 fn bounded_sync() {
     let (tx, rx) = mpsc::channel();
-    let spawned = std::thread::Builder::new()
-        .name("sync".into())
-        .spawn(move || {
-            sys::sync();
-            let _ = tx.send(());
-        });
+    let spawned = std::thread::Builder::new().name("sync".into()).spawn(move || {
+        sys::sync();
+        let _ = tx.send(());
+    });
     if spawned.is_err() || rx.recv_timeout(SYNC_BOUND).is_err() {
-        warn!(
-            "sync did not finish within {}s; going on",
-            SYNC_BOUND.as_secs()
-        );
+        warn!("sync did not finish within {}s; going on", SYNC_BOUND.as_secs());
     }
 }
 
-pub fn run(mode: RebootMode, signals: &SignalFd) -> ! {
+/// Stop the services, dependents first, each with its own grace period.
+fn stop_services(signals: &SignalFd, sup: &Mutex<Supervisor>) {
+    let order = super::lock(sup).stop_order();
+    for (name, pid) in order {
+        super::lock(sup).stop(&name);
+        let _ = sys::kill(-pid, libc::SIGTERM);
+        let gone = |_| !super::lock(sup).has_pid(pid);
+        if !wait_until(signals, sup, GRACE, &gone) {
+            warn!("service {name} still running after {}s; sending SIGKILL", GRACE.as_secs());
+            let _ = sys::kill(-pid, libc::SIGKILL);
+            wait_until(signals, sup, KILL_WAIT, &gone);
+        }
+        info!("service {name} stopped");
+    }
+}
+
+pub fn run(mode: RebootMode, signals: &SignalFd, sup: &Mutex<Supervisor>) -> ! {
     let t = Instant::now();
     info!("shutdown requested: {mode:?}");
+    stop_services(signals, sup);
     let _ = sys::kill(-1, libc::SIGTERM);
-    if !wait_children(signals, GRACE) {
+    let none_left = |children_left: bool| !children_left;
+    if !wait_until(signals, sup, GRACE, &none_left) {
         warn!("processes left after {}s; sending SIGKILL", GRACE.as_secs());
         let _ = sys::kill(-1, libc::SIGKILL);
-        wait_children(signals, KILL_WAIT);
+        wait_until(signals, sup, KILL_WAIT, &none_left);
     }
     unmount_all();
     bounded_sync();
-    info!(
-        "shutdown done in {} ms; {mode:?} now",
-        t.elapsed().as_millis()
-    );
+    info!("shutdown done in {} ms; {mode:?} now", t.elapsed().as_millis());
     let e = sys::reboot(mode);
     error!("reboot({mode:?}) failed: {e}");
     loop {
@@ -139,9 +155,6 @@ mod tests {
 32 31 254:7 / /var/lib/berth rw - ext4 /dev/vda7 rw
 33 22 254:8 /x /with\\040space rw - ext4 /dev/vda8 rw
 ";
-        assert_eq!(
-            block_mounts(mi),
-            vec!["/with space", "/var/lib/berth", "/var", "/local"]
-        );
+        assert_eq!(block_mounts(mi), vec!["/with space", "/var/lib/berth", "/var", "/local"]);
     }
 }

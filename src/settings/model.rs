@@ -131,27 +131,17 @@ impl fmt::Display for Invalid {
 impl std::error::Error for Invalid {}
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> Invalid {
-    Invalid {
-        key: key.into(),
-        message: message.into(),
-    }
+    Invalid { key: key.into(), message: message.into() }
 }
 
 /// Deserialize and validate settings from JSON, naming the failing key (`settings.x.y`).
 pub fn parse(value: &Value) -> Result<Settings, Invalid> {
     if !value.is_object() {
-        return Err(invalid(
-            "settings",
-            "wrong shape: expected an object of settings",
-        ));
+        return Err(invalid("settings", "wrong shape: expected an object of settings"));
     }
     let settings: Settings = serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let key = if path == "." {
-            "settings".to_string()
-        } else {
-            format!("settings.{path}")
-        };
+        let key = if path == "." { "settings".to_string() } else { format!("settings.{path}") };
         invalid(key, e.into_inner().to_string())
     })?;
     // serde accepts a JSON array for a struct (fields in order); we do not. The typed value
@@ -166,9 +156,9 @@ pub fn parse(value: &Value) -> Result<Settings, Invalid> {
 
 fn first_difference(path: &str, sent: &Value, typed: &Value) -> Option<String> {
     match (sent, typed) {
-        (Value::Object(a), Value::Object(b)) => a.iter().find_map(|(k, v)| {
-            first_difference(&format!("{path}.{k}"), v, b.get(k).unwrap_or(&Value::Null))
-        }),
+        (Value::Object(a), Value::Object(b)) => a
+            .iter()
+            .find_map(|(k, v)| first_difference(&format!("{path}.{k}"), v, b.get(k).unwrap_or(&Value::Null))),
         (Value::Array(a), Value::Array(b)) if a.len() == b.len() => a
             .iter()
             .zip(b)
@@ -199,9 +189,7 @@ pub fn valid_sysctl_key(k: &str) -> bool {
         && k.split(['.', '/']).all(|seg| {
             !seg.is_empty()
                 && seg != ".."
-                && seg
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "_-:".contains(c))
+                && seg.chars().all(|c| c.is_ascii_alphanumeric() || "_-:".contains(c))
         })
 }
 
@@ -211,10 +199,7 @@ fn check_url(key: &str, url: &Option<String>) -> Result<(), Invalid> {
             if !(u.starts_with("http://") || u.starts_with("https://"))
                 || u.contains(char::is_whitespace) =>
         {
-            Err(invalid(
-                key,
-                format!("'{u}' is not an http:// or https:// URL"),
-            ))
+            Err(invalid(key, format!("'{u}' is not an http:// or https:// URL")))
         }
         _ => Ok(()),
     }
@@ -229,19 +214,10 @@ impl Settings {
         }
         if let Some(h) = self.network.as_ref().and_then(|n| n.hostname.as_ref()) {
             if !valid_hostname(h) {
-                return Err(invalid(
-                    "settings.network.hostname",
-                    format!("'{h}' is not a valid host name"),
-                ));
+                return Err(invalid("settings.network.hostname", format!("'{h}' is not a valid host name")));
             }
         }
-        for (k, v) in self
-            .kernel
-            .as_ref()
-            .and_then(|k| k.sysctl.as_ref())
-            .into_iter()
-            .flatten()
-        {
+        for (k, v) in self.kernel.as_ref().and_then(|k| k.sysctl.as_ref()).into_iter().flatten() {
             let key = format!("settings.kernel.sysctl.{k}");
             if !valid_sysctl_key(k) {
                 return Err(invalid(key, "not a valid sysctl name"));
@@ -250,18 +226,9 @@ impl Settings {
                 return Err(invalid(key, "value must be one line of at most 4096 bytes"));
             }
         }
-        for s in self
-            .ntp
-            .as_ref()
-            .and_then(|n| n.time_servers.as_ref())
-            .into_iter()
-            .flatten()
-        {
+        for s in self.ntp.as_ref().and_then(|n| n.time_servers.as_ref()).into_iter().flatten() {
             if s.is_empty() || s.contains(char::is_whitespace) {
-                return Err(invalid(
-                    "settings.ntp.time-servers",
-                    format!("'{s}' is not a server name"),
-                ));
+                return Err(invalid("settings.ntp.time-servers", format!("'{s}' is not a server name")));
             }
         }
         if let Some(u) = &self.updates {
@@ -274,10 +241,7 @@ impl Settings {
         if let Some(k) = &self.kubernetes {
             check_url("settings.kubernetes.api-server", &k.api_server)?;
             if k.max_pods.is_some_and(|m| m == 0 || m > 10_000) {
-                return Err(invalid(
-                    "settings.kubernetes.max-pods",
-                    "must be in 1..=10000",
-                ));
+                return Err(invalid("settings.kubernetes.max-pods", "must be in 1..=10000"));
             }
             if let Some(ip) = &k.cluster_dns_ip {
                 if ip.parse::<std::net::IpAddr>().is_err() {
@@ -291,9 +255,7 @@ impl Settings {
         for name in self.host_containers.iter().flat_map(|m| m.keys()) {
             if name.is_empty()
                 || name.len() > 63
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                || !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
             {
                 return Err(invalid(
                     format!("settings.host-containers.{name}"),
@@ -324,63 +286,27 @@ mod tests {
         });
         let s = parse(&v).unwrap();
         assert_eq!(s.network.unwrap().hostname.unwrap(), "node-1.example");
-        assert_eq!(
-            serde_json::to_value(parse(&v).unwrap()).unwrap(),
-            v,
-            "round trip"
-        );
+        assert_eq!(serde_json::to_value(parse(&v).unwrap()).unwrap(), v, "round trip");
     }
 
     #[test]
     fn errors_name_the_key() {
         let cases = [
-            (
-                json!({"network": {"hostnme": "x"}}),
-                "settings.network.hostnme",
-                "unknown field",
-            ),
+            (json!({"network": {"hostnme": "x"}}), "settings.network.hostnme", "unknown field"),
             (json!({"motd": 5}), "settings.motd", "string"),
             (json!({"bogus": 1}), "settings.bogus", "unknown field"),
-            (
-                json!({"network": {"hostname": "-bad-"}}),
-                "settings.network.hostname",
-                "valid host name",
-            ),
-            (
-                json!({"kernel": {"sysctl": {"../../etc": "1"}}}),
-                "settings.kernel.sysctl.../../etc",
-                "sysctl",
-            ),
-            (
-                json!({"kernel": {"sysctl": {"vm.x": "a\nb"}}}),
-                "settings.kernel.sysctl.vm.x",
-                "one line",
-            ),
-            (
-                json!({"updates": {"seed": 2048}}),
-                "settings.updates.seed",
-                "2047",
-            ),
+            (json!({"network": {"hostname": "-bad-"}}), "settings.network.hostname", "valid host name"),
+            (json!({"kernel": {"sysctl": {"../../etc": "1"}}}), "settings.kernel.sysctl.../../etc", "sysctl"),
+            (json!({"kernel": {"sysctl": {"vm.x": "a\nb"}}}), "settings.kernel.sysctl.vm.x", "one line"),
+            (json!({"updates": {"seed": 2048}}), "settings.updates.seed", "2047"),
             (
                 json!({"updates": {"metadata-base-url": "ftp://x"}}),
                 "settings.updates.metadata-base-url",
                 "URL",
             ),
-            (
-                json!({"kubernetes": {"max-pods": 0}}),
-                "settings.kubernetes.max-pods",
-                "1..=",
-            ),
-            (
-                json!({"kubernetes": {"cluster-dns-ip": "10.0.0"}}),
-                "settings.kubernetes.cluster-dns-ip",
-                "IP",
-            ),
-            (
-                json!({"host-containers": {"Admin": {}}}),
-                "settings.host-containers.Admin",
-                "[a-z0-9-]",
-            ),
+            (json!({"kubernetes": {"max-pods": 0}}), "settings.kubernetes.max-pods", "1..="),
+            (json!({"kubernetes": {"cluster-dns-ip": "10.0.0"}}), "settings.kubernetes.cluster-dns-ip", "IP"),
+            (json!({"host-containers": {"Admin": {}}}), "settings.host-containers.Admin", "[a-z0-9-]"),
             (json!([1, 2]), "settings", "wrong shape"),
             (json!({"network": ["h"]}), "settings.network", "wrong shape"),
         ];
@@ -409,9 +335,8 @@ mod tests {
             Just(Value::Null),
             any::<bool>().prop_map(Value::from),
             any::<i64>().prop_map(Value::from),
-            any::<f64>().prop_map(|f| serde_json::Number::from_f64(f)
-                .map(Value::Number)
-                .unwrap_or(Value::Null)),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map(Value::Number).unwrap_or(Value::Null)),
             ".{0,12}".prop_map(Value::from),
         ];
         leaf.prop_recursive(4, 48, 6, move |inner| {
@@ -426,10 +351,7 @@ mod tests {
     fn strip_nulls(v: &Value) -> Value {
         match v {
             Value::Object(m) => Value::Object(
-                m.iter()
-                    .filter(|(_, x)| !x.is_null())
-                    .map(|(k, x)| (k.clone(), strip_nulls(x)))
-                    .collect(),
+                m.iter().filter(|(_, x)| !x.is_null()).map(|(k, x)| (k.clone(), strip_nulls(x))).collect(),
             ),
             other => other.clone(),
         }

@@ -28,11 +28,7 @@ pub struct RealHost;
 /// `/proc/sys/` path of a dotted sysctl name. In a name with '/' the dots are literal
 /// (`net/ipv4/conf/eth0.100/rp_filter`), as sysctl(8) has it.
 pub fn sysctl_path(key: &str) -> PathBuf {
-    let rel = if key.contains('/') {
-        key.to_string()
-    } else {
-        key.replace('.', "/")
-    };
+    let rel = if key.contains('/') { key.to_string() } else { key.replace('.', "/") };
     Path::new("/proc/sys").join(rel)
 }
 
@@ -90,97 +86,93 @@ pub struct ConfigFile {
 
 /// Every file rendered from settings, by name (as `GET /configuration-files` lists them).
 pub const CONFIG_FILES: &[(&str, ConfigFile)] = &[
-    (
-        "motd",
-        ConfigFile {
-            path: "motd",
-            settings: &["motd"],
-        },
-    ),
-    (
-        "hostname",
-        ConfigFile {
-            path: "hostname",
-            settings: &["network"],
-        },
-    ),
-    (
-        "hosts",
-        ConfigFile {
-            path: "hosts",
-            settings: &["network"],
-        },
-    ),
-    (
-        "sysctl",
-        ConfigFile {
-            path: "sysctl.d/90-berth.conf",
-            settings: &["kernel"],
-        },
-    ),
-    (
-        "ntp",
-        ConfigFile {
-            path: "ntp.conf",
-            settings: &["ntp"],
-        },
-    ),
+    ("motd", ConfigFile { path: "motd", settings: &["motd"] }),
+    ("hostname", ConfigFile { path: "hostname", settings: &["network"] }),
+    ("hosts", ConfigFile { path: "hosts", settings: &["network"] }),
+    ("sysctl", ConfigFile { path: "sysctl.d/90-berth.conf", settings: &["kernel"] }),
+    ("ntp", ConfigFile { path: "ntp.conf", settings: &["ntp"] }),
+    ("containerd", ConfigFile { path: "containerd/config.toml", settings: &["container-registry"] }),
 ];
+
+/// The sandbox (pause) image kubelet's pods use; containerd pulls it on first use.
+pub const SANDBOX_IMAGE: &str = "registry.k8s.io/pause:3.9";
+
+fn containerd_config(s: &Settings) -> String {
+    let mut out = String::from(
+        "# Rendered by berth from settings; changes are lost at the next boot.\n\
+         version = 2\n\
+         root = \"/var/lib/containerd\"\n\
+         state = \"/run/containerd\"\n\n\
+         [grpc]\n\
+         address = \"/run/containerd/containerd.sock\"\n\n\
+         [plugins.\"io.containerd.grpc.v1.cri\"]\n",
+    );
+    out.push_str(&format!("sandbox_image = \"{SANDBOX_IMAGE}\"\n\n"));
+    out.push_str(
+        "[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n\
+         default_runtime_name = \"runc\"\n\n\
+         [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n\
+         runtime_type = \"io.containerd.runc.v2\"\n\n\
+         [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc.options]\n\
+         BinaryName = \"/usr/sbin/runc\"\n\n\
+         [plugins.\"io.containerd.grpc.v1.cri\".cni]\n\
+         bin_dir = \"/usr/libexec/cni\"\n\
+         conf_dir = \"/etc/cni/net.d\"\n",
+    );
+    let mirrors = s.container_registry.as_ref().and_then(|c| c.mirrors.clone()).unwrap_or_default();
+    for m in mirrors {
+        let endpoints: Vec<String> = m.endpoint.iter().map(|e| format!("{e:?}")).collect();
+        out.push_str(&format!(
+            "\n[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.{:?}]\nendpoint = [{}]\n",
+            m.registry,
+            endpoints.join(", ")
+        ));
+    }
+    out
+}
 
 pub const DEFAULT_HOSTNAME: &str = "berth";
 
 fn hostname(s: &Settings) -> &str {
-    s.network
-        .as_ref()
-        .and_then(|n| n.hostname.as_deref())
-        .unwrap_or(DEFAULT_HOSTNAME)
+    s.network.as_ref().and_then(|n| n.hostname.as_deref()).unwrap_or(DEFAULT_HOSTNAME)
 }
 
 pub fn sysctls(s: &Settings) -> BTreeMap<String, String> {
-    s.kernel
-        .as_ref()
-        .and_then(|k| k.sysctl.clone())
-        .unwrap_or_default()
+    s.kernel.as_ref().and_then(|k| k.sysctl.clone()).unwrap_or_default()
 }
 
 /// The contents of configuration file `name` for `s`.
 pub fn render_file(name: &str, s: &Settings) -> String {
     match name {
-        "motd" => s
-            .motd
-            .as_deref()
-            .map(|m| format!("{}\n", m.trim_end_matches('\n')))
-            .unwrap_or_default(),
+        "motd" => s.motd.as_deref().map(|m| format!("{}\n", m.trim_end_matches('\n'))).unwrap_or_default(),
         "hostname" => format!("{}\n", hostname(s)),
         "hosts" => {
             let h = hostname(s);
             format!("127.0.0.1 localhost\n::1 localhost\n127.0.1.1 {h}\n")
         }
-        "sysctl" => sysctls(s)
-            .iter()
-            .map(|(k, v)| format!("{k} = {v}\n"))
-            .collect(),
+        "sysctl" => sysctls(s).iter().map(|(k, v)| format!("{k} = {v}\n")).collect(),
+        "containerd" => containerd_config(s),
         "ntp" => {
-            let servers = s
-                .ntp
-                .as_ref()
-                .and_then(|n| n.time_servers.clone())
-                .unwrap_or_default();
-            servers
-                .iter()
-                .map(|t| format!("server {t} iburst\n"))
-                .collect()
+            let servers = s.ntp.as_ref().and_then(|n| n.time_servers.clone()).unwrap_or_default();
+            servers.iter().map(|t| format!("server {t} iburst\n")).collect()
         }
         _ => String::new(),
     }
 }
 
+/// Services to restart after `changed` keys were applied (all that have any, for None).
+pub fn affected_services(changed: Option<&[String]>) -> Vec<&'static str> {
+    let touched = |group: &str| changed.is_none_or(|c| groups(c).contains(&group));
+    let mut out = Vec::new();
+    if touched("container-registry") {
+        out.push("containerd");
+    }
+    out
+}
+
 /// Which top-level setting groups `changed` keys (`network.hostname`, `motd`) touch.
 fn groups(changed: &[String]) -> Vec<&str> {
-    let mut g: Vec<&str> = changed
-        .iter()
-        .map(|k| k.split('.').next().unwrap_or(""))
-        .collect();
+    let mut g: Vec<&str> = changed.iter().map(|k| k.split('.').next().unwrap_or("")).collect();
     g.sort();
     g.dedup();
     g
@@ -206,10 +198,7 @@ pub fn apply(
         }
         let path = etc.join(file.path);
         let text = render_file(name, s);
-        let r = path
-            .parent()
-            .map_or(Ok(()), fs::create_dir_all)
-            .and_then(|_| fs::write(&path, text));
+        let r = path.parent().map_or(Ok(()), fs::create_dir_all).and_then(|_| fs::write(&path, text));
         match r {
             Ok(()) => done.push(format!("rendered {}", path.display())),
             Err(e) => errors.push(format!("{}: {e}", path.display())),
@@ -246,9 +235,7 @@ mod tests {
     fn renders_and_applies_only_what_changed() {
         let d = std::env::temp_dir().join(format!("berth-render-{}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
-        let host = RecordingHost {
-            dir: d.join("host"),
-        };
+        let host = RecordingHost { dir: d.join("host") };
         let s = parse(&json!({"motd": "hello", "network": {"hostname": "n1"}, "kernel": {"sysctl": {"vm.swappiness": "7"}}})).unwrap();
         let done = apply(&s, Some(&["motd".to_string()]), &d.join("etc"), &host).unwrap();
         assert_eq!(done.len(), 1, "{done:?}");
@@ -256,26 +243,35 @@ mod tests {
         assert!(!d.join("host/hostname").exists());
         apply(&s, None, &d.join("etc"), &host).unwrap();
         assert_eq!(fs::read_to_string(d.join("host/hostname")).unwrap(), "n1\n");
-        assert_eq!(
-            fs::read_to_string(d.join("host/sysctl/vm.swappiness")).unwrap(),
-            "7\n"
-        );
-        assert!(fs::read_to_string(d.join("etc/hosts"))
-            .unwrap()
-            .contains("127.0.1.1 n1"));
-        assert_eq!(
-            fs::read_to_string(d.join("etc/sysctl.d/90-berth.conf")).unwrap(),
-            "vm.swappiness = 7\n"
-        );
+        assert_eq!(fs::read_to_string(d.join("host/sysctl/vm.swappiness")).unwrap(), "7\n");
+        assert!(fs::read_to_string(d.join("etc/hosts")).unwrap().contains("127.0.1.1 n1"));
+        assert_eq!(fs::read_to_string(d.join("etc/sysctl.d/90-berth.conf")).unwrap(), "vm.swappiness = 7\n");
         fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
-    fn sysctl_paths() {
+    fn containerd_config_is_valid_toml_with_mirrors() {
+        let s = parse(&json!({"container-registry": {"mirrors": [
+            {"registry": "docker.io", "endpoint": ["http://10.0.2.2:5000", "https://m.example"]}]}}))
+        .unwrap();
+        let text = render_file("containerd", &s);
+        let v: toml::Value = toml::from_str(&text).expect("valid TOML");
+        let cri = &v["plugins"]["io.containerd.grpc.v1.cri"];
+        assert_eq!(v["version"].as_integer(), Some(2));
         assert_eq!(
-            sysctl_path("net.ipv4.ip_forward"),
-            PathBuf::from("/proc/sys/net/ipv4/ip_forward")
+            cri["registry"]["mirrors"]["docker.io"]["endpoint"][0].as_str(),
+            Some("http://10.0.2.2:5000")
         );
+        assert_eq!(
+            cri["containerd"]["runtimes"]["runc"]["options"]["BinaryName"].as_str(),
+            Some("/usr/sbin/runc")
+        );
+        assert_eq!(cri["sandbox_image"].as_str(), Some(SANDBOX_IMAGE));
+    }
+
+    #[test]
+    fn sysctl_paths() {
+        assert_eq!(sysctl_path("net.ipv4.ip_forward"), PathBuf::from("/proc/sys/net/ipv4/ip_forward"));
         assert_eq!(
             sysctl_path("net/ipv4/conf/eth0.1/rp_filter"),
             PathBuf::from("/proc/sys/net/ipv4/conf/eth0.1/rp_filter")
@@ -303,15 +299,8 @@ mod tests {
         let d = std::env::temp_dir().join(format!("berth-render-f-{}", std::process::id()));
         let s = parse(&json!({"motd": "m", "kernel": {"sysctl": {"vm.a": "1"}}})).unwrap();
         let e = apply(&s, None, &d, &Failing).unwrap_err();
-        assert!(
-            e.contains("hostname berth: nope") && e.contains("sysctl vm.a: read-only"),
-            "{e}"
-        );
-        assert_eq!(
-            fs::read_to_string(d.join("motd")).unwrap(),
-            "m\n",
-            "files still rendered"
-        );
+        assert!(e.contains("hostname berth: nope") && e.contains("sysctl vm.a: read-only"), "{e}");
+        assert_eq!(fs::read_to_string(d.join("motd")).unwrap(), "m\n", "files still rendered");
         fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -49,28 +49,20 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {}
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
-    move |error| Error::Io {
-        path: path.to_path_buf(),
-        error,
-    }
+    move |error| Error::Io { path: path.to_path_buf(), error }
 }
 
 /// Write `data` to `path` atomically (temp file, fsync, rename, fsync of the directory).
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp"));
     let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
     f.write_all(data).map_err(io_err(&tmp))?;
     f.sync_all().map_err(io_err(&tmp))?;
     drop(f);
     fs::rename(&tmp, path).map_err(io_err(path))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
 }
 
 /// RFC 7386 JSON merge patch: objects merge key by key, `null` removes, anything else replaces.
@@ -107,11 +99,7 @@ pub fn changed_keys(old: &Value, new: &Value) -> Vec<String> {
             (Value::Object(a), Value::Object(b)) if depth < 2 => {
                 let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
                 for k in keys {
-                    let key = if prefix.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{prefix}.{k}")
-                    };
+                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
                     walk(
                         &key,
                         a.get(k).unwrap_or(&Value::Null),
@@ -135,9 +123,7 @@ pub fn changed_keys(old: &Value, new: &Value) -> Vec<String> {
 pub fn check_tx_name(tx: &str) -> Result<(), Error> {
     if tx.is_empty()
         || tx.len() > 64
-        || !tx
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        || !tx.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
     {
         return Err(Error::BadTxName(tx.to_string()));
     }
@@ -164,23 +150,15 @@ impl Datastore {
         let path = dir.join("live.json");
         let live = match fs::read(&path) {
             Ok(bytes) => {
-                let v: Value = serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
-                    path: path.clone(),
-                    error: e.to_string(),
-                })?;
-                model::parse(&v).map_err(|e| Error::Corrupt {
-                    path: path.clone(),
-                    error: e.to_string(),
-                })?;
+                let v: Value = serde_json::from_slice(&bytes)
+                    .map_err(|e| Error::Corrupt { path: path.clone(), error: e.to_string() })?;
+                model::parse(&v).map_err(|e| Error::Corrupt { path: path.clone(), error: e.to_string() })?;
                 v
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Value::Object(Map::new()),
             Err(e) => return Err(Error::Io { path, error: e }),
         };
-        Ok(Datastore {
-            dir: dir.to_path_buf(),
-            live,
-        })
+        Ok(Datastore { dir: dir.to_path_buf(), live })
     }
 
     /// The committed settings, as JSON.
@@ -202,10 +180,7 @@ impl Datastore {
     pub fn pending(&self, tx: &str) -> Result<Value, Error> {
         let path = self.tx_path(tx)?;
         match fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| Error::Corrupt {
-                path,
-                error: e.to_string(),
-            }),
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| Error::Corrupt { path, error: e.to_string() }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Value::Object(Map::new())),
             Err(e) => Err(Error::Io { path, error: e }),
         }
@@ -217,12 +192,7 @@ impl Datastore {
         let mut out: Vec<String> = fs::read_dir(&d)
             .map_err(io_err(&d))?
             .flatten()
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()?
-                    .strip_suffix(".json")
-                    .map(str::to_string)
-            })
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".json").map(str::to_string))
             .filter(|n| !n.starts_with('.'))
             .collect();
         out.sort();
@@ -241,10 +211,7 @@ impl Datastore {
         let mut candidate = self.live.clone();
         merge(&mut candidate, &pending);
         model::parse(&candidate).map_err(Error::Invalid)?;
-        write_atomic(
-            &path,
-            &serde_json::to_vec(&pending).expect("JSON serializes"),
-        )
+        write_atomic(&path, &serde_json::to_vec(&pending).expect("JSON serializes"))
     }
 
     /// Drop the pending changes of `tx`; returns what they were.
@@ -274,10 +241,7 @@ impl Datastore {
         let new = serde_json::to_value(typed).expect("settings serialize");
         let changed = changed_keys(&self.live, &new);
         let live_path = self.dir.join("live.json");
-        write_atomic(
-            &live_path,
-            &serde_json::to_vec_pretty(&new).expect("JSON serializes"),
-        )?;
+        write_atomic(&live_path, &serde_json::to_vec_pretty(&new).expect("JSON serializes"))?;
         self.live = new;
         let _ = fs::remove_file(&path);
         Ok(changed)
@@ -318,21 +282,14 @@ mod tests {
     fn patch_commit_and_reopen() {
         let d = tmp("basic");
         let mut s = Datastore::open(&d).unwrap();
-        s.patch(
-            "default",
-            &json!({"motd": "hi", "network": {"hostname": "a"}}),
-        )
-        .unwrap();
+        s.patch("default", &json!({"motd": "hi", "network": {"hostname": "a"}})).unwrap();
         assert_eq!(s.live(), &json!({}), "nothing live before commit");
         assert_eq!(s.list().unwrap(), vec!["default"]);
         let changed = s.commit("default").unwrap();
         assert_eq!(changed, vec!["motd", "network.hostname"]);
         assert!(s.list().unwrap().is_empty());
         let s = Datastore::open(&d).unwrap();
-        assert_eq!(
-            s.live(),
-            &json!({"motd": "hi", "network": {"hostname": "a"}})
-        );
+        assert_eq!(s.live(), &json!({"motd": "hi", "network": {"hostname": "a"}}));
         fs::remove_dir_all(&d).unwrap();
     }
 
@@ -340,27 +297,16 @@ mod tests {
     fn pending_transactions_survive_a_restart_and_null_deletes() {
         let d = tmp("pending");
         let mut s = Datastore::open(&d).unwrap();
-        s.patch(
-            "default",
-            &json!({"motd": "hi", "kernel": {"sysctl": {"vm.a": "1", "vm.b": "2"}}}),
-        )
-        .unwrap();
+        s.patch("default", &json!({"motd": "hi", "kernel": {"sysctl": {"vm.a": "1", "vm.b": "2"}}})).unwrap();
         s.commit("default").unwrap();
-        s.patch("t1", &json!({"kernel": {"sysctl": {"vm.a": null}}}))
-            .unwrap();
+        s.patch("t1", &json!({"kernel": {"sysctl": {"vm.a": null}}})).unwrap();
         s.patch("t1", &json!({"motd": "bye"})).unwrap();
         drop(s);
         let mut s = Datastore::open(&d).unwrap();
-        assert_eq!(
-            s.pending("t1").unwrap(),
-            json!({"kernel": {"sysctl": {"vm.a": null}}, "motd": "bye"})
-        );
+        assert_eq!(s.pending("t1").unwrap(), json!({"kernel": {"sysctl": {"vm.a": null}}, "motd": "bye"}));
         let changed = s.commit("t1").unwrap();
         assert_eq!(changed, vec!["kernel.sysctl", "motd"]);
-        assert_eq!(
-            s.live(),
-            &json!({"motd": "bye", "kernel": {"sysctl": {"vm.b": "2"}}})
-        );
+        assert_eq!(s.live(), &json!({"motd": "bye", "kernel": {"sysctl": {"vm.b": "2"}}}));
         fs::remove_dir_all(&d).unwrap();
     }
 
@@ -369,19 +315,13 @@ mod tests {
         let d = tmp("bad");
         let mut s = Datastore::open(&d).unwrap();
         s.patch("default", &json!({"motd": "ok"})).unwrap();
-        for bad in [
-            json!({"motd": 1}),
-            json!({"nope": 1}),
-            json!("str"),
-            json!({"network": {"hostname": "a b"}}),
-        ] {
+        for bad in
+            [json!({"motd": 1}), json!({"nope": 1}), json!("str"), json!({"network": {"hostname": "a b"}})]
+        {
             assert!(s.patch("default", &bad).is_err(), "{bad}");
         }
         assert_eq!(s.pending("default").unwrap(), json!({"motd": "ok"}));
-        assert!(matches!(
-            s.patch("../x", &json!({})),
-            Err(Error::BadTxName(_))
-        ));
+        assert!(matches!(s.patch("../x", &json!({})), Err(Error::BadTxName(_))));
         assert!(matches!(s.commit("other"), Err(Error::EmptyCommit(_))));
         fs::remove_dir_all(&d).unwrap();
     }
@@ -419,16 +359,8 @@ mod tests {
                 vec!["kernel.sysctl"],
             ),
             (json!({"motd": "x"}), json!({}), vec!["motd"]),
-            (
-                json!({}),
-                json!({"network": {"hostname": "a"}}),
-                vec!["network.hostname"],
-            ),
-            (
-                json!({"kernel": {"sysctl": {"a": "1"}}}),
-                json!({}),
-                vec!["kernel.sysctl"],
-            ),
+            (json!({}), json!({"network": {"hostname": "a"}}), vec!["network.hostname"]),
+            (json!({"kernel": {"sysctl": {"a": "1"}}}), json!({}), vec!["kernel.sysctl"]),
         ];
         for (old, new, want) in cases {
             assert_eq!(changed_keys(&old, &new), want, "{old} -> {new}");

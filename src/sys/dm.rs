@@ -103,10 +103,7 @@ fn ioctl(ctl: &File, nr: u32, buf: &mut [u8], what: &str) -> io::Result<()> {
     let r = unsafe { libc::ioctl(ctl.as_raw_fd(), request(nr) as _, buf.as_mut_ptr()) };
     if r < 0 {
         let e = io::Error::last_os_error();
-        return Err(io::Error::new(
-            e.kind(),
-            format!("device-mapper {what}: {e}"),
-        ));
+        return Err(io::Error::new(e.kind(), format!("device-mapper {what}: {e}")));
     }
     Ok(())
 }
@@ -120,12 +117,7 @@ fn decode_dev(dev: u64) -> (u32, u32) {
 
 /// Create device `name`, load `targets` (read-only when `read_only`), and resume it.
 /// Returns the new block device's (major, minor). On failure the half-made device is removed.
-pub fn create(
-    name: &str,
-    uuid: &str,
-    targets: &[Target],
-    read_only: bool,
-) -> io::Result<(u32, u32)> {
+pub fn create(name: &str, uuid: &str, targets: &[Target], read_only: bool) -> io::Result<(u32, u32)> {
     let ctl = control()?;
     let mut buf = header(name, uuid, 0, &[], 0)?;
     ioctl(&ctl, DM_DEV_CREATE, &mut buf, &format!("create {name}"))?;
@@ -136,12 +128,7 @@ pub fn create(
         let flags = if read_only { DM_READONLY_FLAG } else { 0 };
         let mut buf = header(name, "", flags, &specs, 0)?;
         put_u32(&mut buf, 20, targets.len() as u32); // target_count
-        ioctl(
-            &ctl,
-            DM_TABLE_LOAD,
-            &mut buf,
-            &format!("load table of {name}"),
-        )?;
+        ioctl(&ctl, DM_TABLE_LOAD, &mut buf, &format!("load table of {name}"))?;
         let mut buf = header(name, "", 0, &[], 0)?;
         ioctl(&ctl, DM_DEV_SUSPEND, &mut buf, &format!("resume {name}"))
     };
@@ -163,12 +150,7 @@ pub fn remove(name: &str) -> io::Result<()> {
 pub fn status(name: &str) -> io::Result<Vec<String>> {
     let ctl = control()?;
     let mut buf = header(name, "", 0, &[], 16 * 1024)?;
-    ioctl(
-        &ctl,
-        DM_TABLE_STATUS,
-        &mut buf,
-        &format!("status of {name}"),
-    )?;
+    ioctl(&ctl, DM_TABLE_STATUS, &mut buf, &format!("status of {name}"))?;
     let count = get_u32(&buf, 20) as usize;
     let start = get_u32(&buf, 16) as usize;
     let end = get_u32(&buf, 12) as usize;
@@ -202,12 +184,7 @@ mod tests {
 
     #[test]
     fn target_specs_are_padded_and_chained() {
-        let t = Target {
-            start_sector: 0,
-            sectors: 8,
-            kind: "verity".into(),
-            params: "1 2 3".into(),
-        };
+        let t = Target { start_sector: 0, sectors: 8, kind: "verity".into(), params: "1 2 3".into() };
         let b = encode_targets(&[t.clone(), t]).unwrap();
         assert_eq!(b.len(), 2 * 48);
         assert_eq!(get_u32(&b, 20), 48);

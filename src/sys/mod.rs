@@ -16,8 +16,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 pub use libc::{
-    MS_BIND, MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC, MS_RELATIME, MS_REMOUNT,
-    MS_SHARED,
+    MS_BIND, MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC, MS_RELATIME, MS_REMOUNT, MS_SHARED,
 };
 
 fn cstr(p: &Path) -> io::Result<CString> {
@@ -52,8 +51,7 @@ pub fn mount(
             tgt.as_ptr(),
             fst.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
             flags,
-            dat.as_ref()
-                .map_or(std::ptr::null(), |s| s.as_ptr() as *const libc::c_void),
+            dat.as_ref().map_or(std::ptr::null(), |s| s.as_ptr() as *const libc::c_void),
         )
     };
     check(ret).map(drop)
@@ -183,28 +181,18 @@ impl SignalFd {
                 return Err(io::Error::from_raw_os_error(r));
             }
             let fd = check(libc::signalfd(-1, &set, libc::SFD_CLOEXEC))?;
-            Ok(SignalFd {
-                fd: OwnedFd::from_raw_fd(fd),
-            })
+            Ok(SignalFd { fd: OwnedFd::from_raw_fd(fd) })
         }
     }
 
     /// Wait up to `timeout_ms` (-1: forever) for a signal. `Ok(None)` on timeout.
     pub fn wait(&self, timeout_ms: i32) -> io::Result<Option<libc::c_int>> {
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: pfd is a valid pollfd array of length 1.
         let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
         if n < 0 {
             let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted {
-                Ok(None)
-            } else {
-                Err(e)
-            };
+            return if e.kind() == io::ErrorKind::Interrupted { Ok(None) } else { Err(e) };
         }
         if n == 0 {
             return Ok(None);
@@ -213,11 +201,7 @@ impl SignalFd {
         unsafe {
             let mut info: libc::signalfd_siginfo = std::mem::zeroed();
             let size = std::mem::size_of::<libc::signalfd_siginfo>();
-            let r = libc::read(
-                self.fd.as_raw_fd(),
-                &mut info as *mut _ as *mut libc::c_void,
-                size,
-            );
+            let r = libc::read(self.fd.as_raw_fd(), &mut info as *mut _ as *mut libc::c_void, size);
             if r != size as isize {
                 return Err(io::Error::last_os_error());
             }
@@ -348,6 +332,24 @@ pub fn exit_now(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
+/// Make the child of `cmd` move itself into the cgroup whose `cgroup.procs` is open as `procs`
+/// before it execs (so it and everything it forks are accounted there from the start).
+/// `procs` must stay open until the spawn returns.
+pub fn join_cgroup_on_exec(cmd: &mut std::process::Command, procs: &File) {
+    use std::os::unix::process::CommandExt;
+    let fd = procs.as_raw_fd();
+    // SAFETY: between fork and exec the closure only calls write(2) on a descriptor opened
+    // before the fork: async-signal-safe, no allocation, no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::write(fd, b"0".as_ptr() as *const libc::c_void, 1) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// The running kernel's release string (uname -r).
 pub fn kernel_release() -> String {
     // SAFETY: uts is a valid out-pointer; release is NUL-terminated by the kernel.
@@ -356,8 +358,6 @@ pub fn kernel_release() -> String {
         if libc::uname(&mut uts) != 0 {
             return String::from("unknown");
         }
-        CStr::from_ptr(uts.release.as_ptr())
-            .to_string_lossy()
-            .into_owned()
+        CStr::from_ptr(uts.release.as_ptr()).to_string_lossy().into_owned()
     }
 }

@@ -28,11 +28,7 @@ pub enum DecodeError {
     /// The text is not UTF-8; `valid_up_to` is the byte offset of the first bad byte.
     Utf8 { valid_up_to: usize },
     /// TOML syntax or structure error, with its 1-based position when the parser gives one.
-    Toml {
-        line: Option<usize>,
-        column: Option<usize>,
-        message: String,
-    },
+    Toml { line: Option<usize>, column: Option<usize>, message: String },
     /// Top-level keys other than `settings`.
     UnexpectedKeys(Vec<String>),
     /// `settings` is not a table.
@@ -54,11 +50,9 @@ impl fmt::Display for DecodeError {
             DecodeError::Utf8 { valid_up_to } => {
                 write!(f, "not UTF-8: invalid byte at offset {valid_up_to}")
             }
-            DecodeError::Toml {
-                line: Some(line),
-                column: Some(column),
-                message,
-            } => write!(f, "TOML error at line {line}, column {column}: {message}"),
+            DecodeError::Toml { line: Some(line), column: Some(column), message } => {
+                write!(f, "TOML error at line {line}, column {column}: {message}")
+            }
             DecodeError::Toml { message, .. } => write!(f, "TOML error: {message}"),
             DecodeError::UnexpectedKeys(keys) => write!(
                 f,
@@ -68,10 +62,9 @@ impl fmt::Display for DecodeError {
             DecodeError::SettingsNotTable { found } => {
                 write!(f, "`settings` must be a table, found {found}")
             }
-            DecodeError::NonFiniteFloat { key } => write!(
-                f,
-                "{key}: nan and inf cannot be represented in settings; use a finite number"
-            ),
+            DecodeError::NonFiniteFloat { key } => {
+                write!(f, "{key}: nan and inf cannot be represented in settings; use a finite number")
+            }
         }
     }
 }
@@ -92,10 +85,7 @@ const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 /// An empty document (or one with no `settings`) gives an empty object.
 pub fn decode(bytes: &[u8]) -> Result<Value, DecodeError> {
     if bytes.len() > MAX_BYTES {
-        return Err(DecodeError::TooLarge {
-            len: bytes.len(),
-            limit: MAX_BYTES,
-        });
+        return Err(DecodeError::TooLarge { len: bytes.len(), limit: MAX_BYTES });
     }
     let inflated;
     let bytes = if bytes.starts_with(&GZIP_MAGIC) {
@@ -104,9 +94,7 @@ pub fn decode(bytes: &[u8]) -> Result<Value, DecodeError> {
     } else {
         bytes
     };
-    let text = std::str::from_utf8(bytes).map_err(|e| DecodeError::Utf8 {
-        valid_up_to: e.valid_up_to(),
-    })?;
+    let text = std::str::from_utf8(bytes).map_err(|e| DecodeError::Utf8 { valid_up_to: e.valid_up_to() })?;
     let mut doc: toml::Table = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
 
     let mut others: Vec<String> = doc.keys().filter(|k| *k != "settings").cloned().collect();
@@ -117,9 +105,7 @@ pub fn decode(bytes: &[u8]) -> Result<Value, DecodeError> {
     match doc.remove("settings") {
         None => Ok(Value::Object(Map::new())),
         Some(toml::Value::Table(t)) => table_to_json(t, "settings"),
-        Some(other) => Err(DecodeError::SettingsNotTable {
-            found: other.type_str(),
-        }),
+        Some(other) => Err(DecodeError::SettingsNotTable { found: other.type_str() }),
     }
 }
 
@@ -141,11 +127,7 @@ fn toml_error(text: &str, e: &toml::de::Error) -> DecodeError {
         Some((l, c)) => (Some(l), Some(c)),
         None => (None, None),
     };
-    DecodeError::Toml {
-        line,
-        column,
-        message: e.message().trim().to_string(),
-    }
+    DecodeError::Toml { line, column, message: e.message().trim().to_string() }
 }
 
 /// 1-based line and column (in characters) of byte offset `at`, clamped to the text.
@@ -176,11 +158,7 @@ fn to_json(value: toml::Value, path: &str) -> Result<Value, DecodeError> {
         toml::Value::Integer(i) => Value::Number(i.into()),
         toml::Value::Float(x) => match Number::from_f64(x) {
             Some(n) => Value::Number(n),
-            None => {
-                return Err(DecodeError::NonFiniteFloat {
-                    key: path.to_string(),
-                })
-            }
+            None => return Err(DecodeError::NonFiniteFloat { key: path.to_string() }),
         },
         toml::Value::Boolean(b) => Value::Bool(b),
         toml::Value::Datetime(d) => Value::String(d.to_string()),
@@ -235,16 +213,8 @@ hostname = "node1"
             ("gzip of empty", gzip(b""), json!({})),
             ("comments only", b"# nothing yet\n\n".to_vec(), json!({})),
             ("empty settings", b"[settings]\n".to_vec(), json!({})),
-            (
-                "byte order mark",
-                b"\xef\xbb\xbf[settings]\nx = 1\n".to_vec(),
-                json!({"x": 1}),
-            ),
-            (
-                "gzip members concatenated",
-                two_members,
-                json!({"a": 1, "b": 2}),
-            ),
+            ("byte order mark", b"\xef\xbb\xbf[settings]\nx = 1\n".to_vec(), json!({"x": 1})),
+            ("gzip members concatenated", two_members, json!({"a": 1, "b": 2})),
             (
                 "dotted keys and inline tables",
                 b"settings.a.b = true\nsettings.c = { d = [1, 2.5, \"x\"] }\n".to_vec(),
@@ -267,10 +237,7 @@ hostname = "node1"
     #[test]
     fn refuses_bad_documents_saying_why() {
         let bomb = gzip(&vec![b' '; MAX_BYTES + 1]);
-        assert!(
-            bomb.len() < 64 * 1024,
-            "the bomb should be small compressed"
-        );
+        assert!(bomb.len() < 64 * 1024, "the bomb should be small compressed");
         let mut truncated = gzip(SAMPLE.as_bytes());
         truncated.truncate(truncated.len() / 2);
         // (name, input, text the message must contain)
@@ -280,52 +247,16 @@ hostname = "node1"
                 b"zeta = 1\n[settings]\na = 1\n[extra]\n".to_vec(),
                 "unexpected top-level key(s) extra, zeta",
             ),
-            (
-                "invalid TOML",
-                b"[settings]\nmotd = \"hi\"\nhostname = = 3\n".to_vec(),
-                "line 3, column 12",
-            ),
-            (
-                "duplicate key",
-                b"[settings]\na = 1\na = 2\n".to_vec(),
-                "line 3",
-            ),
-            (
-                "invalid UTF-8",
-                b"[settings]\nmotd = \"\xff\"\n".to_vec(),
-                "offset 19",
-            ),
-            (
-                "gzip bomb",
-                bomb,
-                "decompresses to more than the 1048576-byte limit",
-            ),
+            ("invalid TOML", b"[settings]\nmotd = \"hi\"\nhostname = = 3\n".to_vec(), "line 3, column 12"),
+            ("duplicate key", b"[settings]\na = 1\na = 2\n".to_vec(), "line 3"),
+            ("invalid UTF-8", b"[settings]\nmotd = \"\xff\"\n".to_vec(), "offset 19"),
+            ("gzip bomb", bomb, "decompresses to more than the 1048576-byte limit"),
             ("truncated gzip", truncated, "does not decompress"),
-            (
-                "input too large",
-                vec![b'#'; MAX_BYTES + 1],
-                "more than the 1048576-byte",
-            ),
-            (
-                "settings is a string",
-                b"settings = \"x\"\n".to_vec(),
-                "found string",
-            ),
-            (
-                "settings is an array",
-                b"settings = [1]\n".to_vec(),
-                "found array",
-            ),
-            (
-                "nan",
-                b"[settings.k]\nx = nan\n".to_vec(),
-                "settings.k.x: nan",
-            ),
-            (
-                "inf in array",
-                b"[settings]\nv = [1.0, inf]\n".to_vec(),
-                "settings.v[1]",
-            ),
+            ("input too large", vec![b'#'; MAX_BYTES + 1], "more than the 1048576-byte"),
+            ("settings is a string", b"settings = \"x\"\n".to_vec(), "found string"),
+            ("settings is an array", b"settings = [1]\n".to_vec(), "found array"),
+            ("nan", b"[settings.k]\nx = nan\n".to_vec(), "settings.k.x: nan"),
+            ("inf in array", b"[settings]\nv = [1.0, inf]\n".to_vec(), "settings.v[1]"),
         ];
         for (name, input, want) in cases {
             match decode(&input) {

@@ -25,8 +25,7 @@ use std::time::{Duration, Instant};
 use super::{Error, MAX_BYTES};
 
 /// IMDS's address on EC2.
-pub const IMDS_ADDR: SocketAddr =
-    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(169, 254, 169, 254), 80));
+pub const IMDS_ADDR: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(169, 254, 169, 254), 80));
 
 /// Time allowed for each request (connect to last body byte).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -106,12 +105,7 @@ enum Failure {
 
 impl Imds {
     pub fn new(addr: SocketAddr, timeout: Duration) -> Imds {
-        Imds {
-            addr,
-            timeout,
-            attempts: 3,
-            backoff: Duration::from_millis(100),
-        }
+        Imds { addr, timeout, attempts: 3, backoff: Duration::from_millis(100) }
     }
 
     /// Get a session token, then the user data with it.
@@ -138,20 +132,11 @@ impl Imds {
             Ok(t) if t.bytes().all(|b| b.is_ascii_graphic()) => return Ok(t.to_string()),
             _ => "the token has characters not allowed in an HTTP header",
         };
-        Err(Error::ImdsResponse {
-            addr: self.addr,
-            step,
-            problem: problem.to_string(),
-        })
+        Err(Error::ImdsResponse { addr: self.addr, step, problem: problem.to_string() })
     }
 
     fn status_error(&self, step: ImdsStep, resp: Response) -> Error {
-        Error::ImdsStatus {
-            addr: self.addr,
-            step,
-            status: resp.status,
-            reason: resp.reason,
-        }
+        Error::ImdsStatus { addr: self.addr, step, status: resp.status, reason: resp.reason }
     }
 
     /// One step's request, retried on connection failures.
@@ -171,31 +156,17 @@ impl Imds {
         };
         let addr = self.addr;
         Err(match failure {
-            Failure::Retryable(cause) => Error::ImdsUnreachable {
-                addr,
-                step,
-                attempts,
-                cause,
-            },
-            Failure::Timeout => Error::ImdsTimeout {
-                addr,
-                step,
-                after: self.timeout,
-            },
+            Failure::Retryable(cause) => Error::ImdsUnreachable { addr, step, attempts, cause },
+            Failure::Timeout => Error::ImdsTimeout { addr, step, after: self.timeout },
             Failure::Io(cause) => Error::ImdsIo { addr, step, cause },
-            Failure::Malformed(problem) => Error::ImdsResponse {
-                addr,
-                step,
-                problem,
-            },
+            Failure::Malformed(problem) => Error::ImdsResponse { addr, step, problem },
         })
     }
 
     /// One connection: send the request, read one whole response, all before the deadline.
     fn once(&self, step: ImdsStep, headers: &[(&str, &str)]) -> Result<Response, Failure> {
         let deadline = Instant::now() + self.timeout;
-        let mut stream =
-            TcpStream::connect_timeout(&self.addr, self.timeout).map_err(Failure::Retryable)?;
+        let mut stream = TcpStream::connect_timeout(&self.addr, self.timeout).map_err(Failure::Retryable)?;
 
         let mut req = format!(
             "{} {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
@@ -210,9 +181,7 @@ impl Imds {
             req.push_str("Content-Length: 0\r\n");
         }
         req.push_str("\r\n");
-        stream
-            .set_write_timeout(Some(time_left(deadline)?))
-            .map_err(Failure::Io)?;
+        stream.set_write_timeout(Some(time_left(deadline)?)).map_err(Failure::Io)?;
         stream.write_all(req.as_bytes()).map_err(|e| match e {
             e if is_timeout(&e) => Failure::Timeout,
             e => Failure::Retryable(e),
@@ -222,9 +191,7 @@ impl Imds {
         let mut head: Option<Head> = None;
         let mut chunk = [0u8; 16 * 1024];
         loop {
-            stream
-                .set_read_timeout(Some(time_left(deadline)?))
-                .map_err(Failure::Io)?;
+            stream.set_read_timeout(Some(time_left(deadline)?)).map_err(Failure::Io)?;
             let n = match stream.read(&mut chunk) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -251,13 +218,7 @@ impl Imds {
                 });
             };
             match body(h.framing, &buf[h.len..], eof)? {
-                Some(body) => {
-                    return Ok(Response {
-                        status: h.status,
-                        reason: h.reason.clone(),
-                        body,
-                    })
-                }
+                Some(body) => return Ok(Response { status: h.status, reason: h.reason.clone(), body }),
                 None if eof => return Err(Failure::Malformed("response ended early".into())),
                 None => {}
             }
@@ -275,10 +236,7 @@ fn time_left(deadline: Instant) -> Result<Duration, Failure> {
 }
 
 fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
 }
 
 /// How the response body is delimited.
@@ -307,11 +265,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, Failure> {
     let end = match buf.windows(4).position(|w| w == b"\r\n\r\n") {
         Some(end) if end <= MAX_HEAD => end,
         None if buf.len() <= MAX_HEAD => return Ok(None),
-        _ => {
-            return Err(Failure::Malformed(format!(
-                "response headers are longer than {MAX_HEAD} bytes"
-            )))
-        }
+        _ => return Err(Failure::Malformed(format!("response headers are longer than {MAX_HEAD} bytes"))),
     };
     let text = std::str::from_utf8(&buf[..end])
         .map_err(|_| Failure::Malformed("response headers are not UTF-8".into()))?;
@@ -349,9 +303,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, Failure> {
                 .parse::<usize>()
                 .map_err(|_| Failure::Malformed(format!("bad Content-Length {value:?}")))?;
             if length.is_some_and(|old| old != n) {
-                return Err(Failure::Malformed(
-                    "conflicting Content-Length headers".into(),
-                ));
+                return Err(Failure::Malformed("conflicting Content-Length headers".into()));
             }
             length = Some(n);
         } else if name.trim().eq_ignore_ascii_case("transfer-encoding") {
@@ -359,9 +311,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, Failure> {
                 if coding.eq_ignore_ascii_case("chunked") {
                     chunked = true;
                 } else if !coding.eq_ignore_ascii_case("identity") {
-                    return Err(Failure::Malformed(format!(
-                        "unsupported Transfer-Encoding {value:?}"
-                    )));
+                    return Err(Failure::Malformed(format!("unsupported Transfer-Encoding {value:?}")));
                 }
             }
         }
@@ -372,22 +322,16 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, Failure> {
         (false, Some(n)) => Framing::Length(n),
         (false, None) => Framing::ToEof,
     };
-    Ok(Some(Head {
-        status,
-        reason,
-        framing,
-        len: end + 4,
-    }))
+    Ok(Some(Head { status, reason, framing, len: end + 4 }))
 }
 
 /// The body, once `rest` (everything after the head) holds all of it.
 fn body(framing: Framing, rest: &[u8], eof: bool) -> Result<Option<Vec<u8>>, Failure> {
     match framing {
         Framing::Length(n) if rest.len() >= n => Ok(Some(rest[..n].to_vec())),
-        Framing::Length(n) if eof => Err(Failure::Malformed(format!(
-            "body ended after {} of {n} bytes",
-            rest.len()
-        ))),
+        Framing::Length(n) if eof => {
+            Err(Failure::Malformed(format!("body ended after {} of {n} bytes", rest.len())))
+        }
         Framing::Length(_) => Ok(None),
         Framing::ToEof if rest.len() > MAX_BYTES => Err(too_large()),
         Framing::ToEof => Ok(eof.then(|| rest.to_vec())),
@@ -404,9 +348,7 @@ fn body(framing: Framing, rest: &[u8], eof: bool) -> Result<Option<Vec<u8>>, Fai
 /// Decode a chunked body; `Ok(None)` while incomplete.
 fn dechunk(data: &[u8]) -> Result<Option<Vec<u8>>, Failure> {
     let crlf = |from: usize| {
-        data.get(from..)
-            .and_then(|d| d.windows(2).position(|w| w == b"\r\n"))
-            .map(|i| from + i)
+        data.get(from..).and_then(|d| d.windows(2).position(|w| w == b"\r\n")).map(|i| from + i)
     };
     let mut out = Vec::new();
     let mut pos = 0;
@@ -473,10 +415,7 @@ mod tests {
 
     impl Seen {
         fn header(&self, name: &str) -> Option<&str> {
-            self.headers
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| v.as_str())
+            self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
         }
     }
 
@@ -560,11 +499,7 @@ mod tests {
             };
             headers.push((name.to_ascii_lowercase(), value.trim().to_string()));
         }
-        Some(Seen {
-            method,
-            path,
-            headers,
-        })
+        Some(Seen { method, path, headers })
     }
 
     fn respond(status: u16, reason: &str, body: &[u8]) -> Reply {
@@ -589,9 +524,7 @@ mod tests {
                     _ => respond(400, "Missing or Invalid Parameters", b""),
                 }
             }
-            ("GET", "/latest/user-data")
-                if req.header("x-aws-ec2-metadata-token") != Some(TOKEN) =>
-            {
+            ("GET", "/latest/user-data") if req.header("x-aws-ec2-metadata-token") != Some(TOKEN) => {
                 respond(401, "Unauthorized", b"")
             }
             ("GET", "/latest/user-data") => match user_data {
@@ -615,19 +548,10 @@ mod tests {
         assert_eq!(got.as_deref(), Some(USER_DATA));
         let seen = server.seen();
         assert_eq!(seen.len(), 2, "{seen:?}");
-        assert_eq!(
-            (seen[0].method.as_str(), seen[0].path.as_str()),
-            ("PUT", "/latest/api/token")
-        );
-        assert_eq!(
-            seen[0].header("x-aws-ec2-metadata-token-ttl-seconds"),
-            Some("21600")
-        );
+        assert_eq!((seen[0].method.as_str(), seen[0].path.as_str()), ("PUT", "/latest/api/token"));
+        assert_eq!(seen[0].header("x-aws-ec2-metadata-token-ttl-seconds"), Some("21600"));
         assert_eq!(seen[0].header("content-length"), Some("0"));
-        assert_eq!(
-            (seen[1].method.as_str(), seen[1].path.as_str()),
-            ("GET", "/latest/user-data")
-        );
+        assert_eq!((seen[1].method.as_str(), seen[1].path.as_str()), ("GET", "/latest/user-data"));
         assert_eq!(seen[1].header("x-aws-ec2-metadata-token"), Some(TOKEN));
         for req in &seen {
             assert_eq!(req.header("connection"), Some("close"));
@@ -638,10 +562,7 @@ mod tests {
     #[test]
     fn not_found_means_no_user_data() {
         let server = ec2(None);
-        assert_eq!(
-            from_imds(server.addr, Duration::from_secs(2)).expect("404 is fine"),
-            None
-        );
+        assert_eq!(from_imds(server.addr, Duration::from_secs(2)).expect("404 is fine"), None);
     }
 
     #[test]
@@ -654,9 +575,7 @@ mod tests {
             (&[("X-aws-ec2-metadata-token", TOKEN)], 200),
         ];
         for (headers, want) in cases {
-            let resp = client
-                .request(ImdsStep::UserData, headers)
-                .expect("an HTTP answer");
+            let resp = client.request(ImdsStep::UserData, headers).expect("an HTTP answer");
             assert_eq!(resp.status, want, "{headers:?}");
         }
     }
@@ -747,14 +666,8 @@ mod tests {
                 Err(e) => e,
             };
             let msg = err.to_string();
-            assert!(
-                msg.starts_with("user data from EC2 IMDSv2 at 127.0.0.1:"),
-                "{name}: {msg}"
-            );
-            assert!(
-                msg.contains(&step.to_string()),
-                "{name}: {msg} lacks step {step}"
-            );
+            assert!(msg.starts_with("user data from EC2 IMDSv2 at 127.0.0.1:"), "{name}: {msg}");
+            assert!(msg.contains(&step.to_string()), "{name}: {msg} lacks step {step}");
             assert!(msg.contains(want), "{name}: {msg:?} lacks {want:?}");
         }
     }
@@ -762,11 +675,7 @@ mod tests {
     #[test]
     fn silent_server_times_out_without_retrying() {
         let cases: [(&str, Handler, ImdsStep); 2] = [
-            (
-                "silent",
-                Box::new(|_, _: &Seen| Reply::Hang),
-                ImdsStep::Token,
-            ),
+            ("silent", Box::new(|_, _: &Seen| Reply::Hang), ImdsStep::Token),
             (
                 "silent on user data",
                 Box::new(|_, req: &Seen| match req.method.as_str() {
@@ -781,24 +690,13 @@ mod tests {
             let err = server.client(200).user_data().expect_err("must time out");
             match &err {
                 Error::ImdsTimeout { step, after, .. } => {
-                    assert_eq!(
-                        (*step, *after),
-                        (want_step, Duration::from_millis(200)),
-                        "{name}"
-                    )
+                    assert_eq!((*step, *after), (want_step, Duration::from_millis(200)), "{name}")
                 }
                 other => panic!("{name}: want a timeout, got {other:?}"),
             }
-            assert!(
-                err.to_string().contains("no complete answer within 200ms"),
-                "{err}"
-            );
+            assert!(err.to_string().contains("no complete answer within 200ms"), "{err}");
             let gets = server.seen().iter().filter(|r| r.method == "GET").count();
-            assert_eq!(
-                gets,
-                usize::from(want_step == ImdsStep::UserData),
-                "{name}: no retry"
-            );
+            assert_eq!(gets, usize::from(want_step == ImdsStep::UserData), "{name}: no retry");
         }
     }
 
@@ -809,27 +707,14 @@ mod tests {
             0 => Reply::Close,
             _ => imds_flow(req, TOKEN, Some(USER_DATA)),
         });
-        let got = server
-            .client(2000)
-            .user_data()
-            .expect("second attempt works");
+        let got = server.client(2000).user_data().expect("second attempt works");
         assert_eq!(got.as_deref(), Some(USER_DATA));
         assert_eq!(server.seen().len(), 3);
 
         // Always closed: give up after the configured attempts.
         let server = serve(|_, _| Reply::Close);
         let err = server.client(2000).user_data().expect_err("never answers");
-        assert!(
-            matches!(
-                err,
-                Error::ImdsUnreachable {
-                    step: ImdsStep::Token,
-                    attempts: 3,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, Error::ImdsUnreachable { step: ImdsStep::Token, attempts: 3, .. }), "{err:?}");
         assert_eq!(server.seen().len(), 3);
     }
 
@@ -846,32 +731,19 @@ mod tests {
         };
         let err = client.user_data().expect_err("nothing listens");
         match &err {
-            Error::ImdsUnreachable {
-                step: ImdsStep::Token,
-                attempts: 2,
-                cause,
-                ..
-            } => assert_eq!(cause.kind(), io::ErrorKind::ConnectionRefused),
+            Error::ImdsUnreachable { step: ImdsStep::Token, attempts: 2, cause, .. } => {
+                assert_eq!(cause.kind(), io::ErrorKind::ConnectionRefused)
+            }
             other => panic!("want unreachable, got {other:?}"),
         }
-        assert!(
-            err.to_string()
-                .contains("cannot connect after 2 attempt(s)"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("cannot connect after 2 attempt(s)"), "{err}");
     }
 
     #[test]
     fn body_framings() {
         let cases: [(&str, &'static [u8]); 4] = [
-            (
-                "content-length",
-                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
-            ),
-            (
-                "to end of stream",
-                b"HTTP/1.0 200 OK\r\nServer: x\r\n\r\nhello",
-            ),
+            ("content-length", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"),
+            ("to end of stream", b"HTTP/1.0 200 OK\r\nServer: x\r\n\r\nhello"),
             (
                 "chunked, extension and trailer",
                 b"HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n\r\n\
@@ -910,11 +782,7 @@ mod tests {
             ("no final empty line", b"0\r\n", Ok(None)),
             ("complete", b"5\r\nhello\r\n0\r\n\r\n", Ok(Some(b"hello"))),
             ("bad size", b"zz\r\n", Err("bad chunk size line \"zz\"")),
-            (
-                "missing CRLF",
-                b"2\r\nhello\r\n",
-                Err("chunk not followed by CRLF"),
-            ),
+            ("missing CRLF", b"2\r\nhello\r\n", Err("chunk not followed by CRLF")),
             ("over the cap", big.as_bytes(), Err("larger than 1048576")),
         ];
         for (name, input, want) in cases {
@@ -933,41 +801,21 @@ mod tests {
         let long = format!("HTTP/1.1 200 OK\r\nX: {}\r\n\r\n", "a".repeat(MAX_HEAD));
         let cases: [Case<(u16, Framing)>; 9] = [
             ("incomplete", b"HTTP/1.1 200 OK\r\n", Ok(None)),
-            (
-                "minimal",
-                b"HTTP/1.1 404 \r\n\r\n",
-                Ok(Some((404, Framing::ToEof))),
-            ),
+            ("minimal", b"HTTP/1.1 404 \r\n\r\n", Ok(Some((404, Framing::ToEof)))),
             (
                 "length",
                 b"HTTP/1.1 200 OK\r\ncontent-length:  7 \r\n\r\nrest",
                 Ok(Some((200, Framing::Length(7)))),
             ),
-            (
-                "HTTP/2",
-                b"HTTP/2 200 OK\r\n\r\n",
-                Err("not an HTTP/1.x status line"),
-            ),
-            (
-                "bad code",
-                b"HTTP/1.1 2000 OK\r\n\r\n",
-                Err("not an HTTP/1.x status line"),
-            ),
-            (
-                "informational",
-                b"HTTP/1.1 100 Continue\r\n\r\n",
-                Err("unexpected status 100"),
-            ),
+            ("HTTP/2", b"HTTP/2 200 OK\r\n\r\n", Err("not an HTTP/1.x status line")),
+            ("bad code", b"HTTP/1.1 2000 OK\r\n\r\n", Err("not an HTTP/1.x status line")),
+            ("informational", b"HTTP/1.1 100 Continue\r\n\r\n", Err("unexpected status 100")),
             (
                 "conflicting lengths",
                 b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
                 Err("conflicting Content-Length"),
             ),
-            (
-                "header without colon",
-                b"HTTP/1.1 200 OK\r\nnonsense\r\n\r\n",
-                Err("bad header line"),
-            ),
+            ("header without colon", b"HTTP/1.1 200 OK\r\nnonsense\r\n\r\n", Err("bad header line")),
             ("too long", long.as_bytes(), Err("longer than 16384 bytes")),
         ];
         for (name, input, want) in cases {
@@ -991,31 +839,21 @@ mod tests {
         let server = ec2(Some(gz));
         let sys = TempDir::new("imds-sys");
 
-        let got = fetch(&sys.0, None, Some(server.addr))
-            .expect("IMDS data")
-            .expect("some");
+        let got = fetch(&sys.0, None, Some(server.addr)).expect("IMDS data").expect("some");
         assert_eq!((got.source, got.raw_len), (Source::Imds, gz.len()));
-        assert_eq!(
-            got.settings,
-            serde_json::json!({"network": {"hostname": "node1"}})
-        );
+        assert_eq!(got.settings, serde_json::json!({"network": {"hostname": "node1"}}));
 
         // With boot-partition data present, IMDS is not asked at all.
         let boot = TempDir::new("imds-boot");
         boot.write("user-data.toml", b"");
         let asked = server.seen().len();
-        let got = fetch(&sys.0, Some(&boot.0), Some(server.addr))
-            .expect("boot")
-            .expect("some");
+        let got = fetch(&sys.0, Some(&boot.0), Some(server.addr)).expect("boot").expect("some");
         assert_eq!(got.source, Source::BootPartition);
         assert_eq!(server.seen().len(), asked);
 
         // An IMDS failure is an error, not "no user data".
-        let err = fetch(&sys.0, None, Some(serve(|_, _| respond(500, "", b"")).addr))
-            .expect_err("500 is an error");
-        assert!(
-            matches!(err, Error::ImdsStatus { status: 500, .. }),
-            "{err:?}"
-        );
+        let err =
+            fetch(&sys.0, None, Some(serve(|_, _| respond(500, "", b"")).addr)).expect_err("500 is an error");
+        assert!(matches!(err, Error::ImdsStatus { status: 500, .. }), "{err:?}");
     }
 }

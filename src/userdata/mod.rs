@@ -78,49 +78,19 @@ pub struct UserData {
 #[derive(Debug)]
 pub enum Error {
     /// A provider's file exists but could not be read.
-    Read {
-        source: Source,
-        path: PathBuf,
-        cause: io::Error,
-    },
+    Read { source: Source, path: PathBuf, cause: io::Error },
     /// A provider's file is larger than [`MAX_BYTES`].
-    TooLarge {
-        source: Source,
-        path: PathBuf,
-        limit: usize,
-    },
+    TooLarge { source: Source, path: PathBuf, limit: usize },
     /// IMDS could not be reached (connection refused, reset, no route), even after retries.
-    ImdsUnreachable {
-        addr: SocketAddr,
-        step: ImdsStep,
-        attempts: u32,
-        cause: io::Error,
-    },
+    ImdsUnreachable { addr: SocketAddr, step: ImdsStep, attempts: u32, cause: io::Error },
     /// IMDS accepted the connection but did not answer in time.
-    ImdsTimeout {
-        addr: SocketAddr,
-        step: ImdsStep,
-        after: std::time::Duration,
-    },
+    ImdsTimeout { addr: SocketAddr, step: ImdsStep, after: std::time::Duration },
     /// The connection to IMDS failed partway through a response.
-    ImdsIo {
-        addr: SocketAddr,
-        step: ImdsStep,
-        cause: io::Error,
-    },
+    ImdsIo { addr: SocketAddr, step: ImdsStep, cause: io::Error },
     /// IMDS answered with a status this step does not accept.
-    ImdsStatus {
-        addr: SocketAddr,
-        step: ImdsStep,
-        status: u16,
-        reason: String,
-    },
+    ImdsStatus { addr: SocketAddr, step: ImdsStep, status: u16, reason: String },
     /// IMDS answered something that is not a usable HTTP response.
-    ImdsResponse {
-        addr: SocketAddr,
-        step: ImdsStep,
-        problem: String,
-    },
+    ImdsResponse { addr: SocketAddr, step: ImdsStep, problem: String },
     /// The data was fetched but is not valid user data.
     Decode { source: Source, cause: DecodeError },
 }
@@ -129,30 +99,15 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let imds = Source::Imds;
         match self {
-            Error::Read {
-                source,
-                path,
-                cause,
-            } => write!(
-                f,
-                "user data from {source}: reading {}: {cause}",
-                path.display()
-            ),
-            Error::TooLarge {
-                source,
-                path,
-                limit,
-            } => write!(
+            Error::Read { source, path, cause } => {
+                write!(f, "user data from {source}: reading {}: {cause}", path.display())
+            }
+            Error::TooLarge { source, path, limit } => write!(
                 f,
                 "user data from {source}: {} is larger than {limit} bytes; compress it with gzip",
                 path.display()
             ),
-            Error::ImdsUnreachable {
-                addr,
-                step,
-                attempts,
-                cause,
-            } => write!(
+            Error::ImdsUnreachable { addr, step, attempts, cause } => write!(
                 f,
                 "user data from {imds} at {addr}: {step}: cannot connect after {attempts} \
                  attempt(s): {cause}"
@@ -166,12 +121,7 @@ impl fmt::Display for Error {
             Error::ImdsIo { addr, step, cause } => {
                 write!(f, "user data from {imds} at {addr}: {step}: {cause}")
             }
-            Error::ImdsStatus {
-                addr,
-                step,
-                status,
-                reason,
-            } => {
+            Error::ImdsStatus { addr, step, status, reason } => {
                 write!(f, "user data from {imds} at {addr}: {step}: HTTP {status}")?;
                 if !reason.is_empty() {
                     write!(f, " {reason}")?;
@@ -184,11 +134,9 @@ impl fmt::Display for Error {
                     _ => Ok(()),
                 }
             }
-            Error::ImdsResponse {
-                addr,
-                step,
-                problem,
-            } => write!(f, "user data from {imds} at {addr}: {step}: {problem}"),
+            Error::ImdsResponse { addr, step, problem } => {
+                write!(f, "user data from {imds} at {addr}: {step}: {problem}")
+            }
             Error::Decode { source, cause } => write!(f, "user data from {source}: {cause}"),
         }
     }
@@ -208,10 +156,7 @@ impl std::error::Error for Error {
 
 /// Path of the fw_cfg entry's contents under a sysfs root (`/sys` in production).
 pub fn fw_cfg_path(sysfs_root: &Path) -> PathBuf {
-    sysfs_root
-        .join("firmware/qemu_fw_cfg/by_name")
-        .join(FW_CFG_NAME)
-        .join("raw")
+    sysfs_root.join("firmware/qemu_fw_cfg/by_name").join(FW_CFG_NAME).join("raw")
 }
 
 /// The user data QEMU passed as fw_cfg `opt/berth/user-data`, if any.
@@ -233,26 +178,16 @@ pub fn from_boot_partition(mount_dir: &Path) -> Result<Option<Vec<u8>>, Error> {
 
 /// Read a whole file of at most [`MAX_BYTES`]; `None` if it does not exist.
 fn read_capped(source: Source, path: &Path) -> Result<Option<Vec<u8>>, Error> {
-    let read_err = |cause| Error::Read {
-        source,
-        path: path.to_path_buf(),
-        cause,
-    };
+    let read_err = |cause| Error::Read { source, path: path.to_path_buf(), cause };
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(read_err(e)),
     };
     let mut data = Vec::new();
-    file.take(MAX_BYTES as u64 + 1)
-        .read_to_end(&mut data)
-        .map_err(read_err)?;
+    file.take(MAX_BYTES as u64 + 1).read_to_end(&mut data).map_err(read_err)?;
     if data.len() > MAX_BYTES {
-        return Err(Error::TooLarge {
-            source,
-            path: path.to_path_buf(),
-            limit: MAX_BYTES,
-        });
+        return Err(Error::TooLarge { source, path: path.to_path_buf(), limit: MAX_BYTES });
     }
     Ok(Some(data))
 }
@@ -261,11 +196,8 @@ fn read_capped(source: Source, path: &Path) -> Result<Option<Vec<u8>>, Error> {
 ///
 /// Nitro instances report `Amazon EC2` as system and board vendor; Xen-based instances report
 /// vendor `Xen` but a BIOS version such as `4.11.amazon`.
-const EC2_MARKERS: [(&str, &str); 3] = [
-    ("sys_vendor", "Amazon EC2"),
-    ("board_vendor", "Amazon EC2"),
-    ("bios_version", "amazon"),
-];
+const EC2_MARKERS: [(&str, &str); 3] =
+    [("sys_vendor", "Amazon EC2"), ("board_vendor", "Amazon EC2"), ("bios_version", "amazon")];
 
 /// Whether this machine is an EC2 instance, judged from DMI (no network access).
 ///
@@ -274,9 +206,9 @@ const EC2_MARKERS: [(&str, &str); 3] = [
 /// wait on IMDS.
 pub fn is_ec2(sysfs_root: &Path) -> bool {
     let dmi = sysfs_root.join("class/dmi/id");
-    EC2_MARKERS.iter().any(|(file, marker)| {
-        std::fs::read_to_string(dmi.join(file)).is_ok_and(|text| text.contains(marker))
-    })
+    EC2_MARKERS
+        .iter()
+        .any(|(file, marker)| std::fs::read_to_string(dmi.join(file)).is_ok_and(|text| text.contains(marker)))
 }
 
 /// IMDS's address if this machine is on EC2 (see [`is_ec2`]): the `imds` argument of [`fetch`].
@@ -298,10 +230,7 @@ pub fn fetch(
         Some(data) => Some((Source::FwCfg, data)),
         None => match boot_dir.map(from_boot_partition).transpose()?.flatten() {
             Some(data) => Some((Source::BootPartition, data)),
-            None => match imds
-                .map(|addr| from_imds(addr, DEFAULT_TIMEOUT))
-                .transpose()?
-            {
+            None => match imds.map(|addr| from_imds(addr, DEFAULT_TIMEOUT)).transpose()? {
                 Some(Some(data)) => Some((Source::Imds, data)),
                 _ => None,
             },
@@ -313,11 +242,7 @@ pub fn fetch(
     };
     let settings = decode(&data).map_err(|cause| Error::Decode { source, cause })?;
     log::info!("user data from {source}: {} bytes", data.len());
-    Ok(Some(UserData {
-        source,
-        raw_len: data.len(),
-        settings,
-    }))
+    Ok(Some(UserData { source, raw_len: data.len(), settings }))
 }
 
 fn imds_note(imds: Option<SocketAddr>) -> &'static str {
@@ -339,8 +264,7 @@ mod tests {
 
     impl TempDir {
         pub(super) fn new(name: &str) -> TempDir {
-            let dir =
-                std::env::temp_dir().join(format!("berth-userdata-{}-{name}", std::process::id()));
+            let dir = std::env::temp_dir().join(format!("berth-userdata-{}-{name}", std::process::id()));
             let _ = fs::remove_dir_all(&dir);
             fs::create_dir_all(&dir).expect("create temp dir");
             TempDir(dir)
@@ -384,10 +308,7 @@ mod tests {
             (&[], None),
             (&[("user-data", b"plain")], Some(b"plain")),
             (&[("user-data.toml", b"toml")], Some(b"toml")),
-            (
-                &[("user-data", b"plain"), ("user-data.toml", b"toml")],
-                Some(b"toml"),
-            ),
+            (&[("user-data", b"plain"), ("user-data.toml", b"toml")], Some(b"toml")),
         ];
         for (i, (files, want)) in cases.iter().enumerate() {
             let dir = TempDir::new(&format!("boot{i}"));
@@ -405,31 +326,13 @@ mod tests {
         // A directory where a file is expected: open succeeds, read fails with EISDIR.
         fs::create_dir_all(dir.0.join("user-data.toml")).expect("mkdir");
         let err = from_boot_partition(&dir.0).expect_err("directory is not user data");
-        assert!(
-            matches!(
-                err,
-                Error::Read {
-                    source: Source::BootPartition,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, Error::Read { source: Source::BootPartition, .. }), "{err:?}");
         assert!(err.to_string().contains("user-data.toml"), "{err}");
 
         let sys = TempDir::new("big");
         sys.write(FW_CFG_RAW, &vec![b'#'; MAX_BYTES + 1]);
         let err = from_fw_cfg(&sys.0).expect_err("too large");
-        assert!(
-            matches!(
-                err,
-                Error::TooLarge {
-                    source: Source::FwCfg,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, Error::TooLarge { source: Source::FwCfg, .. }), "{err:?}");
         assert!(err.to_string().contains("opt/berth/user-data/raw"), "{err}");
     }
 
@@ -439,18 +342,9 @@ mod tests {
             (&[], false),
             (&[("sys_vendor", "QEMU\n"), ("board_vendor", "\n")], false),
             (&[("sys_vendor", "Amazon EC2\n")], true),
-            (
-                &[("sys_vendor", "QEMU\n"), ("board_vendor", "Amazon EC2\n")],
-                true,
-            ),
-            (
-                &[("sys_vendor", "Xen\n"), ("bios_version", "4.11.amazon\n")],
-                true,
-            ),
-            (
-                &[("sys_vendor", "Xen\n"), ("bios_version", "4.11\n")],
-                false,
-            ),
+            (&[("sys_vendor", "QEMU\n"), ("board_vendor", "Amazon EC2\n")], true),
+            (&[("sys_vendor", "Xen\n"), ("bios_version", "4.11.amazon\n")], true),
+            (&[("sys_vendor", "Xen\n"), ("bios_version", "4.11\n")], false),
         ];
         for (i, (files, want)) in cases.iter().enumerate() {
             let sys = TempDir::new(&format!("dmi{i}"));
@@ -466,25 +360,18 @@ mod tests {
     fn fetch_takes_first_provider_with_data() {
         let sys = TempDir::new("fetch-sys");
         let boot = TempDir::new("fetch-boot");
-        assert_eq!(
-            fetch(&sys.0, Some(&boot.0), None).expect("nothing is fine"),
-            None
-        );
+        assert_eq!(fetch(&sys.0, Some(&boot.0), None).expect("nothing is fine"), None);
         assert_eq!(fetch(&sys.0, None, None).expect("nothing is fine"), None);
 
         boot.write("user-data", b"[settings]\nmotd = \"boot\"\n");
-        let got = fetch(&sys.0, Some(&boot.0), None)
-            .expect("boot data")
-            .expect("some");
+        let got = fetch(&sys.0, Some(&boot.0), None).expect("boot data").expect("some");
         assert_eq!(got.source, Source::BootPartition);
         assert_eq!(got.settings, json!({"motd": "boot"}));
         assert_eq!(got.raw_len, 25);
 
         // fw_cfg wins over the boot partition, and an empty entry is valid and wins too.
         sys.write(FW_CFG_RAW, b"");
-        let got = fetch(&sys.0, Some(&boot.0), None)
-            .expect("fw_cfg data")
-            .expect("some");
+        let got = fetch(&sys.0, Some(&boot.0), None).expect("fw_cfg data").expect("some");
         assert_eq!((got.source, got.raw_len), (Source::FwCfg, 0));
         assert_eq!(got.settings, json!({}));
     }
@@ -497,13 +384,7 @@ mod tests {
         boot.write("user-data.toml", b"[settings]\n");
         let err = fetch(&sys.0, Some(&boot.0), None).expect_err("bad fw_cfg data");
         assert!(
-            matches!(
-                err,
-                Error::Decode {
-                    source: Source::FwCfg,
-                    cause: DecodeError::UnexpectedKeys(_)
-                }
-            ),
+            matches!(err, Error::Decode { source: Source::FwCfg, cause: DecodeError::UnexpectedKeys(_) }),
             "{err:?}"
         );
         assert_eq!(
