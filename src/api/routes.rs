@@ -43,6 +43,10 @@ pub struct Api {
     pub services: Option<Arc<Mutex<Supervisor>>>,
 }
 
+/// The top-level setting groups (`settings.GROUP...`).
+const SETTING_GROUPS: &[&str] =
+    &["motd", "network", "kernel", "ntp", "updates", "kubernetes", "host-containers", "container-registry"];
+
 const ROUTES: &[(&str, &[&str])] = &[
     ("/", &["GET"]),
     ("/settings", &["GET", "PATCH"]),
@@ -277,6 +281,13 @@ impl Api {
             ("POST", "/tx/apply") => {
                 let keys: Option<Vec<String>> =
                     req.query_get("keys").map(|k| k.split(',').map(|s| key_path(s).join(".")).collect());
+                let unknown = keys.iter().flatten().find(|k| {
+                    let group = k.split('.').next().unwrap_or("");
+                    !SETTING_GROUPS.contains(&group)
+                });
+                if let Some(k) = unknown {
+                    return Response::error(400, &format!("'settings.{k}' is not a setting"));
+                }
                 match self.apply(keys.as_deref()) {
                     Ok(_) => Response::empty(204),
                     Err(r) => r,
@@ -342,6 +353,26 @@ mod tests {
         );
         assert_eq!(select(&s, "settings.network"), None);
         assert_eq!(select(&s, "settings"), Some(s.clone()));
+    }
+
+    #[test]
+    fn setting_groups_match_the_model() {
+        use crate::settings::model::*;
+        let all = Settings {
+            motd: Some(String::new()),
+            network: Some(Network::default()),
+            kernel: Some(Kernel::default()),
+            ntp: Some(Ntp::default()),
+            updates: Some(Updates::default()),
+            kubernetes: Some(Kubernetes::default()),
+            host_containers: Some(Default::default()),
+            container_registry: Some(ContainerRegistry::default()),
+        };
+        let v = serde_json::to_value(all).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut groups = SETTING_GROUPS.to_vec();
+        groups.sort();
+        assert_eq!(keys, groups);
     }
 
     #[test]

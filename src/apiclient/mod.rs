@@ -96,7 +96,7 @@ fn run(args: &[String]) -> Result<(), String> {
             let mut body = serde_json::Map::new();
             for p in pairs {
                 let (k, v) = p.split_once('=').ok_or_else(|| format!("'{p}' is not KEY=VALUE"))?;
-                body.insert(k.to_string(), scalar(v));
+                body.insert(k.to_string(), scalar(k, v));
             }
             transaction(&socket, "/settings/keypair", &serde_json::Value::Object(body))
         }
@@ -186,9 +186,16 @@ fn unwrap_settings(v: serde_json::Value) -> serde_json::Value {
     }
 }
 
-/// `true`, `false` and integers become JSON booleans and numbers; anything else a string.
-/// (`set -j` takes exact JSON.)
-fn scalar(v: &str) -> serde_json::Value {
+/// Settings that are maps of strings: values under them always stay strings.
+const STRING_MAPS: &[&str] = &["kernel.sysctl.", "kubernetes.node-labels."];
+
+/// `true`, `false` and integers become JSON booleans and numbers, except under the string-valued
+/// maps (sysctls, node labels); anything else is a string. (`set -j` takes exact JSON.)
+fn scalar(key: &str, v: &str) -> serde_json::Value {
+    let key = key.strip_prefix("settings.").unwrap_or(key);
+    if STRING_MAPS.iter().any(|m| key.starts_with(m)) {
+        return v.into();
+    }
     match v {
         "true" => true.into(),
         "false" => false.into(),
@@ -223,9 +230,11 @@ mod tests {
 
     #[test]
     fn values_and_wrappers() {
-        assert_eq!(scalar("true"), serde_json::json!(true));
-        assert_eq!(scalar("110"), serde_json::json!(110));
-        assert_eq!(scalar("hi there"), serde_json::json!("hi there"));
+        assert_eq!(scalar("x.enabled", "true"), serde_json::json!(true));
+        assert_eq!(scalar("kubernetes.max-pods", "110"), serde_json::json!(110));
+        assert_eq!(scalar("motd", "hi there"), serde_json::json!("hi there"));
+        assert_eq!(scalar("settings.kernel.sysctl.vm.swappiness", "10"), serde_json::json!("10"));
+        assert_eq!(scalar("kubernetes.node-labels.tier", "1"), serde_json::json!("1"));
         assert_eq!(
             unwrap_settings(serde_json::json!({"settings": {"motd": "x"}})),
             serde_json::json!({"motd": "x"})

@@ -113,6 +113,11 @@ pub fn console_stdio() {
 
 /// The entry point of PID 1: stage 1 in the initramfs, stage 2 in the real root.
 pub fn pid1() -> ! {
+    if sys::getpid() != 1 {
+        // Mounting, switching roots and reaping are only right for the real PID 1.
+        eprintln!("berth: init duties belong to PID 1 only (this is pid {})", sys::getpid());
+        std::process::exit(1);
+    }
     crate::klog::init(true);
     let in_initramfs = matches!(
         sys::statfs(Path::new("/")),

@@ -11,7 +11,6 @@
 use std::fs;
 use std::time::Duration;
 
-
 use crate::sys;
 
 const ORPHANS: usize = 5;

@@ -19,14 +19,14 @@ fn containerd() -> ServiceSpec {
 /// `berth.selftest=crashloop`: a service that fails at once, every time, so the backoff can be
 /// watched through the API.
 fn crashloop() -> ServiceSpec {
-    let mut s = ServiceSpec::new("crashloop", &["/sbin/init", "selftest", "crash"]);
+    let mut s = ServiceSpec::new("crashloop", &["/usr/bin/berth", "selftest", "crash"]);
     s.restart = Restart::Always;
     s
 }
 
 /// `berth.selftest=orphans`: a one-shot task (see `init::selftest`).
 fn orphans() -> ServiceSpec {
-    let mut s = ServiceSpec::new("selftest-orphans", &["/sbin/init", "selftest", "orphans"]);
+    let mut s = ServiceSpec::new("selftest-orphans", &["/usr/bin/berth", "selftest", "orphans"]);
     s.restart = Restart::Never;
     s
 }

@@ -206,6 +206,9 @@ impl Datastore {
             return Err(Error::NotAnObject);
         }
         let path = self.tx_path(tx)?;
+        if patch.as_object().is_some_and(|m| m.is_empty()) {
+            return Ok(()); // nothing to change: no pending transaction is created
+        }
         let mut pending = self.pending(tx)?;
         merge_patch_into_patch(&mut pending, patch);
         let mut candidate = self.live.clone();
@@ -230,10 +233,11 @@ impl Datastore {
     /// changed (possibly none, when the pending changes equal what is live).
     pub fn commit(&mut self, tx: &str) -> Result<Vec<String>, Error> {
         let path = self.tx_path(tx)?;
-        if !path.exists() {
+        let pending = self.pending(tx)?;
+        if pending.as_object().is_some_and(|m| m.is_empty()) {
+            let _ = fs::remove_file(&path);
             return Err(Error::EmptyCommit(tx.to_string()));
         }
-        let pending = self.pending(tx)?;
         let mut new = self.live.clone();
         merge(&mut new, &pending);
         // Normalise through the model, so `live.json` only holds known, valid keys.
@@ -323,6 +327,9 @@ mod tests {
         assert_eq!(s.pending("default").unwrap(), json!({"motd": "ok"}));
         assert!(matches!(s.patch("../x", &json!({})), Err(Error::BadTxName(_))));
         assert!(matches!(s.commit("other"), Err(Error::EmptyCommit(_))));
+        s.patch("empty", &json!({})).unwrap();
+        assert_eq!(s.list().unwrap(), vec!["default"], "an empty patch leaves nothing pending");
+        assert!(matches!(s.commit("empty"), Err(Error::EmptyCommit(_))));
         fs::remove_dir_all(&d).unwrap();
     }
 
