@@ -307,3 +307,22 @@ def crash_looping_service_backs_off(arch):
         assert st == 404
         st, os_ = vm.api("GET", "/os")
         assert st == 200 and os_["slot"] == "A", os_
+
+
+@case(arches=("x86_64", "arm64"))
+def containerd_becomes_ready(arch):
+    """containerd from the root filesystem starts under the supervisor with its rendered
+    config, answers on its socket (ready), and the boot is marked good only after that."""
+    with VM(arch) as vm:
+        vm.start()
+        vm.wait_for(r"berth: service containerd is ready", timeout=240)
+        r = vm.wait_ready(timeout=60)
+        c = vm.console()
+        assert c.index("service containerd is ready") < c.index("berth: ready"), "ready before containerd"
+        vm.wait_for(r"berth: api bridge")
+        st, svc = vm.api("GET", "/services/containerd")
+        assert st == 200 and svc["state"] == "running" and svc["ready"] is True, svc
+        assert svc["restarts"] == 0, svc
+        st, logs = vm.api("GET", "/logs?service=containerd")
+        assert "containerd successfully booted" in logs, logs[-2000:]
+        assert r["slot"] == "A"

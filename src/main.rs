@@ -11,6 +11,7 @@ mod disk;
 mod image;
 mod init;
 mod klog;
+mod net;
 mod settings;
 mod supervisor;
 mod sys;

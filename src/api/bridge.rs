@@ -3,20 +3,28 @@
 //! bridged to /run/api.sock inside, as the QEMU guest agent uses such a port. vhost-vsock is
 //! not available everywhere; a serial port is.
 //!
-//! The port is one byte stream, so one host client at a time: when the host side connects and
-//! sends, the bridge connects to the API and copies both ways until the host disconnects.
-//! While no host is connected, reads return 0 at once, so the bridge polls every 100 ms.
+//! The port is one byte stream with no reliable connection boundaries: the guest learns of a
+//! host disconnect through a control message that can arrive after the next client's first
+//! bytes. So the bridge does not follow connections at all; it cuts the stream into HTTP
+//! requests (head plus Content-Length body, with the API's own parser), sends each on a fresh
+//! API connection, and copies the complete answer back. One host client at a time; answers
+//! are delimited by Content-Length. An incomplete request that gets no more bytes for 5 s (its
+//! client went away) is dropped.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{info, warn};
 
+use super::http::{self, Limits};
+
 pub const PORT_NAME: &str = "org.berth.api";
+const STALE: Duration = Duration::from_secs(5);
+const API_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The /dev node of the virtio-serial port called `name`, if there is one.
 pub fn find_port(name: &str) -> Option<PathBuf> {
@@ -26,34 +34,28 @@ pub fn find_port(name: &str) -> Option<PathBuf> {
     })
 }
 
-fn session(port: &mut File, first: &[u8], socket: &Path) -> std::io::Result<()> {
-    let mut api = UnixStream::connect(socket)?;
-    api.write_all(first)?;
-    let mut from_api = api.try_clone()?;
-    let mut to_port = port.try_clone()?;
-    let back = std::thread::Builder::new().name("api-bridge-out".into()).spawn(move || {
-        let mut buf = [0u8; 16 * 1024];
-        while let Ok(n) = from_api.read(&mut buf) {
-            if n == 0 || to_port.write_all(&buf[..n]).is_err() {
-                break;
-            }
+/// The length of the first complete request in `buf`: `Some(n)` when one is there, `Some(all)`
+/// when the bytes are not HTTP (the API answers them with its error), `None` when more are due.
+fn next_request(buf: &[u8], limits: &Limits) -> Option<usize> {
+    match http::parse_head(buf, limits) {
+        Ok(Some((head, len))) => {
+            (buf.len() >= len + head.content_length).then_some(len + head.content_length)
         }
-    })?;
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        match port.read(&mut buf) {
-            Ok(0) | Err(_) => break, // the host disconnected
-            Ok(n) => {
-                if api.write_all(&buf[..n]).is_err() {
-                    // The API closed its side; drain the host's bytes until it disconnects.
-                    continue;
-                }
-            }
-        }
+        Ok(None) => None,
+        Err(_) => Some(buf.len()),
     }
-    let _ = api.shutdown(Shutdown::Both);
-    let _ = back.join();
-    Ok(())
+}
+
+/// Send one request on a fresh API connection and copy the whole answer to the port.
+fn forward(request: &[u8], socket: &Path, port: &mut File) -> std::io::Result<()> {
+    let mut api = UnixStream::connect(socket)?;
+    api.set_read_timeout(Some(API_TIMEOUT))?;
+    api.write_all(request)?;
+    // Half-close: the server answers this request, then sees the end and closes.
+    api.shutdown(Shutdown::Write)?;
+    let mut answer = Vec::new();
+    api.read_to_end(&mut answer)?;
+    port.write_all(&answer)
 }
 
 fn run(dev: PathBuf, socket: PathBuf) {
@@ -62,14 +64,29 @@ fn run(dev: PathBuf, socket: PathBuf) {
         Err(e) => return warn!("api bridge: {}: {e}", dev.display()),
     };
     info!("api bridge: {} <-> {}", dev.display(), socket.display());
-    let mut buf = [0u8; 16 * 1024];
+    let limits = Limits::default();
+    let mut pending: Vec<u8> = Vec::new();
+    let mut last_bytes = Instant::now();
+    let mut buf = vec![0u8; 64 * 1024];
     loop {
+        while let Some(n) = next_request(&pending, &limits) {
+            let request: Vec<u8> = pending.drain(..n).collect();
+            if let Err(e) = forward(&request, &socket, &mut port) {
+                warn!("api bridge: {e}");
+            }
+        }
         match port.read(&mut buf) {
-            Ok(0) => std::thread::sleep(Duration::from_millis(100)),
-            Ok(n) => {
-                if let Err(e) = session(&mut port, &buf[..n], &socket) {
-                    warn!("api bridge: {e}");
+            // No host connected (or it just left): nothing to read now.
+            Ok(0) => {
+                if !pending.is_empty() && last_bytes.elapsed() > STALE {
+                    warn!("api bridge: dropping {} bytes of an incomplete request", pending.len());
+                    pending.clear();
                 }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok(n) => {
+                pending.extend_from_slice(&buf[..n]);
+                last_bytes = Instant::now();
             }
             Err(e) => {
                 warn!("api bridge: reading {}: {e}", dev.display());
@@ -81,13 +98,52 @@ fn run(dev: PathBuf, socket: PathBuf) {
 
 /// Start the bridge if the VM has the port; returns whether it did.
 pub fn start(socket: &Path) -> bool {
-    let Some(dev) = find_port(PORT_NAME) else {
-        return false;
-    };
+    let Some(dev) = find_port(PORT_NAME) else { return false };
     let socket = socket.to_path_buf();
     std::thread::Builder::new()
         .name("api-bridge".into())
-        .stack_size(128 * 1024)
+        .stack_size(256 * 1024)
         .spawn(move || run(dev, socket))
         .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cuts_the_stream_into_requests() {
+        let l = Limits::default();
+        let get = b"GET /settings HTTP/1.1\r\nHost: x\r\n\r\n";
+        let patch = b"PATCH /settings HTTP/1.1\r\nContent-Length: 4\r\n\r\n{}\r\n";
+        assert_eq!(next_request(get, &l), Some(get.len()));
+        let mut two = get.to_vec();
+        two.extend_from_slice(patch);
+        assert_eq!(next_request(&two, &l), Some(get.len()));
+        assert_eq!(next_request(&patch[..patch.len() - 2], &l), None, "body not complete");
+        assert_eq!(next_request(b"GET /sett", &l), None, "head not complete");
+        assert_eq!(next_request(b"\x00\x01garbage\r\n\r\n", &l), Some(13), "not HTTP: the API answers it");
+    }
+
+    #[test]
+    fn forwards_one_request_and_its_whole_answer() {
+        let dir = std::env::temp_dir().join(format!("berth-bridge-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("api.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let handler: http::Handler = std::sync::Arc::new(|r: &http::Request| {
+            http::Response::json(200, &serde_json::json!({"path": r.path}))
+        });
+        std::thread::spawn(move || {
+            http::serve(listener, Limits::default(), handler, std::sync::Arc::new(Default::default()))
+        });
+        let out_path = dir.join("port");
+        let mut out = File::create(&out_path).unwrap();
+        forward(b"GET /os HTTP/1.1\r\n\r\n", &sock, &mut out).unwrap();
+        let text = fs::read_to_string(&out_path).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.ends_with("{\"path\":\"/os\"}"), "{text}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -6,8 +6,8 @@
 //! | `berth.disk=vda` | only look for Berth's partitions on this disk |
 //! | `berth.rootwait=SECS` | how long to wait for the disk to appear (default 10) |
 //! | `berth.verity.roothash=HEX` | the root hash the slot must have (UKI: signed cmdline) |
-//! | `berth.selftest=orphans` | after ready, run a self-test (QEMU tests) |
-//! | `berth.shell=1` | reserved for a debug console; unused |
+//! | `berth.health-timeout=SECS` | a slot on trial not healthy by then reboots (default 300) |
+//! | `berth.selftest=orphans\|crashloop` | run a self-test service (QEMU tests) |
 
 use std::collections::BTreeMap;
 

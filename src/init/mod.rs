@@ -10,6 +10,7 @@
 
 mod etc;
 mod grow;
+mod network;
 mod power;
 pub mod selftest;
 mod services;
@@ -97,9 +98,11 @@ const PHASES: &[Phase] = &[
     ("data", grow::mount_data),
     ("etc", etc::render),
     ("propagation", make_rshared),
+    ("loopback", network::loopback),
     ("datastore", settings::open_datastore),
     ("user-data", settings::apply_user_data),
     ("settings", settings::apply_settings),
+    ("network", network::start),
     ("services", services::declare),
     ("api", settings::start_api),
 ];

@@ -13,6 +13,8 @@ fn containerd() -> ServiceSpec {
     let mut s =
         ServiceSpec::new("containerd", &["/usr/bin/containerd", "--config", "/etc/containerd/config.toml"]);
     s.ready = Ready::Socket(CONTAINERD_SOCKET.into());
+    // /etc is rendered at boot; the CA bundle ships in the read-only root.
+    s.env.push(("SSL_CERT_FILE".into(), "/usr/share/berth/ca-certificates.crt".into()));
     s
 }
 

@@ -35,6 +35,25 @@ pub struct Settings {
 pub struct Network {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+    /// The interface to configure (default: the first Ethernet interface).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// A static IPv4 address with prefix, `10.0.0.5/24`; without it, DHCPv4.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub static_address: Option<String>,
+    /// The default gateway with a static address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// DNS servers with a static address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name_servers: Option<Vec<String>>,
+}
+
+/// Parse `a.b.c.d/len`.
+pub fn parse_cidr(s: &str) -> Option<(std::net::Ipv4Addr, u8)> {
+    let (a, l) = s.split_once('/')?;
+    let len: u8 = l.parse().ok().filter(|&l| (1..=32).contains(&l))?;
+    Some((a.parse().ok()?, len))
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,6 +236,28 @@ impl Settings {
                 return Err(invalid("settings.network.hostname", format!("'{h}' is not a valid host name")));
             }
         }
+        if let Some(n) = &self.network {
+            if let Some(a) = &n.static_address {
+                if parse_cidr(a).is_none() {
+                    return Err(invalid(
+                        "settings.network.static-address",
+                        format!("'{a}' is not an IPv4 address/prefix"),
+                    ));
+                }
+            }
+            if n.gateway.as_ref().is_some_and(|g| g.parse::<std::net::Ipv4Addr>().is_err()) {
+                return Err(invalid("settings.network.gateway", "not an IPv4 address"));
+            }
+            if n.name_servers.iter().flatten().any(|d| d.parse::<std::net::Ipv4Addr>().is_err()) {
+                return Err(invalid("settings.network.name-servers", "not a list of IPv4 addresses"));
+            }
+            if (n.gateway.is_some() || n.name_servers.is_some()) && n.static_address.is_none() {
+                return Err(invalid(
+                    "settings.network.static-address",
+                    "gateway and name-servers need a static address",
+                ));
+            }
+        }
         for (k, v) in self.kernel.as_ref().and_then(|k| k.sysctl.as_ref()).into_iter().flatten() {
             let key = format!("settings.kernel.sysctl.{k}");
             if !valid_sysctl_key(k) {
@@ -299,6 +340,13 @@ mod tests {
             (json!({"kernel": {"sysctl": {"../../etc": "1"}}}), "settings.kernel.sysctl.../../etc", "sysctl"),
             (json!({"kernel": {"sysctl": {"vm.x": "a\nb"}}}), "settings.kernel.sysctl.vm.x", "one line"),
             (json!({"updates": {"seed": 2048}}), "settings.updates.seed", "2047"),
+            (json!({"network": {"static-address": "10.0.0.5"}}), "settings.network.static-address", "prefix"),
+            (json!({"network": {"gateway": "10.0.0.1"}}), "settings.network.static-address", "need a static"),
+            (
+                json!({"network": {"static-address": "10.0.0.5/24", "name-servers": ["x"]}}),
+                "settings.network.name-servers",
+                "IPv4",
+            ),
             (
                 json!({"updates": {"metadata-base-url": "ftp://x"}}),
                 "settings.updates.metadata-base-url",
@@ -308,7 +356,7 @@ mod tests {
             (json!({"kubernetes": {"cluster-dns-ip": "10.0.0"}}), "settings.kubernetes.cluster-dns-ip", "IP"),
             (json!({"host-containers": {"Admin": {}}}), "settings.host-containers.Admin", "[a-z0-9-]"),
             (json!([1, 2]), "settings", "wrong shape"),
-            (json!({"network": ["h"]}), "settings.network", "wrong shape"),
+            (json!({"network": [null, null, null, null, null]}), "settings.network", "wrong shape"),
         ];
         for (v, key, needle) in cases {
             let e = parse(&v).unwrap_err();

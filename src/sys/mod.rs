@@ -7,6 +7,7 @@
 #![allow(unsafe_code)]
 
 pub mod dm;
+pub mod net;
 
 use std::ffi::{CStr, CString};
 use std::fs::File;

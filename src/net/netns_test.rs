@@ -1,0 +1,365 @@
+//! A real DHCP exchange: dnsmasq serves 10.123.0.0/24 in one network namespace, and this test
+//! binary, re-executed with `ip netns exec` in another, runs [`bring_up`] against it over a
+//! veth pair; then it applies a static address over the lease. Both results are read back
+//! through netlink (in the child) and `ip` (in the parent).
+//!
+//! Runs when root with `ip` and `dnsmasq` (Debian: dnsmasq-base) available and network
+//! namespaces can be made; otherwise it prints why and passes, unless BERTH_REQUIRE_NETNS=1
+//! makes that a failure. The namespaces, dnsmasq and the scratch directory go away at the end
+//! whatever happens (see `Lab`'s Drop).
+
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::dhcp::{Answer, Client, Timing, UdpTransport};
+use super::netlink::Rtnl;
+use super::{bring_up, resolv_conf, Configured, NetConfig};
+
+const CHILD_ENV: &str = "BERTH_NETNS_CHILD";
+const CHILD_TEST: &str = "net::netns_test::client_in_namespace";
+const CHILD_TIMEOUT: Duration = Duration::from_secs(20);
+const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 123, 0, 1);
+const STATIC_IP: Ipv4Addr = Ipv4Addr::new(10, 123, 0, 200);
+const DNS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 123, 0, 53), Ipv4Addr::new(10, 123, 0, 54)];
+
+fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file());
+    found
+}
+
+fn effective_uid() -> Option<u32> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
+}
+
+fn skip_reason() -> Option<String> {
+    if effective_uid() != Some(0) {
+        return Some("not running as root".into());
+    }
+    if find_program("ip").is_none() {
+        return Some("`ip` (iproute2) is not installed".into());
+    }
+    if find_program("dnsmasq").is_none() {
+        return Some("dnsmasq is not installed (Debian package dnsmasq-base)".into());
+    }
+    None
+}
+
+fn run(args: &[&str]) -> Result<String, String> {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ip {}: {}: {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Two namespaces joined by a veth pair, and dnsmasq in the server's.
+struct Lab {
+    server_ns: String,
+    client_ns: String,
+    dir: PathBuf,
+    dnsmasq: Option<Child>,
+    made: Vec<String>,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let id = std::process::id();
+        Lab {
+            server_ns: format!("berth-dhcps-{id}"),
+            client_ns: format!("berth-dhcpc-{id}"),
+            dir: std::env::temp_dir().join(format!("berth-netns-{id}")),
+            dnsmasq: None,
+            made: Vec::new(),
+        }
+    }
+
+    fn add_namespace(&mut self, name: String) -> Result<(), String> {
+        run(&["netns", "add", &name])?;
+        self.made.push(name);
+        Ok(())
+    }
+
+    /// Namespaces, veth pair (veth0 in the server's, eth0 in the client's), server address.
+    fn build(&mut self) -> Result<(), String> {
+        let _ = fs::remove_dir_all(&self.dir);
+        fs::create_dir_all(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        self.add_namespace(self.server_ns.clone())?;
+        self.add_namespace(self.client_ns.clone())?;
+        let (s, c) = (self.server_ns.as_str(), self.client_ns.as_str());
+        run(&["-n", s, "link", "add", "veth0", "type", "veth", "peer", "name", "eth0", "netns", c])?;
+        run(&["-n", s, "addr", "add", &format!("{SERVER_IP}/24"), "dev", "veth0"])?;
+        run(&["-n", s, "link", "set", "veth0", "up"])?;
+        run(&["-n", s, "link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    fn start_dnsmasq(&mut self) -> Result<(), String> {
+        let log = self.dir.join("dnsmasq.log");
+        let log_file = fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let err_file = log_file.try_clone().map_err(|e| e.to_string())?;
+        let dnsmasq = find_program("dnsmasq").ok_or("dnsmasq vanished")?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.server_ns])
+            .arg(dnsmasq)
+            .args([
+                "--keep-in-foreground",
+                "--conf-file",
+                "--no-resolv",
+                "--no-hosts",
+                "--port=0",
+                "--user=root",
+                "--interface=veth0",
+                "--bind-interfaces",
+                "--dhcp-authoritative",
+                "--dhcp-range=10.123.0.50,10.123.0.99,255.255.255.0,2m",
+                "--dhcp-option=option:router,10.123.0.1",
+                "--dhcp-option=option:dns-server,10.123.0.53,10.123.0.54",
+                "--dhcp-option=option:domain-name,berth.test",
+                "--log-dhcp",
+                "--log-facility=-",
+            ])
+            .arg(format!("--dhcp-leasefile={}", self.dir.join("leases").display()))
+            .arg(format!("--pid-file={}", self.dir.join("dnsmasq.pid").display()))
+            .stdin(Stdio::null())
+            .stdout(log_file)
+            .stderr(err_file)
+            .spawn()
+            .map_err(|e| format!("starting dnsmasq: {e}"))?;
+        self.dnsmasq = Some(child);
+        // Wait until it has its DHCP socket (it logs the range), or has died.
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if fs::read_to_string(&log).unwrap_or_default().contains("DHCP, IP range") {
+                return Ok(());
+            }
+            if let Some(Ok(Some(status))) = self.dnsmasq.as_mut().map(|c| c.try_wait()) {
+                return Err(format!(
+                    "dnsmasq exited ({status}): {}",
+                    fs::read_to_string(&log).unwrap_or_default()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(format!("dnsmasq did not start: {}", fs::read_to_string(&log).unwrap_or_default()))
+    }
+
+    /// Run this binary's child test inside the client namespace; returns its output.
+    fn run_child(&self) -> Result<String, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+        let out_path = self.dir.join("child.out");
+        let out = fs::File::create(&out_path).map_err(|e| e.to_string())?;
+        let err = out.try_clone().map_err(|e| e.to_string())?;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.client_ns])
+            .arg(exe)
+            .args(["--exact", CHILD_TEST, "--ignored", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, "1")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("starting the child test: {e}"))?;
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+                break Some(status);
+            }
+            if start.elapsed() > CHILD_TIMEOUT {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let output = fs::read_to_string(&out_path).unwrap_or_default();
+        match status {
+            Some(s) if s.success() && output.contains("CHILD-OK") => Ok(output),
+            Some(s) => Err(format!("child test failed ({s}):\n{output}")),
+            None => Err(format!("child test timed out after {CHILD_TIMEOUT:?}:\n{output}")),
+        }
+    }
+
+    fn dnsmasq_log(&self) -> String {
+        fs::read_to_string(self.dir.join("dnsmasq.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.dnsmasq.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Deleting a namespace destroys the veth pair with it.
+        for ns in self.made.drain(..).rev() {
+            if let Err(e) = run(&["netns", "del", &ns]) {
+                eprintln!("cleanup: {e}");
+            }
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn dhcp_and_static_in_network_namespaces() {
+    let require = std::env::var("BERTH_REQUIRE_NETNS").is_ok_and(|v| v == "1");
+    if let Some(why) = skip_reason() {
+        assert!(!require, "BERTH_REQUIRE_NETNS=1 but {why}");
+        eprintln!("skipped dhcp_and_static_in_network_namespaces: {why}");
+        return;
+    }
+    let started = Instant::now();
+    let mut lab = Lab::new();
+    if let Err(e) = lab.build() {
+        // No namespaces here (an unprivileged container): the same as not being root.
+        assert!(!require || !lab.made.is_empty(), "BERTH_REQUIRE_NETNS=1 but {e}");
+        if lab.made.is_empty() {
+            eprintln!("skipped dhcp_and_static_in_network_namespaces: cannot make a namespace: {e}");
+            return;
+        }
+        panic!("{e}");
+    }
+    lab.start_dnsmasq().unwrap_or_else(|e| panic!("{e}"));
+    let output =
+        lab.run_child().unwrap_or_else(|e| panic!("{e}\n--- dnsmasq log ---\n{}", lab.dnsmasq_log()));
+
+    // The child reported the lease it got and the MAC it used; dnsmasq must agree.
+    let report = output
+        .lines()
+        .find_map(|l| l.split_once("CHILD-OK ").map(|(_, report)| report))
+        .expect("report line");
+    let field = |k: &str| {
+        report
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("no {k} in {report}"))
+            .to_string()
+    };
+    let (leased, mac) = (field("lease"), field("mac"));
+    let leases = fs::read_to_string(lab.dir.join("leases")).unwrap_or_default();
+    assert!(
+        leases.lines().any(|l| l.contains(&leased) && l.contains(&mac)),
+        "dnsmasq has no lease of {leased} to {mac}: {leases:?}"
+    );
+    assert!(lab.dnsmasq_log().contains(&format!("DHCPACK(veth0) {leased}")), "{}", lab.dnsmasq_log());
+
+    // What the child left configured (the static address, last), seen by iproute2.
+    let addrs = run(&["-n", &lab.client_ns, "-4", "-o", "addr", "show", "dev", "eth0"]).unwrap();
+    assert!(addrs.contains(&format!("inet {STATIC_IP}/24")), "{addrs}");
+    assert!(!addrs.contains(&format!("inet {leased}/")), "the DHCP address was not removed: {addrs}");
+    let routes = run(&["-n", &lab.client_ns, "-4", "route", "show", "default"]).unwrap();
+    assert!(routes.contains(&format!("default via {SERVER_IP} dev eth0")), "{routes}");
+    let lo = run(&["-n", &lab.client_ns, "-4", "-o", "addr", "show", "dev", "lo"]).unwrap();
+    assert!(lo.contains("inet 127.0.0.1/8"), "{lo}");
+    eprintln!("--- child ---\n{output}--- dnsmasq ---\n{}", lab.dnsmasq_log());
+    eprintln!("namespace test took {:?}", started.elapsed());
+}
+
+/// Runs only as the child of the test above, inside the client namespace.
+#[test]
+#[ignore = "the child half of dhcp_and_static_in_network_namespaces"]
+fn client_in_namespace() {
+    if std::env::var(CHILD_ENV).is_err() {
+        eprintln!("{CHILD_TEST} only runs inside the namespace test's child");
+        return;
+    }
+    crate::klog::init(false);
+    // 1. DHCP.
+    let up = bring_up(&NetConfig::Dhcp { interface: None }).unwrap_or_else(|e| panic!("{e}"));
+    let Configured::Dhcp { link, lease } = &up else { panic!("not a DHCP result: {up:?}") };
+    assert_eq!(link.name, "eth0");
+    let host = lease.address.octets()[3];
+    assert_eq!(&lease.address.octets()[..3], &[10, 123, 0], "{lease:?}");
+    assert!((50..=99).contains(&host), "{lease:?}");
+    assert_eq!(lease.prefix_len, 24);
+    assert_eq!(lease.router, Some(SERVER_IP));
+    assert_eq!(lease.server, SERVER_IP);
+    assert_eq!(lease.dns, DNS.to_vec());
+    assert_eq!(lease.domain.as_deref(), Some("berth.test"));
+    assert_eq!(lease.lease_secs, 120);
+    assert!(lease.t1 < lease.t2 && lease.t2 < lease.lease_secs, "{lease:?}");
+
+    // Read back through netlink: the address, the default route, loopback.
+    let mut nl = Rtnl::open().unwrap();
+    let links = nl.links().unwrap();
+    let lo = links.iter().find(|l| l.is_loopback()).unwrap();
+    assert!(lo.is_up());
+    let lo_addrs = nl.addrs(Some(lo.index)).unwrap();
+    assert!(lo_addrs.iter().any(|a| a.address == Ipv4Addr::LOCALHOST && a.prefix_len == 8), "{lo_addrs:?}");
+    let eth = links.iter().find(|l| l.index == link.index).unwrap();
+    assert!(eth.is_up());
+    let addrs: Vec<_> =
+        nl.addrs(Some(link.index)).unwrap().iter().map(|a| (a.address, a.prefix_len)).collect();
+    assert_eq!(addrs, vec![(lease.address, 24)]);
+    let default = nl.routes().unwrap().into_iter().find(|r| r.is_default()).expect("a default route");
+    assert_eq!((default.gateway, default.oif), (Some(SERVER_IP), Some(link.index)));
+
+    let conf = resolv_conf(&up);
+    assert!(conf.contains("search berth.test\nnameserver 10.123.0.53\nnameserver 10.123.0.54\n"), "{conf}");
+
+    // 2. Renewal (unicast to the server, now that we have an address) and rebinding
+    // (broadcast): both must be acknowledged with the same address.
+    let mac = link.mac.unwrap();
+    for rebinding in [false, true] {
+        let transport = UdpTransport::open("eth0").unwrap();
+        let answer = Client::new(transport, "eth0", mac, Timing::default())
+            .renew(lease, rebinding, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("{e}"));
+        match answer {
+            Some(Answer::Ack(renewed)) => {
+                assert!(!renewed.differs_in_config(lease), "rebinding={rebinding}: {renewed:?}")
+            }
+            other => panic!("rebinding={rebinding}: {other:?}"),
+        }
+    }
+
+    // 3. A static address replaces the lease's.
+    let static_up = bring_up(&NetConfig::Static {
+        interface: Some("eth0".into()),
+        address: STATIC_IP,
+        prefix_len: 24,
+        gateway: Some(SERVER_IP),
+        dns: vec![DNS[0]],
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(static_up.address(), (STATIC_IP, 24));
+    let addrs: Vec<_> =
+        nl.addrs(Some(link.index)).unwrap().iter().map(|a| (a.address, a.prefix_len)).collect();
+    assert_eq!(addrs, vec![(STATIC_IP, 24)]);
+    let default = nl.routes().unwrap().into_iter().find(|r| r.is_default()).expect("a default route");
+    assert_eq!(default.gateway, Some(SERVER_IP));
+
+    // 4. Errors name the operation and the interface; an address already gone is fine to
+    // delete when that is allowed.
+    let err = nl.del_addr(link, Ipv4Addr::new(10, 123, 0, 7), 24).unwrap_err().to_string();
+    assert!(err.contains("delete address 10.123.0.7/24 on eth0"), "{err}");
+    eprintln!("the kernel's refusal reads: {err}");
+    nl.del_addr_if_present(link, Ipv4Addr::new(10, 123, 0, 7), 24).unwrap_or_else(|e| panic!("{e}"));
+    // Secondaries go with their primary: flushing must not trip over them.
+    nl.add_addr(link, Ipv4Addr::new(10, 123, 0, 201), 24).unwrap();
+    nl.flush(link).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(nl.addrs(Some(link.index)).unwrap(), vec![]);
+    nl.add_addr(link, STATIC_IP, 24).unwrap();
+    nl.default_route(link, SERVER_IP, super::netlink::RouteProto::Static).unwrap();
+
+    println!("CHILD-OK lease={} mac={}", lease.address, link.mac_string());
+}
