@@ -326,3 +326,107 @@ def containerd_becomes_ready(arch):
         st, logs = vm.api("GET", "/logs?service=containerd")
         assert "containerd successfully booted" in logs, logs[-2000:]
         assert r["slot"] == "A"
+
+
+@case(arches=("x86_64", "arm64"))
+def network_gets_a_dhcp_lease(arch):
+    """PID 1's own DHCPv4 client gets QEMU user networking's lease on the first interface
+    (10.0.2.15/24, gateway 10.0.2.2) without holding up the boot."""
+    with VM(arch) as vm:
+        vm.start()
+        m = vm.wait_for(r"berth: network up: (\S+) (\S+) gateway (\S+)", timeout=120)
+        assert m.group(2) == "10.0.2.15/24" and m.group(3) == "10.0.2.2", m.group(0)
+        vm.wait_ready()
+
+
+def _poll(fn, timeout, every=0.5):
+    """Call fn until it returns something truthy; return that, or fail with its last value."""
+    import time
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last and last[0]:
+            return last
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s; last: {last}")
+
+
+def _host_container_user_data(name, ref, superpowered):
+    sp = "true" if superpowered else "false"
+    return (f'[settings.host-containers.{name}]\nsource = "{ref}"\nenabled = true\n'
+            f'superpowered = {sp}\n')
+
+
+@case(arches=("x86_64", "arm64"))
+def host_container_from_test_registry(arch):
+    """A host container whose image is pulled from a registry on the host (reached at
+    10.0.2.2) runs under the supervisor, its output appears in GET /logs, and disabling it
+    through the API stops it."""
+    from registry import Registry
+    with Registry() as reg:
+        ref = reg.push_busybox(arch)
+        with VM(arch, user_data=_host_container_user_data("hello", ref, False)) as vm:
+            vm.start()
+            vm.wait_ready(timeout=240)
+            vm.wait_for(r"berth: api bridge")
+            svc = "host-containers@hello"
+
+            def logs():
+                st, text = vm.api("GET", f"/logs?service={svc}")
+                return (st == 200 and "hello from busybox" in (text or ""), st, text)
+            _poll(logs, 240)
+            st, info = vm.api("GET", f"/services/{svc}")
+            assert info["state"] == "running" and info["pid"], info
+            st, _ = vm.api("PATCH", "/settings", {"host-containers": {"hello": {"enabled": False}}})
+            assert st == 204
+            st, _ = vm.api("POST", "/tx/commit_and_apply")
+            assert st == 200
+
+            def stopped():
+                st, info = vm.api("GET", f"/services/{svc}")
+                return (info["state"] == "stopped" and info["pid"] is None, info)
+            _poll(stopped, 60)
+
+
+@case(arches=("x86_64",))
+def containerd_killed_from_superpowered_container_restarts(arch):
+    """A superpowered host container sees the host's processes and kills containerd; the
+    supervisor restarts containerd and the API answers throughout."""
+    from registry import Registry
+    script = ("if [ ! -e /.berth/rootfs/run/killed-once ]; then touch /.berth/rootfs/run/killed-once; "
+              "sleep 2; kill -9 $(pidof containerd) && echo killed containerd; fi; sleep 3600")
+    with Registry() as reg:
+        ref = reg.push_busybox_cmd(arch, ["/bin/sh", "-c", script], tag="killer")
+        with VM(arch, user_data=_host_container_user_data("killer", ref, True)) as vm:
+            vm.start()
+            vm.wait_ready(timeout=240)
+            vm.wait_for(r"berth: api bridge")
+            answers = []
+
+            def restarted():
+                st, info = vm.api("GET", "/services/containerd")
+                answers.append(st)
+                return (info["restarts"] >= 1 and info["state"] == "running", info)
+            _poll(restarted, 240)
+            assert all(s == 200 for s in answers), answers
+            st, text = vm.api("GET", "/logs?service=host-containers@killer")
+            assert "killed containerd" in text, text
+
+
+@case(arches=("x86_64",))
+def kubelet_configured_but_absent_is_reported(arch):
+    """With settings.kubernetes configured and no kubelet in the image, the kubelet service is
+    reported absent with its reason, and the boot is still healthy."""
+    ud = ('[settings.kubernetes]\napi-server = "https://10.0.2.2:6443"\ncluster-name = "test"\n'
+          'bootstrap-token = "abcdef.0123456789abcdef"\ncluster-certificate = "aGVsbG8="\nmax-pods = 50\n')
+    with VM(arch, user_data=ud) as vm:
+        vm.start()
+        vm.wait_ready()
+        vm.wait_for(r"berth: api bridge")
+        st, svc = vm.api("GET", "/services/kubelet")
+        assert st == 200 and svc["state"] == "absent", svc
+        assert "/usr/bin/kubelet is not in this image" in svc["reason"], svc
+        assert "--bootstrap-kubeconfig=/etc/kubernetes/bootstrap-kubeconfig" in svc["argv"], svc
+        st, files = vm.api("GET", "/configuration-files")
+        assert files["kubelet-config"]["path"] == "/etc/kubernetes/kubelet/config.json", files

@@ -31,6 +31,7 @@ usage:
   berth mkroot MANIFEST DIR [NAME=VALUE..] create a manifest's tree in DIR (root filesystem)
   berth bootctl show DISK                  A/B boot-control state of a disk image
   berth bootctl set DISK A|B PRIO TRIES OK set a slot's boot-control state
+  berth host-container NAME SOURCE 0|1     run a host container (as a supervised service)
   berth selftest NAME                      run a PID 1 self-test (inside Berth)
 As PID 1 (or argv[0] `init`) it boots the system.";
 
@@ -53,6 +54,7 @@ fn main() {
         Some("apiclient") => std::process::exit(apiclient::main(rest)),
         Some("serve") => api::serve_dev(rest),
         Some("bench-api") => api::bench::run(rest),
+        Some("host-container") => std::process::exit(supervisor::host_container::main(rest)),
         Some("verity-format") => image::verity_format(rest),
         Some("mkcpio") => image::mkcpio(rest),
         Some("mkroot") => image::mkroot(rest),

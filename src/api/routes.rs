@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::{json, Map, Value};
 
 use super::http::{Request, Response};
+use crate::settings::model::Settings;
 use crate::settings::{render, store, Datastore};
 use crate::supervisor::Supervisor;
 
@@ -30,6 +31,9 @@ pub struct OsInfo {
     pub slot: String,
 }
 
+/// What to do after settings were applied, given them and the changed keys (None: all).
+pub type OnApplied = Box<dyn Fn(&Settings, Option<&[String]>) + Send + Sync>;
+
 pub struct Api {
     pub store: Mutex<Datastore>,
     pub etc: PathBuf,
@@ -41,6 +45,8 @@ pub struct Api {
     pub user_data: Mutex<Value>,
     /// PID 1's supervisor (None in dev mode, which runs no services).
     pub services: Option<Arc<Mutex<Supervisor>>>,
+    /// Called after settings were applied (PID 1: restart or start or stop services).
+    pub on_applied: OnApplied,
 }
 
 /// The top-level setting groups (`settings.GROUP...`).
@@ -167,12 +173,7 @@ impl Api {
         let settings = self.store.lock().unwrap_or_else(|p| p.into_inner()).settings();
         let done = render::apply(&settings, changed, &self.etc, self.host.as_ref())
             .map_err(|e| Response::error(500, &format!("settings committed, but applying failed: {e}")))?;
-        // Services whose configuration was re-rendered are restarted to read it.
-        if let Some(mut sup) = self.supervisor() {
-            for name in render::affected_services(changed) {
-                sup.restart(name);
-            }
-        }
+        (self.on_applied)(&settings, changed);
         Ok(done)
     }
 

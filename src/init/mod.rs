@@ -237,6 +237,18 @@ fn rss_kb() -> u64 {
 /// Services that must be ready before the boot counts as healthy (absent ones are skipped).
 const HEALTH_SERVICES: &[&str] = &["containerd"];
 
+/// Memory in use by the whole guest: MemTotal - MemAvailable.
+fn guest_used_kb() -> u64 {
+    let info = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field("MemTotal:").saturating_sub(field("MemAvailable:"))
+}
+
 fn event_loop(ctx: &Ctx, signals: SignalFd) -> ! {
     let sup = &*ctx.supervisor;
     let health_deadline = Instant::now() + Duration::from_secs(ctx.cmdline.get_u64("health-timeout", 300));
@@ -276,7 +288,7 @@ fn event_loop(ctx: &Ctx, signals: SignalFd) -> ! {
             }
             Some(t) if !idle_reported && t.elapsed() >= Duration::from_secs(2) => {
                 idle_reported = true;
-                info!("idle rss_kb={} uptime_ms={}", rss_kb(), uptime_ms());
+                info!("idle rss_kb={} guest_used_kb={} uptime_ms={}", rss_kb(), guest_used_kb(), uptime_ms());
             }
             _ => {}
         }

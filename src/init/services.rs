@@ -1,10 +1,12 @@
 //! The services PID 1 supervises, declared as data: containerd (with the configuration
-//! rendered from settings under /etc/containerd), and the self-test services that QEMU tests
-//! switch on with `berth.selftest=`.
+//! rendered from settings under /etc/containerd), kubelet when `settings.kubernetes` configures
+//! it, one `host-containers@NAME` per enabled host
+//! container, and the self-test services that QEMU tests switch on with `berth.selftest=`.
 
 use std::sync::{Arc, Mutex};
 
 use super::Ctx;
+use crate::settings::model::Settings;
 use crate::supervisor::{Ready, Restart, ServiceSpec, Supervisor};
 
 pub const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
@@ -33,8 +35,75 @@ fn orphans() -> ServiceSpec {
     s
 }
 
+fn host_container(name: &str, source: &str, superpowered: bool) -> ServiceSpec {
+    let sp = if superpowered { "1" } else { "0" };
+    let mut s = ServiceSpec::new(
+        &format!("host-containers@{name}"),
+        &["/usr/bin/berth", "host-container", name, source, sp],
+    );
+    s.deps = vec!["containerd".into()];
+    s
+}
+
+/// Host containers as settings describe them: (spec, enabled) for each one with a source.
+fn host_containers(settings: &Settings) -> Vec<(ServiceSpec, bool)> {
+    settings
+        .host_containers
+        .iter()
+        .flatten()
+        .filter_map(|(name, hc)| {
+            let source = hc.source.as_deref()?;
+            Some((
+                host_container(name, source, hc.superpowered.unwrap_or(false)),
+                hc.enabled.unwrap_or(false),
+            ))
+        })
+        .collect()
+}
+
+/// kubelet, when `settings.kubernetes` configures it (absent when the image has no kubelet).
+fn kubelet(settings: &Settings) -> Option<ServiceSpec> {
+    let k = crate::settings::kubelet::configured(settings)?;
+    let argv = crate::settings::kubelet::argv(k);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let mut s = ServiceSpec::new("kubelet", &argv);
+    s.deps = vec!["containerd".into()];
+    Some(s)
+}
+
+/// Bring the supervisor in line with settings that were just applied (`changed` keys, or all).
+pub fn on_settings_applied(sup: &Mutex<Supervisor>, settings: &Settings, changed: Option<&[String]>) {
+    let touched = |group: &str| {
+        changed.is_none_or(|c| c.iter().any(|k| k == group || k.starts_with(&format!("{group}."))))
+    };
+    let mut sup = sup.lock().unwrap_or_else(|p| p.into_inner());
+    if touched("container-registry") {
+        sup.restart("containerd");
+    }
+    if touched("kubernetes") {
+        match kubelet(settings) {
+            Some(spec) => sup.ensure(spec),
+            None => sup.disable("kubelet"),
+        }
+    }
+    if touched("host-containers") {
+        for (spec, enabled) in host_containers(settings) {
+            if enabled {
+                sup.ensure(spec);
+            } else {
+                sup.disable(&spec.name);
+            }
+        }
+    }
+}
+
 pub fn declare(ctx: &mut Ctx) -> Result<(), String> {
     let mut specs = vec![containerd()];
+    if let Some(store) = &ctx.store {
+        let settings = store.settings();
+        specs.extend(kubelet(&settings));
+        specs.extend(host_containers(&settings).into_iter().filter(|(_, on)| *on).map(|(s, _)| s));
+    }
     match ctx.cmdline.get("selftest") {
         Some("crashloop") => specs.push(crashloop()),
         Some("orphans") => specs.push(orphans()),

@@ -127,6 +127,10 @@ pub fn start_api(ctx: &mut Ctx) -> Result<(), String> {
         }),
         user_data: Mutex::new(ctx.user_data.clone()),
         services: Some(ctx.supervisor.clone()),
+        on_applied: {
+            let sup = ctx.supervisor.clone();
+            Box::new(move |settings, changed| super::services::on_settings_applied(&sup, settings, changed))
+        },
     };
     let socket = Path::new(api::SOCKET);
     let listener =

@@ -281,6 +281,11 @@ impl Settings {
         }
         if let Some(k) = &self.kubernetes {
             check_url("settings.kubernetes.api-server", &k.api_server)?;
+            if let Some(c) = &k.cluster_certificate {
+                if super::kubelet::base64_decode(c).is_none() {
+                    return Err(invalid("settings.kubernetes.cluster-certificate", "not base64"));
+                }
+            }
             if k.max_pods.is_some_and(|m| m == 0 || m > 10_000) {
                 return Err(invalid("settings.kubernetes.max-pods", "must be in 1..=10000"));
             }

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use super::kubelet;
 use super::model::Settings;
 
 /// What a setting group changes on the running system.
@@ -92,6 +93,9 @@ pub const CONFIG_FILES: &[(&str, ConfigFile)] = &[
     ("sysctl", ConfigFile { path: "sysctl.d/90-berth.conf", settings: &["kernel"] }),
     ("ntp", ConfigFile { path: "ntp.conf", settings: &["ntp"] }),
     ("containerd", ConfigFile { path: "containerd/config.toml", settings: &["container-registry"] }),
+    ("kubelet-config", ConfigFile { path: kubelet::CONFIG, settings: &["kubernetes"] }),
+    ("kubelet-ca", ConfigFile { path: kubelet::CA, settings: &["kubernetes"] }),
+    ("kubelet-bootstrap", ConfigFile { path: kubelet::BOOTSTRAP, settings: &["kubernetes"] }),
 ];
 
 /// The sandbox (pause) image kubelet's pods use; containerd pulls it on first use.
@@ -152,22 +156,22 @@ pub fn render_file(name: &str, s: &Settings) -> String {
         }
         "sysctl" => sysctls(s).iter().map(|(k, v)| format!("{k} = {v}\n")).collect(),
         "containerd" => containerd_config(s),
+        // Empty while kubelet is not configured.
+        "kubelet-config" => kubelet::configured(s)
+            .map(|k| serde_json::to_string_pretty(&kubelet::config(k)).expect("JSON serializes"))
+            .unwrap_or_default(),
+        "kubelet-ca" => kubelet::configured(s)
+            .and_then(|k| k.cluster_certificate.as_deref())
+            .and_then(kubelet::base64_decode)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default(),
+        "kubelet-bootstrap" => kubelet::configured(s).map(kubelet::bootstrap_kubeconfig).unwrap_or_default(),
         "ntp" => {
             let servers = s.ntp.as_ref().and_then(|n| n.time_servers.clone()).unwrap_or_default();
             servers.iter().map(|t| format!("server {t} iburst\n")).collect()
         }
         _ => String::new(),
     }
-}
-
-/// Services to restart after `changed` keys were applied (all that have any, for None).
-pub fn affected_services(changed: Option<&[String]>) -> Vec<&'static str> {
-    let touched = |group: &str| changed.is_none_or(|c| groups(c).contains(&group));
-    let mut out = Vec::new();
-    if touched("container-registry") {
-        out.push("containerd");
-    }
-    out
 }
 
 /// Which top-level setting groups `changed` keys (`network.hostname`, `motd`) touch.

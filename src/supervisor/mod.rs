@@ -12,6 +12,7 @@
 //! `waitpid(-1)`) hands every exit to [`Supervisor::on_exit`]. Nothing here blocks for long,
 //! so a crash loop cannot hold up PID 1 or the API.
 
+pub mod host_container;
 mod logbuf;
 
 use std::fs::{self, File};
@@ -373,6 +374,48 @@ impl Supervisor {
             s.state = ServiceState::Stopped;
         }
         s.pid
+    }
+
+    /// Add a service, or bring an existing one in line with `spec`: a stopped one starts again,
+    /// a running one with a different command is restarted with the new one.
+    pub fn ensure(&mut self, spec: ServiceSpec) {
+        let Some(s) = self.services.iter_mut().find(|s| s.spec.name == spec.name) else {
+            self.services.push(Service {
+                state: match &spec.absent {
+                    Some(why) => ServiceState::Absent(why.clone()),
+                    None => ServiceState::Waiting,
+                },
+                spec,
+                pid: None,
+                restarts: 0,
+                starts: Vec::new(),
+                last_exit: None,
+                started_at: None,
+                delay: MIN_DELAY,
+                log: Arc::new(Mutex::new(LogBuf::new(LOG_BYTES))),
+            });
+            return;
+        };
+        let changed = s.spec.argv != spec.argv;
+        s.spec = spec;
+        s.delay = MIN_DELAY;
+        match (&s.state, s.pid) {
+            (ServiceState::Stopped | ServiceState::Exited, None) => s.state = ServiceState::Waiting,
+            (ServiceState::Stopped, Some(_)) => {} // still stopping; started again by a later ensure
+            (_, Some(pid)) if changed => {
+                info!("restarting service {} for its new command", s.spec.name);
+                let _ = sys::kill(-pid, libc::SIGTERM);
+            }
+            _ => {}
+        }
+    }
+
+    /// Stop `name` for good: mark it stopped and send SIGTERM to its process group.
+    pub fn disable(&mut self, name: &str) {
+        if let Some(pid) = self.stop(name) {
+            info!("stopping service {name} (pid {pid})");
+            let _ = sys::kill(-pid, libc::SIGTERM);
+        }
     }
 
     /// Restart `name` to make it re-read its configuration: SIGTERM to its process group;

@@ -1,0 +1,221 @@
+//! kubelet's configuration, rendered from `settings.kubernetes.*`: the KubeletConfiguration
+//! (`kubelet.config.k8s.io/v1beta1`, written as JSON, which is valid YAML), the cluster CA,
+//! the bootstrap kubeconfig with the bootstrap token, and kubelet's command line.
+//!
+//! kubelet is configured when `settings.kubernetes.api-server` is set (joining a cluster) or
+//! `standalone-mode` is true (static pods only). No registry reachable here ships kubelet:
+//! the image includes one when the build is given one (`KUBELET=/path scripts/run`),
+//! otherwise the service is reported absent.
+
+use serde_json::{json, Value};
+
+use super::model::{Kubernetes, Settings};
+
+pub const CONFIG: &str = "kubernetes/kubelet/config.json";
+pub const CA: &str = "kubernetes/pki/ca.crt";
+pub const BOOTSTRAP: &str = "kubernetes/bootstrap-kubeconfig";
+pub const KUBECONFIG: &str = "/var/lib/kubelet/kubeconfig";
+pub const BINARY: &str = "/usr/bin/kubelet";
+
+pub fn configured(s: &Settings) -> Option<&Kubernetes> {
+    s.kubernetes.as_ref().filter(|k| k.api_server.is_some() || k.standalone_mode == Some(true))
+}
+
+fn standalone(k: &Kubernetes) -> bool {
+    k.standalone_mode == Some(true)
+}
+
+/// Decode standard base64 (the cluster certificate is given base64-encoded, as in
+/// Bottlerocket); whitespace is ignored.
+pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'+' => Some(62),
+        b'/' => Some(63),
+        _ => None,
+    };
+    let clean: Vec<u8> = s.bytes().filter(|c| !c.is_ascii_whitespace()).collect();
+    if !clean.len().is_multiple_of(4) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(clean.len() / 4 * 3);
+    for chunk in clean.chunks(4) {
+        let pad = chunk.iter().rev().take_while(|&&c| c == b'=').count();
+        if pad > 2 || chunk[..4 - pad].contains(&b'=') {
+            return None;
+        }
+        let mut n: u32 = 0;
+        for &c in &chunk[..4 - pad] {
+            n = (n << 6) | val(c)? as u32;
+        }
+        n <<= 6 * pad as u32;
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&bytes[..3 - pad]);
+    }
+    Some(out)
+}
+
+/// The KubeletConfiguration object.
+pub fn config(k: &Kubernetes) -> Value {
+    let taints: Vec<Value> = k
+        .node_taints
+        .iter()
+        .flatten()
+        .flat_map(|(key, values)| {
+            values.iter().map(move |v| {
+                let (value, effect) = v.split_once(':').unwrap_or(("", v.as_str()));
+                json!({"key": key, "value": value, "effect": effect})
+            })
+        })
+        .collect();
+    let mut c = json!({
+        "apiVersion": "kubelet.config.k8s.io/v1beta1",
+        "kind": "KubeletConfiguration",
+        "address": "0.0.0.0",
+        "authentication": {
+            "anonymous": {"enabled": false},
+            "webhook": {"enabled": !standalone(k), "cacheTTL": "2m0s"},
+            "x509": {"clientCAFile": format!("/etc/{CA}")}
+        },
+        "authorization": {"mode": if standalone(k) { "AlwaysAllow" } else { "Webhook" }},
+        "cgroupDriver": "cgroupfs",
+        "cgroupRoot": "/",
+        "clusterDomain": "cluster.local",
+        "containerRuntimeEndpoint": "unix:///run/containerd/containerd.sock",
+        "maxPods": k.max_pods.unwrap_or(110),
+        "resolvConf": "/etc/resolv.conf",
+        "rotateCertificates": true,
+        "serverTLSBootstrap": !standalone(k),
+        "staticPodPath": "/etc/kubernetes/static-pods",
+        "registerWithTaints": taints,
+        "volumePluginDir": "/var/lib/kubelet/plugins/volume/exec",
+    });
+    if let Some(ip) = &k.cluster_dns_ip {
+        c["clusterDNS"] = json!([ip]);
+    }
+    c
+}
+
+/// The bootstrap kubeconfig (kubelet exchanges the token for a client certificate).
+pub fn bootstrap_kubeconfig(k: &Kubernetes) -> String {
+    let cluster = k.cluster_name.as_deref().unwrap_or("kubernetes");
+    let v = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": cluster, "cluster": {
+            "server": k.api_server.clone().unwrap_or_default(),
+            "certificate-authority": format!("/etc/{CA}")}}],
+        "users": [{"name": "kubelet-bootstrap", "user": {"token": k.bootstrap_token.clone().unwrap_or_default()}}],
+        "contexts": [{"name": "kubelet", "context": {"cluster": cluster, "user": "kubelet-bootstrap"}}],
+        "current-context": "kubelet",
+    });
+    serde_json::to_string_pretty(&v).expect("JSON serializes")
+}
+
+/// kubelet's command line.
+pub fn argv(k: &Kubernetes) -> Vec<String> {
+    let mut a = vec![BINARY.to_string(), format!("--config=/etc/{CONFIG}")];
+    if !standalone(k) {
+        a.push(format!("--kubeconfig={KUBECONFIG}"));
+        a.push(format!("--bootstrap-kubeconfig=/etc/{BOOTSTRAP}"));
+    }
+    if let Some(labels) = &k.node_labels {
+        let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        if !l.is_empty() {
+            a.push(format!("--node-labels={}", l.join(",")));
+        }
+    }
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::model::parse;
+
+    fn k8s() -> Kubernetes {
+        let s = parse(&json!({"kubernetes": {
+            "api-server": "https://10.0.0.1:6443",
+            "cluster-name": "prod",
+            "cluster-certificate": "aGVsbG8=",
+            "bootstrap-token": "abcdef.0123456789abcdef",
+            "node-labels": {"tier": "web", "zone": "a"},
+            "node-taints": {"dedicated": ["gpu:NoSchedule", "x:NoExecute"]},
+            "max-pods": 42,
+            "cluster-dns-ip": "10.96.0.10"}}))
+        .unwrap();
+        s.kubernetes.unwrap()
+    }
+
+    /// Field names of KubeletConfiguration v1beta1 (k8s.io/kubelet/config/v1beta1) used here.
+    const DOCUMENTED: &[&str] = &[
+        "apiVersion",
+        "kind",
+        "address",
+        "authentication",
+        "authorization",
+        "cgroupDriver",
+        "cgroupRoot",
+        "clusterDomain",
+        "clusterDNS",
+        "containerRuntimeEndpoint",
+        "maxPods",
+        "resolvConf",
+        "rotateCertificates",
+        "serverTLSBootstrap",
+        "staticPodPath",
+        "registerWithTaints",
+        "volumePluginDir",
+    ];
+
+    #[test]
+    fn kubelet_configuration_uses_documented_fields() {
+        let c = config(&k8s());
+        let text = serde_json::to_string(&c).unwrap();
+        let back: Value = serde_json::from_str(&text).expect("valid JSON");
+        for key in back.as_object().unwrap().keys() {
+            assert!(DOCUMENTED.contains(&key.as_str()), "undocumented field {key}");
+        }
+        assert_eq!(back["kind"], "KubeletConfiguration");
+        assert_eq!(back["maxPods"], 42);
+        assert_eq!(back["clusterDNS"], json!(["10.96.0.10"]));
+        assert_eq!(back["authorization"]["mode"], "Webhook");
+        assert_eq!(
+            back["registerWithTaints"][1],
+            json!({"key": "dedicated", "value": "x", "effect": "NoExecute"})
+        );
+    }
+
+    #[test]
+    fn bootstrap_and_argv() {
+        let k = k8s();
+        let kc: Value = serde_json::from_str(&bootstrap_kubeconfig(&k)).unwrap();
+        assert_eq!(kc["clusters"][0]["cluster"]["server"], "https://10.0.0.1:6443");
+        assert_eq!(kc["users"][0]["user"]["token"], "abcdef.0123456789abcdef");
+        let a = argv(&k).join(" ");
+        assert!(a.contains("--bootstrap-kubeconfig=/etc/kubernetes/bootstrap-kubeconfig"), "{a}");
+        assert!(a.contains("--node-labels=tier=web,zone=a"), "{a}");
+        let mut sa = k.clone();
+        sa.standalone_mode = Some(true);
+        assert!(!argv(&sa).join(" ").contains("kubeconfig"));
+        assert_eq!(config(&sa)["authorization"]["mode"], "AlwaysAllow");
+    }
+
+    #[test]
+    fn base64_table() {
+        for (enc, dec) in [
+            ("", Some(&b""[..])),
+            ("aGVsbG8=", Some(b"hello")),
+            ("aGk=", Some(b"hi")),
+            ("YQ==", Some(b"a")),
+            ("aGVs\nbG8=", Some(b"hello")),
+        ] {
+            assert_eq!(base64_decode(enc).as_deref(), dec, "{enc}");
+        }
+        for bad in ["a", "a===", "=aaa", "aG!k"] {
+            assert_eq!(base64_decode(bad), None, "{bad}");
+        }
+    }
+}
