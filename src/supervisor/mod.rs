@@ -137,6 +137,23 @@ fn epoch_ms(t: SystemTime) -> u64 {
 }
 
 impl Service {
+    fn new(spec: ServiceSpec) -> Service {
+        Service {
+            state: match &spec.absent {
+                Some(why) => ServiceState::Absent(why.clone()),
+                None => ServiceState::Waiting,
+            },
+            spec,
+            pid: None,
+            restarts: 0,
+            starts: Vec::new(),
+            last_exit: None,
+            started_at: None,
+            delay: MIN_DELAY,
+            log: Arc::new(Mutex::new(LogBuf::new(LOG_BYTES))),
+        }
+    }
+
     fn report(&self) -> Value {
         let exit = self.last_exit.map(|(e, t)| {
             let (kind, value) = match e {
@@ -205,23 +222,7 @@ impl Supervisor {
                 let _ = fs::write(Path::new(&dir).join("cgroup.subtree_control"), "+cpu +memory +pids +io");
             }
         }
-        let services = specs
-            .into_iter()
-            .map(|spec| Service {
-                state: match &spec.absent {
-                    Some(why) => ServiceState::Absent(why.clone()),
-                    None => ServiceState::Waiting,
-                },
-                spec,
-                pid: None,
-                restarts: 0,
-                starts: Vec::new(),
-                last_exit: None,
-                started_at: None,
-                delay: MIN_DELAY,
-                log: Arc::new(Mutex::new(LogBuf::new(LOG_BYTES))),
-            })
-            .collect();
+        let services = specs.into_iter().map(Service::new).collect();
         Supervisor { services, cgroups }
     }
 
@@ -380,20 +381,7 @@ impl Supervisor {
     /// a running one with a different command is restarted with the new one.
     pub fn ensure(&mut self, spec: ServiceSpec) {
         let Some(s) = self.services.iter_mut().find(|s| s.spec.name == spec.name) else {
-            self.services.push(Service {
-                state: match &spec.absent {
-                    Some(why) => ServiceState::Absent(why.clone()),
-                    None => ServiceState::Waiting,
-                },
-                spec,
-                pid: None,
-                restarts: 0,
-                starts: Vec::new(),
-                last_exit: None,
-                started_at: None,
-                delay: MIN_DELAY,
-                log: Arc::new(Mutex::new(LogBuf::new(LOG_BYTES))),
-            });
+            self.services.push(Service::new(spec));
             return;
         };
         let changed = s.spec.argv != spec.argv;
