@@ -5,7 +5,8 @@
 //! dependency order once their dependencies are ready, captures stdout and stderr into a
 //! bounded [`LogBuf`] per service, and restarts crashed services with backoff: at least 1 s
 //! between starts, doubling on a crash loop up to 60 s, back to 1 s after 10 s of healthy
-//! running. Every service runs in its own process group and, when cgroup2 is mounted, its own
+//! running. A spec may name the capabilities its service keeps; the others are dropped from
+//! its bounding set before exec. Every service runs in its own process group and, when cgroup2 is mounted, its own
 //! cgroup under `/sys/fs/cgroup/berth/NAME`.
 //!
 //! The supervisor owns its processes but never waits on them: PID 1's reaper (the only
@@ -65,6 +66,8 @@ pub struct ServiceSpec {
     pub restart: Restart,
     /// Why the service cannot run here (its program is missing, ...), if so.
     pub absent: Option<String>,
+    /// Capabilities (numbers, as in <linux/capability.h>) the service keeps; None keeps all.
+    pub caps: Option<Vec<u32>>,
 }
 
 impl ServiceSpec {
@@ -83,6 +86,7 @@ impl ServiceSpec {
             ready: Ready::Started,
             restart: Restart::Always,
             absent,
+            caps: None,
         }
     }
 }
@@ -254,6 +258,9 @@ impl Supervisor {
         };
         if let Some(f) = &procs {
             sys::join_cgroup_on_exec(&mut cmd, f);
+        }
+        if let Some(keep) = &s.spec.caps {
+            sys::keep_caps_on_exec(&mut cmd, keep);
         }
         let now = Instant::now();
         s.started_at = Some(now);
@@ -498,6 +505,27 @@ mod tests {
         assert!(logs.contains("out") && logs.contains("err"), "{logs:?}");
         // The delay doubles on a crash loop.
         assert_eq!(sup.services[0].delay, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn services_keep_only_the_capabilities_they_name() {
+        if running_as_root() {
+            let mut s = ServiceSpec::new("caps", &["/bin/sh", "-c", "grep CapBnd /proc/self/status"]);
+            s.caps = Some(vec![10]); // CAP_NET_BIND_SERVICE
+            let mut sup = Supervisor::new(vec![s]);
+            sup.tick();
+            std::thread::sleep(Duration::from_millis(300));
+            let logs = sup.logs("caps").unwrap();
+            assert!(logs.contains("CapBnd:\t0000000000000400"), "{logs:?}");
+        } else {
+            eprintln!("skipped: dropping capabilities needs root");
+        }
+    }
+
+    fn running_as_root() -> bool {
+        fs::read_to_string("/proc/self/status")
+            .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+            .unwrap_or(false)
     }
 
     #[test]

@@ -351,6 +351,29 @@ pub fn join_cgroup_on_exec(cmd: &mut std::process::Command, procs: &File) {
     }
 }
 
+/// Make the child of `cmd` drop every capability not in `keep` from its bounding set before it
+/// execs. A program run as root then gets only `keep` (its permitted set is the bounding set).
+pub fn keep_caps_on_exec(cmd: &mut std::process::Command, keep: &[u32]) {
+    use std::os::unix::process::CommandExt;
+    let last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40);
+    let drop: Vec<u32> = (0..=last).filter(|c| !keep.contains(c)).collect();
+    // SAFETY: between fork and exec the closure only calls prctl(2) with integers, over a
+    // vector allocated before the fork: async-signal-safe, no allocation, no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &cap in &drop {
+                if libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
 /// The running kernel's release string (uname -r).
 pub fn kernel_release() -> String {
     // SAFETY: uts is a valid out-pointer; release is NUL-terminated by the kernel.
