@@ -269,9 +269,16 @@ def main(argv):
           f"; disk {disk}; QMP {tmp}/qmp.sock; quit with Ctrl-A X", file=sys.stderr)
     print(f"berth: the VM's API from this host: curl --unix-socket {api_sock} http://localhost/settings",
           file=sys.stderr, flush=True)
+    import signal
+    proc = subprocess.Popen(argv)
+    # A terminated `scripts/run` takes its VM with it.
+    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
     try:
-        return subprocess.call(argv)
+        return proc.wait()
     finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
