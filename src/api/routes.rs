@@ -95,29 +95,35 @@ fn key_path(key: &str) -> Vec<&str> {
     k.split('.').filter(|s| !s.is_empty()).collect()
 }
 
-/// The part of `settings` under dotted `key` (two levels, then the rest as one map key:
-/// `kernel.sysctl.net.ipv4.ip_forward`), wrapped back into its parents.
-fn select(settings: &Value, key: &str) -> Option<Value> {
+/// The JSON path of dotted `key`: two levels, then the rest as one map key
+/// (`kernel.sysctl.net.ipv4.ip_forward` → `kernel`, `sysctl`, `net.ipv4.ip_forward`), since
+/// map-valued settings have dotted keys of their own.
+fn setting_path(key: &str) -> Vec<String> {
     let parts = key_path(key);
-    if parts.is_empty() {
-        return Some(settings.clone());
-    }
-    // Map-valued settings have dotted keys of their own: join everything after depth 2.
     let mut path: Vec<String> = parts.iter().take(2).map(|s| s.to_string()).collect();
     if parts.len() > 2 {
         path.push(parts[2..].join("."));
     }
+    path
+}
+
+/// `value` wrapped in objects along `path`.
+fn wrap(path: &[String], value: Value) -> Value {
+    path.iter().rev().fold(value, |inner, p| {
+        let mut m = Map::new();
+        m.insert(p.clone(), inner);
+        Value::Object(m)
+    })
+}
+
+/// The part of `settings` under dotted `key`, wrapped back into its parents.
+fn select(settings: &Value, key: &str) -> Option<Value> {
+    let path = setting_path(key);
     let mut v = settings;
     for p in &path {
         v = v.get(p)?;
     }
-    let mut out = v.clone();
-    for p in path.iter().rev() {
-        let mut m = Map::new();
-        m.insert(p.clone(), out);
-        out = Value::Object(m);
-    }
-    Some(out)
+    Some(wrap(&path, v.clone()))
 }
 
 fn get_settings(api: &Api, req: &Request) -> Response {
@@ -149,21 +155,11 @@ fn keypairs_to_patch(body: &Value) -> Result<Value, Response> {
         .ok_or_else(|| Response::error(400, "expected an object of \"dotted.key\": value pairs"))?;
     let mut patch = Value::Object(Map::new());
     for (k, v) in obj {
-        let parts = key_path(k);
-        if parts.is_empty() {
+        let path = setting_path(k);
+        if path.is_empty() {
             return Err(Response::error(400, &format!("'{k}' names no setting")));
         }
-        let mut path: Vec<String> = parts.iter().take(2).map(|s| s.to_string()).collect();
-        if parts.len() > 2 {
-            path.push(parts[2..].join("."));
-        }
-        let mut nested = v.clone();
-        for p in path.iter().rev() {
-            let mut m = Map::new();
-            m.insert(p.clone(), nested);
-            nested = Value::Object(m);
-        }
-        store::merge(&mut patch, &nested);
+        store::merge(&mut patch, &wrap(&path, v.clone()));
     }
     Ok(patch)
 }
