@@ -430,3 +430,40 @@ def kubelet_configured_but_absent_is_reported(arch):
         assert "--bootstrap-kubeconfig=/etc/kubernetes/bootstrap-kubeconfig" in svc["argv"], svc
         st, files = vm.api("GET", "/configuration-files")
         assert files["kubelet-config"]["path"] == "/etc/kubernetes/kubelet/config.json", files
+
+
+@case(arches=("x86_64",))
+def registry_mirror_change_restarts_containerd(arch):
+    """Changing settings.container-registry.mirrors re-renders containerd's config and restarts
+    containerd, which comes back ready with the new mirror."""
+    with VM(arch) as vm:
+        vm.start()
+        vm.wait_ready()
+        vm.wait_for(r"berth: api bridge")
+        mirror = {"container-registry": {"mirrors": [
+            {"registry": "docker.io", "endpoint": ["http://10.0.2.2:5999"]}]}}
+        st, _ = vm.api("PATCH", "/settings", mirror)
+        assert st == 204
+        st, changed = vm.api("POST", "/tx/commit_and_apply")
+        assert st == 200 and changed == ["container-registry.mirrors"], changed
+
+        def restarted():
+            st, info = vm.api("GET", "/services/containerd")
+            return (info["restarts"] >= 1 and info["state"] == "running", info)
+        _poll(restarted, 120)
+        st, logs = vm.api("GET", "/logs?service=containerd")
+        assert "http://10.0.2.2:5999" in logs, logs[-3000:]
+
+
+@case(arches=("x86_64",))
+def static_address_from_settings(arch):
+    """settings.network.static-address (from user data) configures the interface instead of
+    DHCP, with its gateway."""
+    ud = ('[settings.network]\nstatic-address = "10.0.2.20/24"\ngateway = "10.0.2.2"\n'
+          'name-servers = ["10.0.2.3"]\n')
+    with VM(arch, user_data=ud) as vm:
+        vm.start()
+        m = vm.wait_for(r"berth: network up: (\S+) (\S+) gateway (\S+)", timeout=120)
+        assert m.group(2) == "10.0.2.20/24" and m.group(3) == "10.0.2.2", m.group(0)
+        assert "dhcp:" not in vm.console(), "DHCP ran despite a static address"
+        vm.wait_ready()
