@@ -138,13 +138,8 @@ fn slot(ctx: &Ctx) -> Slot {
 
 fn read_slot_metadata(ctx: &mut Ctx) -> Result<(), String> {
     let boot = partitions::by_label(&ctx.parts, &slot(ctx).label("BOOT"))?;
-    let dir = Path::new("/run/berth/boot");
-    fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-    sys::mount(Some(&boot.path().to_string_lossy()), dir, Some("vfat"), sys::MS_RDONLY, None)
-        .map_err(|e| format!("mount {} ({}): {e}", boot.path().display(), boot.label))?;
-    let text = fs::read_to_string(dir.join(SlotMeta::FILE));
-    let _ = sys::umount(dir, 0);
-    let text = text.map_err(|e| format!("{} on {}: {e}", SlotMeta::FILE, boot.label))?;
+    let text = partitions::with_boot_mounted(boot, |dir| fs::read_to_string(dir.join(SlotMeta::FILE)))?
+        .map_err(|e| format!("{} on {}: {e}", SlotMeta::FILE, boot.label))?;
     let meta = SlotMeta::parse(&text).map_err(|e| format!("{} on {}: {e}", SlotMeta::FILE, boot.label))?;
     if let Some(want) = ctx.cmdline.get("verity.roothash") {
         if want != meta.verity.root_hash {

@@ -110,6 +110,20 @@ fn pick_disk(all: &[PartInfo], labels: &[&str], disk: Option<&str>) -> Option<Ve
     })
 }
 
+/// Where a slot's BOOT partition is mounted while it is read.
+pub const BOOT_MOUNT: &str = "/run/berth/boot";
+
+/// Mount the BOOT (FAT) partition `part` read-only at [`BOOT_MOUNT`] for the time `f` runs.
+pub fn with_boot_mounted<T>(part: &PartInfo, f: impl FnOnce(&Path) -> T) -> Result<T, String> {
+    let dir = Path::new(BOOT_MOUNT);
+    fs::create_dir_all(dir).map_err(|e| format!("mkdir {BOOT_MOUNT}: {e}"))?;
+    crate::sys::mount(Some(&part.path().to_string_lossy()), dir, Some("vfat"), crate::sys::MS_RDONLY, None)
+        .map_err(|e| format!("mount {} ({}): {e}", part.path().display(), part.label))?;
+    let r = f(dir);
+    let _ = crate::sys::umount(dir, 0);
+    Ok(r)
+}
+
 /// The partition labelled `label` in `parts`.
 pub fn by_label<'a>(parts: &'a [PartInfo], label: &str) -> Result<&'a PartInfo, String> {
     parts.iter().find(|p| p.label == label).ok_or_else(|| format!("no partition labelled {label}"))

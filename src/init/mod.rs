@@ -223,15 +223,16 @@ fn mark_ready(ctx: &Ctx) {
     }
 }
 
-fn rss_kb() -> u64 {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
+/// A `Name:   123 kB` field of a /proc status-style file, in KiB (0 if absent).
+fn kb_field(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+fn rss_kb() -> u64 {
+    kb_field(&fs::read_to_string("/proc/self/status").unwrap_or_default(), "VmRSS:")
 }
 
 /// Services that must be ready before the boot counts as healthy (absent ones are skipped).
@@ -240,13 +241,7 @@ const HEALTH_SERVICES: &[&str] = &["containerd"];
 /// Memory in use by the whole guest: MemTotal - MemAvailable.
 fn guest_used_kb() -> u64 {
     let info = fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    field("MemTotal:").saturating_sub(field("MemAvailable:"))
+    kb_field(&info, "MemTotal:").saturating_sub(kb_field(&info, "MemAvailable:"))
 }
 
 fn event_loop(ctx: &Ctx, signals: SignalFd) -> ! {

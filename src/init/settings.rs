@@ -37,18 +37,15 @@ pub fn open_datastore(ctx: &mut Ctx) -> Result<(), String> {
 /// read-only for the time it takes to look for `user-data.toml` there.
 fn fetch(handoff: &Handoff, parts: &[partitions::PartInfo]) -> Result<Option<userdata::UserData>, String> {
     let sysfs = Path::new("/sys");
-    let boot = partitions::by_label(parts, &handoff.slot.label("BOOT")).ok().cloned();
-    let dir = Path::new("/run/berth/boot");
-    let mounted = boot.as_ref().is_some_and(|b| {
-        fs::create_dir_all(dir).is_ok()
-            && sys::mount(Some(&b.path().to_string_lossy()), dir, Some("vfat"), sys::MS_RDONLY, None).is_ok()
-    });
     let imds = userdata::imds_if_ec2(sysfs);
-    let r = userdata::fetch(sysfs, mounted.then_some(dir), imds).map_err(|e| e.to_string());
-    if mounted {
-        let _ = sys::umount(dir, 0);
+    let with_boot = partitions::by_label(parts, &handoff.slot.label("BOOT"))
+        .and_then(|b| partitions::with_boot_mounted(b, |dir| userdata::fetch(sysfs, Some(dir), imds)));
+    match with_boot {
+        Ok(r) => r,
+        // No BOOT partition to look in: the other providers still count.
+        Err(_) => userdata::fetch(sysfs, None, imds),
     }
-    r
+    .map_err(|e| e.to_string())
 }
 
 /// First boot only: apply user data as one transaction. Bad user data is reported (console and
