@@ -55,6 +55,8 @@ def qemu_argv(arch, disk, disk_format, append, qmp_path, extra=(), api_sock=None
         "-device", "virtio-blk-pci,drive=disk0",
         "-nic", "user,model=virtio-net-pci",
         "-device", "virtio-rng-pci",
+        # A hardware watchdog: armed while a slot is on trial, so a hung boot resets.
+        "-device", "i6300esb",
         "-qmp", f"unix:{qmp_path},server=on,wait=off",
     ]
     if api_sock:
@@ -96,6 +98,7 @@ class VM:
             with open(self.user_data, "wb") as f:
                 f.write(user_data if isinstance(user_data, bytes) else user_data.encode())
         self.out = []
+        self.since = 0
         self.lock = threading.Condition()
         self.proc = None
 
@@ -112,6 +115,7 @@ class VM:
         if self.reboot:
             argv.remove("-no-reboot")
         self.out = []
+        self.since = 0
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT)
         threading.Thread(target=self._pump, daemon=True).start()
@@ -134,7 +138,7 @@ class VM:
         """Wait until a console line matches; return the match. Fail on timeout or exit."""
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
-        seen = 0
+        seen = self.since
         with self.lock:
             while True:
                 for line in self.out[seen:]:
@@ -152,6 +156,11 @@ class VM:
                 if left <= 0:
                     raise AssertionError(f"timed out after {timeout}s waiting for /{pattern}/\n" + self.tail())
                 self.lock.wait(min(left, 0.5))
+
+    def mark(self):
+        """From now on, wait_for only looks at console lines printed after this call."""
+        with self.lock:
+            self.since = len(self.out)
 
     def wait_ready(self, timeout=180):
         m = self.wait_for(READY.pattern, timeout)

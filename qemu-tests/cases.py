@@ -467,3 +467,7 @@ def static_address_from_settings(arch):
         assert m.group(2) == "10.0.2.20/24" and m.group(3) == "10.0.2.2", m.group(0)
         assert "dhcp:" not in vm.console(), "DHCP ran despite a static address"
         vm.wait_ready()
+
+
+# The A/B update cases register themselves with `case` too.
+import update_cases  # noqa: E402,F401

@@ -15,6 +15,7 @@ mod net;
 mod settings;
 mod supervisor;
 mod sys;
+mod update;
 mod userdata;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -33,6 +34,8 @@ usage:
   berth bootctl set DISK A|B PRIO TRIES OK set a slot's boot-control state
   berth host-container NAME SOURCE 0|1     run a host container (as a supervised service)
   berth selftest NAME                      run a PID 1 self-test (inside Berth)
+  berth update-repo keygen|add|sign|set-max-version ...
+                                           build and sign an update repository (host side)
 As PID 1 (or argv[0] `init`) it boots the system.";
 
 fn main() {
@@ -59,6 +62,7 @@ fn main() {
         Some("mkcpio") => image::mkcpio(rest),
         Some("mkroot") => image::mkroot(rest),
         Some("bootctl") => image::bootctl(rest),
+        Some("update-repo") => update::repo::main(rest),
         Some("selftest") => std::process::exit(init::selftest::run(rest.first().map_or("", |s| s))),
         Some("help") | Some("--help") | Some("-h") => {
             println!("{USAGE}");

@@ -95,6 +95,7 @@ pub fn serve_dev(args: &[String]) -> Result<(), String> {
         user_data: Mutex::new(json!({"source": null, "applied": false})),
         services: None,
         on_applied: Box::new(|_, _| {}),
+        updater: None,
     };
     let settings = api.store.lock().unwrap_or_else(|p| p.into_inner()).settings();
     render::apply(&settings, None, &api.etc, api.host.as_ref())

@@ -47,6 +47,8 @@ pub struct Api {
     pub services: Option<Arc<Mutex<Supervisor>>>,
     /// Called after settings were applied (PID 1: restart or start or stop services).
     pub on_applied: OnApplied,
+    /// The A/B updater (None in dev mode, which has no slots).
+    pub updater: Option<Arc<crate::update::Updater>>,
 }
 
 /// The top-level setting groups (`settings.GROUP...`).
@@ -71,6 +73,12 @@ const ROUTES: &[(&str, &[&str])] = &[
     ("/system/state", &["GET"]),
     ("/actions/reboot", &["POST"]),
     ("/actions/shutdown", &["POST"]),
+    ("/updates/status", &["GET"]),
+    ("/actions/refresh-updates", &["POST"]),
+    ("/actions/prepare-update", &["POST"]),
+    ("/actions/activate-update", &["POST"]),
+    ("/actions/deactivate-update", &["POST"]),
+    ("/actions/rollback", &["POST"]),
 ];
 
 fn store_error(e: store::Error) -> Response {
@@ -205,6 +213,18 @@ impl Api {
         )
     }
 
+    fn update_command(&self, cmd: crate::update::Command) -> Response {
+        let Some(u) = &self.updater else {
+            return Response::error(503, "no updater here (dev mode has no A/B slots)");
+        };
+        let settings = self.store.lock().unwrap_or_else(|p| p.into_inner()).settings();
+        match u.command(cmd, &settings.updates.unwrap_or_default()) {
+            Ok(true) => Response::json(202, &json!({"accepted": cmd.name(), "poll": "/updates/status"})),
+            Ok(false) => Response::json(200, &u.status()),
+            Err(r) => Response::error(r.status, &r.message),
+        }
+    }
+
     fn supervisor(&self) -> Option<std::sync::MutexGuard<'_, Supervisor>> {
         self.services.as_ref().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()))
     }
@@ -330,6 +350,15 @@ impl Api {
                 (self.actions)(Action::Shutdown);
                 Response::empty(202)
             }
+            ("GET", "/updates/status") => match &self.updater {
+                Some(u) => Response::json(200, &u.status()),
+                None => Response::error(503, "no updater here (dev mode has no A/B slots)"),
+            },
+            ("POST", "/actions/refresh-updates") => self.update_command(crate::update::Command::Refresh),
+            ("POST", "/actions/prepare-update") => self.update_command(crate::update::Command::Prepare),
+            ("POST", "/actions/activate-update") => self.update_command(crate::update::Command::Activate),
+            ("POST", "/actions/deactivate-update") => self.update_command(crate::update::Command::Deactivate),
+            ("POST", "/actions/rollback") => self.update_command(crate::update::Command::Rollback),
             _ => Response::error(500, "route table and handler disagree"),
         }
     }

@@ -5,6 +5,9 @@
 //! - `set KEY=VALUE...` | `set -j JSON`: change settings in one transaction, commit and apply
 //! - `apply FILE... | -`: TOML (`[settings.x]`, optionally gzip) or JSON files, one transaction
 //! - `raw [-m METHOD] -u URI [-d DATA]`, `reboot`
+//! - `update check`: refresh the update list and show what would be taken
+//! - `update apply [--reboot]`: prepare (with progress) and activate the chosen update
+//! - `update cancel`: deactivate an activated update before its reboot
 //!
 //! A non-2xx answer prints the server's error and exits non-zero.
 
@@ -18,7 +21,8 @@ const USAGE: &str = "usage: apiclient [-s SOCKET] get [PREFIX | /URI]
        apiclient [-s SOCKET] set KEY=VALUE... | set -j JSON
        apiclient [-s SOCKET] apply FILE... | apply -
        apiclient [-s SOCKET] raw [-m METHOD] -u URI [-d DATA]
-       apiclient [-s SOCKET] reboot";
+       apiclient [-s SOCKET] reboot
+       apiclient [-s SOCKET] update check | apply [--reboot] | cancel";
 
 /// Send one request; returns (status, body).
 pub fn request(socket: &str, method: &str, uri: &str, body: Option<&str>) -> Result<(u16, String), String> {
@@ -138,8 +142,100 @@ fn run(args: &[String]) -> Result<(), String> {
             Ok(())
         }
         ["reboot"] => call(&socket, "POST", "/actions/reboot", None).map(drop),
+        ["update", "check"] => update_check(&socket),
+        ["update", "apply"] => update_apply(&socket, false),
+        ["update", "apply", "--reboot"] => update_apply(&socket, true),
+        ["update", "cancel"] => {
+            call(&socket, "POST", "/actions/deactivate-update", None)?;
+            println!("update deactivated: the running version boots next");
+            Ok(())
+        }
         _ => Err(USAGE.into()),
     }
+}
+
+fn status(socket: &str) -> Result<serde_json::Value, String> {
+    let body = call(socket, "GET", "/updates/status", None)?;
+    serde_json::from_str(&body).map_err(|e| format!("/updates/status: malformed JSON: {e}"))
+}
+
+/// Start a long updater command and wait for it, showing progress on stderr; the command's
+/// error is returned as ours.
+fn run_update_command(socket: &str, action: &str, cmd: &str) -> Result<serde_json::Value, String> {
+    call(socket, "POST", &format!("/actions/{action}"), None)?;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut last_pct = None;
+    loop {
+        let st = status(socket)?;
+        let rec = &st["most_recent_command"];
+        if rec["cmd_type"] == cmd && rec["cmd_status"] != "Running" {
+            if tty && last_pct.is_some() {
+                eprintln!();
+            }
+            return match rec["cmd_status"].as_str() {
+                Some("Success") => Ok(st),
+                _ => Err(format!("{cmd} failed: {}", rec["error"].as_str().unwrap_or("(no message)"))),
+            };
+        }
+        if let (Some(done), Some(total)) =
+            (st["progress"]["bytes_done"].as_u64(), st["progress"]["bytes_total"].as_u64())
+        {
+            let pct = (done * 100).checked_div(total).unwrap_or(0);
+            if last_pct != Some(pct) {
+                let phase = st["progress"]["phase"].as_str().unwrap_or("");
+                let line = format!("{phase}: {pct}% ({} of {} MiB)", done >> 20, total >> 20);
+                if tty {
+                    eprint!("\r\x1b[K{line}");
+                } else if last_pct.is_none_or(|l| pct / 10 != l / 10) {
+                    eprintln!("{line}");
+                }
+                last_pct = Some(pct);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn update_check(socket: &str) -> Result<(), String> {
+    let st = run_update_command(socket, "refresh-updates", "refresh")?;
+    let current = st["active_partition"]["version"].as_str().unwrap_or("?").to_string();
+    match st["chosen_update"]["version"].as_str() {
+        Some(v) => println!("update available: {current} -> {v}"),
+        None => println!(
+            "no update for {current}: {}",
+            st["most_recent_command"]["message"].as_str().unwrap_or("none chosen")
+        ),
+    }
+    println!("{}", serde_json::to_string_pretty(&st).unwrap_or_default());
+    Ok(())
+}
+
+fn update_apply(socket: &str, reboot: bool) -> Result<(), String> {
+    let mut st = status(socket)?;
+    if st["update_state"] == "Idle" || st["update_state"] == "Available" {
+        st = run_update_command(socket, "refresh-updates", "refresh")?;
+        if st["update_state"] != "Available" {
+            let why = st["most_recent_command"]["message"].as_str().unwrap_or("none chosen");
+            return Err(format!("no update to apply: {why}"));
+        }
+    }
+    if st["update_state"] == "Available" {
+        let v = st["chosen_update"]["version"].as_str().unwrap_or("?").to_string();
+        eprintln!("preparing {v}");
+        run_update_command(socket, "prepare-update", "prepare")?;
+    }
+    let st = status(socket)?;
+    if st["update_state"] == "Staged" {
+        call(socket, "POST", "/actions/activate-update", None)?;
+    }
+    let st = status(socket)?;
+    let v = st["staging_partition"]["version"].as_str().unwrap_or("?");
+    println!("update {v} is active: it boots next, on trial");
+    if reboot {
+        call(socket, "POST", "/actions/reboot", None)?;
+        println!("rebooting");
+    }
+    Ok(())
 }
 
 /// One request; a non-2xx status is an error carrying the server's message.

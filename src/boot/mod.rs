@@ -10,6 +10,7 @@
 pub mod cmdline;
 pub mod mounts;
 pub mod partitions;
+pub mod watchdog;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -55,6 +56,8 @@ struct Ctx {
     attempt: Option<BootAttempt>,
     meta: Option<SlotMeta>,
     started: Option<Instant>,
+    /// Armed when the slot is on trial; open until the exec of stage 2 (which re-opens it).
+    watchdog: Option<watchdog::Watchdog>,
 }
 
 const PHASES: &[Phase] = &[
@@ -128,6 +131,9 @@ fn choose_slot(ctx: &mut Ctx) -> Result<(), String> {
         a.tries_left,
         if forced.is_some() { ", forced by berth.slot" } else { "" }
     );
+    if a.on_trial {
+        ctx.watchdog = watchdog::Watchdog::arm();
+    }
     ctx.attempt = Some(a);
     Ok(())
 }

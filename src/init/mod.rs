@@ -16,6 +16,7 @@ pub mod selftest;
 mod services;
 mod settings;
 mod shutdown;
+mod updates;
 
 use std::fs::{self, OpenOptions};
 use std::path::Path;
@@ -88,6 +89,8 @@ pub struct Ctx {
     /// How the first boot's user data went (for the API).
     pub user_data: serde_json::Value,
     pub supervisor: Arc<Mutex<Supervisor>>,
+    /// Started just before the API.
+    pub updater: Option<Arc<crate::update::Updater>>,
 }
 
 type Phase = (&'static str, fn(&mut Ctx) -> Result<(), String>);
@@ -104,6 +107,7 @@ const PHASES: &[Phase] = &[
     ("settings", settings::apply_settings),
     ("network", network::start),
     ("services", services::declare),
+    ("updater", updates::start),
     ("api", settings::start_api),
 ];
 
@@ -164,17 +168,23 @@ fn stage2() -> ! {
         store: None,
         user_data: serde_json::Value::Null,
         supervisor: Arc::new(Mutex::new(Supervisor::new(Vec::new()))),
+        updater: None,
     };
+    // Stage 1 armed the watchdog for a slot on trial; it is fed until the boot is healthy.
+    let mut watchdog = if ctx.handoff.on_trial { boot::watchdog::Watchdog::arm() } else { None };
     for (name, phase) in PHASES {
         let t = Instant::now();
         if let Err(e) = phase(&mut ctx) {
             boot::fail_and_reboot(&format!("stage 2 phase {name} failed: {e}"));
         }
+        if let Some(w) = watchdog.as_mut() {
+            w.feed();
+        }
         info!("stage2 phase {name} done in {} us", t.elapsed().as_micros());
     }
     power::watch_power_button();
 
-    event_loop(&ctx, signals)
+    event_loop(&ctx, signals, watchdog)
 }
 
 fn find_partitions(ctx: &mut Ctx) -> Result<(), String> {
@@ -217,8 +227,11 @@ fn mark_ready(ctx: &Ctx) {
     );
     let mut bc = GptBootControl::new(&h.disk, h.sector_size);
     match bc.mark_successful(h.slot) {
-        Ok(true) => info!("slot {} marked successful", h.slot),
-        Ok(false) => {}
+        Ok(true) => {
+            info!("slot {} marked successful", h.slot);
+            updates::boot_succeeded(&ctx.updater);
+        }
+        Ok(false) => updates::boot_succeeded(&ctx.updater),
         Err(e) => error!("could not mark slot {} successful: {e}", h.slot),
     }
 }
@@ -244,7 +257,7 @@ fn guest_used_kb() -> u64 {
     kb_field(&info, "MemTotal:").saturating_sub(kb_field(&info, "MemAvailable:"))
 }
 
-fn event_loop(ctx: &Ctx, signals: SignalFd) -> ! {
+fn event_loop(ctx: &Ctx, signals: SignalFd, mut watchdog: Option<boot::watchdog::Watchdog>) -> ! {
     let sup = &*ctx.supervisor;
     let health_deadline = Instant::now() + Duration::from_secs(ctx.cmdline.get_u64("health-timeout", 300));
     let mut ready_at: Option<Instant> = None;
@@ -268,9 +281,15 @@ fn event_loop(ctx: &Ctx, signals: SignalFd) -> ! {
         }
         reap(sup);
         lock(sup).tick();
+        if let Some(w) = watchdog.as_mut() {
+            w.feed();
+        }
         match ready_at {
             None if lock(sup).healthy(HEALTH_SERVICES) => {
                 mark_ready(ctx);
+                if let Some(w) = watchdog.take() {
+                    w.disarm();
+                }
                 ready_at = Some(Instant::now());
             }
             None if Instant::now() >= health_deadline => {

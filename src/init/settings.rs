@@ -128,6 +128,7 @@ pub fn start_api(ctx: &mut Ctx) -> Result<(), String> {
             let sup = ctx.supervisor.clone();
             Box::new(move |settings, changed| super::services::on_settings_applied(&sup, settings, changed))
         },
+        updater: ctx.updater.clone(),
     };
     let socket = Path::new(api::SOCKET);
     let listener =

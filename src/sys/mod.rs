@@ -385,3 +385,31 @@ pub fn kernel_release() -> String {
         CStr::from_ptr(uts.release.as_ptr()).to_string_lossy().into_owned()
     }
 }
+
+/// Drop the clean page cache of `f` (a file or block device), so that what is read next comes
+/// from the device itself.
+pub fn drop_page_cache(f: &File) -> io::Result<()> {
+    // SAFETY: posix_fadvise only takes a valid open fd and plain integers.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(r))
+    }
+}
+
+/// Set the realtime clock to `secs` since the epoch (needs CAP_SYS_TIME).
+pub fn set_realtime(secs: i64) -> io::Result<()> {
+    let ts = libc::timespec { tv_sec: secs as _, tv_nsec: 0 };
+    // SAFETY: clock_settime reads the timespec we pass by reference.
+    check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) }).map(drop)
+}
+
+/// WDIOC_SETTIMEOUT: set a watchdog's timeout in seconds; returns what the driver chose.
+pub fn watchdog_set_timeout(dev: &File, secs: i32) -> io::Result<i32> {
+    const WDIOC_SETTIMEOUT: libc::c_ulong = 0xC004_5706;
+    let mut t: libc::c_int = secs;
+    // SAFETY: the ioctl reads and writes one c_int we own.
+    check(unsafe { libc::ioctl(dev.as_raw_fd(), WDIOC_SETTIMEOUT as _, &mut t) })?;
+    Ok(t)
+}

@@ -1,0 +1,274 @@
+"""A/B update cases (issue 5): a signed TUF repository built with `berth update-repo`, served
+from the host's loopback by repo_server.py and reached by the guest at 10.0.2.2.
+
+The v2 slot images come from scripts/test (`BERTH_VERSION=0.2.0 BERTH_SLOT_ONLY=1
+scripts/build-image` into build/ARCH-v2, and a never-healthy variant into build/ARCH-v2-broken).
+"""
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+from berthvm import VM, BUILD, gpt_partitions, slot_states
+from cases import case, flip_byte, host_berth
+
+KEYS = os.environ.get("BERTH_UPDATE_KEYS", os.path.join(BUILD, "update-keys"))
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Repo:
+    """A signed repository holding the given slot builds, served over HTTP on 127.0.0.1."""
+
+    def __init__(self, arch, builds, rate=None):
+        self.dir = tempfile.mkdtemp(prefix="berth-repo-")
+        self.repo = os.path.join(self.dir, "repo")
+        for b in builds:
+            slot = os.path.join(BUILD, f"{arch}-{b}")
+            assert os.path.exists(os.path.join(slot, "slot.toml")), \
+                f"{slot} is missing: scripts/test builds it (BERTH_SLOT_ONLY=1 scripts/build-image)"
+            subprocess.run([host_berth(), "update-repo", "add", "--keys", KEYS, "--repo", self.repo, slot],
+                           check=True, stdout=subprocess.DEVNULL)
+        self.server = None
+        self.serve(rate)
+
+    def serve(self, rate=None):
+        if self.server:
+            self.server.kill()
+            self.server.wait()
+        argv = ["python3", os.path.join(HERE, "repo_server.py"), self.repo, "--port", "0"]
+        if rate:
+            argv += ["--rate", str(rate)]
+        self.server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        line = self.server.stdout.readline()
+        assert line.startswith("listening "), line
+        self.port = int(line.split()[1])
+        return self
+
+    def settings(self):
+        base = f"http://10.0.2.2:{self.port}"
+        return {"updates": {"metadata-base-url": f"{base}/metadata", "targets-base-url": f"{base}/targets",
+                            "ignore-waves": True}}
+
+    def target(self, part):
+        d = os.path.join(self.repo, "targets")
+        return next(os.path.join(d, n) for n in os.listdir(d) if part in n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.server:
+            self.server.kill()
+            self.server.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def configure(vm, repo, extra=None):
+    patch = repo.settings()
+    patch.update(extra or {})
+    st, body = vm.api("PATCH", "/settings", patch)
+    assert st == 204, (st, body)
+    st, body = vm.api("POST", "/tx/commit_and_apply")
+    assert st == 200, (st, body)
+
+
+def status(vm):
+    st, body = vm.api("GET", "/updates/status")
+    assert st == 200, (st, body)
+    return body
+
+
+def run_command(vm, action, cmd, timeout=600, want="Success"):
+    """POST /actions/ACTION and wait for the updater to finish it; returns the status."""
+    st, body = vm.api("POST", f"/actions/{action}")
+    assert st in (200, 202), (action, st, body)
+    deadline = time.monotonic() + timeout
+    while True:
+        s = status(vm)
+        rec = s["most_recent_command"] or {}
+        if rec.get("cmd_type") == cmd and rec.get("cmd_status") != "Running":
+            assert rec["cmd_status"] == want, (cmd, rec, s)
+            return s
+        assert time.monotonic() < deadline, f"{cmd} still running after {timeout}s: {s}"
+        time.sleep(1)
+
+
+def stage(vm, repo, version="0.2.0"):
+    configure(vm, repo)
+    s = run_command(vm, "refresh-updates", "refresh")
+    assert s["update_state"] == "Available" and s["chosen_update"]["version"] == version, s
+    s = run_command(vm, "prepare-update", "prepare")
+    assert s["update_state"] == "Staged" and s["staging_partition"]["version"] == version, s
+    assert not s["staging_partition"]["bootable"], s
+    return s
+
+
+def activate(vm):
+    st, s = vm.api("POST", "/actions/activate-update")
+    assert st == 200 and s["update_state"] == "Ready", (st, s)
+    assert s["staging_partition"]["tries"] == 1 and s["staging_partition"]["bootable"], s
+    return s
+
+
+def boot(vm, timeout=300):
+    vm.wait_ready(timeout)
+    vm.wait_for(r"berth: api bridge")
+
+
+def reboot(vm):
+    vm.mark()
+    st, _ = vm.api("POST", "/actions/reboot")
+    assert st == 202
+
+
+@case()
+def update_v1_to_v2_keeps_settings(arch):
+    """v1 refreshes from a signed repository on the host, stages v2 into slot B (tough checks
+    every byte, then the verity root of what landed), activates it and reboots: v2 comes up
+    in slot B, is marked good, and the settings made on v1 are intact."""
+    with Repo(arch, ["v2"]) as repo, VM(arch, raw=True, reboot=True) as vm:
+        vm.start()
+        boot(vm)
+        configure(vm, repo, {"motd": "kept across the update"})
+        s = stage(vm, repo)
+        assert s["active_partition"]["slot"] == "A" and s["active_partition"]["version"] != "0.2.0", s
+        activate(vm)
+        reboot(vm)
+        vm.wait_for(r"boot control: slot B \(on trial: true, tries left: 0\)", timeout=120)
+        vm.wait_for(r"watchdog armed while on trial")
+        r = vm.wait_ready(300)
+        assert r["slot"] == "B" and r["version"] == "0.2.0", r
+        vm.wait_for(r"slot B marked successful")
+        vm.wait_for(r"watchdog stopped")
+        vm.wait_for(r"berth: api bridge")
+        s = status(vm)
+        assert s["update_state"] == "Idle" and s["last_update"]["to"] == "0.2.0", s
+        assert s["active_partition"]["slot"] == "B" and s["active_partition"]["successful"], s
+        st, body = vm.api("GET", "/settings")
+        assert body["motd"] == "kept across the update", body
+        assert body["updates"]["metadata-base-url"] == repo.settings()["updates"]["metadata-base-url"], body
+        st, os_info = vm.api("GET", "/os")
+        assert os_info["version_id"] == "0.2.0" and os_info["slot"] == "B", os_info
+
+
+@case()
+def corrupted_v2_root_rolls_back(arch):
+    """v2 is staged and activated, then its root partition is corrupted on the disk while the
+    machine is off: the trial boot of B hits dm-verity, restarts, and v1 in slot A comes back
+    by itself; /updates/status says v2 failed."""
+    with Repo(arch, ["v2"]) as repo, VM(arch, raw=True, reboot=True) as vm:
+        vm.start()
+        boot(vm)
+        stage(vm, repo)
+        activate(vm)
+        st, _ = vm.api("POST", "/actions/shutdown")
+        assert st == 202
+        vm.wait_exit(120)
+        off, _ = gpt_partitions(vm.disk)["BERTH-ROOT-B"]
+        flip_byte(vm.disk, off + 1024 + 8)
+        vm.start()
+        vm.wait_for(r"boot control: slot B \(on trial: true, tries left: 0\)", timeout=120)
+        vm.wait_for(r"verity.*(data block \d+ is corrupted|corrupt)", timeout=120)
+        vm.mark()
+        vm.wait_for(r"boot control: slot A \(on trial: false", timeout=120)
+        r = vm.wait_ready(300)
+        assert r["slot"] == "A", r
+        vm.wait_for(r"berth: api bridge")
+        s = status(vm)
+        assert s["last_rollback"]["failed_version"] == "0.2.0" and s["last_rollback"]["automatic"], s
+        assert s["update_state"] == "Idle" and not s["staging_partition"]["bootable"], s
+
+
+@case()
+def unhealthy_v2_rolls_back(arch):
+    """A v2 that boots but never becomes healthy (its containerd cannot start) is rebooted by
+    the health timeout while on trial, and the next boot takes v1 in slot A by itself."""
+    with Repo(arch, ["v2-broken"]) as repo, \
+            VM(arch, raw=True, reboot=True, append="berth.health-timeout=40") as vm:
+        vm.start()
+        boot(vm)
+        stage(vm, repo)
+        activate(vm)
+        reboot(vm)
+        r = vm.wait_for(r"boot control: slot B \(on trial: true", timeout=120)
+        vm.wait_for(r"not healthy in time", timeout=180)
+        vm.mark()
+        vm.wait_for(r"boot control: slot A \(on trial: false", timeout=120)
+        r = vm.wait_ready(300)
+        assert r["slot"] == "A", r
+        vm.wait_for(r"berth: api bridge")
+        s = status(vm)
+        assert s["last_rollback"]["failed_version"] == "0.2.0", s
+        assert "rolled back" in (s["note"] or ""), s
+        states = s["staging_partition"]
+        assert states["slot"] == "B" and not states["bootable"], s
+
+
+@case()
+def power_cut_while_writing_then_update_again(arch):
+    """The VM is killed (a power cut) while v2 is being written into slot B: the next boot
+    runs v1 from slot A cleanly, reports the interrupted write, and a second attempt stages,
+    activates and boots v2."""
+    with Repo(arch, ["v2"], rate=3_000_000) as repo, VM(arch, raw=True, reboot=True) as vm:
+        vm.start()
+        boot(vm)
+        configure(vm, repo)
+        run_command(vm, "refresh-updates", "refresh")
+        st, _ = vm.api("POST", "/actions/prepare-update")
+        assert st == 202
+        deadline = time.monotonic() + 300
+        while True:
+            p = status(vm)["progress"] or {}
+            if p.get("bytes_done", 0) > 8 << 20:
+                break
+            assert time.monotonic() < deadline, p
+            time.sleep(0.5)
+        vm.kill()
+        assert slot_states(vm.disk, host_berth())["B"]["priority"] == 0
+        repo.serve()  # full speed from here
+        vm.start()
+        r = vm.wait_ready(300)
+        assert r["slot"] == "A", r
+        vm.wait_for(r"berth: api bridge")
+        s = status(vm)
+        assert s["update_state"] == "Available" and "interrupted" in s["note"], s
+        assert not s["staging_partition"]["bootable"], s
+        configure(vm, repo)
+        s = run_command(vm, "prepare-update", "prepare")
+        assert s["update_state"] == "Staged", s
+        activate(vm)
+        reboot(vm)
+        r = vm.wait_ready(300)
+        assert r["slot"] == "B" and r["version"] == "0.2.0", r
+
+
+@case()
+def tampered_repository_is_refused(arch):
+    """A repository whose timestamp metadata was edited without the key is refused at refresh;
+    one whose root image was altered is refused while writing (its hash does not match), with
+    slot B left unbootable and v1 running on."""
+    with Repo(arch, ["v2"]) as repo, VM(arch, raw=True) as vm:
+        vm.start()
+        boot(vm)
+        configure(vm, repo)
+        ts = os.path.join(repo.repo, "metadata", "timestamp.json")
+        good = open(ts).read()
+        open(ts, "w").write(good.replace('"version": ', '"version": 9', 1))
+        s = run_command(vm, "refresh-updates", "refresh", want="Failed")
+        err = s["most_recent_command"]["error"]
+        assert "refused" in err and ("signature" in err.lower() or "threshold" in err.lower()), err
+        open(ts, "w").write(good)
+        s = run_command(vm, "refresh-updates", "refresh")
+        assert s["update_state"] == "Available", s
+        root = repo.target("root.img.lz4")
+        flip_byte(root, os.path.getsize(root) // 2)
+        s = run_command(vm, "prepare-update", "prepare", want="Failed")
+        err = s["most_recent_command"]["error"]
+        assert "hash" in err.lower(), err
+        assert s["update_state"] == "Available" and not s["staging_partition"]["bootable"], s
+        st, _ = vm.api("POST", "/actions/activate-update")
+        assert st == 409
+        st, body = vm.api("GET", "/services/containerd")
+        assert body["state"] == "running", body

@@ -1,0 +1,466 @@
+//! The updater end to end on the host: a real signed repository (built by `berth update-repo`),
+//! served over HTTP by qemu-tests/repo_server.py, written into a GPT disk image file with both
+//! slots. Needs sgdisk, mkfs.vfat, mtools and python3 (scripts/setup installs them).
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as Proc, Stdio};
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::*;
+use crate::bootctl::SlotMeta;
+use crate::disk::verity;
+
+fn sh(args: &[&str]) -> String {
+    let out = Proc::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{}: {e}", args[0]));
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn repo_tool(args: &[&str]) {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    repo::main(&args).unwrap_or_else(|e| panic!("update-repo {args:?}: {e}"));
+}
+
+/// Pseudo-random bytes (xorshift), different per seed.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+struct Server(Child, u16);
+
+impl Server {
+    fn start(dir: &Path) -> Server {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("qemu-tests/repo_server.py");
+        let mut child = Proc::new("python3")
+            .arg(script)
+            .arg(dir)
+            .args(["--port", "0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 repo_server.py");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let port = line.trim().strip_prefix("listening ").expect("listening PORT").parse().unwrap();
+        Server(child, port)
+    }
+
+    fn control(&self, what: &str) {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.1)).unwrap();
+        write!(
+            s,
+            "POST /_control/{what} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut r = String::new();
+        std::io::Read::read_to_string(&mut s, &mut r).unwrap();
+        assert!(r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200"), "{r}");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Fixture {
+    dir: PathBuf,
+    keys: PathBuf,
+    repo: PathBuf,
+    disk: PathBuf,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+const MIB: u64 = 1 << 20;
+
+impl Fixture {
+    fn new(name: &str) -> Fixture {
+        let dir = std::env::temp_dir().join(format!("berth-updtest-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let disk = dir.join("disk.img");
+        fs::File::create(&disk).unwrap().set_len(24 * MIB).unwrap();
+        let d = disk.to_str().unwrap();
+        let mut args = vec!["sgdisk", "-o"];
+        let specs: Vec<String> = [("A", 1), ("B", 4)]
+            .iter()
+            .flat_map(|(s, n)| {
+                [("BOOT", 2), ("ROOT", 4), ("HASH", 1)].into_iter().enumerate().flat_map(
+                    move |(i, (k, mb))| {
+                        let num = n + i;
+                        vec![
+                            "-n".into(),
+                            format!("{num}:0:+{mb}M"),
+                            "-c".into(),
+                            format!("{num}:BERTH-{k}-{s}"),
+                        ]
+                    },
+                )
+            })
+            .collect();
+        args.extend(specs.iter().map(String::as_str));
+        args.extend(["-A", "1:set:48", "-A", "1:set:56", d]);
+        sh(&args);
+        let f = Fixture { keys: dir.join("keys"), repo: dir.join("repo"), disk, dir };
+        repo_tool(&["keygen", f.keys.to_str().unwrap()]);
+        f
+    }
+
+    /// Slot images of `version` in a directory, as scripts/build-image leaves them.
+    fn slot(&self, version: &str, arch: &str, seed: u64) -> PathBuf {
+        let out = self.dir.join(format!("slot-{version}-{arch}-{seed}"));
+        fs::create_dir_all(&out).unwrap();
+        let data = noise(600 * 4096, seed);
+        fs::write(out.join("root.erofs"), &data).unwrap();
+        let mut hash = fs::File::create(out.join("hash.img")).unwrap();
+        let salt = noise(32, seed + 1);
+        let params =
+            verity::format(&mut &data[..], data.len() as u64, &mut hash, 4096, &salt, [7; 16]).unwrap();
+        let meta =
+            SlotMeta { version: version.into(), variant: "qemu".into(), arch: arch.into(), verity: params };
+        let toml_text = toml::to_string(&meta).unwrap();
+        fs::write(out.join("slot.toml"), &toml_text).unwrap();
+        let boot = out.join("boot.img");
+        let _ = fs::remove_file(&boot);
+        sh(&["mkfs.vfat", "-C", boot.to_str().unwrap(), "2048"]);
+        sh(&["mcopy", "-i", boot.to_str().unwrap(), out.join("slot.toml").to_str().unwrap(), "::/slot.toml"]);
+        out
+    }
+
+    fn add(&self, slot: &Path, extra: &[&str]) {
+        let mut args =
+            vec!["add", "--keys", self.keys.to_str().unwrap(), "--repo", self.repo.to_str().unwrap()];
+        args.extend(extra);
+        args.push(slot.to_str().unwrap());
+        repo_tool(&args);
+    }
+
+    fn updater(&self) -> Arc<Updater> {
+        Updater::new(Config {
+            state_dir: self.dir.join("state"),
+            trusted_root: self.keys.join("root.json"),
+            disk: Disk { path: self.disk.clone(), sector: 512 },
+            active: Slot::A,
+            on_trial: false,
+            variant: "qemu".into(),
+            arch: "x86_64".into(),
+            version: "0.1.0".parse().unwrap(),
+            clock_floor: None,
+            set_clock: false,
+            read_slot_meta: Box::new(|disk, slot| {
+                let (off, _) = disk.region(slot, "BOOT")?;
+                let img = format!("{}@@{off}", disk.path.display());
+                let out = Proc::new("mtype")
+                    .args(["-i", &img, "::/slot.toml"])
+                    .output()
+                    .map_err(|e| e.to_string())?;
+                Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            }),
+        })
+    }
+
+    fn region(&self, slot: Slot, kind: &str) -> Vec<u8> {
+        let (off, len) = Disk { path: self.disk.clone(), sector: 512 }.region(slot, kind).unwrap();
+        let all = fs::read(&self.disk).unwrap();
+        all[off as usize..(off + len) as usize].to_vec()
+    }
+
+    fn slot_state(&self, slot: Slot) -> SlotState {
+        Disk { path: self.disk.clone(), sector: 512 }.boot_control().state(slot).unwrap()
+    }
+}
+
+fn settings(port: u16) -> UpdateSettings {
+    UpdateSettings {
+        metadata_base_url: Some(format!("http://127.0.0.1:{port}/metadata")),
+        targets_base_url: Some(format!("http://127.0.0.1:{port}/targets/")),
+        ..Default::default()
+    }
+}
+
+fn last(u: &Updater) -> (String, String) {
+    let st = u.status();
+    let rec = &st["most_recent_command"];
+    let text = rec["error"].as_str().or(rec["message"].as_str()).unwrap_or("").to_string();
+    (rec["cmd_status"].as_str().unwrap_or("").to_string(), text)
+}
+
+fn state(u: &Updater) -> Value {
+    u.status()["update_state"].clone()
+}
+
+#[test]
+fn stages_activates_and_deactivates_without_touching_the_active_slot() {
+    let f = Fixture::new("happy");
+    f.add(&f.slot("0.2.0", "x86_64", 2), &[]);
+    let srv = Server::start(&f.repo);
+    let s = settings(srv.1);
+    let a_before: Vec<Vec<u8>> = ["BOOT", "ROOT", "HASH"].iter().map(|k| f.region(Slot::A, k)).collect();
+    let u = f.updater();
+    assert_eq!(u.command(Command::Prepare, &s).unwrap_err().status, 409, "prepare before refresh");
+    assert_eq!(u.command(Command::Activate, &s).unwrap_err().status, 409);
+    u.run(Command::Refresh, &s);
+    assert_eq!(last(&u).0, "Success", "{:?}", last(&u));
+    assert_eq!(state(&u), "Available");
+    assert_eq!(u.status()["chosen_update"]["version"], "0.2.0");
+    u.run(Command::Prepare, &s);
+    assert_eq!(last(&u).0, "Success", "{:?}", last(&u));
+    assert_eq!(state(&u), "Staged");
+    let slot = f.dir.join("slot-0.2.0-x86_64-2");
+    let root = fs::read(slot.join("root.erofs")).unwrap();
+    assert_eq!(&f.region(Slot::B, "ROOT")[..root.len()], &root[..]);
+    let hash = fs::read(slot.join("hash.img")).unwrap();
+    assert_eq!(&f.region(Slot::B, "HASH")[..hash.len()], &hash[..]);
+    assert!(!f.slot_state(Slot::B).bootable(), "staged but not active: B must not boot");
+    assert!(u.command(Command::Activate, &s).is_ok());
+    assert_eq!(f.slot_state(Slot::B), SlotState { priority: 2, tries: 1, successful: false });
+    assert_eq!(state(&u), "Ready");
+    assert_eq!(u.command(Command::Refresh, &s).unwrap_err().status, 409);
+    u.command(Command::Deactivate, &s).unwrap();
+    assert_eq!(f.slot_state(Slot::B).priority, 0);
+    assert_eq!(state(&u), "Staged");
+    // The state survives a restart of the updater.
+    drop(u);
+    assert_eq!(state(&f.updater()), "Staged");
+    let a_after: Vec<Vec<u8>> = ["BOOT", "ROOT", "HASH"].iter().map(|k| f.region(Slot::A, k)).collect();
+    assert!(a_before == a_after, "the active slot changed");
+    assert_eq!(f.slot_state(Slot::A), SlotState { priority: 1, tries: 0, successful: true });
+}
+
+/// Run a prepare expected to fail; check the error, that B is unbootable and A untouched.
+fn prepare_fails(f: &Fixture, u: &Updater, s: &UpdateSettings, want: &str) {
+    let a_root = f.region(Slot::A, "ROOT");
+    u.run(Command::Prepare, s);
+    let (status, err) = last(u);
+    assert_eq!(status, "Failed");
+    assert!(err.to_lowercase().contains(want), "error '{err}' should mention '{want}'");
+    assert!(!f.slot_state(Slot::B).bootable());
+    assert_eq!(f.region(Slot::A, "ROOT"), a_root);
+    assert_eq!(state(u), "Available");
+}
+
+fn target_file(f: &Fixture, part: &str) -> PathBuf {
+    fs::read_dir(f.repo.join("targets"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().contains(part))
+        .unwrap_or_else(|| panic!("no target named *{part}*"))
+}
+
+#[test]
+fn tampered_and_truncated_targets_are_refused() {
+    let f = Fixture::new("tamper");
+    f.add(&f.slot("0.2.0", "x86_64", 3), &[]);
+    let srv = Server::start(&f.repo);
+    let s = settings(srv.1);
+    let u = f.updater();
+    u.run(Command::Refresh, &s);
+    let root = target_file(&f, "root.img.lz4");
+    let good = fs::read(&root).unwrap();
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x40;
+    fs::write(&root, &bad).unwrap();
+    prepare_fails(&f, &u, &s, "hash");
+    fs::write(&root, &good[..good.len() - 1000]).unwrap();
+    prepare_fails(&f, &u, &s, "");
+    fs::write(&root, &good).unwrap();
+    u.run(Command::Prepare, &s);
+    assert_eq!(last(&u).0, "Success", "{:?}", last(&u));
+}
+
+#[test]
+fn tampered_metadata_expired_metadata_and_metadata_rollback_are_refused() {
+    let f = Fixture::new("meta");
+    f.add(&f.slot("0.2.0", "x86_64", 4), &[]);
+    let old = f.dir.join("old-repo");
+    sh(&["cp", "-a", f.repo.to_str().unwrap(), old.to_str().unwrap()]);
+    f.add(&f.slot("0.3.0", "x86_64", 5), &[]);
+    let srv = Server::start(&f.repo);
+    let s = settings(srv.1);
+    let u = f.updater();
+    u.run(Command::Refresh, &s);
+    assert_eq!(u.status()["chosen_update"]["version"], "0.3.0", "{:?}", last(&u));
+
+    // An older, validly signed copy after the newer one was seen: a rollback attack.
+    let old_srv = Server::start(&old);
+    u.run(Command::Refresh, &settings(old_srv.1));
+    let (st, err) = last(&u);
+    assert_eq!(st, "Failed");
+    assert!(err.contains("version"), "{err}");
+
+    // Metadata changed without re-signing.
+    // The newest N.targets.json (the previous one is kept for clients mid-fetch).
+    let targets_json = fs::read_dir(f.repo.join("metadata"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".targets.json"))
+        .max_by_key(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            name.split('.').next().unwrap().parse::<u64>().unwrap()
+        })
+        .unwrap();
+    let good = fs::read_to_string(&targets_json).unwrap();
+    fs::write(&targets_json, good.replacen("\"length\": ", "\"length\": 1", 1)).unwrap();
+    u.run(Command::Refresh, &s);
+    assert_eq!(last(&u).0, "Failed", "tampered targets.json accepted");
+    fs::write(&targets_json, good).unwrap();
+
+    // Expired metadata, however validly signed.
+    repo_tool(&[
+        "sign",
+        "--keys",
+        f.keys.to_str().unwrap(),
+        "--repo",
+        f.repo.to_str().unwrap(),
+        "--expires-days",
+        "-1",
+    ]);
+    u.run(Command::Refresh, &s);
+    let (st, err) = last(&u);
+    assert_eq!(st, "Failed");
+    assert!(err.to_lowercase().contains("expire"), "{err}");
+}
+
+#[test]
+fn wrong_arch_or_mislabelled_images_are_refused() {
+    let f = Fixture::new("arch");
+    f.add(&f.slot("0.2.0", "aarch64", 6), &[]);
+    let srv = Server::start(&f.repo);
+    let s = settings(srv.1);
+    let u = f.updater();
+    u.run(Command::Refresh, &s);
+    assert_eq!(state(&u), "Idle");
+    assert!(last(&u).1.contains("no update for variant qemu on x86_64"), "{:?}", last(&u));
+
+    // A manifest entry whose images are of another version than it says.
+    f.add(&f.slot("0.2.0", "x86_64", 7), &[]);
+    let manifest = f.repo.join("src/manifest.json");
+    let text = fs::read_to_string(&manifest).unwrap();
+    fs::write(&manifest, text.replace("\"0.2.0\"", "\"0.2.1\"")).unwrap();
+    repo_tool(&["sign", "--keys", f.keys.to_str().unwrap(), "--repo", f.repo.to_str().unwrap()]);
+    u.run(Command::Refresh, &s);
+    assert_eq!(u.status()["chosen_update"]["version"], "0.2.1");
+    prepare_fails(&f, &u, &s, "but the manifest says");
+}
+
+#[test]
+fn a_root_that_does_not_match_its_verity_hash_is_refused() {
+    let f = Fixture::new("verity");
+    let slot = f.slot("0.2.0", "x86_64", 8);
+    // A build gone wrong: the root changed after its hash tree was made, and was signed so.
+    let mut root = fs::read(slot.join("root.erofs")).unwrap();
+    root[5000] ^= 1;
+    fs::write(slot.join("root.erofs"), root).unwrap();
+    f.add(&slot, &[]);
+    let srv = Server::start(&f.repo);
+    let s = settings(srv.1);
+    let u = f.updater();
+    u.run(Command::Refresh, &s);
+    prepare_fails(&f, &u, &s, "verity root hash");
+}
+
+#[test]
+fn a_dropped_connection_resumes_and_a_dead_one_fails_cleanly() {
+    let f = Fixture::new("drop");
+    f.add(&f.slot("0.2.0", "x86_64", 9), &[]);
+    let srv = Server::start(&f.repo);
+    let s = settings(srv.1);
+    let u = f.updater();
+    u.run(Command::Refresh, &s);
+    srv.control("drop?after=300000&times=1");
+    u.run(Command::Prepare, &s);
+    assert_eq!(last(&u).0, "Success", "{:?}", last(&u));
+    // Start again from Available: a network that keeps dropping gives a clear error.
+    let u2 = {
+        fs::remove_dir_all(f.dir.join("state")).unwrap();
+        f.updater()
+    };
+    u2.run(Command::Refresh, &s);
+    // Every connection cut before its first byte: no progress is possible.
+    srv.control("drop?after=0&times=1000");
+    prepare_fails(&f, &u2, &s, "");
+    eprintln!("dead network: {}", last(&u2).1);
+    srv.control("drop?after=0&times=0");
+    u2.run(Command::Prepare, &s);
+    assert_eq!(last(&u2).0, "Success", "{:?}", last(&u2));
+}
+
+#[test]
+fn an_interrupted_write_leaves_the_slot_unbootable_and_can_be_redone() {
+    let f = Fixture::new("powercut");
+    f.add(&f.slot("0.2.0", "x86_64", 10), &[]);
+    let u = f.updater();
+    // What a power cut in the middle of prepare leaves: `writing` recorded, B half-written
+    // and (as prepare sets first) unbootable.
+    let mut p = state::load(&f.dir.join("state"));
+    p.state = State::Available;
+    p.writing = Some(Slot::B);
+    p.chosen = Some(state::UpdateInfo {
+        version: "0.2.0".into(),
+        variant: "qemu".into(),
+        arch: "x86_64".into(),
+        max_version: "0.2.0".into(),
+    });
+    state::save(&f.dir.join("state"), &p).unwrap();
+    drop(u);
+    let u = f.updater();
+    assert_eq!(state(&u), "Available");
+    assert!(u.status()["note"].as_str().unwrap().contains("interrupted"));
+    assert!(!f.slot_state(Slot::B).bootable());
+    let srv = Server::start(&f.repo);
+    u.run(Command::Prepare, &settings(srv.1));
+    assert_eq!(last(&u).0, "Success", "{:?}", last(&u));
+}
+
+#[test]
+fn a_failed_trial_is_reported_as_a_rollback() {
+    let f = Fixture::new("rollback");
+    let mut p = state::Persisted {
+        state: State::Ready,
+        staged: Some(state::Staged { slot: Slot::B, version: "0.2.0".into() }),
+        activated: Some(state::Activated {
+            slot: Slot::B,
+            version: "0.2.0".into(),
+            from_version: "0.1.0".into(),
+        }),
+        ..Default::default()
+    };
+    fs::create_dir_all(f.dir.join("state")).unwrap();
+    state::save(&f.dir.join("state"), &p).unwrap();
+    // B was tried (its one try used up) and never marked successful; A booted again.
+    let mut bc = Disk { path: f.disk.clone(), sector: 512 }.boot_control();
+    bc.set_state(Slot::B, SlotState { priority: 2, tries: 0, successful: false }).unwrap();
+    let u = f.updater();
+    let st = u.status();
+    assert_eq!(st["update_state"], "Idle");
+    assert_eq!(st["last_rollback"]["failed_version"], "0.2.0");
+    assert_eq!(st["last_rollback"]["automatic"], true);
+    // Manual rollback needs a known-good other slot: B is not one.
+    assert_eq!(u.command(Command::Rollback, &UpdateSettings::default()).unwrap_err().status, 409);
+
+    // An activated update that was never booted stays Ready.
+    p.state = State::Ready;
+    state::save(&f.dir.join("state"), &p).unwrap();
+    bc.set_state(Slot::B, SlotState { priority: 2, tries: 1, successful: false }).unwrap();
+    assert_eq!(state(&f.updater()), "Ready");
+}
