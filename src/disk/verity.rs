@@ -167,29 +167,17 @@ pub fn format<R: Read, W: Write + Seek>(
         return Err(Error::Invalid("salt longer than 256 bytes".into()));
     }
     let data_blocks = data_len / bs;
-    let sizes = level_sizes(data_blocks, bs);
 
     // Level 0: the hash of every data block, streamed.
-    let mut levels: Vec<Vec<u8>> = Vec::with_capacity(sizes.len());
-    let mut current = Vec::with_capacity((data_blocks as usize) * DIGEST);
+    let mut level0 = Vec::with_capacity((data_blocks as usize) * DIGEST);
     let mut buf = vec![0u8; block as usize];
     for _ in 0..data_blocks {
         data.read_exact(&mut buf)?;
-        current.extend_from_slice(&salted_hash(salt, &buf));
+        level0.extend_from_slice(&salted_hash(salt, &buf));
     }
-    // Each level is padded to whole blocks, then hashed block by block into the next.
-    for &size in &sizes {
-        current.resize((size * bs) as usize, 0);
-        let next: Vec<u8> = current.chunks(block as usize).flat_map(|b| salted_hash(salt, b)).collect();
-        levels.push(std::mem::replace(&mut current, next));
-    }
-    // After the top level (or with no levels, one data block), `current` is the root digest.
-    let root = hex(&current[..DIGEST]);
-
+    let (root, tree) = build_tree(level0, data_blocks, block, salt);
     hash_out.write_all(&superblock(data_blocks, block, salt, uuid))?;
-    for level in levels.iter().rev() {
-        hash_out.write_all(level)?;
-    }
+    hash_out.write_all(&tree)?;
     hash_out.flush()?;
     Ok(VerityParams {
         algorithm: "sha256".into(),
@@ -199,6 +187,67 @@ pub fn format<R: Read, W: Write + Seek>(
         hash_start_block: 1,
         salt: hex(salt),
         root_hash: root,
+    })
+}
+
+/// The tree above `level0` (the digests of the data blocks): the root hash (hex), and the
+/// levels from the top down, each padded to whole blocks, as they follow the superblock.
+pub fn build_tree(level0: Vec<u8>, data_blocks: u64, block: u32, salt: &[u8]) -> (String, Vec<u8>) {
+    let bs = block as u64;
+    let mut levels: Vec<Vec<u8>> = Vec::new();
+    let mut current = level0;
+    // Each level is padded to whole blocks, then hashed block by block into the next.
+    for size in level_sizes(data_blocks, bs) {
+        current.resize((size * bs) as usize, 0);
+        let next: Vec<u8> = current.chunks(block as usize).flat_map(|b| salted_hash(salt, b)).collect();
+        levels.push(std::mem::replace(&mut current, next));
+    }
+    // After the top level (or with no levels, one data block), `current` is the root digest.
+    let root = hex(&current[..DIGEST]);
+    (root, levels.iter().rev().flatten().copied().collect())
+}
+
+/// The level-0 digests of `data_len` bytes (whole blocks) that `read_at(offset, buf)` reads,
+/// hashed by `threads` threads, each over its own contiguous share of the blocks.
+pub fn level0_parallel<F>(
+    read_at: F,
+    data_len: u64,
+    block: u32,
+    salt: &[u8],
+    threads: usize,
+) -> io::Result<Vec<u8>>
+where
+    F: Fn(u64, &mut [u8]) -> io::Result<()> + Sync,
+{
+    let bs = block as u64;
+    let blocks = data_len / bs;
+    let per = blocks.div_ceil(threads.max(1) as u64);
+    let read_at = &read_at;
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads.max(1) as u64)
+            .map(|t| {
+                let (start, end) = ((t * per).min(blocks), ((t + 1) * per).min(blocks));
+                s.spawn(move || -> io::Result<Vec<u8>> {
+                    let mut out = Vec::with_capacity(((end - start) as usize) * DIGEST);
+                    let mut buf = vec![0u8; (256 * bs) as usize];
+                    let mut b = start;
+                    while b < end {
+                        let n = ((end - b) * bs).min(buf.len() as u64) as usize;
+                        read_at(b * bs, &mut buf[..n])?;
+                        for chunk in buf[..n].chunks(block as usize) {
+                            out.extend_from_slice(&salted_hash(salt, chunk));
+                        }
+                        b += n as u64 / bs;
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        let mut all = Vec::with_capacity((blocks as usize) * DIGEST);
+        for w in workers {
+            all.extend(w.join().map_err(|_| io::Error::other("a hashing thread panicked"))??);
+        }
+        Ok(all)
     })
 }
 
@@ -241,6 +290,22 @@ mod tests {
         let mut out = Cursor::new(Vec::new());
         let p = format(&mut Cursor::new(data), data.len() as u64, &mut out, 4096, b"salt", [1; 16]).unwrap();
         (p, out.into_inner())
+    }
+
+    #[test]
+    fn parallel_level0_gives_the_same_tree() {
+        let data: Vec<u8> = (0..(1000u32 * 4096)).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let (params, hash) = build(&data);
+        for threads in [1, 2, 3, 7] {
+            let read_at = |off: u64, buf: &mut [u8]| {
+                buf.copy_from_slice(&data[off as usize..off as usize + buf.len()]);
+                Ok(())
+            };
+            let level0 = level0_parallel(read_at, data.len() as u64, 4096, b"salt", threads).unwrap();
+            let (root, tree) = build_tree(level0, 1000, 4096, b"salt");
+            assert_eq!(root, params.root_hash, "{threads} threads");
+            assert_eq!(&tree[..], &hash[4096..4096 + tree.len()], "{threads} threads");
+        }
     }
 
     #[test]

@@ -12,8 +12,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -95,30 +95,50 @@ impl Repo {
     }
 }
 
-/// A blocking reader over a tough target stream; counts the bytes it delivers.
-struct StreamReader<'a, S> {
-    rt: &'a tokio::runtime::Runtime,
-    stream: Pin<Box<S>>,
+/// The receiving end of a target stream that another thread fetches (and tough hashes), so
+/// that fetching and hashing overlap with decompressing and writing.
+struct ChannelReader {
+    rx: mpsc::Receiver<Result<Bytes, String>>,
     buf: Bytes,
-    progress: &'a Progress,
 }
 
-impl<S: Stream<Item = tough::error::Result<Bytes>>> Read for StreamReader<'_, S> {
+impl Read for ChannelReader {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         while self.buf.is_empty() {
-            let stream = &mut self.stream;
-            match self.rt.block_on(std::future::poll_fn(|cx| stream.as_mut().poll_next(cx))) {
-                None => return Ok(0),
-                Some(Ok(b)) => {
-                    self.progress.done.fetch_add(b.len() as u64, Ordering::Relaxed);
-                    self.buf = b;
-                }
-                Some(Err(e)) => return Err(io::Error::other(chain(&e))),
+            match self.rx.recv() {
+                Err(_) => return Ok(0),
+                Ok(Ok(b)) => self.buf = b,
+                Ok(Err(e)) => return Err(io::Error::other(e)),
             }
         }
         let n = out.len().min(self.buf.len());
         out[..n].copy_from_slice(&self.buf.split_to(n));
         Ok(n)
+    }
+}
+
+/// Poll `stream` to its end on `rt`, sending each chunk on; stops when the receiver is gone.
+fn pump<S: Stream<Item = tough::error::Result<Bytes>>>(
+    rt: &tokio::runtime::Runtime,
+    stream: S,
+    tx: mpsc::SyncSender<Result<Bytes, String>>,
+    progress: &Progress,
+) {
+    let mut stream = Box::pin(stream);
+    loop {
+        let item = rt.block_on(std::future::poll_fn(|cx| stream.as_mut().poll_next(cx)));
+        let msg = match item {
+            None => return,
+            Some(Ok(b)) => {
+                progress.done.fetch_add(b.len() as u64, Ordering::Relaxed);
+                Ok(b)
+            }
+            Some(Err(e)) => Err(chain(&e)),
+        };
+        let stop = msg.is_err();
+        if tx.send(msg).is_err() || stop {
+            return;
+        }
     }
 }
 
@@ -149,21 +169,6 @@ impl Write for Region<'_> {
     }
 }
 
-/// Reads a partition of the disk from its start.
-struct RegionReader<'a> {
-    file: &'a File,
-    offset: u64,
-    pos: u64,
-}
-
-impl Read for RegionReader<'_> {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        let n = self.file.read_at(out, self.offset + self.pos)?;
-        self.pos += n as u64;
-        Ok(n)
-    }
-}
-
 /// Stream target `name` into `slot`'s `kind` partition; returns the bytes written.
 fn write_image(
     repo: &Repo,
@@ -183,21 +188,26 @@ fn write_image(
         .block_on(repo.repo.read_target(&tname))
         .map_err(|e| format!("{name}: {}", chain(&e)))?
         .ok_or_else(|| format!("the manifest names image '{name}', which the repository does not list"))?;
-    let mut reader = StreamReader { rt: &repo.rt, stream: Box::pin(stream), buf: Bytes::new(), progress };
     let mut region = Region { file: disk, offset, len, pos: 0, label: label.clone() };
-    let mut decoder = lz4_flex::frame::FrameDecoder::new(&mut reader);
-    let mut out = io::BufWriter::with_capacity(1 << 20, &mut region);
-    io::copy(&mut decoder, &mut out).map_err(|e| format!("{name} → {label}: {e}"))?;
-    out.flush().map_err(|e| format!("{name} → {label}: {e}"))?;
-    drop(out);
-    drop(decoder);
-    // Read the stream to its end: tough checks the length and hash there, and nothing may
-    // follow the lz4 frame.
-    let mut rest = Vec::new();
-    reader.read_to_end(&mut rest).map_err(|e| format!("{name}: {e}"))?;
-    if !rest.is_empty() {
-        return Err(format!("{name}: {} bytes of trailing data after the lz4 frame", rest.len()));
-    }
+    let (tx, rx) = mpsc::sync_channel(32);
+    std::thread::scope(|scope| {
+        scope.spawn(|| pump(&repo.rt, stream, tx, progress));
+        let mut reader = ChannelReader { rx, buf: Bytes::new() };
+        let mut decoder = lz4_flex::frame::FrameDecoder::new(&mut reader);
+        let mut out = io::BufWriter::with_capacity(1 << 20, &mut region);
+        io::copy(&mut decoder, &mut out).map_err(|e| format!("{name} → {label}: {e}"))?;
+        out.flush().map_err(|e| format!("{name} → {label}: {e}"))?;
+        drop(out);
+        drop(decoder);
+        // Read the stream to its end: tough checks the length and hash there, and nothing
+        // may follow the lz4 frame.
+        let mut rest = Vec::new();
+        reader.read_to_end(&mut rest).map_err(|e| format!("{name}: {e}"))?;
+        if !rest.is_empty() {
+            return Err(format!("{name}: {} bytes of trailing data after the lz4 frame", rest.len()));
+        }
+        Ok(())
+    })?;
     Ok(region.pos)
 }
 
@@ -269,21 +279,22 @@ fn check_slot(disk: &File, cfg: &Config, slot: Slot, update: &Update) -> Result<
         ));
     }
     let salt = verity::hex_decode(&v.salt).ok_or("slot.toml: verity salt is not hex")?;
-    let mut tree = io::Cursor::new(Vec::new());
-    let mut data = RegionReader { file: disk, offset: root_off, pos: 0 }.take(data_len);
-    let got = verity::format(&mut data, data_len, &mut tree, v.data_block_size, &salt, [0; 16])
+    if v.data_block_size != v.hash_block_size {
+        return Err("slot.toml: data and hash block sizes differ".into());
+    }
+    // Read back and hash on every core: the data blocks' digests are independent.
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+    let read_at = |off: u64, buf: &mut [u8]| disk.read_exact_at(buf, root_off + off);
+    let level0 = verity::level0_parallel(read_at, data_len, v.data_block_size, &salt, threads)
         .map_err(|e| format!("reading back {}: {e}", slot.label("ROOT")))?;
-    if got.root_hash != v.root_hash {
+    let (root_hash, levels) = verity::build_tree(level0, v.data_blocks, v.data_block_size, &salt);
+    if root_hash != v.root_hash {
         return Err(format!(
-            "{} as written gives verity root hash {}, but slot.toml says {}",
+            "{} as written gives verity root hash {root_hash}, but slot.toml says {}",
             slot.label("ROOT"),
-            got.root_hash,
             v.root_hash
         ));
     }
-    let tree = tree.into_inner();
-    let block = v.hash_block_size as usize;
-    let levels = &tree[block..];
     let start = v.hash_start_block * v.hash_block_size as u64;
     if start + levels.len() as u64 > hash_len {
         return Err(format!("the hash tree does not fit {}", slot.label("HASH")));
