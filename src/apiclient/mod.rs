@@ -34,9 +34,52 @@ pub fn request(socket: &str, method: &str, uri: &str, body: Option<&str>) -> Res
         body.len()
     );
     s.write_all(req.as_bytes()).map_err(|e| format!("sending to {socket}: {e}"))?;
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp).map_err(|e| format!("reading from {socket}: {e}"))?;
+    let resp = read_response(&mut s).map_err(|e| format!("reading from {socket}: {e}"))?;
     parse_response(&resp)
+}
+
+/// One response: the head, then a Content-Length body, a chunked body up to its last chunk,
+/// or (neither) everything to EOF. Not waiting for EOF when the length is known matters on
+/// the host side of a VM's virtio-serial bridge, which cannot close the connection.
+fn read_response(s: &mut impl Read) -> std::io::Result<Vec<u8>> {
+    let mut resp = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    let mut body_len: Option<(usize, usize)> = None; // (head end, content length)
+    let mut chunked_from: Option<usize> = None;
+    loop {
+        if let Some((head, len)) = body_len {
+            if resp.len() >= head + len {
+                resp.truncate(head + len);
+                return Ok(resp);
+            }
+        }
+        if let Some(head) = chunked_from {
+            if resp[head..].ends_with(b"\r\n0\r\n\r\n") || &resp[head..] == b"0\r\n\r\n" {
+                return Ok(resp);
+            }
+        }
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Ok(resp);
+        }
+        resp.extend_from_slice(&buf[..n]);
+        if body_len.is_none() && chunked_from.is_none() {
+            if let Some(end) = resp.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&resp[..end]).to_ascii_lowercase();
+                let header = |name: &str| {
+                    head.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+                };
+                let status = head.split_whitespace().nth(1).unwrap_or("");
+                if status == "204" || status == "304" {
+                    body_len = Some((end + 4, 0));
+                } else if header("transfer-encoding:").is_some_and(|v| v.contains("chunked")) {
+                    chunked_from = Some(end + 4);
+                } else if let Some(len) = header("content-length:").and_then(|v| v.parse().ok()) {
+                    body_len = Some((end + 4, len));
+                }
+            }
+        }
+    }
 }
 
 fn parse_response(resp: &[u8]) -> Result<(u16, String), String> {
@@ -322,6 +365,29 @@ mod tests {
         .unwrap();
         assert_eq!(r, (404, "abcde".into()));
         assert!(parse_response(b"garbage").is_err());
+    }
+
+    /// Data, then an error where a blocking read would hang (a bridge that never closes).
+    struct NoEof(std::io::Cursor<Vec<u8>>);
+    impl Read for NoEof {
+        fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+            match self.0.read(b)? {
+                0 => Err(std::io::Error::other("read past the response")),
+                n => Ok(n),
+            }
+        }
+    }
+
+    #[test]
+    fn responses_end_at_their_length_without_eof() {
+        let plain = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello".to_vec();
+        assert_eq!(read_response(&mut NoEof(std::io::Cursor::new(plain.clone()))).unwrap(), plain);
+        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n".to_vec();
+        assert_eq!(read_response(&mut NoEof(std::io::Cursor::new(chunked.clone()))).unwrap(), chunked);
+        let empty = b"HTTP/1.1 204 No Content\r\n\r\n".to_vec();
+        assert_eq!(read_response(&mut NoEof(std::io::Cursor::new(empty.clone()))).unwrap(), empty);
+        let to_eof = b"HTTP/1.1 200 OK\r\n\r\nuntil the end".to_vec();
+        assert_eq!(read_response(&mut std::io::Cursor::new(to_eof.clone())).unwrap(), to_eof);
     }
 
     #[test]
