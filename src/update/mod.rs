@@ -338,13 +338,15 @@ impl Updater {
             sh.running = Some(cmd);
             sh.p.most_recent_command = Some(CommandRecord::running(cmd.name()));
         }
-        let result = match cmd {
+        // A panic must not leave the updater "running" forever: it becomes this command's error.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match cmd {
             Command::Refresh => self.refresh(settings),
             Command::Prepare => self.prepare(settings),
             Command::Activate => self.activate(),
             Command::Deactivate => self.deactivate(),
             Command::Rollback => self.rollback(),
-        };
+        }))
+        .unwrap_or_else(|_| Err("internal error (a panic; see the console log)".into()));
         let mut sh = self.lock();
         sh.running = None;
         sh.p.most_recent_command = Some(CommandRecord::finished(cmd.name(), &result));

@@ -244,6 +244,17 @@ fn stages_activates_and_deactivates_without_touching_the_active_slot() {
     let a_after: Vec<Vec<u8>> = ["BOOT", "ROOT", "HASH"].iter().map(|k| f.region(Slot::A, k)).collect();
     assert!(a_before == a_after, "the active slot changed");
     assert_eq!(f.slot_state(Slot::A), SlotState { priority: 1, tries: 0, successful: true });
+
+    // Manual rollback: refused while B has never booted successfully, done once it has.
+    let u = f.updater();
+    assert_eq!(u.command(Command::Rollback, &s).unwrap_err().status, 409);
+    let mut bc = Disk { path: f.disk.clone(), sector: 512 }.boot_control();
+    bc.set_state(Slot::B, SlotState { priority: 1, tries: 0, successful: true }).unwrap();
+    u.command(Command::Rollback, &s).unwrap();
+    assert_eq!(f.slot_state(Slot::B), SlotState { priority: 2, tries: 0, successful: true });
+    let st = u.status();
+    assert_eq!(st["last_rollback"]["automatic"], false);
+    assert_eq!(st["last_rollback"]["running_version"], "0.2.0");
 }
 
 /// Run a prepare expected to fail; check the error, that B is unbootable and A untouched.
