@@ -221,7 +221,7 @@ impl Api {
         match u.command(cmd, &settings.updates.unwrap_or_default()) {
             Ok(true) => Response::json(202, &json!({"accepted": cmd.name(), "poll": "/updates/status"})),
             Ok(false) => Response::json(200, &u.status()),
-            Err(r) => Response::error(r.status, &r.message),
+            Err(e) => Response::error(e.status(), &e.to_string()),
         }
     }
 

@@ -69,7 +69,7 @@ impl Command {
         matches!(self, Command::Refresh | Command::Prepare)
     }
 
-    /// The states the command may start from.
+    /// The states the command may start from (for messages; [`check`] decides).
     fn allowed_from(self) -> &'static [State] {
         match self {
             Command::Refresh => &[State::Idle, State::Available, State::Staged],
@@ -81,21 +81,45 @@ impl Command {
     }
 }
 
-/// A refused or failed command: an HTTP status and a message.
+/// Why a command was refused or failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    pub status: u16,
-    pub message: String,
+pub enum Error {
+    /// Not allowed in the current state, or nothing to act on (HTTP 409).
+    Conflict(String),
+    /// The updater thread is gone (HTTP 503).
+    Unavailable(String),
+    /// The command ran and failed: settings, repository, network, disk (HTTP 500).
+    Failed(String),
 }
 
-impl fmt::Display for Refusal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
+impl Error {
+    pub fn status(&self) -> u16 {
+        match self {
+            Error::Conflict(_) => 409,
+            Error::Unavailable(_) => 503,
+            Error::Failed(_) => 500,
+        }
     }
 }
 
-fn refuse(status: u16, message: impl Into<String>) -> Refusal {
-    Refusal { status, message: message.into() }
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Conflict(m) | Error::Unavailable(m) | Error::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<String> for Error {
+    fn from(m: String) -> Error {
+        Error::Failed(m)
+    }
+}
+
+impl From<&str> for Error {
+    fn from(m: &str) -> Error {
+        Error::Failed(m.into())
+    }
 }
 
 /// The whole disk holding both slots, with its GPT (a block device in Berth, an image file
@@ -295,15 +319,13 @@ impl Updater {
 
     /// Accept `cmd` if the state allows it: long commands are handed to the updater thread
     /// (Ok(true): accepted, still running), short ones are carried out now (Ok(false)).
-    pub fn command(&self, cmd: Command, settings: &UpdateSettings) -> Result<bool, Refusal> {
+    pub fn command(&self, cmd: Command, settings: &UpdateSettings) -> Result<bool, Error> {
         {
             let mut sh = self.lock();
             if let Some(r) = sh.running {
-                return Err(refuse(409, format!("a {} is in progress; wait for it to finish", r.name())));
+                return Err(Error::Conflict(format!("a {} is in progress; wait for it to finish", r.name())));
             }
-            if !cmd.allowed_from().contains(&sh.p.state) {
-                return Err(refuse(409, not_allowed(cmd, sh.p.state)));
-            }
+            check(cmd, sh.p.state)?;
             sh.running = Some(cmd);
             sh.p.most_recent_command = Some(CommandRecord::running(cmd.name()));
         }
@@ -315,14 +337,9 @@ impl Updater {
                 }
             }
             self.lock().running = None;
-            return Err(refuse(503, "the updater thread is not running"));
+            return Err(Error::Unavailable("the updater thread is not running".into()));
         }
-        match self.execute(cmd, settings) {
-            Ok(()) => Ok(false),
-            Err(e) => {
-                Err(refuse(if e.starts_with("409:") { 409 } else { 500 }, e.trim_start_matches("409:")))
-            }
-        }
+        self.execute(cmd, settings).map(|()| false)
     }
 
     /// Run `cmd` now, in this thread (the updater thread, or tests).
@@ -332,7 +349,7 @@ impl Updater {
         }
     }
 
-    fn execute(&self, cmd: Command, settings: &UpdateSettings) -> Result<(), String> {
+    fn execute(&self, cmd: Command, settings: &UpdateSettings) -> Result<(), Error> {
         {
             let mut sh = self.lock();
             sh.running = Some(cmd);
@@ -346,10 +363,11 @@ impl Updater {
             Command::Deactivate => self.deactivate(),
             Command::Rollback => self.rollback(),
         }))
-        .unwrap_or_else(|_| Err("internal error (a panic; see the console log)".into()));
+        .unwrap_or_else(|_| Err(Error::Failed("internal error (a panic; see the console log)".into())));
         let mut sh = self.lock();
         sh.running = None;
-        sh.p.most_recent_command = Some(CommandRecord::finished(cmd.name(), &result));
+        sh.p.most_recent_command =
+            Some(CommandRecord::finished(cmd.name(), &result.clone().map_err(|e| e.to_string())));
         let snapshot = sh.p.clone();
         drop(sh);
         self.save(&snapshot);
@@ -360,14 +378,19 @@ impl Updater {
         result.map(drop)
     }
 
-    fn policy(&self, s: &UpdateSettings) -> Result<Policy, String> {
+    fn policy(&self, s: &UpdateSettings) -> Result<Policy, Error> {
         let version_lock = match s.version_lock.as_deref().map(str::trim) {
             None | Some("") | Some("latest") => None,
-            Some(v) => Some(v.parse().map_err(|e| format!("settings.updates.version-lock: {e}"))?),
+            Some(v) => {
+                Some(v.parse().map_err(|e| Error::Conflict(format!("settings.updates.version-lock: {e}")))?)
+            }
         };
         let seed = s.seed.unwrap_or(0);
         if seed > manifest::MAX_SEED {
-            return Err(format!("settings.updates.seed {seed} is above {}", manifest::MAX_SEED));
+            return Err(Error::Conflict(format!(
+                "settings.updates.seed {seed} is above {}",
+                manifest::MAX_SEED
+            )));
         }
         Ok(Policy {
             variant: self.cfg.variant.clone(),
@@ -379,13 +402,15 @@ impl Updater {
         })
     }
 
-    fn open_repo(&self, s: &UpdateSettings) -> Result<(stage::Repo, Manifest), String> {
+    fn open_repo(&self, s: &UpdateSettings) -> Result<(stage::Repo, Manifest), Error> {
         let md = s.metadata_base_url.as_deref().filter(|u| !u.is_empty());
         let tg = s.targets_base_url.as_deref().filter(|u| !u.is_empty());
         let (Some(md), Some(tg)) = (md, tg) else {
-            return Err("no update repository configured: set settings.updates.metadata-base-url and \
-                        settings.updates.targets-base-url"
-                .into());
+            return Err(Error::Conflict(
+                "no update repository configured: set settings.updates.metadata-base-url and \
+                 settings.updates.targets-base-url"
+                    .into(),
+            ));
         };
         self.clock_floor();
         let repo = stage::Repo::load(&self.cfg.trusted_root, &self.cfg.state_dir.join("tuf"), md, tg)?;
@@ -416,7 +441,7 @@ impl Updater {
         }
     }
 
-    fn refresh(&self, s: &UpdateSettings) -> Result<String, String> {
+    fn refresh(&self, s: &UpdateSettings) -> Result<String, Error> {
         let policy = self.policy(s)?;
         let (_repo, manifest) = self.open_repo(s)?;
         let available: Vec<String> = manifest
@@ -449,7 +474,7 @@ impl Updater {
         Ok(msg)
     }
 
-    fn prepare(&self, s: &UpdateSettings) -> Result<String, String> {
+    fn prepare(&self, s: &UpdateSettings) -> Result<String, Error> {
         let policy = self.policy(s)?;
         let (repo, manifest) = self.open_repo(s)?;
         let update = match manifest.choose(&policy, now()) {
@@ -458,7 +483,7 @@ impl Updater {
                 let mut sh = self.lock();
                 sh.p.chosen = None;
                 sh.p.state = State::Idle;
-                return Err(format!("no update to prepare: {why}"));
+                return Err(Error::Conflict(format!("no update to prepare: {why}")));
             }
         };
         let slot = self.cfg.inactive();
@@ -487,14 +512,17 @@ impl Updater {
             }
             Err(e) => {
                 sh.p.state = State::Available;
-                Err(format!("preparing {} in slot {slot}: {e} (slot {slot} left unbootable; the running slot {} is untouched)", update.version, self.cfg.active))
+                Err(Error::Failed(format!(
+                    "preparing {} in slot {slot}: {e} (slot {slot} left unbootable; the running slot {} is untouched)",
+                    update.version, self.cfg.active
+                )))
             }
         }
     }
 
-    fn activate(&self) -> Result<String, String> {
+    fn activate(&self) -> Result<String, Error> {
         let slot = self.cfg.inactive();
-        let staged = self.lock().p.staged.clone().ok_or("409:nothing is staged")?;
+        let staged = self.lock().p.staged.clone().ok_or(Error::Conflict("nothing is staged".into()))?;
         let mut bc = self.cfg.disk.boot_control();
         let bce = |e: crate::bootctl::Error| e.to_string();
         let mut active = bc.state(self.cfg.active).map_err(bce)?;
@@ -519,12 +547,12 @@ impl Updater {
             let mut sh = self.lock();
             sh.p.activated = None;
             sh.p.state = State::Staged;
-            return Err(e.to_string());
+            return Err(Error::Failed(e.to_string()));
         }
         Ok(format!("slot {slot} ({}) boots next, on trial", staged.version))
     }
 
-    fn deactivate(&self) -> Result<String, String> {
+    fn deactivate(&self) -> Result<String, Error> {
         let slot = self.cfg.inactive();
         self.cfg.disk.boot_control().set_state(slot, SlotState::default()).map_err(|e| e.to_string())?;
         let mut sh = self.lock();
@@ -533,20 +561,20 @@ impl Updater {
         Ok(format!("slot {slot} no longer boots next"))
     }
 
-    fn rollback(&self) -> Result<String, String> {
+    fn rollback(&self) -> Result<String, Error> {
         let other = self.cfg.inactive();
         let mut bc = self.cfg.disk.boot_control();
         let bce = |e: crate::bootctl::Error| e.to_string();
         let st = bc.state(other).map_err(bce)?;
         if !(st.successful && st.priority > 0) {
-            return Err(format!(
-                "409:slot {other} holds no version that booted successfully (state {st:?}); nothing to roll back to"
-            ));
+            return Err(Error::Conflict(format!(
+                "slot {other} holds no version that booted successfully (state {st:?}); nothing to roll back to"
+            )));
         }
         let version = (self.cfg.read_slot_meta)(&self.cfg.disk, other)
             .and_then(|t| crate::bootctl::SlotMeta::parse(&t))
             .map(|m| m.version)
-            .map_err(|e| format!("409:slot {other} is not readable: {e}"))?;
+            .map_err(|e| Error::Conflict(format!("slot {other} is not readable: {e}")))?;
         let active = bc.state(self.cfg.active).map_err(bce)?;
         let mut active_lowered = active;
         if active.priority >= 15 {
@@ -617,6 +645,22 @@ fn finish_update(p: &mut Persisted, a: &Activated) {
     p.available.clear();
     p.state = State::Idle;
     p.note = None;
+}
+
+/// Whether `cmd` may start in `state`: the state machine's table, refusals spelled out.
+fn check(cmd: Command, state: State) -> Result<(), Error> {
+    use Command::*;
+    use State::*;
+    match (cmd, state) {
+        (Refresh, Idle | Available | Staged)
+        | (Prepare, Available)
+        | (Activate, Staged)
+        | (Deactivate, Ready)
+        | (Rollback, Idle | Available | Staged) => Ok(()),
+        (Refresh | Prepare | Activate | Deactivate | Rollback, _) => {
+            Err(Error::Conflict(not_allowed(cmd, state)))
+        }
+    }
 }
 
 fn not_allowed(cmd: Command, state: State) -> String {

@@ -108,7 +108,7 @@ impl CommandRecord {
             }
             Err(e) => {
                 r.cmd_status = "Failed".into();
-                r.error = Some(e.trim_start_matches("409:").to_string());
+                r.error = Some(e.clone());
             }
         }
         r

@@ -216,8 +216,8 @@ fn stages_activates_and_deactivates_without_touching_the_active_slot() {
     let s = settings(srv.1);
     let a_before: Vec<Vec<u8>> = ["BOOT", "ROOT", "HASH"].iter().map(|k| f.region(Slot::A, k)).collect();
     let u = f.updater();
-    assert_eq!(u.command(Command::Prepare, &s).unwrap_err().status, 409, "prepare before refresh");
-    assert_eq!(u.command(Command::Activate, &s).unwrap_err().status, 409);
+    assert_eq!(u.command(Command::Prepare, &s).unwrap_err().status(), 409, "prepare before refresh");
+    assert_eq!(u.command(Command::Activate, &s).unwrap_err().status(), 409);
     u.run(Command::Refresh, &s);
     assert_eq!(last(&u).0, "Success", "{:?}", last(&u));
     assert_eq!(state(&u), "Available");
@@ -234,7 +234,7 @@ fn stages_activates_and_deactivates_without_touching_the_active_slot() {
     assert!(u.command(Command::Activate, &s).is_ok());
     assert_eq!(f.slot_state(Slot::B), SlotState { priority: 2, tries: 1, successful: false });
     assert_eq!(state(&u), "Ready");
-    assert_eq!(u.command(Command::Refresh, &s).unwrap_err().status, 409);
+    assert_eq!(u.command(Command::Refresh, &s).unwrap_err().status(), 409);
     u.command(Command::Deactivate, &s).unwrap();
     assert_eq!(f.slot_state(Slot::B).priority, 0);
     assert_eq!(state(&u), "Staged");
@@ -247,7 +247,7 @@ fn stages_activates_and_deactivates_without_touching_the_active_slot() {
 
     // Manual rollback: refused while B has never booted successfully, done once it has.
     let u = f.updater();
-    assert_eq!(u.command(Command::Rollback, &s).unwrap_err().status, 409);
+    assert_eq!(u.command(Command::Rollback, &s).unwrap_err().status(), 409);
     let mut bc = Disk { path: f.disk.clone(), sector: 512 }.boot_control();
     bc.set_state(Slot::B, SlotState { priority: 1, tries: 0, successful: true }).unwrap();
     u.command(Command::Rollback, &s).unwrap();
@@ -467,11 +467,27 @@ fn a_failed_trial_is_reported_as_a_rollback() {
     assert_eq!(st["last_rollback"]["failed_version"], "0.2.0");
     assert_eq!(st["last_rollback"]["automatic"], true);
     // Manual rollback needs a known-good other slot: B is not one.
-    assert_eq!(u.command(Command::Rollback, &UpdateSettings::default()).unwrap_err().status, 409);
+    assert_eq!(u.command(Command::Rollback, &UpdateSettings::default()).unwrap_err().status(), 409);
 
     // An activated update that was never booted stays Ready.
     p.state = State::Ready;
     state::save(&f.dir.join("state"), &p).unwrap();
     bc.set_state(Slot::B, SlotState { priority: 2, tries: 1, successful: false }).unwrap();
     assert_eq!(state(&f.updater()), "Ready");
+}
+
+#[test]
+fn the_state_table_and_its_messages_agree() {
+    let cmds =
+        [Command::Refresh, Command::Prepare, Command::Activate, Command::Deactivate, Command::Rollback];
+    let states = [State::Idle, State::Available, State::Staged, State::Ready];
+    for c in cmds {
+        for st in states {
+            assert_eq!(check(c, st).is_ok(), c.allowed_from().contains(&st), "{c:?} in {st:?}");
+            if let Err(e) = check(c, st) {
+                assert_eq!(e.status(), 409);
+                assert!(e.to_string().contains(&format!("state {st:?}")), "{e}");
+            }
+        }
+    }
 }
