@@ -35,7 +35,6 @@
 
 // The updater's repository client is being written; until it fetches through this, only the
 // tests do.
-#![cfg_attr(not(test), allow(dead_code))]
 
 use std::fmt;
 use std::fs::File;
@@ -107,10 +106,6 @@ impl Transport for HttpTransport {
 }
 
 impl HttpTransport {
-    pub fn new() -> HttpTransport {
-        HttpTransport::default()
-    }
-
     fn fetch_http(&self, url: Url) -> Result<TransportStream, TransportError> {
         let (source, conn, head) = self.open(&url, &[]).map_err(|f| f.into_error(&url))?;
         let framing = match head.status {
@@ -746,7 +741,7 @@ mod tests {
 
     /// Fast retries for tests.
     fn transport() -> HttpTransport {
-        HttpTransport { backoff: Duration::from_millis(1), ..HttpTransport::new() }
+        HttpTransport { backoff: Duration::from_millis(1), ..HttpTransport::default() }
     }
 
     fn fetch(transport: &HttpTransport, url: &str) -> Result<Vec<u8>, TransportError> {
