@@ -213,6 +213,29 @@ def unhealthy_v2_rolls_back(arch):
 
 
 @case()
+def hung_v2_is_reset_by_the_watchdog_and_rolls_back(arch):
+    """A v2 whose boot hangs before it is healthy (fault injection: PID 1 stops, on trial only)
+    is reset by the hardware watchdog that stage 1 armed, and v1 in slot A comes back."""
+    with Repo(arch, ["v2"]) as repo, VM(arch, raw=True, reboot=True,
+                                        append="berth.fault=hang-on-trial berth.watchdog-timeout=15") as vm:
+        vm.start()
+        boot(vm)
+        stage(vm, repo)
+        activate(vm)
+        reboot(vm)
+        vm.wait_for(r"boot control: slot B \(on trial: true", timeout=120)
+        vm.wait_for(r"watchdog armed while on trial \(timeout 15 s\)")
+        vm.wait_for(r"fault injection berth.fault=hang-on-trial", timeout=120)
+        vm.mark()
+        vm.wait_for(r"boot control: slot A \(on trial: false", timeout=180)
+        r = vm.wait_ready(300)
+        assert r["slot"] == "A", r
+        vm.wait_for(r"berth: api bridge")
+        s = status(vm)
+        assert s["last_rollback"]["failed_version"] == "0.2.0" and s["last_rollback"]["automatic"], s
+
+
+@case()
 def power_cut_while_writing_then_update_again(arch):
     """The VM is killed (a power cut) while v2 is being written into slot B: the next boot
     runs v1 from slot A cleanly, reports the interrupted write, and a second attempt stages,

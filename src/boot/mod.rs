@@ -132,7 +132,7 @@ fn choose_slot(ctx: &mut Ctx) -> Result<(), String> {
         if forced.is_some() { ", forced by berth.slot" } else { "" }
     );
     if a.on_trial {
-        ctx.watchdog = watchdog::Watchdog::arm();
+        ctx.watchdog = watchdog::Watchdog::arm(ctx.cmdline.get_u64("watchdog-timeout", watchdog::TIMEOUT));
     }
     ctx.attempt = Some(a);
     Ok(())

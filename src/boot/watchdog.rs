@@ -8,17 +8,17 @@ use std::io::Write;
 use log::{info, warn};
 
 pub const DEVICE: &str = "/dev/watchdog";
-/// Seconds without feeding before the machine resets.
-pub const TIMEOUT: i32 = 60;
+/// Seconds without feeding before the machine resets (`berth.watchdog-timeout` overrides).
+pub const TIMEOUT: u64 = 60;
 
 pub struct Watchdog(File);
 
 impl Watchdog {
-    /// Open (and so start) the watchdog, if the machine has one.
-    pub fn arm() -> Option<Watchdog> {
+    /// Open (and so start) the watchdog, if the machine has one, with `timeout` seconds.
+    pub fn arm(timeout: u64) -> Option<Watchdog> {
         match OpenOptions::new().write(true).open(DEVICE) {
             Ok(f) => {
-                let t = crate::sys::watchdog_set_timeout(&f, TIMEOUT).unwrap_or(0);
+                let t = crate::sys::watchdog_set_timeout(&f, timeout.min(3600) as i32).unwrap_or(0);
                 info!("watchdog armed while on trial (timeout {t} s)");
                 let mut w = Watchdog(f);
                 w.feed();

@@ -171,7 +171,8 @@ fn stage2() -> ! {
         updater: None,
     };
     // Stage 1 armed the watchdog for a slot on trial; it is fed until the boot is healthy.
-    let mut watchdog = if ctx.handoff.on_trial { boot::watchdog::Watchdog::arm() } else { None };
+    let timeout = ctx.cmdline.get_u64("watchdog-timeout", boot::watchdog::TIMEOUT);
+    let mut watchdog = if ctx.handoff.on_trial { boot::watchdog::Watchdog::arm(timeout) } else { None };
     for (name, phase) in PHASES {
         let t = Instant::now();
         if let Err(e) = phase(&mut ctx) {
@@ -183,6 +184,14 @@ fn stage2() -> ! {
         info!("stage2 phase {name} done in {} us", t.elapsed().as_micros());
     }
     power::watch_power_button();
+    if ctx.handoff.on_trial && ctx.cmdline.get("fault") == Some("hang-on-trial") {
+        // Fault injection for the watchdog test: a boot on trial that hangs before it is
+        // healthy. Only the watchdog can end it.
+        warn!("fault injection berth.fault=hang-on-trial: PID 1 stops here, the watchdog unfed");
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
 
     event_loop(&ctx, signals, watchdog)
 }
