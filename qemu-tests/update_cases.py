@@ -124,6 +124,22 @@ def reboot(vm):
     assert st == 202
 
 
+def back_on_v1_after_rollback(vm, timeout=120):
+    """After a failed trial of v2 in slot B: v1 boots from slot A by itself, and
+    /updates/status reports the rollback with B left unbootable. Returns the status."""
+    vm.mark()
+    vm.wait_for(r"boot control: slot A \(on trial: false", timeout=timeout)
+    r = vm.wait_ready(300)
+    assert r["slot"] == "A", r
+    vm.wait_for(r"berth: api bridge")
+    s = status(vm)
+    assert s["last_rollback"]["failed_version"] == "0.2.0" and s["last_rollback"]["automatic"], s
+    assert "rolled back" in (s["note"] or ""), s
+    assert s["update_state"] == "Idle", s
+    assert s["staging_partition"]["slot"] == "B" and not s["staging_partition"]["bootable"], s
+    return s
+
+
 @case(arches=("x86_64", "arm64"))
 def update_v1_to_v2_keeps_settings(arch):
     """v1 refreshes from a signed repository on the host, stages v2 into slot B (tough checks
@@ -177,14 +193,7 @@ def corrupted_v2_root_rolls_back(arch):
         vm.start()
         vm.wait_for(r"boot control: slot B \(on trial: true, tries left: 0\)", timeout=120)
         vm.wait_for(r"verity.*(data block \d+ is corrupted|corrupt)", timeout=120)
-        vm.mark()
-        vm.wait_for(r"boot control: slot A \(on trial: false", timeout=120)
-        r = vm.wait_ready(300)
-        assert r["slot"] == "A", r
-        vm.wait_for(r"berth: api bridge")
-        s = status(vm)
-        assert s["last_rollback"]["failed_version"] == "0.2.0" and s["last_rollback"]["automatic"], s
-        assert s["update_state"] == "Idle" and not s["staging_partition"]["bootable"], s
+        back_on_v1_after_rollback(vm)
 
 
 @case()
@@ -198,18 +207,9 @@ def unhealthy_v2_rolls_back(arch):
         stage(vm, repo)
         activate(vm)
         reboot(vm)
-        r = vm.wait_for(r"boot control: slot B \(on trial: true", timeout=120)
+        vm.wait_for(r"boot control: slot B \(on trial: true", timeout=120)
         vm.wait_for(r"not healthy in time", timeout=180)
-        vm.mark()
-        vm.wait_for(r"boot control: slot A \(on trial: false", timeout=120)
-        r = vm.wait_ready(300)
-        assert r["slot"] == "A", r
-        vm.wait_for(r"berth: api bridge")
-        s = status(vm)
-        assert s["last_rollback"]["failed_version"] == "0.2.0", s
-        assert "rolled back" in (s["note"] or ""), s
-        states = s["staging_partition"]
-        assert states["slot"] == "B" and not states["bootable"], s
+        back_on_v1_after_rollback(vm)
 
 
 @case()
@@ -226,13 +226,7 @@ def hung_v2_is_reset_by_the_watchdog_and_rolls_back(arch):
         vm.wait_for(r"boot control: slot B \(on trial: true", timeout=120)
         vm.wait_for(r"watchdog armed while on trial \(timeout 15 s\)")
         vm.wait_for(r"fault injection berth.fault=hang-on-trial", timeout=120)
-        vm.mark()
-        vm.wait_for(r"boot control: slot A \(on trial: false", timeout=180)
-        r = vm.wait_ready(300)
-        assert r["slot"] == "A", r
-        vm.wait_for(r"berth: api bridge")
-        s = status(vm)
-        assert s["last_rollback"]["failed_version"] == "0.2.0" and s["last_rollback"]["automatic"], s
+        back_on_v1_after_rollback(vm, timeout=180)
 
 
 @case()

@@ -720,21 +720,21 @@ mod tests {
     fn slot(t: &TempDir, name: &str, version: &str, arch: &str, fill: u8) -> PathBuf {
         let dir = t.path(name);
         fs::create_dir_all(&dir).unwrap();
-        let toml = format!(
-            r#"version = "{version}"
-variant = "qemu"
-arch = "{arch}"
-[verity]
-algorithm = "sha256"
-data-block-size = 4096
-hash-block-size = 4096
-data-blocks = 10
-hash-start-block = 1
-salt = "00ff"
-root-hash = "0000000000000000000000000000000000000000000000000000000000000000"
-"#
-        );
-        fs::write(dir.join("slot.toml"), toml).unwrap();
+        let meta = crate::bootctl::SlotMeta {
+            version: version.into(),
+            variant: "qemu".into(),
+            arch: arch.into(),
+            verity: crate::disk::verity::VerityParams {
+                algorithm: "sha256".into(),
+                data_block_size: 4096,
+                hash_block_size: 4096,
+                data_blocks: 10,
+                hash_start_block: 1,
+                salt: "00ff".into(),
+                root_hash: "0".repeat(64),
+            },
+        };
+        fs::write(dir.join("slot.toml"), toml::to_string(&meta).unwrap()).unwrap();
         let data = |len: usize, k: u8| -> Vec<u8> {
             (0..len).map(|i| (i as u8).wrapping_mul(31) ^ (i >> 9) as u8 ^ k ^ fill).collect()
         };
