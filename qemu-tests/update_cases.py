@@ -124,6 +124,15 @@ def reboot(vm):
     assert st == 202
 
 
+def boot_stage_activate_reboot(vm, repo):
+    """Boot v1, stage v2 from `repo`, activate it and reboot into its trial."""
+    vm.start()
+    boot(vm)
+    stage(vm, repo)
+    activate(vm)
+    reboot(vm)
+
+
 def back_on_v1_after_rollback(vm, timeout=120):
     """After a failed trial of v2 in slot B: v1 boots from slot A by itself, and
     /updates/status reports the rollback with B left unbootable. Returns the status."""
@@ -202,11 +211,7 @@ def unhealthy_v2_rolls_back(arch):
     the health timeout while on trial, and the next boot takes v1 in slot A by itself."""
     with Repo(arch, ["v2-broken"]) as repo, \
             VM(arch, raw=True, reboot=True, append="berth.health-timeout=40") as vm:
-        vm.start()
-        boot(vm)
-        stage(vm, repo)
-        activate(vm)
-        reboot(vm)
+        boot_stage_activate_reboot(vm, repo)
         vm.wait_for(r"boot control: slot B \(on trial: true", timeout=120)
         vm.wait_for(r"not healthy in time", timeout=180)
         back_on_v1_after_rollback(vm)
@@ -218,11 +223,7 @@ def hung_v2_is_reset_by_the_watchdog_and_rolls_back(arch):
     is reset by the hardware watchdog that stage 1 armed, and v1 in slot A comes back."""
     with Repo(arch, ["v2"]) as repo, VM(arch, raw=True, reboot=True,
                                         append="berth.fault=hang-on-trial berth.watchdog-timeout=15") as vm:
-        vm.start()
-        boot(vm)
-        stage(vm, repo)
-        activate(vm)
-        reboot(vm)
+        boot_stage_activate_reboot(vm, repo)
         vm.wait_for(r"boot control: slot B \(on trial: true", timeout=120)
         vm.wait_for(r"watchdog armed while on trial \(timeout 15 s\)")
         vm.wait_for(r"fault injection berth.fault=hang-on-trial", timeout=120)

@@ -236,11 +236,12 @@ fn mark_ready(ctx: &Ctx) {
     );
     let mut bc = GptBootControl::new(&h.disk, h.sector_size);
     match bc.mark_successful(h.slot) {
-        Ok(true) => {
-            info!("slot {} marked successful", h.slot);
+        Ok(marked) => {
+            if marked {
+                info!("slot {} marked successful", h.slot);
+            }
             updates::boot_succeeded(&ctx.updater);
         }
-        Ok(false) => updates::boot_succeeded(&ctx.updater),
         Err(e) => error!("could not mark slot {} successful: {e}", h.slot),
     }
 }

@@ -222,6 +222,7 @@ impl Updater {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Write the state; called with the lock held, so saves land in the order of the changes.
     fn save(&self, p: &Persisted) {
         if let Err(e) = state::save(&self.cfg.state_dir, p) {
             error!("saving update state: {e}");
@@ -285,9 +286,7 @@ impl Updater {
             p.staged = None;
             p.state = State::Idle;
         }
-        let snapshot = p.clone();
-        drop(sh);
-        self.save(&snapshot);
+        self.save(&sh.p);
     }
 
     /// Called once the running boot was marked successful.
@@ -297,9 +296,7 @@ impl Updater {
             if a.slot == self.cfg.active {
                 finish_update(&mut sh.p, &a);
                 info!("update to {} complete", a.version);
-                let snapshot = sh.p.clone();
-                drop(sh);
-                self.save(&snapshot);
+                self.save(&sh.p);
             }
         }
     }
@@ -368,9 +365,8 @@ impl Updater {
         sh.running = None;
         sh.p.most_recent_command =
             Some(CommandRecord::finished(cmd.name(), &result.clone().map_err(|e| e.to_string())));
-        let snapshot = sh.p.clone();
+        self.save(&sh.p);
         drop(sh);
-        self.save(&snapshot);
         match &result {
             Ok(msg) => info!("update {}: {msg}", cmd.name()),
             Err(e) => error!("update {} failed: {e}", cmd.name()),
@@ -496,9 +492,7 @@ impl Updater {
             sh.p.writing = Some(slot);
             sh.p.staged = None;
             sh.p.note = None;
-            let snapshot = sh.p.clone();
-            drop(sh);
-            self.save(&snapshot);
+            self.save(&sh.p);
         }
         let result = stage::write_slot(&repo, &update, &self.cfg, slot, &self.progress);
         let mut sh = self.lock();
@@ -538,9 +532,7 @@ impl Updater {
                 from_version: self.cfg.version.to_string(),
             });
             sh.p.state = State::Ready;
-            let snapshot = sh.p.clone();
-            drop(sh);
-            self.save(&snapshot);
+            self.save(&sh.p);
         }
         let trial = SlotState { priority: active.priority.max(1) + 1, tries: 1, successful: false };
         if let Err(e) = bc.set_state(slot, trial) {
