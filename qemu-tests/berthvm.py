@@ -195,7 +195,7 @@ class VM:
         """One request to the guest's API through the host socket: (status, parsed JSON or text)."""
         return api_request(self.api_sock, method, path, body, timeout)
 
-    def tail(self, n=40):
+    def tail(self, n=150):
         with self.lock:
             return "--- last console lines ---\n" + "\n".join(self.out[-n:])
 

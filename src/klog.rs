@@ -31,7 +31,7 @@ impl Log for Logger {
             Some(f) => {
                 // One write is one kmsg record; keep it well under the kernel's limit.
                 let mut line = format!("<{prio}>berth: {}", record.args());
-                line.truncate(900);
+                clip(&mut line, 900);
                 line.push('\n');
                 let _ = f.write_all(line.as_bytes());
             }
@@ -40,6 +40,15 @@ impl Log for Logger {
     }
 
     fn flush(&self) {}
+}
+
+/// Cut `line` to at most `max` bytes, at a character boundary (`String::truncate` panics
+/// inside a character, and a panic in the logger of PID 1 would take the system down).
+fn clip(line: &mut String, max: usize) {
+    if line.len() > max {
+        let end = (0..=max).rev().find(|&i| line.is_char_boundary(i)).unwrap_or(0);
+        line.truncate(end);
+    }
 }
 
 /// Install the logger; `kmsg` chooses /dev/kmsg (falls back to stderr if it cannot be opened).
@@ -55,4 +64,24 @@ pub fn init(kmsg: bool) {
 pub fn reopen_kmsg() {
     let f = OpenOptions::new().write(true).open("/dev/kmsg").ok();
     *LOGGER.kmsg.lock().unwrap_or_else(|p| p.into_inner()) = f;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clip;
+
+    #[test]
+    fn long_lines_are_clipped_at_a_character_boundary() {
+        for (text, max, want) in [
+            ("abcdef", 4, "abcd"),
+            ("ab→cd", 3, "ab"),
+            ("ab→cd", 4, "ab"),
+            ("ab→cd", 5, "ab→"),
+            ("ab", 9, "ab"),
+        ] {
+            let mut s = text.to_string();
+            clip(&mut s, max);
+            assert_eq!(s, want, "{text} at {max}");
+        }
+    }
 }
