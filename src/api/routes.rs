@@ -70,6 +70,7 @@ const ROUTES: &[(&str, &[&str])] = &[
     ("/services/NAME", &["GET"]),
     ("/logs", &["GET"]),
     ("/user-data", &["GET"]),
+    ("/boot", &["GET"]),
     ("/system/state", &["GET"]),
     ("/actions/reboot", &["POST"]),
     ("/actions/shutdown", &["POST"]),
@@ -85,6 +86,8 @@ fn store_error(e: store::Error) -> Response {
     let status = match e {
         store::Error::Invalid(_) | store::Error::BadTxName(_) | store::Error::NotAnObject => 400,
         store::Error::EmptyCommit(_) => 409,
+        store::Error::TooManyTransactions(_) => 429,
+        store::Error::Quota { .. } => 413,
         store::Error::Io { .. } | store::Error::Corrupt { .. } => 500,
     };
     Response::error(status, &e.to_string())
@@ -339,6 +342,11 @@ impl Api {
             ("GET", "/services/NAME") => self.service(&req.path["/services/".len()..]),
             ("GET", "/logs") => self.logs(req),
             ("GET", "/system/state") => self.system_state(),
+            ("GET", "/boot") => {
+                let mut v = crate::boot::report::snapshot();
+                v["watchdog"] = json!(if crate::boot::watchdog::armed() { "armed" } else { "off" });
+                Response::json(200, &v)
+            }
             ("GET", "/user-data") => {
                 Response::json(200, &self.user_data.lock().unwrap_or_else(|p| p.into_inner()))
             }

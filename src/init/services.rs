@@ -99,7 +99,7 @@ pub fn on_settings_applied(sup: &Mutex<Supervisor>, settings: &Settings, changed
     }
 }
 
-pub fn declare(ctx: &mut Ctx) -> Result<(), String> {
+pub fn declare(ctx: &mut Ctx) -> Result<(), crate::boot::BootError> {
     let mut specs = vec![containerd()];
     if let Some(store) = &ctx.store {
         let settings = store.settings();
