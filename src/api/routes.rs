@@ -210,9 +210,18 @@ impl Api {
         let sysctl: Map<String, Value> =
             render::sysctls(&settings).keys().map(|k| (k.clone(), read(self.host.read_sysctl(k)))).collect();
         let motd = std::fs::read_to_string(self.etc.join("motd"));
+        // The process serving the API (PID 1 on Berth): its memory now and at its peak.
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let kb = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        };
         Response::json(
             200,
-            &json!({"hostname": read(self.host.hostname()), "sysctl": sysctl, "motd": read(motd)}),
+            &json!({"hostname": read(self.host.hostname()), "sysctl": sysctl, "motd": read(motd),
+                    "memory": {"rss_kb": kb("VmRSS:"), "peak_rss_kb": kb("VmHWM:")}}),
         )
     }
 
