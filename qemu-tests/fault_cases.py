@@ -47,7 +47,8 @@ class Private:
         return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
 
     def read(self, path):
-        return self.debugfs(f"cat {path}")
+        return subprocess.run(["debugfs", "-R", f"cat {path}", self.img], check=True, capture_output=True,
+                              text=True).stdout
 
     def put(self, path, data):
         src = os.path.join(self.tmp, "src")
@@ -57,7 +58,8 @@ class Private:
         self.debugfs(f"cd {d}", f"rm {name}", f"write {src} {name}", write=True)
 
     def ls(self, path):
-        return self.debugfs(f"ls -l {path}")
+        return subprocess.run(["debugfs", "-R", f"ls -l {path}", self.img], check=True, capture_output=True,
+                              text=True).stdout
 
     def save(self):
         subprocess.run(["dd", f"if={self.img}", f"of={self.disk}", "bs=1M", f"seek={self.offset >> 20}",
