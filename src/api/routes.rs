@@ -79,6 +79,7 @@ const ROUTES: &[(&str, &[&str])] = &[
     ("/actions/prepare-update", &["POST"]),
     ("/actions/activate-update", &["POST"]),
     ("/actions/deactivate-update", &["POST"]),
+    ("/actions/cancel-update", &["POST"]),
     ("/actions/rollback", &["POST"]),
 ];
 
@@ -376,6 +377,16 @@ impl Api {
             ("POST", "/actions/activate-update") => self.update_command(crate::update::Command::Activate),
             ("POST", "/actions/deactivate-update") => self.update_command(crate::update::Command::Deactivate),
             ("POST", "/actions/rollback") => self.update_command(crate::update::Command::Rollback),
+            ("POST", "/actions/cancel-update") => match &self.updater {
+                Some(u) => match u.cancel(crate::update::CANCEL_WAIT) {
+                    Ok(true) => Response::json(200, &u.status()),
+                    Ok(false) => {
+                        Response::json(202, &json!({"accepted": "cancel", "poll": "/updates/status"}))
+                    }
+                    Err(e) => Response::error(e.status(), &e.to_string()),
+                },
+                None => Response::error(503, "no updater here (dev mode has no A/B slots)"),
+            },
             _ => Response::error(500, "route table and handler disagree"),
         }
     }
