@@ -948,6 +948,53 @@ fn a_keep_alive_connection_serves_100_requests() {
     assert_eq!(c.send("GET", "/tx/list", "").json(), json!(["ka"]));
 }
 
+/// A self-signed CA certificate (PEM), as a private CA's would be.
+fn test_ca_pem(name: &str) -> String {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.distinguished_name.push(rcgen::DnType::CommonName, name);
+    let key = rcgen::KeyPair::generate().expect("CA key");
+    params.self_signed(&key).expect("CA certificate").pem()
+}
+
+fn base64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[test]
+fn pki_bundles_render_the_trust_bundle() {
+    let dir = TempDir::new("pki");
+    let server = Server::start(&dir);
+    let bundle = "etc/pki/tls/certs/ca-bundle.crt";
+    assert!(!server.file(bundle).contains("BEGIN CERTIFICATE"), "dev mode has no image bundle");
+    let (mine, other) = (test_ca_pem("Mine"), test_ca_pem("Other"));
+    let both = base64(format!("{mine}{other}").as_bytes());
+    server.commit("pki", json!({"pki": {"private": {"data": both, "trusted": true}}}));
+    server.expect("POST", "/tx/apply", "", 204);
+    let rendered = server.file(bundle);
+    assert!(rendered.contains(mine.trim()) && rendered.contains(other.trim()), "{rendered}");
+    // A bundle that is not trusted takes its certificates out again.
+    server.expect("PATCH", "/settings", &json!({"pki": {"no": {"data": base64(other.as_bytes())}}}).to_string(), 204);
+    server.expect("POST", "/tx/commit_and_apply", "", 200);
+    let rendered = server.file(bundle);
+    assert!(rendered.contains(mine.trim()) && !rendered.contains(other.trim()), "{rendered}");
+
+    let before = server.snapshot();
+    let cases = [
+        (json!({"pki": {"x": {"data": "not base64!"}}}), "settings.pki.x.data", "not base64"),
+        (json!({"pki": {"x": {"data": base64(b"no PEM here")}}}), "settings.pki.x.data", "BEGIN CERTIFICATE"),
+        (json!({"pki": {"x y": {"trusted": true}}}), "settings.pki.x y", "[A-Za-z0-9_-]"),
+        (json!({"pki": {"x": {"trusted": 1}}}), "settings.pki.x.trusted", "boolean"),
+    ];
+    for (patch, key, text) in cases {
+        server.request("PATCH", "/settings", &patch.to_string()).assert_error(400, &[key, text]);
+    }
+    assert_eq!(server.snapshot(), before);
+    let files = server.get("/configuration-files");
+    assert_eq!(files["ca-bundle"]["settings"], json!(["pki"]), "{files}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Transactions
 
