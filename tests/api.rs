@@ -975,7 +975,12 @@ fn pki_bundles_render_the_trust_bundle() {
     let rendered = server.file(bundle);
     assert!(rendered.contains(mine.trim()) && rendered.contains(other.trim()), "{rendered}");
     // A bundle that is not trusted takes its certificates out again.
-    server.expect("PATCH", "/settings", &json!({"pki": {"no": {"data": base64(other.as_bytes())}}}).to_string(), 204);
+    server.expect(
+        "PATCH",
+        "/settings",
+        &json!({"pki": {"no": {"data": base64(other.as_bytes())}}}).to_string(),
+        204,
+    );
     server.expect("POST", "/tx/commit_and_apply", "", 200);
     let rendered = server.file(bundle);
     assert!(rendered.contains(mine.trim()) && !rendered.contains(other.trim()), "{rendered}");

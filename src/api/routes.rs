@@ -103,7 +103,7 @@ fn store_error(e: store::Error) -> Response {
 /// request body may hold: far more than any settings document needs. A JSON tree takes many
 /// times the bytes of its text (a 1 MiB array of numbers is 16 MiB as a `Value`), so the body
 /// is counted first, without building anything, and refused before the tree is built.
-pub const MAX_JSON_VALUES: usize = 10_000;
+const MAX_JSON_VALUES: usize = 10_000;
 
 fn json_body(req: &Request) -> Result<Value, Response> {
     if req.body.is_empty() {
