@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use url::{Host, Url};
 
 use super::body::Body;
-use super::head::{parse_response, ResponseHead};
+use super::head::{is_token, parse_response, ResponseHead};
 use super::io::{is_timeout, Buffered, Timed, Timeouts};
 use super::tls::{self, TlsError, TlsStream};
 use super::MAX_HEAD_BYTES;
@@ -208,9 +208,7 @@ pub struct Request<'a> {
 
 /// The request's bytes: line, fields, body.
 pub fn encode_request(req: &Request<'_>) -> Result<Vec<u8>, Error> {
-    let token = |s: &str| {
-        !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-    };
+    let token = |s: &str| is_token(s.as_bytes());
     let clean = |s: &str| !s.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0);
     if !token(req.method) || !req.target.starts_with('/') || !req.target.bytes().all(|b| b.is_ascii_graphic())
     {
@@ -239,14 +237,18 @@ pub fn encode_request(req: &Request<'_>) -> Result<Vec<u8>, Error> {
     Ok(out)
 }
 
+/// Interim (1xx) answers skipped before a final one; a server that sends more is broken.
+const MAX_INTERIM: usize = 8;
+
 /// Read one response head (skipping 1xx answers) from `io`.
 pub fn read_response_head<S: Read>(io: &mut Buffered<S>) -> Result<ResponseHead, Error> {
-    loop {
+    for _ in 0..=MAX_INTERIM {
         let head = read_one_head(io)?;
         if head.status >= 200 {
             return Ok(head);
         }
     }
+    Err(Error::Malformed(format!("more than {MAX_INTERIM} interim (1xx) answers")))
 }
 
 fn read_one_head<S: Read>(io: &mut Buffered<S>) -> Result<ResponseHead, Error> {

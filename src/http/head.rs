@@ -33,6 +33,11 @@ impl fmt::Display for Framing {
     }
 }
 
+/// Whether `s` is an RFC 9110 token (a method or a field name).
+pub fn is_token(s: &[u8]) -> bool {
+    !s.is_empty() && s.iter().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b))
+}
+
 /// Header fields in order: names lowercased, values trimmed.
 pub type Fields = Vec<(String, String)>;
 
@@ -286,8 +291,7 @@ fn field_problem(line: &[u8]) -> Option<String> {
         return Some(format!("malformed header line without a colon: '{}'", printable(line)));
     };
     let (name, value) = (&line[..colon], &line[colon + 1..]);
-    let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
-    if name.is_empty() || !name.iter().all(tchar) {
+    if !is_token(name) {
         return Some(format!("invalid header name '{}'", printable(name)));
     }
     if value.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
