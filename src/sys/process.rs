@@ -56,7 +56,9 @@ impl std::fmt::Display for Exit {
 /// Reap one exited child of any kind without blocking: `Ok(None)` when none is waiting,
 /// `Err(ECHILD)` when there are no children at all. This is the program's only `waitpid(-1)`.
 pub fn reap_one() -> io::Result<Option<(i32, Exit)>> {
-    let Some((pid, status)) = rustix::process::waitpid(None, WaitOptions::NOHANG)? else {
+    // rustix's `wait` is wait4(-1): any child. (Its `waitpid(None, ..)` is wait4(0), the
+    // caller's process group only, which would miss every service and every orphan.)
+    let Some((pid, status)) = rustix::process::wait(WaitOptions::NOHANG)? else {
         return Ok(None);
     };
     // Without WUNTRACED/WCONTINUED only exits and deaths by signal are reported.
@@ -186,4 +188,64 @@ fn drop_bounding_caps_except(keep: CapabilitySet) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    const REAPER_CHILD: &str = "BERTH_REAPER_TEST_CHILD";
+    const REAPER_TEST: &str = "sys::process::tests::reaper_in_a_process_of_its_own";
+
+    /// The one reaper reaps children whatever their process group (services run in their own,
+    /// and so do the orphans PID 1 adopts). Runs the real check in a test process of its own, so
+    /// that it reaps no other test's children.
+    #[test]
+    fn reap_one_reaps_children_of_any_process_group() {
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args([REAPER_TEST, "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+            .env(REAPER_CHILD, "1")
+            .output()
+            .unwrap();
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && text.contains("1 passed"), "{text}");
+    }
+
+    #[test]
+    #[ignore = "the child half of reap_one_reaps_children_of_any_process_group"]
+    fn reaper_in_a_process_of_its_own() {
+        if std::env::var(REAPER_CHILD).is_err() {
+            return crate::testing::cannot_run(REAPER_TEST, "it only runs as the child of its caller");
+        }
+        let reap = |script: &str| {
+            // Reaped below by reap_one, not by std's wait.
+            let child = Command::new("/bin/sh").args(["-c", script]).process_group(0).spawn().unwrap().id();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Some((pid, exit)) = reap_one().unwrap() {
+                    assert_eq!(pid, child as i32);
+                    return exit;
+                }
+                assert!(Instant::now() < deadline, "child {child} was never reaped");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        assert_eq!(reap("exit 7"), Exit::Code(7));
+        assert_eq!(reap("kill -TERM $$"), Exit::Signal(libc::SIGTERM));
+        let e = reap_one().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ECHILD), "no children left: {e}");
+    }
+
+    #[test]
+    fn a_signalfd_reports_its_signals() {
+        // SIGWINCH: blocked in this test's thread only, and nobody else sends it.
+        let fd = SignalFd::new(&[libc::SIGWINCH]).unwrap();
+        assert_eq!(fd.wait(0).unwrap(), None, "nothing pending yet");
+        // SAFETY: test-only; raise(3) sends a signal to this thread, where it is blocked.
+        assert_eq!(unsafe { libc::raise(libc::SIGWINCH) }, 0);
+        assert_eq!(fd.wait(1000).unwrap(), Some(libc::SIGWINCH));
+    }
 }
