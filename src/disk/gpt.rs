@@ -20,12 +20,12 @@ impl Guid {
     /// Parse the text form `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
     #[cfg(test)]
     pub fn parse(s: &str) -> Option<Guid> {
-        let hex: String = s.chars().filter(|&c| c != '-').collect();
+        let digits: String = s.chars().filter(|&c| c != '-').collect();
         if s.len() != 36 {
             return None;
         }
         let mut b = [0u8; 16];
-        hex::decode_to_slice(hex, &mut b).ok()?;
+        hex::decode_to_slice(digits, &mut b).ok()?;
         // The first three fields are stored little-endian.
         b[0..4].reverse();
         b[4..6].reverse();
