@@ -20,8 +20,6 @@ use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 
-use super::crc32::crc32;
-
 const SIGNATURE: &[u8; 8] = b"EFI PART";
 const HEADER_SIZE: u32 = 92;
 const ENTRY_SIZE: u32 = 128;
@@ -49,14 +47,12 @@ impl Guid {
     /// Parse the text form `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
     #[cfg(test)]
     pub fn parse(s: &str) -> Option<Guid> {
-        let hex: String = s.chars().filter(|&c| c != '-').collect();
-        if hex.len() != 32 || s.len() != 36 {
+        let digits: String = s.chars().filter(|&c| c != '-').collect();
+        if s.len() != 36 {
             return None;
         }
         let mut b = [0u8; 16];
-        for (i, byte) in b.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
-        }
+        hex::decode_to_slice(digits, &mut b).ok()?;
         // The first three fields are stored little-endian.
         b[0..4].reverse();
         b[4..6].reverse();
@@ -67,16 +63,12 @@ impl Guid {
 
 impl fmt::Display for Guid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The first three fields are stored little-endian, the last two as they read.
+        let le = |bytes: &[u8]| hex::encode(bytes.iter().rev().copied().collect::<Vec<u8>>());
         let b = &self.0;
-        write!(
-            f,
-            "{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-",
-            b[3], b[2], b[1], b[0], b[5], b[4], b[7], b[6], b[8], b[9]
-        )?;
-        for x in &b[10..] {
-            write!(f, "{x:02x}")?;
-        }
-        Ok(())
+        let (time_low, time_mid, time_hi) = (le(&b[0..4]), le(&b[4..6]), le(&b[6..8]));
+        let (clock, node) = (hex::encode(&b[8..10]), hex::encode(&b[10..]));
+        write!(f, "{time_low}-{time_mid}-{time_hi}-{clock}-{node}")
     }
 }
 
@@ -254,7 +246,7 @@ impl Gpt {
         }
         let mut hcopy = h[..hsize as usize].to_vec();
         hcopy[16..20].fill(0);
-        if crc32(&hcopy) != le32(&h, 16) {
+        if crc32fast::hash(&hcopy) != le32(&h, 16) {
             return Err(Error::BadCrc(name, "header"));
         }
         if le64(&h, 24) != lba {
@@ -270,7 +262,7 @@ impl Gpt {
         }
         let entries_lba = le64(&h, 72);
         let raw_entries = read_at(dev, entries_lba * sector, (entry_count * ENTRY_SIZE) as usize)?;
-        if crc32(&raw_entries) != le32(&h, 88) {
+        if crc32fast::hash(&raw_entries) != le32(&h, 88) {
             return Err(Error::BadCrc(name, "partition entry array"));
         }
         let backup_lba = match which {
@@ -389,8 +381,8 @@ impl Gpt {
         h[72..80].copy_from_slice(&entries_lba.to_le_bytes());
         h[80..84].copy_from_slice(&self.entry_count.to_le_bytes());
         h[84..88].copy_from_slice(&ENTRY_SIZE.to_le_bytes());
-        h[88..92].copy_from_slice(&crc32(&self.raw_entries).to_le_bytes());
-        let crc = crc32(&h[..HEADER_SIZE as usize]);
+        h[88..92].copy_from_slice(&crc32fast::hash(&self.raw_entries).to_le_bytes());
+        let crc = crc32fast::hash(&h[..HEADER_SIZE as usize]);
         h[16..20].copy_from_slice(&crc.to_le_bytes());
         h
     }

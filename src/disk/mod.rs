@@ -2,6 +2,5 @@
 //! growing DATA), dm-verity hash trees (image build), newc cpio archives (initramfs build).
 
 pub mod cpio;
-pub mod crc32;
 pub mod gpt;
 pub mod verity;

@@ -66,10 +66,10 @@ impl VerityParams {
         if self.data_blocks == 0 {
             return Err("verity data-blocks is 0".into());
         }
-        if self.root_hash.len() != 2 * DIGEST || hex_decode(&self.root_hash).is_none() {
+        if self.root_hash.len() != 2 * DIGEST || hex::decode(&self.root_hash).is_err() {
             return Err(format!("verity root-hash '{}' is not 64 hex digits", self.root_hash));
         }
-        if self.salt.len() > 512 || hex_decode(&self.salt).is_none() {
+        if self.salt.len() > 512 || hex::decode(&self.salt).is_err() {
             return Err("verity salt is not hex (at most 256 bytes)".into());
         }
         Ok(())
@@ -97,17 +97,6 @@ impl From<io::Error> for Error {
     fn from(e: io::Error) -> Self {
         Error::Io(e)
     }
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
 
 fn salted_hash(salt: &[u8], block: &[u8]) -> [u8; DIGEST] {
@@ -185,7 +174,7 @@ pub fn format<R: Read, W: Write + Seek>(
         hash_block_size: block,
         data_blocks,
         hash_start_block: 1,
-        salt: hex(salt),
+        salt: hex::encode(salt),
         root_hash: root,
     })
 }
@@ -203,7 +192,7 @@ pub fn build_tree(level0: Vec<u8>, data_blocks: u64, block: u32, salt: &[u8]) ->
         levels.push(std::mem::replace(&mut current, next));
     }
     // After the top level (or with no levels, one data block), `current` is the root digest.
-    let root = hex(&current[..DIGEST]);
+    let root = hex::encode(&current[..DIGEST]);
     (root, levels.iter().rev().flatten().copied().collect())
 }
 
@@ -261,7 +250,7 @@ pub fn hash_size(data_blocks: u64, block: u32) -> u64 {
 #[cfg(test)]
 pub fn verify<R: Read + Seek>(data: &mut R, params: &VerityParams) -> Result<(), Error> {
     params.validate().map_err(Error::Invalid)?;
-    let salt = hex_decode(&params.salt).unwrap_or_default();
+    let salt = hex::decode(&params.salt).unwrap_or_default();
     data.seek(io::SeekFrom::Start(0))?;
     let len = params.data_blocks * params.data_block_size as u64;
     let got = format(
@@ -321,7 +310,7 @@ mod tests {
     fn one_block_needs_no_tree() {
         let data = vec![0xa5u8; 4096];
         let (p, tree) = build(&data);
-        assert_eq!(p.root_hash, hex(&salted_hash(b"salt", &data)));
+        assert_eq!(p.root_hash, hex::encode(salted_hash(b"salt", &data)));
         assert_eq!(tree.len(), 4096, "superblock only");
         assert_eq!(&tree[0..6], b"verity");
         assert_eq!(tree.len() as u64, hash_size(1, 4096));
@@ -335,7 +324,7 @@ mod tests {
         let mut top = vec![0u8; 4096];
         top[..32].copy_from_slice(&leaf);
         top[32..64].copy_from_slice(&leaf);
-        assert_eq!(p.root_hash, hex(&salted_hash(b"salt", &top)));
+        assert_eq!(p.root_hash, hex::encode(salted_hash(b"salt", &top)));
         assert_eq!(&tree[4096..], &top[..]);
     }
 
@@ -378,7 +367,7 @@ mod tests {
         let t = p.table("254:1", "254:2");
         let f: Vec<&str> = t.split(' ').collect();
         assert_eq!(&f[..8], &["1", "254:1", "254:2", "4096", "4096", "2", "1", "sha256"]);
-        assert_eq!(f[9], hex(b"salt"));
+        assert_eq!(f[9], hex::encode(b"salt"));
         assert_eq!(&f[10..], &["1", "restart_on_corruption"]);
     }
 }

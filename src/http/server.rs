@@ -269,10 +269,12 @@ impl Slots {
     }
 
     /// Mark connection `id` idle (`true`) or busy (`false`). Returns false if it was evicted.
+    /// A connection already idle keeps the time it became idle (its accept, for a new one), so
+    /// how soon its thread gets to run does not change who has been idle the longest.
     fn mark(&self, id: u64, idle: bool) -> bool {
         match self.table().open.iter_mut().find(|slot| slot.id == id) {
             Some(slot) => {
-                slot.idle_since = idle.then(Instant::now);
+                slot.idle_since = if idle { Some(slot.idle_since.unwrap_or_else(Instant::now)) } else { None };
                 true
             }
             None => false,

@@ -17,7 +17,7 @@ pub fn verity_format(args: &[String]) -> Result<(), String> {
         return Err("usage: berth verity-format DATA_IMAGE HASH_OUT [SALT_HEX]".into());
     };
     let salt = match rest.first() {
-        Some(s) => verity::hex_decode(s).ok_or_else(|| format!("salt '{s}' is not hex"))?,
+        Some(s) => hex::decode(s).map_err(|e| format!("salt '{s}' is not hex: {e}"))?,
         None => {
             let mut s = [0u8; 32];
             ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut s)

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use super::Ctx;
 use crate::settings::model::Settings;
 use crate::supervisor::{Ready, Restart, ServiceSpec, Supervisor};
+use crate::sys::CapabilitySet;
 
 pub const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
 
@@ -25,7 +26,7 @@ fn containerd() -> ServiceSpec {
 fn crashloop() -> ServiceSpec {
     let mut s = ServiceSpec::new("crashloop", &["/usr/bin/berth", "selftest", "crash"]);
     s.restart = Restart::Always;
-    s.caps = Some(Vec::new()); // needs none
+    s.caps = Some(CapabilitySet::empty()); // needs none
     s
 }
 
@@ -33,7 +34,7 @@ fn crashloop() -> ServiceSpec {
 fn orphans() -> ServiceSpec {
     let mut s = ServiceSpec::new("selftest-orphans", &["/usr/bin/berth", "selftest", "orphans"]);
     s.restart = Restart::Never;
-    s.caps = Some(Vec::new()); // fork, read /proc and write the console: no capability needed
+    s.caps = Some(CapabilitySet::empty()); // fork, read /proc and write the console: no capability needed
     s
 }
 
@@ -41,7 +42,7 @@ fn orphans() -> ServiceSpec {
 fn logflood() -> ServiceSpec {
     let mut s = ServiceSpec::new("selftest-logflood", &["/usr/bin/berth", "selftest", "logflood"]);
     s.restart = Restart::Never;
-    s.caps = Some(Vec::new());
+    s.caps = Some(CapabilitySet::empty());
     s
 }
 

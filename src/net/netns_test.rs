@@ -3,9 +3,9 @@
 //! veth pair; then it applies a static address over the lease. Both results are read back
 //! through netlink (in the child) and `ip` (in the parent).
 //!
-//! Runs when root with `ip` and `dnsmasq` (Debian: dnsmasq-base) available and network
-//! namespaces can be made; otherwise it prints why and passes, unless BERTH_REQUIRE_NETNS=1
-//! makes that a failure. The namespaces, dnsmasq and the scratch directory go away at the end
+//! Needs root, `ip` and `dnsmasq` (Debian: dnsmasq-base), and network namespaces. Where it
+//! cannot run it fails under `scripts/test` and is skipped loudly elsewhere (see
+//! [`crate::testing`]). The namespaces, dnsmasq and the scratch directory go away at the end
 //! whatever happens (see `Lab`'s Drop).
 
 use std::fs;
@@ -17,9 +17,11 @@ use std::time::{Duration, Instant};
 use super::dhcp::{Answer, Client, Timing, UdpTransport};
 use super::netlink::Rtnl;
 use super::{bring_up, resolv_conf, Configured, NetConfig};
+use crate::testing;
 
 const CHILD_ENV: &str = "BERTH_NETNS_CHILD";
 const CHILD_TEST: &str = "net::netns_test::client_in_namespace";
+const TEST: &str = "net::netns_test::dhcp_and_static_in_network_namespaces";
 const CHILD_TIMEOUT: Duration = Duration::from_secs(20);
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 123, 0, 1);
 const STATIC_IP: Ipv4Addr = Ipv4Addr::new(10, 123, 0, 200);
@@ -35,15 +37,10 @@ fn find_program(name: &str) -> Option<PathBuf> {
     found
 }
 
-fn effective_uid() -> Option<u32> {
-    let status = fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
-    line.split_whitespace().nth(2)?.parse().ok()
-}
-
-fn skip_reason() -> Option<String> {
-    if effective_uid() != Some(0) {
-        return Some("not running as root".into());
+/// Why the test cannot run here, if it cannot.
+fn missing() -> Option<String> {
+    if let Some(why) = testing::needs_root() {
+        return Some(why);
     }
     if find_program("ip").is_none() {
         return Some("`ip` (iproute2) is not installed".into());
@@ -221,20 +218,15 @@ impl Drop for Lab {
 
 #[test]
 fn dhcp_and_static_in_network_namespaces() {
-    let require = std::env::var("BERTH_REQUIRE_NETNS").is_ok_and(|v| v == "1");
-    if let Some(why) = skip_reason() {
-        assert!(!require, "BERTH_REQUIRE_NETNS=1 but {why}");
-        eprintln!("skipped dhcp_and_static_in_network_namespaces: {why}");
-        return;
+    if let Some(why) = missing() {
+        return testing::cannot_run(TEST, &why);
     }
     let started = Instant::now();
     let mut lab = Lab::new();
     if let Err(e) = lab.build() {
-        // No namespaces here (an unprivileged container): the same as not being root.
-        assert!(!require || !lab.made.is_empty(), "BERTH_REQUIRE_NETNS=1 but {e}");
         if lab.made.is_empty() {
-            eprintln!("skipped dhcp_and_static_in_network_namespaces: cannot make a namespace: {e}");
-            return;
+            // No namespaces here (an unprivileged container): the same as not being root.
+            return testing::cannot_run(TEST, &format!("cannot make a network namespace: {e}"));
         }
         panic!("{e}");
     }
@@ -279,8 +271,7 @@ fn dhcp_and_static_in_network_namespaces() {
 #[ignore = "the child half of dhcp_and_static_in_network_namespaces"]
 fn client_in_namespace() {
     if std::env::var(CHILD_ENV).is_err() {
-        eprintln!("{CHILD_TEST} only runs inside the namespace test's child");
-        return;
+        return testing::cannot_run(CHILD_TEST, &format!("it only runs as the child of {TEST}"));
     }
     crate::klog::init(false);
     // 1. DHCP.

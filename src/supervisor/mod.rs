@@ -31,7 +31,7 @@ use serde_json::{json, Value};
 use logbuf::LineSplitter;
 pub use logbuf::LogBuf;
 
-use crate::sys::{self, Exit};
+use crate::sys::{self, CapabilitySet, Exit};
 
 const MIN_DELAY: Duration = Duration::from_secs(1);
 const MAX_DELAY: Duration = Duration::from_secs(60);
@@ -70,8 +70,9 @@ pub struct ServiceSpec {
     pub restart: Restart,
     /// Why the service cannot run here (its program is missing, ...), if so.
     pub absent: Option<String>,
-    /// Capabilities (numbers, as in <linux/capability.h>) the service keeps; None keeps all.
-    pub caps: Option<Vec<u32>>,
+    /// Capabilities the service keeps in its bounding set (`CapabilitySet::NET_BIND_SERVICE |
+    /// ...`, empty for none); None keeps all.
+    pub caps: Option<CapabilitySet>,
 }
 
 impl ServiceSpec {
@@ -263,7 +264,7 @@ impl Supervisor {
         if let Some(f) = &procs {
             sys::join_cgroup_on_exec(&mut cmd, f);
         }
-        if let Some(keep) = &s.spec.caps {
+        if let Some(keep) = s.spec.caps {
             sys::keep_caps_on_exec(&mut cmd, keep);
         }
         let now = Instant::now();
@@ -513,23 +514,24 @@ mod tests {
 
     #[test]
     fn services_keep_only_the_capabilities_they_name() {
-        if running_as_root() {
-            let mut s = ServiceSpec::new("caps", &["/bin/sh", "-c", "grep CapBnd /proc/self/status"]);
-            s.caps = Some(vec![10]); // CAP_NET_BIND_SERVICE
-            let mut sup = Supervisor::new(vec![s]);
-            sup.tick();
-            std::thread::sleep(Duration::from_millis(300));
-            let logs = sup.logs("caps").unwrap();
-            assert!(logs.contains("CapBnd:\t0000000000000400"), "{logs:?}");
-        } else {
-            eprintln!("skipped: dropping capabilities needs root");
+        if let Some(why) = crate::testing::needs_root() {
+            return crate::testing::cannot_run(
+                "supervisor::tests::services_keep_only_the_capabilities_they_name",
+                &why,
+            );
         }
-    }
-
-    fn running_as_root() -> bool {
-        fs::read_to_string("/proc/self/status")
-            .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
-            .unwrap_or(false)
+        let grep = ["/bin/sh", "-c", "grep CapBnd /proc/self/status"];
+        let mut two = ServiceSpec::new("two", &grep);
+        two.caps = Some(CapabilitySet::NET_BIND_SERVICE | CapabilitySet::NET_RAW); // bits 10, 13
+        let mut none = ServiceSpec::new("none", &grep);
+        none.caps = Some(CapabilitySet::empty());
+        let mut sup = Supervisor::new(vec![two, none]);
+        sup.tick();
+        std::thread::sleep(Duration::from_millis(300));
+        let logs = sup.logs("two").unwrap();
+        assert!(logs.contains("CapBnd:\t0000000000002400"), "{logs:?}");
+        let logs = sup.logs("none").unwrap();
+        assert!(logs.contains("CapBnd:\t0000000000000000"), "{logs:?}");
     }
 
     #[test]

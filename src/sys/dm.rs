@@ -4,10 +4,16 @@
 //! The ABI is `struct dm_ioctl` (version 4) from <linux/dm-ioctl.h>: a fixed 312-byte header,
 //! followed (for table loads) by `struct dm_target_spec` records each with a NUL-terminated
 //! parameter string, padded to 8 bytes.
+//!
+//! rustix has no device-mapper calls, so the requests are byte buffers laid out here and passed
+//! through `rustix::ioctl` (the one `unsafe` block, in [`ioctl`]). Buffers rather than `repr(C)`
+//! structs because a request is a header plus a variable-length tail whose size the header
+//! states.
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+
+use rustix::ioctl::{opcode, Ioctl, IoctlOutput, Opcode};
 
 const DM_CONTROL: &str = "/dev/mapper/control";
 const HEADER_SIZE: usize = 312;
@@ -15,11 +21,11 @@ const SPEC_SIZE: usize = 40;
 const DM_NAME_LEN: usize = 128;
 const DM_UUID_LEN: usize = 129;
 
-const DM_DEV_CREATE: u32 = 3;
-const DM_DEV_REMOVE: u32 = 4;
-const DM_DEV_SUSPEND: u32 = 6;
-const DM_TABLE_LOAD: u32 = 9;
-const DM_TABLE_STATUS: u32 = 12;
+const DM_DEV_CREATE: u8 = 3;
+const DM_DEV_REMOVE: u8 = 4;
+const DM_DEV_SUSPEND: u8 = 6;
+const DM_TABLE_LOAD: u8 = 9;
+const DM_TABLE_STATUS: u8 = 12;
 
 const DM_READONLY_FLAG: u32 = 1 << 0;
 
@@ -33,8 +39,8 @@ pub struct Target {
 }
 
 /// _IOWR(0xfd, nr, struct dm_ioctl)
-fn request(nr: u32) -> libc::c_ulong {
-    ((3u32 << 30) | ((HEADER_SIZE as u32) << 16) | (0xfd << 8) | nr) as libc::c_ulong
+const fn request(nr: u8) -> Opcode {
+    opcode::read_write::<[u8; HEADER_SIZE]>(0xfd, nr)
 }
 
 fn put_u32(buf: &mut [u8], at: usize, v: u32) {
@@ -96,16 +102,46 @@ fn control() -> io::Result<File> {
         .map_err(|e| io::Error::new(e.kind(), format!("{DM_CONTROL}: {e}")))
 }
 
-#[allow(unsafe_code)]
-fn ioctl(ctl: &File, nr: u32, buf: &mut [u8], what: &str) -> io::Result<()> {
-    // SAFETY: buf is at least HEADER_SIZE bytes and its data_size field says how large it is,
-    // so the kernel reads and writes within it.
-    let r = unsafe { libc::ioctl(ctl.as_raw_fd(), request(nr) as _, buf.as_mut_ptr()) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        return Err(io::Error::new(e.kind(), format!("device-mapper {what}: {e}")));
+/// One device-mapper request: a buffer made by [`header`]. Only [`ioctl`] builds one, after
+/// checking that the buffer is at least `HEADER_SIZE` bytes and no shorter than its own
+/// `data_size` field says.
+struct Request<'a> {
+    nr: u8,
+    buf: &'a mut [u8],
+}
+
+// SAFETY: the opcode is the device-mapper command `nr` with the dm_ioctl size; the pointer is
+// the start of `buf`, which the kernel reads and writes only up to the `data_size` the buffer
+// states, and that fits in `buf` (checked by `ioctl` before it builds a Request); the output
+// is read from `buf` afterwards by safe code, never through the pointer.
+unsafe impl Ioctl for Request<'_> {
+    type Output = ();
+    const IS_MUTATING: bool = true;
+
+    fn opcode(&self) -> Opcode {
+        request(self.nr)
     }
-    Ok(())
+
+    fn as_ptr(&mut self) -> *mut core::ffi::c_void {
+        self.buf.as_mut_ptr().cast()
+    }
+
+    unsafe fn output_from_ptr(_: IoctlOutput, _: *mut core::ffi::c_void) -> rustix::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn ioctl(ctl: &File, nr: u8, buf: &mut [u8], what: &str) -> io::Result<()> {
+    if buf.len() < HEADER_SIZE || get_u32(buf, 12) as usize > buf.len() {
+        let e = format!("device-mapper {what}: the request buffer is shorter than its header says");
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, e));
+    }
+    // SAFETY: `buf` is at least HEADER_SIZE bytes, and the data_size the kernel goes by is no
+    // larger than the buffer (both checked above).
+    unsafe { rustix::ioctl::ioctl(ctl, Request { nr, buf }) }.map_err(|e| {
+        let e = io::Error::from(e);
+        io::Error::new(e.kind(), format!("device-mapper {what}: {e}"))
+    })
 }
 
 /// Decode the kernel's huge_encode_dev() form of dm_ioctl.dev into (major, minor).

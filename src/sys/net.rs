@@ -2,14 +2,20 @@
 //! and the DHCP client's UDP socket on port 68, pinned to one interface.
 //!
 //! Message encoding lives in `net::netlink` and `net::dhcp`; this file only opens, configures,
-//! sends and receives. Everything else about the sockets (timeouts, `send_to`) goes through std
+//! sends and receives, through rustix, except for the three socket options rustix has no setter
+//! for (`SO_BINDTODEVICE`, `NETLINK_EXT_ACK`, `NETLINK_CAP_ACK`), set with libc's
+//! setsockopt(2). Everything else about the DHCP socket (timeouts, `send_to`) goes through std
 //! once the descriptor is wrapped in a std type.
 
 use std::io;
-use std::mem::size_of;
-use std::net::UdpSocket;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
+
+use rustix::io::Errno;
+use rustix::net::netlink::SocketAddrNetlink;
+use rustix::net::sockopt::{self, Timeout};
+use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketFlags, SocketType};
 
 use super::check;
 
@@ -17,25 +23,13 @@ const SOL_NETLINK: libc::c_int = 270;
 const NETLINK_CAP_ACK: libc::c_int = 10;
 const NETLINK_EXT_ACK: libc::c_int = 11;
 
-fn setsockopt_int(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, v: libc::c_int) -> io::Result<()> {
-    // SAFETY: the option value is a live c_int and its exact size is passed.
-    check(unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            &v as *const libc::c_int as *const libc::c_void,
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    })
-    .map(drop)
-}
-
-fn socket(domain: libc::c_int, kind: libc::c_int, protocol: libc::c_int) -> io::Result<OwnedFd> {
-    // SAFETY: socket(2) takes plain integers; on success we own the new descriptor.
-    let fd = check(unsafe { libc::socket(domain, kind | libc::SOCK_CLOEXEC, protocol) })?;
-    // SAFETY: fd was just returned by socket(2) and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+/// setsockopt(2) with the option's value as bytes (for the options rustix does not cover).
+fn setsockopt_bytes(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &[u8]) -> io::Result<()> {
+    let len = libc::socklen_t::try_from(value.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "socket option value too long"))?;
+    // SAFETY: the pointer and length describe the live slice `value`, which setsockopt only
+    // reads; `fd` is an open socket we own.
+    check(unsafe { libc::setsockopt(fd.as_raw_fd(), level, name, value.as_ptr().cast(), len) }).map(drop)
 }
 
 /// A bound rtnetlink socket talking to the kernel (port id 0).
@@ -48,42 +42,23 @@ impl Netlink {
     /// text) and capped acks are asked for but optional. Receives give up after `timeout`, so a
     /// kernel that never answers cannot hang the caller.
     pub fn open_route(timeout: Duration) -> io::Result<Netlink> {
-        let fd = socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE)?;
-        // SAFETY: sockaddr_nl is plain old data; all-zero is a valid value.
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        // SAFETY: addr is a valid sockaddr_nl and its exact size is passed.
-        check(unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                &addr as *const libc::sockaddr_nl as *const libc::sockaddr,
-                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        })?;
-        let _ = setsockopt_int(&fd, SOL_NETLINK, NETLINK_EXT_ACK, 1);
-        let _ = setsockopt_int(&fd, SOL_NETLINK, NETLINK_CAP_ACK, 1);
-        let tv = libc::timeval { tv_sec: timeout.as_secs() as _, tv_usec: timeout.subsec_micros() as _ };
-        // SAFETY: tv is a live timeval and its exact size is passed.
-        check(unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                &tv as *const libc::timeval as *const libc::c_void,
-                size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        })?;
+        let fd = rustix::net::socket_with(
+            AddressFamily::NETLINK,
+            SocketType::RAW,
+            SocketFlags::CLOEXEC,
+            None, // NETLINK_ROUTE is protocol 0, the default
+        )?;
+        rustix::net::bind(&fd, &SocketAddrNetlink::new(0, 0))?;
+        let _ = setsockopt_bytes(&fd, SOL_NETLINK, NETLINK_EXT_ACK, &1i32.to_ne_bytes());
+        let _ = setsockopt_bytes(&fd, SOL_NETLINK, NETLINK_CAP_ACK, &1i32.to_ne_bytes());
+        sockopt::set_socket_timeout(&fd, Timeout::Recv, Some(timeout))?;
         Ok(Netlink { fd })
     }
 
     /// Send one complete netlink message (or batch) to the kernel.
     pub fn send(&self, msg: &[u8]) -> io::Result<()> {
-        // SAFETY: the pointer and length describe the live slice `msg`.
-        let n = unsafe { libc::send(self.fd.as_raw_fd(), msg.as_ptr() as *const libc::c_void, msg.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if n as usize != msg.len() {
+        let n = rustix::net::send(&self.fd, msg, SendFlags::empty())?;
+        if n != msg.len() {
             return Err(io::Error::new(io::ErrorKind::WriteZero, "netlink: short send"));
         }
         Ok(())
@@ -93,23 +68,12 @@ impl Netlink {
     /// error rather than silently cut; a receive timeout is `ErrorKind::WouldBlock`.
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            // SAFETY: the pointer and length describe the live, writable slice `buf`.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    libc::MSG_TRUNC,
-                )
+            // With MSG_TRUNC the second number is the datagram's whole length.
+            let n = match rustix::net::recv(&self.fd, &mut *buf, RecvFlags::TRUNC) {
+                Ok((_, n)) => n,
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
             };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            let n = n as usize;
             if n > buf.len() {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -133,30 +97,54 @@ pub fn dhcp_socket(ifname: &str) -> io::Result<UdpSocket> {
     if ifname.is_empty() || ifname.len() >= libc::IFNAMSIZ || ifname.contains('\0') {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad interface name '{ifname}'")));
     }
-    let fd = socket(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_UDP)?;
-    setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
-    setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_BROADCAST, 1)?;
-    // SAFETY: the option value is the interface name's bytes, with their exact length.
-    check(unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_BINDTODEVICE,
-            ifname.as_ptr() as *const libc::c_void,
-            ifname.len() as libc::socklen_t,
-        )
-    })?;
-    // SAFETY: sockaddr_in is plain old data; all-zero is 0.0.0.0:0.
-    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    addr.sin_family = libc::AF_INET as libc::sa_family_t;
-    addr.sin_port = 68u16.to_be();
-    // SAFETY: addr is a valid sockaddr_in and its exact size is passed.
-    check(unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            &addr as *const libc::sockaddr_in as *const libc::sockaddr,
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    })?;
+    let fd = rustix::net::socket_with(
+        AddressFamily::INET,
+        SocketType::DGRAM,
+        SocketFlags::CLOEXEC,
+        Some(rustix::net::ipproto::UDP),
+    )?;
+    sockopt::set_socket_reuseaddr(&fd, true)?;
+    sockopt::set_socket_broadcast(&fd, true)?;
+    setsockopt_bytes(&fd, libc::SOL_SOCKET, libc::SO_BINDTODEVICE, ifname.as_bytes())?;
+    rustix::net::bind(&fd, &SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68))?;
     Ok(UdpSocket::from(fd))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kernel_answers_on_a_route_socket() {
+        // RTM_GETLINK for ifindex 1 (lo), with an ack: the kernel replies with the link.
+        let nl = Netlink::open_route(Duration::from_secs(5)).unwrap();
+        let mut msg = Vec::new();
+        msg.extend_from_slice(&32u32.to_ne_bytes()); // nlmsg_len: header + ifinfomsg
+        msg.extend_from_slice(&18u16.to_ne_bytes()); // RTM_GETLINK
+        msg.extend_from_slice(&1u16.to_ne_bytes()); // NLM_F_REQUEST
+        msg.extend_from_slice(&7u32.to_ne_bytes()); // sequence number
+        msg.extend_from_slice(&0u32.to_ne_bytes()); // port id
+        msg.extend_from_slice(&[0; 4]); // ifi_family, pad, ifi_type
+        msg.extend_from_slice(&1i32.to_ne_bytes()); // ifi_index
+        msg.extend_from_slice(&[0; 8]); // ifi_flags, ifi_change
+        nl.send(&msg).unwrap();
+        let mut buf = vec![0; 64 * 1024];
+        let n = nl.recv(&mut buf).unwrap();
+        assert!(n >= 16, "{n}");
+        let kind = u16::from_ne_bytes([buf[4], buf[5]]);
+        let seq = u32::from_ne_bytes(buf[8..12].try_into().unwrap());
+        assert_eq!((kind, seq), (16, 7), "RTM_NEWLINK answering our sequence number");
+        // Too small a buffer is an error, not a cut message.
+        nl.send(&msg).unwrap();
+        let e = nl.recv(&mut buf[..20]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+    }
+
+    #[test]
+    fn bad_interface_names_are_refused() {
+        for bad in ["", "a-name-longer-than-ifnamsiz", "a\0b"] {
+            let e = dhcp_socket(bad).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{bad:?}");
+        }
+    }
 }

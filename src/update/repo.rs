@@ -38,7 +38,6 @@ use tough::sign::Sign;
 
 use super::manifest::{Images, Manifest, Update, Version, MANIFEST, MAX_SEED};
 use crate::bootctl::SlotMeta;
-use crate::disk::verity::hex;
 use crate::settings::store::write_atomic;
 
 const USAGE: &str = "usage:
@@ -400,7 +399,7 @@ fn sign(ctx: &Ctx, expires_days: Option<i64>) -> Result<Signed, String> {
     fs::create_dir_all(&targets_dir).map_err(at(&targets_dir))?;
     let mut served = BTreeSet::new();
     for (name, target) in &targets {
-        let file = format!("{}.{name}", hex(&target.hashes.sha256));
+        let file = format!("{}.{name}", hex::encode(&target.hashes.sha256));
         place_target(&src.join(name), &targets_dir.join(&file), &target.hashes.sha256)?;
         served.insert(file);
     }

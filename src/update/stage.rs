@@ -325,7 +325,7 @@ fn check_slot(disk: &File, cfg: &Config, slot: Slot, update: &Update) -> Result<
             slot.label("ROOT")
         ));
     }
-    let salt = verity::hex_decode(&v.salt).ok_or("slot.toml: verity salt is not hex")?;
+    let salt = hex::decode(&v.salt).map_err(|_| "slot.toml: verity salt is not hex")?;
     if v.data_block_size != v.hash_block_size {
         return Err("slot.toml: data and hash block sizes differ".into());
     }
