@@ -15,6 +15,7 @@ mod net;
 mod settings;
 mod supervisor;
 mod sys;
+mod time;
 mod update;
 mod userdata;
 

@@ -71,6 +71,7 @@ const ROUTES: &[(&str, &[&str])] = &[
     ("/logs", &["GET"]),
     ("/user-data", &["GET"]),
     ("/system/state", &["GET"]),
+    ("/system/time", &["GET"]),
     ("/actions/reboot", &["POST"]),
     ("/actions/shutdown", &["POST"]),
     ("/updates/status", &["GET"]),
@@ -339,6 +340,10 @@ impl Api {
             ("GET", "/services/NAME") => self.service(&req.path["/services/".len()..]),
             ("GET", "/logs") => self.logs(req),
             ("GET", "/system/state") => self.system_state(),
+            ("GET", "/system/time") => match crate::time::status() {
+                Some(v) => Response::json(200, &v),
+                None => Response::error(503, "no time keeper here (dev mode never sets the host's clock)"),
+            },
             ("GET", "/user-data") => {
                 Response::json(200, &self.user_data.lock().unwrap_or_else(|p| p.into_inner()))
             }

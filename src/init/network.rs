@@ -2,7 +2,12 @@
 //! (`settings.network.interface`, default the first Ethernet one) by DHCPv4 or with the static
 //! address in `settings.network.static-address`, in a thread of its own, so a missing or slow
 //! DHCP server never holds up the boot. DNS servers go to /etc/resolv.conf, rewritten on
-//! lease renewals. Network settings take effect at the next boot.
+//! lease renewals. Network settings take effect at the next boot. The SNTP client starts here
+//! too, in its own thread, reading `settings.ntp.time-servers` from the rendered
+//! /etc/ntp.conf (see `crate::time`).
+
+use std::path::Path;
+use std::sync::Arc;
 
 use log::{error, info};
 
@@ -55,6 +60,9 @@ pub fn start(ctx: &mut Ctx) -> Result<(), String> {
             }
             Err(e) => error!("network: {e}"),
         })
-        .map(drop)
-        .map_err(|e| format!("starting the network thread: {e}"))
+        .map_err(|e| format!("starting the network thread: {e}"))?;
+    let build_time = crate::update::build_time(Path::new(crate::update::RELEASE));
+    let servers = crate::time::conf_source(Path::new("/etc/ntp.conf"));
+    crate::time::spawn(servers, Arc::new(crate::time::SystemClock), build_time)
+        .map_err(|e| format!("starting the time thread: {e}"))
 }

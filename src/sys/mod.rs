@@ -8,6 +8,7 @@
 
 pub mod dm;
 pub mod net;
+pub mod time;
 
 use std::ffi::{CStr, CString};
 use std::fs::File;
