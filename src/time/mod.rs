@@ -296,7 +296,8 @@ pub struct Keeper {
     not_before_ns: Option<i64>,
     pub timeout: Duration,
     status: Arc<Mutex<Status>>,
-    entries: Vec<String>,
+    /// The configured entries (None before the first reading).
+    entries: Option<Vec<String>>,
     servers: Vec<ServerSpec>,
     /// The index of the server to ask first.
     preferred: usize,
@@ -318,7 +319,7 @@ impl Keeper {
             not_before_ns: not_before.map(|t| t.as_nanosecond() as i64),
             timeout: QUERY_TIMEOUT,
             status,
-            entries: Vec::new(),
+            entries: None,
             servers: Vec::new(),
             preferred: 0,
             holds: HashMap::new(),
@@ -333,7 +334,7 @@ impl Keeper {
     /// Take the configured entries; returns whether they changed (then everything learnt
     /// about the old servers is forgotten and the next poll should be now).
     pub fn set_servers(&mut self, entries: Vec<String>) -> bool {
-        if entries == self.entries {
+        if self.entries.as_ref() == Some(&entries) {
             return false;
         }
         let mut invalid = Vec::new();
@@ -341,18 +342,15 @@ impl Keeper {
             .iter()
             .filter_map(|e| ServerSpec::parse(e).map_err(|why| invalid.push(why)).ok())
             .collect();
-        self.entries = entries;
         self.preferred = 0;
         self.holds.clear();
         self.poll = POLL_MIN;
         self.failures = 0;
         self.pending_step = None;
-        info!(
-            "time: servers {}",
-            if self.entries.is_empty() { "none".into() } else { self.entries.join(", ") }
-        );
+        info!("time: servers {}", if entries.is_empty() { "none".into() } else { entries.join(", ") });
         let mut st = lock(&self.status);
-        st.servers = self.entries.clone();
+        st.servers = entries.clone();
+        self.entries = Some(entries);
         st.poll = self.poll;
         st.pending_step_ns = None;
         st.note = match (self.servers.is_empty(), invalid.is_empty()) {

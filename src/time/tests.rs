@@ -306,6 +306,9 @@ fn no_servers_and_bad_entries_are_reported() {
     let clock = FakeClock::new(0, None);
     let status = Arc::new(Mutex::new(Status::default()));
     let mut k = Keeper::new(clock.clone(), None, status.clone());
+    assert!(k.set_servers(vec![]), "the first reading counts, even when empty");
+    let st = status.lock().unwrap().report(clock.as_ref());
+    assert!(st["note"].as_str().unwrap().contains("no time servers configured"), "{st}");
     k.set_servers(vec!["a b".into()]);
     assert_eq!(k.poll_once(), POLL_MAX);
     let st = status.lock().unwrap().report(clock.as_ref());
