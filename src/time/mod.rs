@@ -283,6 +283,16 @@ pub fn spawn(source: ServerSource, clock: Arc<dyn Clock>, not_before: Option<Tim
     Ok(())
 }
 
+/// A server as the status names it: the entry, and the address it was reached at when the
+/// entry is a name.
+fn shown(spec: &ServerSpec, addr: SocketAddr) -> String {
+    if spec.host.parse::<std::net::IpAddr>().is_ok() {
+        spec.to_string()
+    } else {
+        format!("{spec} ({addr})")
+    }
+}
+
 /// Keep the first [`MAX_ERRORS`] errors of a poll.
 fn push(errors: &mut Vec<String>, e: String) {
     if errors.len() < MAX_ERRORS {
@@ -382,7 +392,8 @@ impl Keeper {
         let n = self.servers.len();
         let mut earliest_hold: Option<Instant> = None;
         let mut tried = false;
-        for idx in (0..n).map(|i| (self.preferred + i) % n) {
+        let start = self.preferred;
+        for idx in (0..n).map(|i| (start + i) % n) {
             let spec = self.servers[idx].clone();
             if let Some((until, code)) = self.holds.get(&spec).cloned() {
                 if Instant::now() < until {
@@ -423,32 +434,17 @@ impl Keeper {
                         return self.use_sample(&spec, addr, sample, errors);
                     }
                     Err(QueryError::Refused(r)) if r.kiss_code().is_some() => {
+                        let at = shown(&spec, addr);
                         let code = r.kiss_code().unwrap_or_default();
-                        let hold = match code.as_str() {
-                            "RATE" => Some((self.poll * 2).max(HOLD_RATE_MIN)),
-                            "DENY" | "RSTR" => Some(HOLD_DENY),
-                            _ => None,
+                        let Some(h) = self.hold(&spec, &code) else {
+                            push(&mut errors, format!("{at}: answer refused: {r}"));
+                            continue;
                         };
-                        match hold {
-                            Some(h) => {
-                                warn!(
-                                    "time: {spec} ({addr}) sent kiss-o'-death {code}; not asking it for {} s",
-                                    h.as_secs()
-                                );
-                                self.holds.insert(spec.clone(), (Instant::now() + h, code.clone()));
-                                push(
-                                    &mut errors,
-                                    format!(
-                                        "{spec} ({addr}): kiss-o'-death {code}; held off {} s",
-                                        h.as_secs()
-                                    ),
-                                );
-                                break;
-                            }
-                            None => push(&mut errors, format!("{spec} ({addr}): answer refused: {r}")),
-                        }
+                        warn!("time: {at} sent kiss-o'-death {code}; not asking it for {} s", h.as_secs());
+                        push(&mut errors, format!("{at}: kiss-o'-death {code}; held off {} s", h.as_secs()));
+                        break;
                     }
-                    Err(e) => push(&mut errors, format!("{spec} ({addr}): {e}")),
+                    Err(e) => push(&mut errors, format!("{}: {e}", shown(&spec, addr))),
                 }
             }
         }
@@ -463,6 +459,18 @@ impl Keeper {
             Some(t) if !tried => t.saturating_duration_since(Instant::now()).clamp(FAIL_WAIT, POLL_MAX),
             _ => backoff,
         }
+    }
+
+    /// Hold `spec` off after kiss-o'-death `code` (RATE: twice the interval, DENY and RSTR: a
+    /// day); None for codes that only refuse the one answer.
+    fn hold(&mut self, spec: &ServerSpec, code: &str) -> Option<Duration> {
+        let h = match code {
+            "RATE" => (self.poll * 2).max(HOLD_RATE_MIN),
+            "DENY" | "RSTR" => HOLD_DENY,
+            _ => return None,
+        };
+        self.holds.insert(spec.clone(), (Instant::now() + h, code.to_string()));
+        Some(h)
     }
 
     fn backoff(&self) -> Duration {
@@ -482,7 +490,7 @@ impl Keeper {
     ) -> Duration {
         let threshold = STEP_THRESHOLD.as_nanos() as i64;
         let big = s.offset_ns.abs() > threshold;
-        let server = format!("{spec} ({addr})");
+        let server = shown(spec, addr);
         let confirmed = self.first || self.pending_step.is_some_and(|p| (p - s.offset_ns).abs() <= threshold);
         if big && !confirmed {
             info!(
