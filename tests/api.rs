@@ -464,7 +464,7 @@ fn apply_renders_files_and_records_host_effects() {
     assert_eq!(server.file("host/sysctl/vm.swappiness"), "10\n");
     assert_eq!(server.file("host/sysctl/net.ipv4.ip_forward"), "1\n");
     assert_eq!(
-        server.get("/system/state"),
+        system_state(&server),
         json!({"hostname": "node-1", "motd": "hello\n",
                "sysctl": {"net.ipv4.ip_forward": "1", "vm.swappiness": "10"}})
     );
@@ -495,7 +495,7 @@ fn commit_and_apply_reapplies_only_what_changed() {
     assert_eq!(server.file("etc/hostname"), "ca-host\n");
     assert_eq!(server.file("host/sysctl/kernel.pid_max"), "4096\n");
     assert_eq!(
-        server.get("/system/state"),
+        system_state(&server),
         json!({"hostname": "ca-host", "motd": "one\n", "sysctl": {"kernel.pid_max": "4096"}})
     );
     server.request("POST", "/tx/commit_and_apply?tx=ca", "").assert_error(409, &["ca", "no pending changes"]);
@@ -541,7 +541,7 @@ fn os_files_services_and_user_data() {
     // `{}` until the services issue; an object of services after it.
     assert!(server.get("/services").is_object());
     assert_eq!(server.get("/user-data"), json!({"source": null, "applied": false}));
-    assert_eq!(server.get("/system/state"), json!({"hostname": "berth", "motd": "", "sysctl": {}}));
+    assert_eq!(system_state(&server), json!({"hostname": "berth", "motd": "", "sysctl": {}}));
 }
 
 #[test]
@@ -1063,4 +1063,48 @@ fn apiclient_sets_a_numeric_sysctl() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(server.get("/settings"), json!({"kernel": {"sysctl": {"vm.swappiness": "10"}}}));
     assert_eq!(server.file("host/sysctl/vm.swappiness"), "10\n");
+}
+
+/// `GET /system/state` without its `memory` part (which differs run to run), after checking it.
+fn system_state(server: &Server) -> Value {
+    let mut state = server.get("/system/state");
+    let memory = state.as_object_mut().unwrap().remove("memory").expect("memory in /system/state");
+    assert!(
+        memory["rss_kb"].as_u64().unwrap() > 0 && memory["peak_rss_kb"].as_u64().unwrap() > 0,
+        "{memory}"
+    );
+    state
+}
+
+#[test]
+fn pending_transactions_and_datastore_size_have_quotas() {
+    let dir = TempDir::new("quota");
+    let server = Server::start(&dir);
+    for i in 0..64 {
+        server.expect("PATCH", &format!("/settings?tx=t{i}"), r#"{"motd": "x"}"#, 204);
+    }
+    server
+        .request("PATCH", "/settings?tx=one-more", r#"{"motd": "x"}"#)
+        .assert_error(429, &["64 transactions", "commit or delete"]);
+    // Changing a pending transaction is still allowed.
+    server.expect("PATCH", "/settings?tx=t0", r#"{"motd": "y"}"#, 204);
+    for i in 0..64 {
+        server.expect("DELETE", &format!("/tx?tx=t{i}"), "", 200);
+    }
+    // ~200 KB transactions run into the 4 MiB quota well before PRIVATE would fill.
+    let sysctls: Vec<String> = (0..50).map(|i| format!(r#""vm.k{i}": "{}""#, "1".repeat(4000))).collect();
+    let big = format!(r#"{{"kernel": {{"sysctl": {{{}}}}}}}"#, sysctls.join(","));
+    let mut refused = false;
+    for i in 0..30 {
+        let r = server.request("PATCH", &format!("/settings?tx=b{i}"), &big);
+        if r.status == 413 {
+            r.assert_error(413, &["quota"]);
+            refused = true;
+            break;
+        }
+        assert_eq!(r.status, 204, "{}", r.text());
+    }
+    assert!(refused, "the datastore quota never applied");
+    // What is live still works.
+    server.expect("PATCH", "/settings?tx=small", r#"{"motd": "fine"}"#, 204);
 }

@@ -97,14 +97,19 @@ fn run(dev: PathBuf, socket: PathBuf) {
 }
 
 /// Start the bridge if the VM has the port; returns whether it did.
-pub fn start(socket: &Path) -> bool {
-    let Some(dev) = find_port(PORT_NAME) else { return false };
-    let socket = socket.to_path_buf();
-    std::thread::Builder::new()
-        .name("api-bridge".into())
-        .stack_size(256 * 1024)
-        .spawn(move || run(dev, socket))
-        .is_ok()
+/// Whether the machine has the host bridge's port.
+pub fn available() -> bool {
+    find_port(PORT_NAME).is_some()
+}
+
+/// Run the bridge to `socket` in a thread named `api-bridge` (PID 1 supervises it).
+pub fn spawn(socket: PathBuf) -> std::io::Result<std::thread::JoinHandle<Result<(), String>>> {
+    let dev = find_port(PORT_NAME)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("no port {PORT_NAME}")))?;
+    std::thread::Builder::new().name("api-bridge".into()).stack_size(256 * 1024).spawn(move || {
+        run(dev, socket);
+        Err("the bridge loop ended".into())
+    })
 }
 
 #[cfg(test)]

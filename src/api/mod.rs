@@ -44,16 +44,18 @@ pub fn listen(path: &Path, gid: Option<u32>) -> io::Result<UnixListener> {
     Ok(l)
 }
 
-/// Serve `api` on `listener` in a thread named "api".
-pub fn spawn(api: Arc<Api>, listener: UnixListener) -> io::Result<()> {
+/// Serve `api` on `listener` in a thread named "api" (PID 1 supervises it: the thread only
+/// ends when the accept loop fails).
+pub fn spawn(
+    api: Arc<Api>,
+    listener: UnixListener,
+) -> io::Result<std::thread::JoinHandle<Result<(), String>>> {
     let handler: Arc<dyn Fn(&http::Request) -> http::Response + Send + Sync> =
         Arc::new(move |r| api.handle(r));
-    std::thread::Builder::new()
-        .name("api".into())
-        .spawn(move || {
-            http::serve(listener, http::Limits::default(), handler, Arc::new(AtomicBool::new(false)))
-        })
-        .map(drop)
+    std::thread::Builder::new().name("api".into()).spawn(move || {
+        http::serve(listener, http::Limits::default(), handler, Arc::new(AtomicBool::new(false)));
+        Err("the accept loop ended".into())
+    })
 }
 
 /// `berth serve --state-dir DIR --socket PATH`: settings and API on a developer machine, with no

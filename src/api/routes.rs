@@ -70,6 +70,7 @@ const ROUTES: &[(&str, &[&str])] = &[
     ("/services/NAME", &["GET"]),
     ("/logs", &["GET"]),
     ("/user-data", &["GET"]),
+    ("/boot", &["GET"]),
     ("/system/state", &["GET"]),
     ("/system/time", &["GET"]),
     ("/actions/reboot", &["POST"]),
@@ -79,6 +80,7 @@ const ROUTES: &[(&str, &[&str])] = &[
     ("/actions/prepare-update", &["POST"]),
     ("/actions/activate-update", &["POST"]),
     ("/actions/deactivate-update", &["POST"]),
+    ("/actions/cancel-update", &["POST"]),
     ("/actions/rollback", &["POST"]),
 ];
 
@@ -86,6 +88,8 @@ fn store_error(e: store::Error) -> Response {
     let status = match e {
         store::Error::Invalid(_) | store::Error::BadTxName(_) | store::Error::NotAnObject => 400,
         store::Error::EmptyCommit(_) => 409,
+        store::Error::TooManyTransactions(_) => 429,
+        store::Error::Quota { .. } => 413,
         store::Error::Io { .. } | store::Error::Corrupt { .. } => 500,
     };
     Response::error(status, &e.to_string())
@@ -208,9 +212,18 @@ impl Api {
         let sysctl: Map<String, Value> =
             render::sysctls(&settings).keys().map(|k| (k.clone(), read(self.host.read_sysctl(k)))).collect();
         let motd = std::fs::read_to_string(self.etc.join("motd"));
+        // The process serving the API (PID 1 on Berth): its memory now and at its peak.
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let kb = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        };
         Response::json(
             200,
-            &json!({"hostname": read(self.host.hostname()), "sysctl": sysctl, "motd": read(motd)}),
+            &json!({"hostname": read(self.host.hostname()), "sysctl": sysctl, "motd": read(motd),
+                    "memory": {"rss_kb": kb("VmRSS:"), "peak_rss_kb": kb("VmHWM:")}}),
         )
     }
 
@@ -340,6 +353,11 @@ impl Api {
             ("GET", "/services/NAME") => self.service(&req.path["/services/".len()..]),
             ("GET", "/logs") => self.logs(req),
             ("GET", "/system/state") => self.system_state(),
+            ("GET", "/boot") => {
+                let mut v = crate::boot::report::snapshot();
+                v["watchdog"] = json!(if crate::boot::watchdog::armed() { "armed" } else { "off" });
+                Response::json(200, &v)
+            }
             ("GET", "/system/time") => match crate::time::status() {
                 Some(v) => Response::json(200, &v),
                 None => Response::error(503, "no time keeper here (dev mode never sets the host's clock)"),
@@ -364,6 +382,16 @@ impl Api {
             ("POST", "/actions/activate-update") => self.update_command(crate::update::Command::Activate),
             ("POST", "/actions/deactivate-update") => self.update_command(crate::update::Command::Deactivate),
             ("POST", "/actions/rollback") => self.update_command(crate::update::Command::Rollback),
+            ("POST", "/actions/cancel-update") => match &self.updater {
+                Some(u) => match u.cancel(crate::update::CANCEL_WAIT) {
+                    Ok(true) => Response::json(200, &u.status()),
+                    Ok(false) => {
+                        Response::json(202, &json!({"accepted": "cancel", "poll": "/updates/status"}))
+                    }
+                    Err(e) => Response::error(e.status(), &e.to_string()),
+                },
+                None => Response::error(503, "no updater here (dev mode has no A/B slots)"),
+            },
             _ => Response::error(500, "route table and handler disagree"),
         }
     }

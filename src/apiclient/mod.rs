@@ -7,7 +7,8 @@
 //! - `raw [-m METHOD] -u URI [-d DATA]`, `reboot`
 //! - `update check`: refresh the update list and show what would be taken
 //! - `update apply [--reboot]`: prepare (with progress) and activate the chosen update
-//! - `update cancel`: deactivate an activated update before its reboot
+//! - `update cancel`: stop a running prepare; otherwise deactivate an activated update before
+//!   its reboot
 //!
 //! A non-2xx answer prints the server's error and exits non-zero.
 
@@ -189,8 +190,21 @@ fn run(args: &[String]) -> Result<(), String> {
         ["update", "apply"] => update_apply(&socket, false),
         ["update", "apply", "--reboot"] => update_apply(&socket, true),
         ["update", "cancel"] => {
-            call(&socket, "POST", "/actions/deactivate-update", None)?;
-            println!("update deactivated: the running version boots next");
+            // A running prepare is stopped; without one, cancel-update answers 409 and the
+            // activated update (if any) is deactivated instead.
+            match request(&socket, "POST", "/actions/cancel-update", None)? {
+                (200, _) => println!("prepare cancelled: the slot it was writing is left unbootable"),
+                (202, _) => {
+                    println!("cancel requested: the prepare stops at its next chunk (see /updates/status)")
+                }
+                (409, _) => {
+                    call(&socket, "POST", "/actions/deactivate-update", None)?;
+                    println!("update deactivated: the running version boots next");
+                }
+                (status, text) => {
+                    return Err(format!("POST /actions/cancel-update: HTTP {status}: {}", text.trim()))
+                }
+            }
             Ok(())
         }
         _ => Err(USAGE.into()),

@@ -5,11 +5,15 @@
 //! slot's metadata from its BOOT partition, opens dm-verity over ROOT+HASH with the
 //! device-mapper ioctls, mounts the verified EROFS root read-only and switches into it,
 //! exec'ing its `/sbin/init` (this same program, now verified). Each phase is logged with its
-//! duration. Any error ends in a reboot so that boot control can fall back.
+//! duration. Any error ends in a reboot so that boot control can fall back: [`fail_and_reboot`]
+//! is bounded in time whatever the disks do, and if the reboot itself fails, PID 1 exits, which
+//! the kernel turns into a panic and, with `panic=N` (set here if it was 0), a reboot.
 
 pub mod cmdline;
+pub mod error;
 pub mod mounts;
 pub mod partitions;
+pub mod report;
 pub mod watchdog;
 
 use std::fs;
@@ -23,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::bootctl::{BootAttempt, BootControl, GptBootControl, Slot, SlotMeta};
 use crate::sys::{self, dm};
 use cmdline::Cmdline;
+pub use error::{BootError, Failure};
 use partitions::PartInfo;
 
 pub const SYSROOT: &str = "/sysroot";
@@ -43,11 +48,13 @@ pub struct Handoff {
     pub variant: String,
     pub root_hash: String,
     pub stage1_ms: u64,
+    /// Stage 1's phases, for the boot timeline.
+    #[serde(default)]
+    pub phases: Vec<report::PhaseTime>,
 }
 
-type Phase = (&'static str, fn(&mut Ctx) -> Result<(), String>);
+type Phase = (&'static str, fn(&mut Ctx) -> Result<(), BootError>);
 
-#[derive(Default)]
 struct Ctx {
     cmdline: Cmdline,
     parts: Vec<PartInfo>,
@@ -55,9 +62,29 @@ struct Ctx {
     sector: u64,
     attempt: Option<BootAttempt>,
     meta: Option<SlotMeta>,
-    started: Option<Instant>,
-    /// Armed when the slot is on trial; open until the exec of stage 2 (which re-opens it).
+    started: Instant,
+    /// Armed for every boot (unless `berth.watchdog=off`); open until the exec of stage 2,
+    /// which opens it again and keeps it fed for the life of the system.
     watchdog: Option<watchdog::Watchdog>,
+}
+
+impl Ctx {
+    /// The slot chosen by the choose-slot phase.
+    fn attempt(&self) -> Result<BootAttempt, BootError> {
+        self.attempt.ok_or(BootError::Order { needs: "the boot slot" })
+    }
+
+    fn slot(&self) -> Result<Slot, BootError> {
+        self.attempt().map(|a| a.slot)
+    }
+
+    fn meta(&self) -> Result<&SlotMeta, BootError> {
+        self.meta.as_ref().ok_or(BootError::Order { needs: "the slot metadata" })
+    }
+
+    fn part(&self, kind: &str) -> Result<&PartInfo, BootError> {
+        partitions::by_label(&self.parts, &self.slot()?.label(kind))
+    }
 }
 
 const PHASES: &[Phase] = &[
@@ -70,22 +97,35 @@ const PHASES: &[Phase] = &[
     ("handoff", write_handoff),
 ];
 
-/// Run stage 1. Returns only if the switch into the root failed; the caller reboots.
-pub fn stage1() -> String {
-    let mut ctx = Ctx { started: Some(Instant::now()), ..Default::default() };
+/// Run stage 1. Returns only if it failed; the caller reboots.
+pub fn stage1() -> Failure {
+    let mut ctx = Ctx {
+        cmdline: Cmdline::default(),
+        parts: Vec::new(),
+        disk: PathBuf::new(),
+        sector: 0,
+        attempt: None,
+        meta: None,
+        started: Instant::now(),
+        watchdog: None,
+    };
     for (name, phase) in PHASES {
-        let t = Instant::now();
-        if let Err(e) = phase(&mut ctx) {
-            return format!("stage 1 phase {name} failed: {e}");
+        let (t, start_ms) = (Instant::now(), report::uptime_ms());
+        if let Err(error) = phase(&mut ctx) {
+            return Failure { stage: 1, phase: name, error };
         }
+        if let Some(w) = ctx.watchdog.as_mut() {
+            w.feed();
+        }
+        report::phase(1, name, start_ms, t);
         info!("stage1 phase {name} done in {} us", t.elapsed().as_micros());
     }
-    let e = switch_root();
-    format!("stage 1 switch_root failed: {e}")
+    let error = switch_root();
+    Failure { stage: 1, phase: "switch-root", error: BootError::io_on("switch into", SYSROOT.into())(error) }
 }
 
-fn early_mounts(ctx: &mut Ctx) -> Result<(), String> {
-    mounts::mount_all(mounts::EARLY).map_err(|e| e.to_string())?;
+fn early_mounts(ctx: &mut Ctx) -> Result<(), BootError> {
+    mounts::mount_all(mounts::EARLY)?;
     crate::klog::reopen_kmsg();
     crate::init::console_stdio();
     // Our own log lines must not be rate-limited away.
@@ -106,24 +146,28 @@ const LABELS: &[&str] = &[
     "BERTH-DATA",
 ];
 
-fn find_disk(ctx: &mut Ctx) -> Result<(), String> {
+fn find_disk(ctx: &mut Ctx) -> Result<(), BootError> {
     let wait = Duration::from_secs(ctx.cmdline.get_u64("rootwait", 10));
     ctx.parts = partitions::wait_for(LABELS, ctx.cmdline.get("disk"), wait)?;
     let first = &ctx.parts[0];
     ctx.disk = first.disk_path();
-    let f = fs::File::open(&ctx.disk).map_err(|e| format!("{}: {e}", ctx.disk.display()))?;
-    ctx.sector = sys::logical_sector_size(&f).map_err(|e| format!("{}: {e}", ctx.disk.display()))? as u64;
+    let f = fs::File::open(&ctx.disk).map_err(BootError::io("open", &ctx.disk))?;
+    ctx.sector = sys::logical_sector_size(&f).map_err(BootError::io("sector size of", &ctx.disk))? as u64;
     info!("disk {} (sector {} bytes, {} partitions)", ctx.disk.display(), ctx.sector, ctx.parts.len());
     Ok(())
 }
 
-fn choose_slot(ctx: &mut Ctx) -> Result<(), String> {
+fn choose_slot(ctx: &mut Ctx) -> Result<(), BootError> {
     let forced = match ctx.cmdline.get("slot") {
-        Some(s) => Some(Slot::parse(s).ok_or_else(|| format!("berth.slot={s} is not A or B"))?),
+        Some(s) => Some(Slot::parse(s).ok_or_else(|| BootError::Cmdline {
+            key: "slot",
+            value: s.into(),
+            expected: "A or B",
+        })?),
         None => None,
     };
     let mut bc = GptBootControl::new(&ctx.disk, ctx.sector);
-    let a = bc.begin_boot(forced).map_err(|e| e.to_string())?;
+    let a = bc.begin_boot(forced)?;
     info!(
         "boot control: slot {} (on trial: {}, tries left: {}{})",
         a.slot,
@@ -131,71 +175,66 @@ fn choose_slot(ctx: &mut Ctx) -> Result<(), String> {
         a.tries_left,
         if forced.is_some() { ", forced by berth.slot" } else { "" }
     );
-    if a.on_trial {
-        ctx.watchdog = watchdog::Watchdog::arm(ctx.cmdline.get_u64("watchdog-timeout", watchdog::TIMEOUT));
-    }
+    ctx.watchdog = watchdog::arm(&ctx.cmdline, a.on_trial);
     ctx.attempt = Some(a);
     Ok(())
 }
 
-fn slot(ctx: &Ctx) -> Slot {
-    ctx.attempt.map(|a| a.slot).unwrap_or(Slot::A)
-}
-
-fn read_slot_metadata(ctx: &mut Ctx) -> Result<(), String> {
-    let boot = partitions::by_label(&ctx.parts, &slot(ctx).label("BOOT"))?;
+fn read_slot_metadata(ctx: &mut Ctx) -> Result<(), BootError> {
+    let slot = ctx.slot()?;
+    let boot = ctx.part("BOOT")?;
+    let meta_err = |error: String| BootError::SlotMeta { slot, error };
     let text = partitions::with_boot_mounted(boot, |dir| fs::read_to_string(dir.join(SlotMeta::FILE)))?
-        .map_err(|e| format!("{} on {}: {e}", SlotMeta::FILE, boot.label))?;
-    let meta = SlotMeta::parse(&text).map_err(|e| format!("{} on {}: {e}", SlotMeta::FILE, boot.label))?;
+        .map_err(|e| meta_err(format!("{} on {}: {e}", SlotMeta::FILE, boot.label)))?;
+    let meta =
+        SlotMeta::parse(&text).map_err(|e| meta_err(format!("{} on {}: {e}", SlotMeta::FILE, boot.label)))?;
     if let Some(want) = ctx.cmdline.get("verity.roothash") {
         if want != meta.verity.root_hash {
-            return Err(format!(
-                "slot {} root hash {} is not the one the kernel command line requires ({want})",
-                slot(ctx),
-                meta.verity.root_hash
-            ));
+            return Err(BootError::RootHash { slot, found: meta.verity.root_hash, required: want.into() });
         }
     }
-    info!("slot {} is version {} ({} {})", slot(ctx), meta.version, meta.variant, meta.arch);
+    info!("slot {slot} is version {} ({} {})", meta.version, meta.variant, meta.arch);
     ctx.meta = Some(meta);
     Ok(())
 }
 
-fn open_verity(ctx: &mut Ctx) -> Result<(), String> {
-    let meta = ctx.meta.as_ref().ok_or("no slot metadata")?;
-    let root = partitions::by_label(&ctx.parts, &slot(ctx).label("ROOT"))?;
-    let hash = partitions::by_label(&ctx.parts, &slot(ctx).label("HASH"))?;
+fn open_verity(ctx: &mut Ctx) -> Result<(), BootError> {
+    let slot = ctx.slot()?;
+    let meta = ctx.meta()?;
+    let root = ctx.part("ROOT")?;
+    let hash = ctx.part("HASH")?;
     let target = dm::Target {
         start_sector: 0,
         sectors: meta.verity.data_sectors(),
         kind: "verity".into(),
         params: meta.verity.table(&root.majmin(), &hash.majmin()),
     };
-    let uuid = format!("BERTH-VERITY-{}-{}", slot(ctx), &meta.verity.root_hash[..16]);
-    let (major, minor) = dm::create(VERITY_NAME, &uuid, &[target], true).map_err(|e| e.to_string())?;
-    fs::create_dir_all("/dev/mapper").map_err(|e| format!("mkdir /dev/mapper: {e}"))?;
+    let uuid = format!("BERTH-VERITY-{slot}-{}", &meta.verity.root_hash[..16]);
+    let (major, minor) = dm::create(VERITY_NAME, &uuid, &[target], true)
+        .map_err(BootError::io_on("set up dm-verity over", format!("{} + {}", root.dev, hash.dev)))?;
+    fs::create_dir_all("/dev/mapper").map_err(BootError::io("mkdir", "/dev/mapper"))?;
     let node = Path::new("/dev/mapper").join(VERITY_NAME);
     let _ = fs::remove_file(&node);
-    sys::mknod_block(&node, major, minor, 0o600).map_err(|e| format!("mknod {}: {e}", node.display()))?;
+    sys::mknod_block(&node, major, minor, 0o600).map_err(BootError::io("mknod", &node))?;
     info!("dm-verity {} over {} + {} as {major}:{minor}", node.display(), root.dev, hash.dev);
     Ok(())
 }
 
-fn mount_root(_ctx: &mut Ctx) -> Result<(), String> {
-    fs::create_dir_all(SYSROOT).map_err(|e| e.to_string())?;
+fn mount_root(_ctx: &mut Ctx) -> Result<(), BootError> {
+    fs::create_dir_all(SYSROOT).map_err(BootError::io("mkdir", SYSROOT))?;
     let dev = format!("/dev/mapper/{VERITY_NAME}");
     sys::mount(Some(&dev), Path::new(SYSROOT), Some("erofs"), sys::MS_RDONLY, None)
-        .map_err(|e| format!("mount {dev} (erofs) on {SYSROOT}: {e}"))?;
+        .map_err(BootError::io_on("mount", format!("{dev} (erofs) on {SYSROOT}")))?;
     let init = Path::new(SYSROOT).join("sbin/init");
     if !init.exists() {
-        return Err(format!("{} does not exist in the root filesystem", init.display()));
+        return Err(BootError::Handoff { path: init, error: "does not exist in the root filesystem".into() });
     }
     Ok(())
 }
 
-fn write_handoff(ctx: &mut Ctx) -> Result<(), String> {
-    let meta = ctx.meta.as_ref().ok_or("no slot metadata")?;
-    let a = ctx.attempt.ok_or("no boot attempt")?;
+fn write_handoff(ctx: &mut Ctx) -> Result<(), BootError> {
+    let meta = ctx.meta()?;
+    let a = ctx.attempt()?;
     let h = Handoff {
         slot: a.slot,
         on_trial: a.on_trial,
@@ -205,10 +244,12 @@ fn write_handoff(ctx: &mut Ctx) -> Result<(), String> {
         version: meta.version.clone(),
         variant: meta.variant.clone(),
         root_hash: meta.verity.root_hash.clone(),
-        stage1_ms: ctx.started.map(|t| t.elapsed().as_millis() as u64).unwrap_or(0),
+        stage1_ms: ctx.started.elapsed().as_millis() as u64,
+        phases: report::phases(),
     };
-    let text = toml::to_string(&h).map_err(|e| e.to_string())?;
-    fs::write(HANDOFF, text).map_err(|e| format!("{HANDOFF}: {e}"))
+    let text =
+        toml::to_string(&h).map_err(|e| BootError::Handoff { path: HANDOFF.into(), error: e.to_string() })?;
+    fs::write(HANDOFF, text).map_err(BootError::io("write", HANDOFF))
 }
 
 /// Delete the initramfs contents (they would otherwise pin memory forever), skipping anything
@@ -257,15 +298,41 @@ fn switch_root() -> std::io::Error {
     sys::exec(Path::new("/sbin/init"), &["/sbin/init"])
 }
 
-/// Fatal error before the boot was marked good: log, give the console a moment, reboot.
-pub fn fail_and_reboot(what: &str) -> ! {
+/// How long a fatal path waits for the disks to take what is in the page cache.
+const FATAL_SYNC_BOUND: Duration = Duration::from_secs(5);
+/// Seconds the kernel waits before rebooting after a panic, when `panic=` was not set.
+const PANIC_REBOOT_SECS: &str = "10";
+
+/// sync(2) in a helper thread, waiting at most `bound`: a wedged device must not turn a
+/// reboot or shutdown into a hang. Returns whether the sync finished in time.
+pub fn bounded_sync(bound: Duration) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new().name("sync".into()).stack_size(64 * 1024).spawn(move || {
+        sys::sync();
+        let _ = tx.send(());
+    });
+    spawned.is_ok() && rx.recv_timeout(bound).is_ok()
+}
+
+/// reboot(2) in `mode`; if the kernel refuses, PID 1 exits: the kernel panics ("Attempted to
+/// kill init") and reboots after `panic=N` seconds (set here if the command line left it 0).
+pub fn reboot_or_panic(mode: sys::RebootMode) -> ! {
+    let e = sys::reboot(mode);
+    error!("reboot({mode:?}) failed: {e}; exiting PID 1 so that the kernel panics and reboots");
+    if fs::read_to_string("/proc/sys/kernel/panic").is_ok_and(|v| v.trim() == "0") {
+        let _ = fs::write("/proc/sys/kernel/panic", PANIC_REBOOT_SECS);
+    }
+    std::process::exit(1)
+}
+
+/// Fatal error before the boot was marked good: log, give the disks a bounded moment, reboot.
+pub fn fail_and_reboot(what: &dyn std::fmt::Display) -> ! {
     error!("FATAL: {what}");
     error!("rebooting so that boot control can fall back");
-    sys::sync();
-    std::thread::sleep(Duration::from_millis(500));
-    let e = sys::reboot(sys::RebootMode::Restart);
-    error!("reboot failed: {e}");
-    loop {
-        std::thread::sleep(Duration::from_secs(3600));
+    if !bounded_sync(FATAL_SYNC_BOUND) {
+        error!("sync did not finish within {}s; rebooting anyway", FATAL_SYNC_BOUND.as_secs());
     }
+    // Let the console drain.
+    std::thread::sleep(Duration::from_millis(300));
+    reboot_or_panic(sys::RebootMode::Restart)
 }

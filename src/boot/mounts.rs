@@ -1,7 +1,8 @@
 //! Mount tables: each boot stage's fixed mounts are data, applied in order by [`mount_all`].
 
-use std::io;
 use std::path::Path;
+
+use super::BootError;
 
 use crate::sys;
 
@@ -47,16 +48,15 @@ pub fn is_mountpoint(target: &Path) -> bool {
 
 /// Mount every entry of `table` under `root`, creating mount points; entries already mounted
 /// are skipped, so a stage can run after another that did part of the work.
-pub fn mount_all(table: &[Mount]) -> io::Result<()> {
+pub fn mount_all(table: &[Mount]) -> Result<(), BootError> {
     for m in table {
         let target = Path::new(m.target);
         if is_mountpoint(target) {
             continue;
         }
-        std::fs::create_dir_all(target)
-            .map_err(|e| io::Error::new(e.kind(), format!("mkdir {}: {e}", m.target)))?;
+        std::fs::create_dir_all(target).map_err(BootError::io("mkdir", target))?;
         sys::mount(Some(m.source), target, Some(m.fstype), m.flags, m.data)
-            .map_err(|e| io::Error::new(e.kind(), format!("mount {} on {}: {e}", m.fstype, m.target)))?;
+            .map_err(BootError::io_on("mount", format!("{} on {}", m.fstype, m.target)))?;
     }
     Ok(())
 }

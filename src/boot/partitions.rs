@@ -8,6 +8,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::BootError;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartInfo {
     /// GPT partition name (label), e.g. `BERTH-ROOT-A`.
@@ -80,7 +82,7 @@ pub fn scan(sysfs_block: &Path) -> Vec<PartInfo> {
 
 /// The partitions of the first disk (or of `disk`, if given) that holds all of `labels`,
 /// waiting up to `timeout` for it to appear.
-pub fn wait_for(labels: &[&str], disk: Option<&str>, timeout: Duration) -> Result<Vec<PartInfo>, String> {
+pub fn wait_for(labels: &[&str], disk: Option<&str>, timeout: Duration) -> Result<Vec<PartInfo>, BootError> {
     let deadline = Instant::now() + timeout;
     loop {
         let all = scan(Path::new("/sys/class/block"));
@@ -88,14 +90,12 @@ pub fn wait_for(labels: &[&str], disk: Option<&str>, timeout: Duration) -> Resul
             return Ok(found);
         }
         if Instant::now() >= deadline {
-            let seen: Vec<String> = all.iter().map(|p| format!("{}={}", p.dev, p.label)).collect();
-            return Err(format!(
-                "no disk{} with partitions {} after {}s (labelled partitions seen: [{}])",
-                disk.map(|d| format!(" '{d}'")).unwrap_or_default(),
-                labels.join(", "),
-                timeout.as_secs(),
-                seen.join(", ")
-            ));
+            return Err(BootError::NoDisk {
+                labels: labels.iter().map(|l| l.to_string()).collect(),
+                disk: disk.map(String::from),
+                waited: timeout,
+                seen: all.iter().map(|p| format!("{}={}", p.dev, p.label)).collect(),
+            });
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -114,19 +114,22 @@ fn pick_disk(all: &[PartInfo], labels: &[&str], disk: Option<&str>) -> Option<Ve
 pub const BOOT_MOUNT: &str = "/run/berth/boot";
 
 /// Mount the BOOT (FAT) partition `part` read-only at [`BOOT_MOUNT`] for the time `f` runs.
-pub fn with_boot_mounted<T>(part: &PartInfo, f: impl FnOnce(&Path) -> T) -> Result<T, String> {
+pub fn with_boot_mounted<T>(part: &PartInfo, f: impl FnOnce(&Path) -> T) -> Result<T, BootError> {
     let dir = Path::new(BOOT_MOUNT);
-    fs::create_dir_all(dir).map_err(|e| format!("mkdir {BOOT_MOUNT}: {e}"))?;
+    fs::create_dir_all(dir).map_err(BootError::io("mkdir", dir))?;
     crate::sys::mount(Some(&part.path().to_string_lossy()), dir, Some("vfat"), crate::sys::MS_RDONLY, None)
-        .map_err(|e| format!("mount {} ({}): {e}", part.path().display(), part.label))?;
+        .map_err(BootError::io_on(
+        "mount",
+        format!("{} ({}) on {BOOT_MOUNT}", part.path().display(), part.label),
+    ))?;
     let r = f(dir);
     let _ = crate::sys::umount(dir, 0);
     Ok(r)
 }
 
 /// The partition labelled `label` in `parts`.
-pub fn by_label<'a>(parts: &'a [PartInfo], label: &str) -> Result<&'a PartInfo, String> {
-    parts.iter().find(|p| p.label == label).ok_or_else(|| format!("no partition labelled {label}"))
+pub fn by_label<'a>(parts: &'a [PartInfo], label: &str) -> Result<&'a PartInfo, BootError> {
+    parts.iter().find(|p| p.label == label).ok_or_else(|| BootError::NoPartition(label.into()))
 }
 
 #[cfg(test)]

@@ -8,11 +8,24 @@
 //! chosen again once its tries run out and the older slot boots instead.
 //!
 //! The GPT backend here serves direct kernel boot (QEMU) and is the state every backend keeps.
+//!
+//! Changes are transactions: [`BootControl::modify`] reads both slots' states, lets the caller
+//! change them, and writes what changed back as one table write (both GPT copies, each made
+//! durable before the other is touched; see `disk::gpt`). In the GPT backend every read and
+//! every transaction holds one process-wide lock ([`GptBootControl`]'s `LOCK`), so the writers
+//! in PID 1 (stage 2 marking the slot good after the health check, the updater's commands, the
+//! API's rollback, which is an updater command) never interleave their read-modify-writes and
+//! never read a table half-way through another thread's write. Stage 1 runs alone; at every
+//! boot [`BootControl::begin_boot`] first repairs a GPT copy that is damaged or differs from the
+//! other (a write cut short by a power cut) from the copy readers accept.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
+use std::ops::{Index, IndexMut};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
+use log::warn;
 use serde::{Deserialize, Serialize};
 
 use crate::disk::gpt::{self, Gpt};
@@ -87,6 +100,32 @@ impl SlotState {
     }
 }
 
+/// Both slots' states, indexed by slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Slots {
+    pub a: SlotState,
+    pub b: SlotState,
+}
+
+impl Index<Slot> for Slots {
+    type Output = SlotState;
+    fn index(&self, slot: Slot) -> &SlotState {
+        match slot {
+            Slot::A => &self.a,
+            Slot::B => &self.b,
+        }
+    }
+}
+
+impl IndexMut<Slot> for Slots {
+    fn index_mut(&mut self, slot: Slot) -> &mut SlotState {
+        match slot {
+            Slot::A => &mut self.a,
+            Slot::B => &mut self.b,
+        }
+    }
+}
+
 /// The slot to boot given both states, or None when neither is bootable.
 pub fn choose(a: SlotState, b: SlotState) -> Option<Slot> {
     match (a.bootable(), b.bootable()) {
@@ -132,38 +171,69 @@ impl std::error::Error for Error {}
 
 /// The operations every boot-control backend offers.
 pub trait BootControl {
-    fn state(&mut self, slot: Slot) -> Result<SlotState, Error>;
-    fn set_state(&mut self, slot: Slot, state: SlotState) -> Result<(), Error>;
+    /// Both slots' states as they are now.
+    fn states(&mut self) -> Result<Slots, Error>;
 
-    /// Pick the slot to boot and use up one try if it is on trial.
-    fn begin_boot(&mut self, forced: Option<Slot>) -> Result<BootAttempt, Error> {
-        let a = self.state(Slot::A)?;
-        let b = self.state(Slot::B)?;
-        let slot = match forced {
-            Some(s) => s,
-            None => choose(a, b).ok_or(Error::NothingBootable { a, b })?,
-        };
-        let mut st = if slot == Slot::A { a } else { b };
-        let on_trial = !st.successful;
-        if on_trial && st.tries > 0 {
-            st.tries -= 1;
-            self.set_state(slot, st)?;
-        }
-        Ok(BootAttempt { slot, on_trial, tries_left: st.tries })
+    /// One transaction: read both slots' states, let `change` edit them (or refuse, which
+    /// writes nothing), and write back what changed in one table write. Nothing else in this
+    /// process reads or changes boot control meanwhile.
+    fn modify<R, E: From<Error>>(&mut self, change: impl FnOnce(&mut Slots) -> Result<R, E>) -> Result<R, E>;
+
+    /// Make a damaged or stale copy of the state whole again; returns what was wrong, if
+    /// anything. Backends with a single copy have nothing to do.
+    fn repair(&mut self) -> Result<Option<String>, Error> {
+        Ok(None)
     }
 
-    /// Mark `slot` good: it stays bootable from now on.
-    fn mark_successful(&mut self, slot: Slot) -> Result<bool, Error> {
-        let mut st = self.state(slot)?;
-        if st.successful && st.tries == 0 {
-            return Ok(false);
+    fn state(&mut self, slot: Slot) -> Result<SlotState, Error> {
+        Ok(self.states()?[slot])
+    }
+
+    fn set_state(&mut self, slot: Slot, state: SlotState) -> Result<(), Error> {
+        self.modify(|s| {
+            s[slot] = state;
+            Ok::<_, Error>(())
+        })
+    }
+
+    /// Repair the state if it needs it, then pick the slot to boot and use up one try if it
+    /// is on trial (stage 1).
+    fn begin_boot(&mut self, forced: Option<Slot>) -> Result<BootAttempt, Error> {
+        match self.repair() {
+            Ok(Some(why)) => warn!("boot control: repaired the partition table: {why}"),
+            Ok(None) => {}
+            Err(e) => warn!("boot control: could not repair the partition table: {e}"),
         }
-        st.successful = true;
-        st.tries = 0;
-        self.set_state(slot, st)?;
-        Ok(true)
+        self.modify(|s| {
+            let slot = match forced {
+                Some(slot) => slot,
+                None => choose(s.a, s.b).ok_or(Error::NothingBootable { a: s.a, b: s.b })?,
+            };
+            let st = &mut s[slot];
+            let on_trial = !st.successful;
+            if on_trial && st.tries > 0 {
+                st.tries -= 1;
+            }
+            Ok(BootAttempt { slot, on_trial, tries_left: st.tries })
+        })
+    }
+
+    /// Mark `slot` good: it stays bootable from now on. Returns whether anything changed.
+    fn mark_successful(&mut self, slot: Slot) -> Result<bool, Error> {
+        self.modify(|s| {
+            let st = &mut s[slot];
+            if st.successful && st.tries == 0 {
+                return Ok::<_, Error>(false);
+            }
+            st.successful = true;
+            st.tries = 0;
+            Ok(true)
+        })
     }
 }
+
+/// The one lock every GPT boot-control read and transaction in this process holds.
+static LOCK: Mutex<()> = Mutex::new(());
 
 /// Boot control kept in the GPT of `disk` (a block device or an image file).
 pub struct GptBootControl {
@@ -184,29 +254,64 @@ impl GptBootControl {
             .map_err(|e| Error::Open(self.disk.clone(), e))
     }
 
-    fn read(&self, f: &mut File) -> Result<Gpt, Error> {
-        Gpt::read(f, self.sector).map_err(|e| Error::Gpt(self.disk.clone(), e))
+    fn gpt_error(&self, e: gpt::Error) -> Error {
+        Error::Gpt(self.disk.clone(), e)
+    }
+
+    /// The table and the partition numbers of BOOT-A and BOOT-B in it.
+    fn read(&self, f: &mut File) -> Result<(Gpt, [u32; 2]), Error> {
+        let gpt = Gpt::read(f, self.sector).map_err(|e| self.gpt_error(e))?;
+        let number = |slot: Slot| {
+            let label = slot.label("BOOT");
+            gpt.by_name(&label).map(|p| p.number).ok_or(Error::MissingPartition(label))
+        };
+        let numbers = [number(Slot::A)?, number(Slot::B)?];
+        Ok((gpt, numbers))
+    }
+
+    fn slots(gpt: &Gpt, numbers: [u32; 2]) -> Slots {
+        let attrs = |n: u32| gpt.partitions().into_iter().find(|p| p.number == n).map_or(0, |p| p.attributes);
+        Slots {
+            a: SlotState::from_attributes(attrs(numbers[0])),
+            b: SlotState::from_attributes(attrs(numbers[1])),
+        }
     }
 }
 
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    // A panic while holding it leaves nothing half-done in memory: the disk is re-read.
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl BootControl for GptBootControl {
-    fn state(&mut self, slot: Slot) -> Result<SlotState, Error> {
+    fn states(&mut self) -> Result<Slots, Error> {
+        let _held = lock();
         let mut f = self.open(false)?;
-        let gpt = self.read(&mut f)?;
-        let label = slot.label("BOOT");
-        let p = gpt.by_name(&label).ok_or(Error::MissingPartition(label))?;
-        Ok(SlotState::from_attributes(p.attributes))
+        let (gpt, numbers) = self.read(&mut f)?;
+        Ok(Self::slots(&gpt, numbers))
     }
 
-    fn set_state(&mut self, slot: Slot, state: SlotState) -> Result<(), Error> {
+    fn modify<R, E: From<Error>>(&mut self, change: impl FnOnce(&mut Slots) -> Result<R, E>) -> Result<R, E> {
+        let _held = lock();
         let mut f = self.open(true)?;
-        let mut gpt = self.read(&mut f)?;
-        let label = slot.label("BOOT");
-        let p = gpt.by_name(&label).ok_or(Error::MissingPartition(label))?;
-        let g = |e| Error::Gpt(self.disk.clone(), e);
-        gpt.set_attributes(p.number, state.to_attributes(p.attributes)).map_err(g)?;
-        gpt.write(&mut f).map_err(g)?;
-        f.sync_all().map_err(|e| Error::Open(self.disk.clone(), e))
+        let (mut gpt, numbers) = self.read(&mut f)?;
+        let before = Self::slots(&gpt, numbers);
+        let mut after = before;
+        let r = change(&mut after)?;
+        if after != before {
+            for (slot, n) in [(Slot::A, numbers[0]), (Slot::B, numbers[1])] {
+                let attrs = gpt.partitions().into_iter().find(|p| p.number == n).map_or(0, |p| p.attributes);
+                gpt.set_attributes(n, after[slot].to_attributes(attrs)).map_err(|e| self.gpt_error(e))?;
+            }
+            gpt.write(&mut f).map_err(|e| self.gpt_error(e))?;
+        }
+        Ok(r)
+    }
+
+    fn repair(&mut self) -> Result<Option<String>, Error> {
+        let _held = lock();
+        let mut f = self.open(true)?;
+        Gpt::repair(&mut f, self.sector).map_err(|e| self.gpt_error(e))
     }
 }
 
@@ -265,20 +370,29 @@ mod tests {
         }
     }
 
-    struct Mem([SlotState; 2]);
+    struct Mem(Slots);
     impl BootControl for Mem {
-        fn state(&mut self, slot: Slot) -> Result<SlotState, Error> {
-            Ok(self.0[slot as usize])
+        fn states(&mut self) -> Result<Slots, Error> {
+            Ok(self.0)
         }
-        fn set_state(&mut self, slot: Slot, state: SlotState) -> Result<(), Error> {
-            self.0[slot as usize] = state;
-            Ok(())
+        fn modify<R, E: From<Error>>(
+            &mut self,
+            change: impl FnOnce(&mut Slots) -> Result<R, E>,
+        ) -> Result<R, E> {
+            let mut s = self.0;
+            let r = change(&mut s)?;
+            self.0 = s;
+            Ok(r)
         }
+    }
+
+    fn mem(a: SlotState, b: SlotState) -> Mem {
+        Mem(Slots { a, b })
     }
 
     #[test]
     fn a_failing_update_rolls_back_by_itself() {
-        let mut bc = Mem([st(1, 0, true), st(2, 1, false)]);
+        let mut bc = mem(st(1, 0, true), st(2, 1, false));
         let first = bc.begin_boot(None).unwrap();
         assert_eq!((first.slot, first.on_trial, first.tries_left), (Slot::B, true, 0));
         // B never marked successful: the next boot takes A.
@@ -288,25 +402,89 @@ mod tests {
 
     #[test]
     fn marking_success_keeps_the_slot() {
-        let mut bc = Mem([st(1, 0, true), st(2, 1, false)]);
+        let mut bc = mem(st(1, 0, true), st(2, 1, false));
         bc.begin_boot(None).unwrap();
         assert!(bc.mark_successful(Slot::B).unwrap());
         assert!(!bc.mark_successful(Slot::B).unwrap());
         assert_eq!(bc.begin_boot(None).unwrap().slot, Slot::B);
     }
 
-    #[test]
-    fn gpt_backend_on_an_image() {
-        let dir = std::env::temp_dir().join(format!("berth-bootctl-{}", std::process::id()));
+    fn image(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("berth-bootctl-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let img = dir.join("disk.img");
         std::fs::write(&img, crate::disk::gpt::tests::sample_disk().into_inner()).unwrap();
+        img
+    }
+
+    #[test]
+    fn gpt_backend_on_an_image() {
+        let img = image("backend");
         let mut bc = GptBootControl::new(&img, 512);
         assert_eq!(bc.state(Slot::A).unwrap(), st(1, 0, false));
-        assert!(matches!(bc.state(Slot::B), Err(Error::MissingPartition(_))));
         bc.set_state(Slot::A, st(3, 2, true)).unwrap();
         assert_eq!(GptBootControl::new(&img, 512).state(Slot::A).unwrap(), st(3, 2, true));
-        std::fs::remove_dir_all(&dir).unwrap();
+        // A refused transaction writes nothing.
+        let before = std::fs::read(&img).unwrap();
+        let r: Result<(), Error> = bc.modify(|s| {
+            s.b = st(9, 9, true);
+            Err(Error::MissingPartition("refused".into()))
+        });
+        assert!(r.is_err());
+        assert_eq!(std::fs::read(&img).unwrap(), before);
+        std::fs::remove_dir_all(img.parent().unwrap()).unwrap();
+    }
+
+    /// Stage 2's mark_successful and the updater's transactions, from several threads at once
+    /// on one disk: the lock makes each read-modify-write whole, so no change is lost.
+    #[test]
+    fn concurrent_transactions_lose_no_change() {
+        let img = image("lock");
+        GptBootControl::new(&img, 512).set_state(Slot::A, st(0, 0, false)).unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let img = img.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..25 {
+                        GptBootControl::new(&img, 512)
+                            .modify(|s| {
+                                // Count in A's priority and tries (0..=255).
+                                let n = s.a.priority as u32 * 16 + s.a.tries as u32 + 1;
+                                s.a.priority = (n / 16) as u8;
+                                s.a.tries = (n % 16) as u8;
+                                Ok::<_, Error>(())
+                            })
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        let a = GptBootControl::new(&img, 512).state(Slot::A).unwrap();
+        assert_eq!(a.priority as u32 * 16 + a.tries as u32, 100);
+        std::fs::remove_dir_all(img.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn begin_boot_repairs_a_damaged_copy_first() {
+        let img = image("repair");
+        let mut bytes = std::fs::read(&img).unwrap();
+        bytes[512 + 8] ^= 1; // primary header
+        std::fs::write(&img, &bytes).unwrap();
+        let mut bc = GptBootControl::new(&img, 512);
+        bc.set_state(Slot::B, st(2, 1, false)).unwrap();
+        // Damage the backup now: the primary is whole again since the write above.
+        let mut bytes = std::fs::read(&img).unwrap();
+        let last = bytes.len() - 512;
+        bytes[last + 8] ^= 1;
+        std::fs::write(&img, &bytes).unwrap();
+        let attempt = bc.begin_boot(None).unwrap();
+        assert_eq!((attempt.slot, attempt.on_trial, attempt.tries_left), (Slot::B, true, 0));
+        let copies =
+            crate::disk::gpt::Gpt::read_copies(&mut std::fs::File::open(&img).unwrap(), 512).unwrap();
+        assert!(copies.primary.is_ok() && copies.backup.is_ok(), "{copies:?}");
+        assert_eq!(bc.repair().unwrap(), None);
+        std::fs::remove_dir_all(img.parent().unwrap()).unwrap();
     }
 
     #[test]

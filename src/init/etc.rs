@@ -5,8 +5,9 @@
 use std::fs;
 
 use super::Ctx;
+use crate::boot::BootError;
 
-pub fn render(ctx: &mut Ctx) -> Result<(), String> {
+pub fn render(ctx: &mut Ctx) -> Result<(), BootError> {
     let h = &ctx.handoff;
     let files: [(&str, String); 4] = [
         (
@@ -24,7 +25,7 @@ pub fn render(ctx: &mut Ctx) -> Result<(), String> {
     ];
     for (name, text) in files {
         let p = format!("/etc/{name}");
-        fs::write(&p, text).map_err(|e| format!("{p}: {e}"))?;
+        fs::write(&p, text).map_err(BootError::io("write", &p))?;
     }
     let _ = std::os::unix::fs::symlink("/proc/self/mounts", "/etc/mtab");
     Ok(())

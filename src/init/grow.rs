@@ -3,6 +3,11 @@
 //! the disk's end, DATA's entry is extended, the kernel is told (BLKPG), and the mounted ext4
 //! is resized online. Each step checks the current state first, so a power cut half-way is
 //! finished on the next boot.
+//!
+//! Growing is never fatal: a disk whose layout does not allow it (a partition after DATA) or a
+//! step that fails leaves DATA at its size, with a notice. A partition that cannot be mounted
+//! is fatal on a boot on trial and replaced by memory (tmpfs) on a known-good slot, with a
+//! notice (see src/init/mod.rs): the partition itself is left untouched for repair.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
@@ -12,6 +17,7 @@ use log::info;
 
 use super::{Ctx, LOCAL, PRIVATE};
 use crate::boot::partitions::{self, PartInfo};
+use crate::boot::{report, BootError};
 use crate::disk::gpt::Gpt;
 use crate::sys;
 
@@ -28,8 +34,12 @@ fn grow_partition(disk: &Path, sector: u64, data: &PartInfo) -> Result<(), Strin
         .into_iter()
         .find(|p| p.number == data.number)
         .ok_or_else(|| format!("partition {} missing from the GPT", data.number))?;
-    if gpt.partitions().iter().any(|p| p.first_lba > entry.first_lba) {
-        return Err("BERTH-DATA is not the last partition; not growing it".into());
+    if let Some(after) = gpt.partitions().iter().find(|p| p.first_lba > entry.first_lba) {
+        report::notice(format!(
+            "BERTH-DATA is not the last partition ({} '{}' follows it); it keeps its size",
+            after.number, after.name
+        ));
+        return Ok(());
     }
     gpt.relocate_backup(size);
     // End on a 1 MiB boundary, as partitioning tools do.
@@ -67,8 +77,8 @@ fn ext4_geometry(dev: &Path) -> Result<(u64, u64), String> {
     Ok((blocks, bsize))
 }
 
-fn mount_ext4(dev: &PartInfo, target: &str) -> Result<(), String> {
-    fs::create_dir_all(target).map_err(|e| format!("mkdir {target}: {e}"))?;
+fn mount_ext4(dev: &PartInfo, target: &str) -> Result<(), BootError> {
+    fs::create_dir_all(target).map_err(BootError::io("mkdir", target))?;
     sys::mount(
         Some(&dev.path().to_string_lossy()),
         Path::new(target),
@@ -76,7 +86,29 @@ fn mount_ext4(dev: &PartInfo, target: &str) -> Result<(), String> {
         sys::MS_NOSUID | sys::MS_NODEV | sys::MS_RELATIME,
         None,
     )
-    .map_err(|e| format!("mount {} ({}) on {target}: {e}", dev.path().display(), dev.label))
+    .map_err(BootError::io_on("mount", format!("{} ({}) on {target}", dev.path().display(), dev.label)))
+}
+
+/// Mount `dev` at `target`, or (known-good slot only) a tmpfs in its place.
+fn mount_or_memory(ctx: &mut Ctx, dev: &PartInfo, target: &str, tmpfs_opts: &str) -> Result<bool, BootError> {
+    match mount_ext4(dev, target) {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            ctx.degrade(
+                e,
+                &format!("{target} is in memory for this boot (what is written there is lost at reboot); {} is left as it is", dev.label),
+            )?;
+            sys::mount(
+                Some("tmpfs"),
+                Path::new(target),
+                Some("tmpfs"),
+                sys::MS_NOSUID | sys::MS_NODEV,
+                Some(tmpfs_opts),
+            )
+            .map_err(BootError::io_on("mount", format!("tmpfs on {target}")))?;
+            Ok(false)
+        }
+    }
 }
 
 /// Grow the mounted filesystem on `dev` at `target` to fill its partition.
@@ -94,15 +126,20 @@ fn grow_filesystem(dev: &PartInfo, target: &str) -> Result<(), String> {
     Ok(())
 }
 
-pub fn mount_data(ctx: &mut Ctx) -> Result<(), String> {
+pub fn mount_data(ctx: &mut Ctx) -> Result<(), BootError> {
     let data = partitions::by_label(&ctx.parts, "BERTH-DATA")?.clone();
     let private = partitions::by_label(&ctx.parts, "BERTH-PRIVATE")?.clone();
-    grow_partition(&ctx.handoff.disk, ctx.handoff.sector_size, &data)?;
-    mount_ext4(&data, LOCAL)?;
-    grow_filesystem(&data, LOCAL)?;
+    if let Err(e) = grow_partition(&ctx.handoff.disk, ctx.handoff.sector_size, &data) {
+        report::notice(format!("growing BERTH-DATA: {e}; it keeps its size"));
+    }
+    if mount_or_memory(ctx, &data, LOCAL, "mode=0755,size=50%")? {
+        if let Err(e) = grow_filesystem(&data, LOCAL) {
+            report::notice(format!("growing the filesystem on BERTH-DATA: {e}; it keeps its size"));
+        }
+    }
     let var = Path::new(LOCAL).join("var");
-    fs::create_dir_all(var.join("lib/berth")).map_err(|e| format!("mkdir {}: {e}", var.display()))?;
+    fs::create_dir_all(var.join("lib/berth")).map_err(BootError::io("mkdir", var.join("lib/berth")))?;
     sys::mount(Some(&var.to_string_lossy()), Path::new("/var"), None, sys::MS_BIND, None)
-        .map_err(|e| format!("bind {} on /var: {e}", var.display()))?;
-    mount_ext4(&private, PRIVATE)
+        .map_err(BootError::io_on("bind", format!("{} on /var", var.display())))?;
+    mount_or_memory(ctx, &private, PRIVATE, "mode=0700,size=16m").map(drop)
 }

@@ -7,6 +7,15 @@
 //! (reboot) and SIGPWR/SIGUSR2 or the power button (power-off) into an orderly shutdown.
 //! PID 1 never exits: fatal errors before "ready" reboot so that boot control can fall back;
 //! after "ready", errors are logged and the loop goes on.
+//!
+//! Staying alive and bounded: a panic in a phase is a fatal boot error, a panic in one turn of
+//! the event loop is logged and the loop goes on; PID 1's own threads are supervised
+//! ([`tasks`]); the hardware watchdog is fed by the event loop for the life of the system
+//! ([`boot::watchdog`]), so a hang of PID 1 resets the machine. A partition or datastore that
+//! cannot be used is fatal on a boot on trial (the slot rolls back to the known-good one) and
+//! worked around on a known-good slot (memory instead of the partition, settings set aside),
+//! with a notice on the console and in `GET /boot`, because a known-good slot that reboots on
+//! every boot is a brick.
 
 mod etc;
 mod grow;
@@ -16,6 +25,7 @@ pub mod selftest;
 mod services;
 mod settings;
 mod shutdown;
+pub mod tasks;
 mod updates;
 
 use std::fs::{self, OpenOptions};
@@ -25,7 +35,9 @@ use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 
-use crate::boot::{self, cmdline::Cmdline, mounts, partitions, Handoff};
+use crate::boot::{
+    self, cmdline::Cmdline, mounts, partitions, report, watchdog, BootError, Failure, Handoff,
+};
 use crate::bootctl::{BootControl, GptBootControl};
 use crate::supervisor::Supervisor;
 use crate::sys::{self, RebootMode, SignalFd};
@@ -91,12 +103,27 @@ pub struct Ctx {
     pub supervisor: Arc<Mutex<Supervisor>>,
     /// Started just before the API.
     pub updater: Option<Arc<crate::update::Updater>>,
+    /// PID 1's own supervised threads.
+    pub tasks: tasks::Tasks,
 }
 
-type Phase = (&'static str, fn(&mut Ctx) -> Result<(), String>);
+impl Ctx {
+    /// A problem with the machine's state rather than with this version: fatal on a boot on
+    /// trial (the known-good slot takes over), a notice on a known-good slot, whose boot goes on
+    /// with `fallback` (see the module docs).
+    pub fn degrade(&mut self, error: BootError, fallback: &str) -> Result<(), BootError> {
+        if self.handoff.on_trial {
+            return Err(error);
+        }
+        report::notice(format!("{error}; {fallback}"));
+        Ok(())
+    }
+}
+
+type Phase = (&'static str, fn(&mut Ctx) -> Result<(), BootError>);
 
 const PHASES: &[Phase] = &[
-    ("mounts", |_| mounts::mount_all(STAGE2).map_err(|e| e.to_string())),
+    ("mounts", |_| mounts::mount_all(STAGE2)),
     ("find-partitions", find_partitions),
     ("data", grow::mount_data),
     ("etc", etc::render),
@@ -141,11 +168,11 @@ fn stage2() -> ! {
     // Block our signals before any thread exists, so every thread inherits the mask.
     let signals = match SignalFd::new(SIGNALS) {
         Ok(s) => s,
-        Err(e) => boot::fail_and_reboot(&format!("signalfd: {e}")),
+        Err(e) => boot::fail_and_reboot(&BootError::io_on("create", "the signalfd".into())(e)),
     };
     // A few mounts are needed before logging works when booted without stage 1.
     if let Err(e) = mounts::mount_all(mounts::EARLY) {
-        boot::fail_and_reboot(&e.to_string());
+        boot::fail_and_reboot(&e);
     }
     crate::klog::reopen_kmsg();
     console_stdio();
@@ -157,11 +184,18 @@ fn stage2() -> ! {
         .and_then(|t| toml::from_str::<Handoff>(&t).map_err(|e| e.to_string()))
     {
         Ok(h) => h,
-        Err(e) => boot::fail_and_reboot(&format!("{}: {e} (was stage 1 skipped?)", boot::HANDOFF)),
+        Err(error) => boot::fail_and_reboot(&BootError::Handoff {
+            path: boot::HANDOFF.into(),
+            error: format!("{error} (was stage 1 skipped?)"),
+        }),
     };
     info!("stage2 start slot={} version={}", handoff.slot, handoff.version);
+    report::adopt(handoff.phases.clone());
+    let cmdline = Cmdline::read();
+    // Stage 1 armed the watchdog; it is fed from here on, for the life of the system.
+    watchdog::install(watchdog::arm(&cmdline, handoff.on_trial));
     let mut ctx = Ctx {
-        cmdline: Cmdline::read(),
+        cmdline,
         handoff,
         parts: Vec::new(),
         started: Instant::now(),
@@ -169,18 +203,17 @@ fn stage2() -> ! {
         user_data: serde_json::Value::Null,
         supervisor: Arc::new(Mutex::new(Supervisor::new(Vec::new()))),
         updater: None,
+        tasks: tasks::Tasks::default(),
     };
-    // Stage 1 armed the watchdog for a slot on trial; it is fed until the boot is healthy.
-    let timeout = ctx.cmdline.get_u64("watchdog-timeout", boot::watchdog::TIMEOUT);
-    let mut watchdog = if ctx.handoff.on_trial { boot::watchdog::Watchdog::arm(timeout) } else { None };
     for (name, phase) in PHASES {
-        let t = Instant::now();
-        if let Err(e) = phase(&mut ctx) {
-            boot::fail_and_reboot(&format!("stage 2 phase {name} failed: {e}"));
+        let (t, start_ms) = (Instant::now(), report::uptime_ms());
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| phase(&mut ctx)))
+            .unwrap_or_else(|p| Err(BootError::Panic(tasks::panic_text(p.as_ref()))));
+        if let Err(error) = result {
+            boot::fail_and_reboot(&Failure { stage: 2, phase: name, error });
         }
-        if let Some(w) = watchdog.as_mut() {
-            w.feed();
-        }
+        watchdog::feed();
+        report::phase(2, name, start_ms, t);
         info!("stage2 phase {name} done in {} us", t.elapsed().as_micros());
     }
     power::watch_power_button();
@@ -188,33 +221,29 @@ fn stage2() -> ! {
         // Fault injection for the watchdog test: a boot on trial that hangs before it is
         // healthy. Only the watchdog can end it.
         warn!("fault injection berth.fault=hang-on-trial: PID 1 stops here, the watchdog unfed");
-        loop {
-            std::thread::sleep(Duration::from_secs(3600));
-        }
+        hang();
     }
 
-    event_loop(&ctx, signals, watchdog)
+    event_loop(ctx, signals)
 }
 
-fn find_partitions(ctx: &mut Ctx) -> Result<(), String> {
+/// Fault injection: stop the main thread for good (only the watchdog ends this).
+fn hang() -> ! {
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn find_partitions(ctx: &mut Ctx) -> Result<(), BootError> {
     let disk = ctx.handoff.disk.file_name().map(|n| n.to_string_lossy().into_owned());
     ctx.parts =
         partitions::wait_for(&["BERTH-PRIVATE", "BERTH-DATA"], disk.as_deref(), Duration::from_secs(5))?;
     Ok(())
 }
 
-fn make_rshared(_: &mut Ctx) -> Result<(), String> {
+fn make_rshared(_: &mut Ctx) -> Result<(), BootError> {
     sys::mount(None, Path::new("/"), None, sys::MS_REC | sys::MS_SHARED, None)
-        .map_err(|e| format!("make / rshared: {e}"))
-}
-
-/// Milliseconds since the kernel started (CLOCK_BOOTTIME).
-fn uptime_ms() -> u64 {
-    fs::read_to_string("/proc/uptime")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()))
-        .map(|s| (s * 1000.0) as u64)
-        .unwrap_or(0)
+        .map_err(BootError::io_on("make rshared", "/".into()))
 }
 
 fn mark_ready(ctx: &Ctx) {
@@ -230,7 +259,7 @@ fn mark_ready(ctx: &Ctx) {
         h.variant,
         h.slot,
         verity,
-        uptime_ms(),
+        report::uptime_ms(),
         h.stage1_ms,
         ctx.started.elapsed().as_millis()
     );
@@ -267,12 +296,16 @@ fn guest_used_kb() -> u64 {
     kb_field(&info, "MemTotal:").saturating_sub(kb_field(&info, "MemAvailable:"))
 }
 
-fn event_loop(ctx: &Ctx, signals: SignalFd, mut watchdog: Option<boot::watchdog::Watchdog>) -> ! {
-    let sup = &*ctx.supervisor;
+/// Consecutive turns of the event loop that may panic before PID 1 gives up and reboots.
+const MAX_PANICKING_TURNS: u32 = 50;
+
+fn event_loop(mut ctx: Ctx, signals: SignalFd) -> ! {
     let health_deadline = Instant::now() + Duration::from_secs(ctx.cmdline.get_u64("health-timeout", 300));
     let mut ready_at: Option<Instant> = None;
     let mut idle_reported = false;
+    let mut panicking = 0u32;
     loop {
+        watchdog::feed();
         // Wake at least every 200 ms: the supervisor's timers (backoff, readiness) run here.
         let sig = match signals.wait(200) {
             Ok(s) => s,
@@ -282,40 +315,69 @@ fn event_loop(ctx: &Ctx, signals: SignalFd, mut watchdog: Option<boot::watchdog:
                 None
             }
         };
+        let sup = ctx.supervisor.clone();
         match sig {
             Some(libc::SIGCHLD) | None => {}
-            Some(libc::SIGTERM) | Some(libc::SIGINT) => shutdown::run(RebootMode::Restart, &signals, sup),
-            Some(libc::SIGPWR) | Some(libc::SIGUSR2) => shutdown::run(RebootMode::PowerOff, &signals, sup),
-            Some(libc::SIGUSR1) => shutdown::run(RebootMode::Halt, &signals, sup),
+            Some(libc::SIGTERM) | Some(libc::SIGINT) => shutdown::run(RebootMode::Restart, &signals, &sup),
+            Some(libc::SIGPWR) | Some(libc::SIGUSR2) => shutdown::run(RebootMode::PowerOff, &signals, &sup),
+            Some(libc::SIGUSR1) => shutdown::run(RebootMode::Halt, &signals, &sup),
             Some(other) => info!("ignoring signal {other}"),
         }
-        reap(sup);
-        lock(sup).tick();
-        if let Some(w) = watchdog.as_mut() {
-            w.feed();
-        }
-        match ready_at {
-            None if lock(sup).healthy(HEALTH_SERVICES) => {
-                mark_ready(ctx);
-                if let Some(w) = watchdog.take() {
-                    w.disarm();
+        // One turn's work; a panic in it is logged and the next turn tries again.
+        let turn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            turn(&mut ctx, &mut ready_at, &mut idle_reported, health_deadline)
+        }));
+        match turn {
+            Ok(()) => panicking = 0,
+            Err(p) => {
+                panicking += 1;
+                error!(
+                    "PID 1's event loop panicked ({}; {panicking} in a row)",
+                    tasks::panic_text(p.as_ref())
+                );
+                if panicking >= MAX_PANICKING_TURNS {
+                    boot::fail_and_reboot(&"PID 1's event loop keeps panicking");
                 }
-                ready_at = Some(Instant::now());
             }
-            None if Instant::now() >= health_deadline => {
-                let report = lock(sup).report();
-                if ctx.handoff.on_trial {
-                    boot::fail_and_reboot(&format!("not healthy in time; services: {report}"));
-                }
-                error!("not healthy in time (slot already known good, staying up); services: {report}");
-                ready_at = Some(Instant::now());
-            }
-            Some(t) if !idle_reported && t.elapsed() >= Duration::from_secs(2) => {
-                idle_reported = true;
-                info!("idle rss_kb={} guest_used_kb={} uptime_ms={}", rss_kb(), guest_used_kb(), uptime_ms());
-            }
-            _ => {}
         }
+    }
+}
+
+/// One turn of the event loop: reap, run the supervisor's timers, restart dead tasks, and
+/// decide whether the boot is healthy.
+fn turn(ctx: &mut Ctx, ready_at: &mut Option<Instant>, idle_reported: &mut bool, health_deadline: Instant) {
+    let sup = ctx.supervisor.clone();
+    reap(&sup);
+    lock(&sup).tick();
+    ctx.tasks.check();
+    match *ready_at {
+        None if lock(&sup).healthy(HEALTH_SERVICES) => {
+            mark_ready(ctx);
+            *ready_at = Some(Instant::now());
+            if ctx.cmdline.get("fault") == Some("hang-after-ready") {
+                // Fault injection for the watchdog test: PID 1 hangs after a healthy boot.
+                warn!("fault injection berth.fault=hang-after-ready: PID 1 stops here, the watchdog unfed");
+                hang();
+            }
+        }
+        None if Instant::now() >= health_deadline => {
+            let report = lock(&sup).report();
+            if ctx.handoff.on_trial {
+                boot::fail_and_reboot(&format!("not healthy in time; services: {report}"));
+            }
+            error!("not healthy in time (slot already known good, staying up); services: {report}");
+            *ready_at = Some(Instant::now());
+        }
+        Some(t) if !*idle_reported && t.elapsed() >= Duration::from_secs(2) => {
+            *idle_reported = true;
+            info!(
+                "idle rss_kb={} guest_used_kb={} uptime_ms={}",
+                rss_kb(),
+                guest_used_kb(),
+                report::uptime_ms()
+            );
+        }
+        _ => {}
     }
 }
 

@@ -12,12 +12,13 @@ use std::sync::Arc;
 use log::{error, info};
 
 use super::Ctx;
+use crate::boot::BootError;
 use crate::net::{self, NetConfig};
 
 const RESOLV_CONF: &str = "/etc/resolv.conf";
 
-pub fn loopback(_: &mut Ctx) -> Result<(), String> {
-    net::loopback().map_err(|e| e.to_string())
+pub fn loopback(_: &mut Ctx) -> Result<(), BootError> {
+    net::loopback().map_err(BootError::Network)
 }
 
 fn write_resolv_conf(up: Option<&net::Configured>) {
@@ -43,26 +44,40 @@ fn config(ctx: &Ctx) -> NetConfig {
     }
 }
 
-pub fn start(ctx: &mut Ctx) -> Result<(), String> {
+/// Bring the interface up and keep its lease, as a supervised task: if the thread dies (a
+/// panic, a netlink socket that fails for good), it starts again and configures from scratch.
+pub fn start(ctx: &mut Ctx) -> Result<(), BootError> {
     let cfg = config(ctx);
-    std::thread::Builder::new()
-        .name("network".into())
-        .stack_size(256 * 1024)
-        .spawn(move || match net::bring_up(&cfg) {
-            Ok(up) => {
-                write_resolv_conf(Some(&up));
-                let (a, len) = up.address();
-                let gw = up.gateway().map_or("none".to_string(), |g| g.to_string());
-                info!("network up: {} {a}/{len} gateway {gw}", up.link().name);
-                if let Err(e) = net::spawn_renewal(&up, write_resolv_conf) {
-                    error!("network: cannot start lease renewal: {e}");
-                }
+    ctx.tasks.add("network", move || {
+        let cfg = cfg.clone();
+        super::tasks::thread("network", 256 * 1024, move || {
+            let up = net::bring_up(&cfg).map_err(|e| e.to_string())?;
+            write_resolv_conf(Some(&up));
+            let (a, len) = up.address();
+            let gw = up.gateway().map_or("none".to_string(), |g| g.to_string());
+            info!("network up: {} {a}/{len} gateway {gw}", up.link().name);
+            match net::spawn_renewal(&up, write_resolv_conf) {
+                // The lease is kept by the renewal loop, which never returns; if it dies, so
+                // does this task, and the supervisor starts both again.
+                Ok(Some(renewal)) => match renewal.join() {
+                    Ok(()) => Err("the DHCP renewal loop ended".into()),
+                    Err(p) => Err(format!(
+                        "the DHCP renewal loop panicked: {}",
+                        super::tasks::panic_text(p.as_ref())
+                    )),
+                },
+                Ok(None) => Ok(()),
+                Err(e) => Err(format!("cannot start lease renewal: {e}")),
             }
-            Err(e) => error!("network: {e}"),
         })
-        .map_err(|e| format!("starting the network thread: {e}"))?;
+    });
+    // The SNTP client, supervised the same way (a keeper started again keeps its state).
     let build_time = crate::update::build_time(Path::new(crate::update::RELEASE));
-    let servers = crate::time::conf_source(Path::new("/etc/ntp.conf"));
-    crate::time::spawn(servers, Arc::new(crate::time::SystemClock), build_time)
-        .map_err(|e| format!("starting the time thread: {e}"))
+    ctx.tasks.add("time", move || {
+        let servers = crate::time::conf_source(Path::new("/etc/ntp.conf"));
+        super::tasks::thread("time", 256 * 1024, move || {
+            crate::time::run(servers, Arc::new(crate::time::SystemClock), build_time)
+        })
+    });
+    Ok(())
 }

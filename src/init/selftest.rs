@@ -4,6 +4,10 @@
 //!
 //! `crash` (run as the `crashloop` service by `berth.selftest=crashloop`): exits 1 at once.
 //!
+//! `logflood` (service `selftest-logflood`): writes one 64 MiB line without a newline, then 2 M
+//! empty lines, then `logflood done`, and sleeps: PID 1's log capture must stay bounded (the
+//! test reads PID 1's peak RSS from `GET /system/state`).
+//!
 //! `orphans`: a child forks N grandchildren and exits at once, so they are re-parented to
 //! PID 1; they exit shortly after. The reporter then counts zombies in /proc: a PID 1 that
 //! does not reap adopted orphans leaves N of them.
@@ -39,12 +43,13 @@ fn zombies_of_pid1() -> Vec<i32> {
 pub fn run(name: &str) -> i32 {
     match name {
         "orphans" => orphans(),
+        "logflood" => logflood(),
         "crash" => {
             eprintln!("berth selftest: crashing on purpose");
             1
         }
         other => {
-            eprintln!("berth selftest: unknown test '{other}' (known: orphans, crash)");
+            eprintln!("berth selftest: unknown test '{other}' (known: orphans, crash, logflood)");
             2
         }
     }
@@ -73,4 +78,28 @@ fn orphans() -> i32 {
     let line = format!("berth-selftest: orphans={ORPHANS} zombies={} {z:?}\n", z.len());
     let _ = fs::write("/dev/console", line);
     0
+}
+
+fn logflood() -> i32 {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let chunk = vec![b'x'; 1 << 20];
+    let newlines = vec![b'\n'; 1 << 20];
+    let mut flood = || -> std::io::Result<()> {
+        for _ in 0..64 {
+            out.write_all(&chunk)?;
+        }
+        for _ in 0..2 {
+            out.write_all(&newlines)?;
+        }
+        writeln!(out, "logflood done")?;
+        out.flush()
+    };
+    if let Err(e) = flood() {
+        eprintln!("berth selftest logflood: {e}");
+        return 1;
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
 }

@@ -37,6 +37,14 @@ fn orphans() -> ServiceSpec {
     s
 }
 
+/// `berth.selftest=logflood`: a service whose output is hostile (see `init::selftest`).
+fn logflood() -> ServiceSpec {
+    let mut s = ServiceSpec::new("selftest-logflood", &["/usr/bin/berth", "selftest", "logflood"]);
+    s.restart = Restart::Never;
+    s.caps = Some(Vec::new());
+    s
+}
+
 fn host_container(name: &str, source: &str, superpowered: bool) -> ServiceSpec {
     let sp = if superpowered { "1" } else { "0" };
     let mut s = ServiceSpec::new(
@@ -99,7 +107,7 @@ pub fn on_settings_applied(sup: &Mutex<Supervisor>, settings: &Settings, changed
     }
 }
 
-pub fn declare(ctx: &mut Ctx) -> Result<(), String> {
+pub fn declare(ctx: &mut Ctx) -> Result<(), crate::boot::BootError> {
     let mut specs = vec![containerd()];
     if let Some(store) = &ctx.store {
         let settings = store.settings();
@@ -109,6 +117,7 @@ pub fn declare(ctx: &mut Ctx) -> Result<(), String> {
     match ctx.cmdline.get("selftest") {
         Some("crashloop") => specs.push(crashloop()),
         Some("orphans") => specs.push(orphans()),
+        Some("logflood") => specs.push(logflood()),
         _ => {}
     }
     ctx.supervisor = Arc::new(Mutex::new(Supervisor::new(specs)));

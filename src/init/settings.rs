@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use super::{Ctx, PRIVATE};
 use crate::api::{self, routes};
-use crate::boot::{partitions, Handoff};
+use crate::boot::{partitions, report, BootError, Handoff};
 use crate::settings::{render, Datastore};
 use crate::sys;
 use crate::userdata;
@@ -27,8 +27,25 @@ fn user_data_state() -> std::path::PathBuf {
     Path::new(PRIVATE).join("user-data.json")
 }
 
-pub fn open_datastore(ctx: &mut Ctx) -> Result<(), String> {
-    let store = Datastore::open(&datastore_dir()).map_err(|e| e.to_string())?;
+/// Where the settings live when PRIVATE cannot hold them (memory: lost at the next boot).
+const FALLBACK_DATASTORE: &str = "/run/berth/datastore";
+
+/// Open the datastore. What it had to set aside is noticed; a datastore that cannot be opened
+/// at all is fatal on trial and replaced by one in memory on a known-good slot.
+pub fn open_datastore(ctx: &mut Ctx) -> Result<(), BootError> {
+    let store = match Datastore::open(&datastore_dir()) {
+        Ok(s) => s,
+        Err(e) => {
+            ctx.degrade(
+                BootError::Datastore(e),
+                "the settings start empty in memory and are lost at the next boot",
+            )?;
+            Datastore::open(Path::new(FALLBACK_DATASTORE)).map_err(BootError::Datastore)?
+        }
+    };
+    for n in store.notices() {
+        report::notice(n.clone());
+    }
     ctx.store = Some(store);
     Ok(())
 }
@@ -39,7 +56,8 @@ fn fetch(handoff: &Handoff, parts: &[partitions::PartInfo]) -> Result<Option<use
     let sysfs = Path::new("/sys");
     let imds = userdata::imds_if_ec2(sysfs);
     let with_boot = partitions::by_label(parts, &handoff.slot.label("BOOT"))
-        .and_then(|b| partitions::with_boot_mounted(b, |dir| userdata::fetch(sysfs, Some(dir), imds)));
+        .and_then(|b| partitions::with_boot_mounted(b, |dir| userdata::fetch(sysfs, Some(dir), imds)))
+        .map_err(|e| e.to_string());
     match with_boot {
         Ok(r) => r,
         // No BOOT partition to look in: the other providers still count.
@@ -50,14 +68,14 @@ fn fetch(handoff: &Handoff, parts: &[partitions::PartInfo]) -> Result<Option<use
 
 /// First boot only: apply user data as one transaction. Bad user data is reported (console and
 /// `GET /user-data`) and does not stop the boot.
-pub fn apply_user_data(ctx: &mut Ctx) -> Result<(), String> {
+pub fn apply_user_data(ctx: &mut Ctx) -> Result<(), BootError> {
     let state_path = user_data_state();
     if let Ok(text) = fs::read_to_string(&state_path) {
         ctx.user_data = serde_json::from_str(&text).unwrap_or(Value::Null);
         return Ok(());
     }
     let fetched = fetch(&ctx.handoff, &ctx.parts);
-    let store = ctx.store.as_mut().ok_or("datastore not open")?;
+    let store = ctx.store.as_mut().ok_or(BootError::Order { needs: "the datastore" })?;
     let outcome = match fetched {
         Ok(None) => json!({"source": null, "applied": false, "message": "no user data"}),
         Ok(Some(ud)) => {
@@ -87,8 +105,8 @@ pub fn apply_user_data(ctx: &mut Ctx) -> Result<(), String> {
     Ok(())
 }
 
-pub fn apply_settings(ctx: &mut Ctx) -> Result<(), String> {
-    let settings = ctx.store.as_ref().ok_or("datastore not open")?.settings();
+pub fn apply_settings(ctx: &mut Ctx) -> Result<(), BootError> {
+    let settings = ctx.store.as_ref().ok_or(BootError::Order { needs: "the datastore" })?.settings();
     match render::apply(&settings, None, Path::new("/etc"), &render::RealHost) {
         Ok(done) => info!("settings applied: {}", done.len()),
         // A bad sysctl must not stop the boot; it is logged and visible in the settings.
@@ -97,8 +115,8 @@ pub fn apply_settings(ctx: &mut Ctx) -> Result<(), String> {
     Ok(())
 }
 
-pub fn start_api(ctx: &mut Ctx) -> Result<(), String> {
-    let store = ctx.store.take().ok_or("datastore not open")?;
+pub fn start_api(ctx: &mut Ctx) -> Result<(), BootError> {
+    let store = ctx.store.take().ok_or(BootError::Order { needs: "the datastore" })?;
     let h = &ctx.handoff;
     let api = routes::Api {
         store: Mutex::new(store),
@@ -131,10 +149,16 @@ pub fn start_api(ctx: &mut Ctx) -> Result<(), String> {
         updater: ctx.updater.clone(),
     };
     let socket = Path::new(api::SOCKET);
-    let listener =
-        api::listen(socket, Some(api::API_GID)).map_err(|e| format!("{}: {e}", socket.display()))?;
-    api::spawn(Arc::new(api), listener).map_err(|e| format!("starting the API thread: {e}"))?;
-    if api::bridge::start(socket) {
+    let listener = api::listen(socket, Some(api::API_GID)).map_err(BootError::io("listen on", socket))?;
+    // The accept loop and the host bridge are supervised tasks: if one dies it starts again
+    // (the same listening socket, so clients never see it disappear).
+    let api = Arc::new(api);
+    ctx.tasks.add("api", move || {
+        let listener = listener.try_clone()?;
+        api::spawn(api.clone(), listener)
+    });
+    if api::bridge::available() {
+        ctx.tasks.add("api-bridge", move || api::bridge::spawn(socket.to_path_buf()));
         info!("api bridge to the host started");
     }
     Ok(())

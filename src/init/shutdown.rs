@@ -2,14 +2,17 @@
 //! process group, a grace period, then SIGKILL), then every other process the same way,
 //! unmount the
 //! block-backed filesystems in reverse mount order (remounting read-only what stays busy),
-//! sync with a time bound, and reboot(2). Never returns.
+//! sync with a time bound, and reboot(2). Never returns: if reboot(2) fails, PID 1 exits and
+//! the kernel panics and reboots. The watchdog is fed while waiting, so a shutdown that hangs
+//! somewhere unbounded (a wedged unmount) is ended by a reset.
 
 use std::path::Path;
-use std::sync::{mpsc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 
+use crate::boot::{self, watchdog};
 use crate::supervisor::Supervisor;
 use crate::sys::{self, RebootMode, SignalFd};
 
@@ -26,6 +29,7 @@ fn wait_until(
 ) -> bool {
     let deadline = Instant::now() + limit;
     loop {
+        watchdog::feed();
         let children_left = super::reap(sup);
         if done(children_left) {
             return true;
@@ -92,18 +96,6 @@ fn unmount_all() {
     }
 }
 
-/// sync(2) in a helper thread so a wedged device cannot hang the shutdown forever.
-fn bounded_sync() {
-    let (tx, rx) = mpsc::channel();
-    let spawned = std::thread::Builder::new().name("sync".into()).spawn(move || {
-        sys::sync();
-        let _ = tx.send(());
-    });
-    if spawned.is_err() || rx.recv_timeout(SYNC_BOUND).is_err() {
-        warn!("sync did not finish within {}s; going on", SYNC_BOUND.as_secs());
-    }
-}
-
 /// Stop the services, dependents first, each with its own grace period.
 fn stop_services(signals: &SignalFd, sup: &Mutex<Supervisor>) {
     let order = super::lock(sup).stop_order();
@@ -132,13 +124,11 @@ pub fn run(mode: RebootMode, signals: &SignalFd, sup: &Mutex<Supervisor>) -> ! {
         wait_until(signals, sup, KILL_WAIT, &none_left);
     }
     unmount_all();
-    bounded_sync();
-    info!("shutdown done in {} ms; {mode:?} now", t.elapsed().as_millis());
-    let e = sys::reboot(mode);
-    error!("reboot({mode:?}) failed: {e}");
-    loop {
-        std::thread::sleep(Duration::from_secs(3600));
+    if !boot::bounded_sync(SYNC_BOUND) {
+        warn!("sync did not finish within {}s; going on", SYNC_BOUND.as_secs());
     }
+    info!("shutdown done in {} ms; {mode:?} now", t.elapsed().as_millis());
+    boot::reboot_or_panic(mode)
 }
 
 #[cfg(test)]

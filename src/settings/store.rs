@@ -6,6 +6,21 @@
 //! power cut a file is the old version or the new one, never a mix or empty. Pending
 //! transactions survive restarts until committed or deleted. Patches are checked against the
 //! model when they are made, so a commit never fails on content.
+//!
+//! Reading is tolerant, because a datastore that cannot be read must never keep a host from
+//! booting (a known-good slot would otherwise reboot forever):
+//! - a `live.json` that is not JSON (a torn file, a disk error) is set aside as
+//!   `live.json.unreadable-SECONDS`, and the settings start empty;
+//! - settings this version's model does not accept (written by a newer version before a
+//!   rollback, or no longer valid) are kept aside key by key, at the granularity of two levels
+//!   (`kubernetes.eviction-hard`, `host-containers.admin`): they stay in `live.json` untouched,
+//!   are not applied, and come back when a version that knows them boots. A commit that
+//!   changes such a key replaces the kept-aside value.
+//!
+//! What was set aside is in [`Datastore::notices`] (console, `GET /boot`).
+//!
+//! Bounds: at most [`MAX_PENDING`] pending transactions, and all files together at most
+//! [`QUOTA_BYTES`], so the API can never fill PRIVATE (which also holds the update state).
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -18,15 +33,33 @@ use serde_json::{Map, Value};
 use super::model::{self, Invalid, Settings};
 
 pub const DEFAULT_TX: &str = "default";
+/// Pending transactions at most (each is a file on PRIVATE).
+pub const MAX_PENDING: usize = 64;
+/// The datastore's files together at most (PRIVATE is 16 MiB and holds the update state too).
+pub const QUOTA_BYTES: u64 = 4 << 20;
+const LIVE: &str = "live.json";
 
 #[derive(Debug)]
 pub enum Error {
-    Io { path: PathBuf, error: io::Error },
-    Corrupt { path: PathBuf, error: String },
+    Io {
+        path: PathBuf,
+        error: io::Error,
+    },
+    Corrupt {
+        path: PathBuf,
+        error: String,
+    },
     Invalid(Invalid),
     BadTxName(String),
     NotAnObject,
     EmptyCommit(String),
+    /// Creating another pending transaction would exceed [`MAX_PENDING`].
+    TooManyTransactions(usize),
+    /// The write would take the datastore over [`QUOTA_BYTES`].
+    Quota {
+        needed: u64,
+        limit: u64,
+    },
 }
 
 impl fmt::Display for Error {
@@ -42,6 +75,15 @@ impl fmt::Display for Error {
             Error::EmptyCommit(tx) => {
                 write!(f, "transaction '{tx}' has no pending changes to commit")
             }
+            Error::TooManyTransactions(n) => write!(
+                f,
+                "{n} transactions are already pending (the limit); commit or delete one first (GET /tx/list)"
+            ),
+            Error::Quota { needed, limit } => write!(
+                f,
+                "the settings datastore would grow to {needed} bytes, over its quota of {limit}; \
+                 delete pending transactions (GET /tx/list) or send smaller settings"
+            ),
         }
     }
 }
@@ -132,12 +174,68 @@ pub fn check_tx_name(tx: &str) -> Result<(), Error> {
 
 pub struct Datastore {
     dir: PathBuf,
+    /// The settings this version accepts (what is applied and what `GET /settings` shows).
     live: Value,
+    /// Stored settings this version does not accept, by two-level key; kept in `live.json`.
+    aside: Vec<(Vec<String>, Value)>,
+    /// What had to be set aside when the datastore was opened.
+    notices: Vec<String>,
+}
+
+/// Split stored settings into what the model accepts and what it does not, at two levels
+/// (see the module docs). Each refusal names the key and why.
+pub fn split_known(stored: &Value) -> (Value, Vec<(Vec<String>, Value, String)>) {
+    let mut known = stored.clone();
+    let mut aside = Vec::new();
+    if !known.is_object() {
+        return (Value::Object(Map::new()), vec![(Vec::new(), stored.clone(), "not an object".into())]);
+    }
+    // Each round removes one key, so this ends; the bound is only a guard.
+    for _ in 0..10_000 {
+        let Err(bad) = model::parse(&known) else { break };
+        let rest = bad.key.strip_prefix("settings.").unwrap_or("");
+        let first = rest.split(['.', '[']).next().unwrap_or("");
+        let mut path = vec![first.to_string()];
+        let second = rest.get(first.len() + 1..).filter(|_| rest.as_bytes().get(first.len()) == Some(&b'.'));
+        if let Some(second) = second.and_then(|r| r.split(['.', '[']).next()) {
+            if known.get(first).and_then(|g| g.get(second)).is_some() {
+                path.push(second.to_string());
+            }
+        }
+        let removed = match path.as_slice() {
+            [g] => known.as_object_mut().and_then(|m| m.remove(g)),
+            [g, k] => known.get_mut(g).and_then(Value::as_object_mut).and_then(|m| m.remove(k)),
+            _ => None,
+        };
+        match removed {
+            Some(v) => aside.push((path, v, bad.message.clone())),
+            // The model refuses something that is not a stored key: nothing can be kept.
+            None => return (Value::Object(Map::new()), vec![(Vec::new(), stored.clone(), bad.to_string())]),
+        }
+    }
+    (known, aside)
+}
+
+fn dir_usage(dir: &Path) -> u64 {
+    [dir.to_path_buf(), dir.join("tx")]
+        .iter()
+        .filter_map(|d| fs::read_dir(d).ok())
+        .flat_map(|rd| rd.flatten())
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
+fn file_len(path: &Path) -> u64 {
+    fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
 impl Datastore {
     /// Open (creating if needed) the datastore in `dir`. Leftover temp files of an interrupted
-    /// write are removed; a corrupt `live.json` is an error, never silently replaced.
+    /// write are removed. A `live.json` that cannot be read is set aside and settings this
+    /// version does not accept are kept aside (see the module docs); only a datastore directory
+    /// that cannot be read or written at all is an error.
     pub fn open(dir: &Path) -> Result<Datastore, Error> {
         fs::create_dir_all(dir.join("tx")).map_err(io_err(dir))?;
         for d in [dir.to_path_buf(), dir.join("tx")] {
@@ -147,21 +245,52 @@ impl Datastore {
                 }
             }
         }
-        let path = dir.join("live.json");
-        let live = match fs::read(&path) {
-            Ok(bytes) => {
-                let v: Value = serde_json::from_slice(&bytes)
-                    .map_err(|e| Error::Corrupt { path: path.clone(), error: e.to_string() })?;
-                model::parse(&v).map_err(|e| Error::Corrupt { path: path.clone(), error: e.to_string() })?;
-                v
-            }
+        let path = dir.join(LIVE);
+        let mut notices = Vec::new();
+        let stored = match fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<Value>(&bytes) {
+                Ok(v) => v,
+                Err(e) => {
+                    let secs = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0);
+                    let kept = dir.join(format!("{LIVE}.unreadable-{secs}"));
+                    fs::rename(&path, &kept).map_err(io_err(&path))?;
+                    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
+                    notices.push(format!(
+                        "{} could not be read ({e}); it was set aside as {} and the settings start \
+                         empty (defaults)",
+                        path.display(),
+                        kept.display()
+                    ));
+                    Value::Object(Map::new())
+                }
+            },
             Err(e) if e.kind() == io::ErrorKind::NotFound => Value::Object(Map::new()),
             Err(e) => return Err(Error::Io { path, error: e }),
         };
-        Ok(Datastore { dir: dir.to_path_buf(), live })
+        let (live, aside) = split_known(&stored);
+        let aside = aside
+            .into_iter()
+            .map(|(key, value, why)| {
+                let shown = if key.is_empty() { "all settings".to_string() } else { key.join(".") };
+                notices.push(format!(
+                    "settings.{shown} kept aside, not applied: {why} (written by another version? \
+                     it is kept and applied again by a version that accepts it)"
+                ));
+                (key, value)
+            })
+            .collect();
+        Ok(Datastore { dir: dir.to_path_buf(), live, aside, notices })
     }
 
-    /// The committed settings, as JSON.
+    /// What had to be set aside when the datastore was opened (empty when all was well).
+    pub fn notices(&self) -> &[String] {
+        &self.notices
+    }
+
+    /// The committed settings this version accepts, as JSON.
     pub fn live(&self) -> &Value {
         &self.live
     }
@@ -169,6 +298,16 @@ impl Datastore {
     /// The committed settings, typed.
     pub fn settings(&self) -> Settings {
         model::parse(&self.live).unwrap_or_default()
+    }
+
+    /// Refuse a write that would take the datastore over its quota: `path` becomes
+    /// `new_len` bytes, and `freed` bytes of other files go away with it.
+    fn check_quota(&self, path: &Path, new_len: u64, freed: u64) -> Result<(), Error> {
+        let needed = (dir_usage(&self.dir) + new_len).saturating_sub(file_len(path) + freed);
+        if needed > QUOTA_BYTES {
+            return Err(Error::Quota { needed, limit: QUOTA_BYTES });
+        }
+        Ok(())
     }
 
     fn tx_path(&self, tx: &str) -> Result<PathBuf, Error> {
@@ -214,7 +353,12 @@ impl Datastore {
         let mut candidate = self.live.clone();
         merge(&mut candidate, &pending);
         model::parse(&candidate).map_err(Error::Invalid)?;
-        write_atomic(&path, &serde_json::to_vec(&pending).expect("JSON serializes"))
+        if !path.exists() && self.list()?.len() >= MAX_PENDING {
+            return Err(Error::TooManyTransactions(MAX_PENDING));
+        }
+        let bytes = serde_json::to_vec(&pending).expect("JSON serializes");
+        self.check_quota(&path, bytes.len() as u64, 0)?;
+        write_atomic(&path, &bytes)
     }
 
     /// Drop the pending changes of `tx`; returns what they were.
@@ -240,15 +384,60 @@ impl Datastore {
         }
         let mut new = self.live.clone();
         merge(&mut new, &pending);
-        // Normalise through the model, so `live.json` only holds known, valid keys.
+        // Normalise through the model, so `live.json` only holds known, valid keys, plus what
+        // is kept aside for other versions (unless this commit changed that key).
         let typed = model::parse(&new).map_err(Error::Invalid)?;
         let new = serde_json::to_value(typed).expect("settings serialize");
         let changed = changed_keys(&self.live, &new);
-        let live_path = self.dir.join("live.json");
-        write_atomic(&live_path, &serde_json::to_vec_pretty(&new).expect("JSON serializes"))?;
+        let aside: Vec<(Vec<String>, Value)> =
+            self.aside.iter().filter(|(k, _)| !touches(&pending, k)).cloned().collect();
+        let mut stored = new.clone();
+        for (key, value) in &aside {
+            put(&mut stored, key, value.clone());
+        }
+        let live_path = self.dir.join(LIVE);
+        let bytes = serde_json::to_vec_pretty(&stored).expect("JSON serializes");
+        self.check_quota(&live_path, bytes.len() as u64, file_len(&path))?;
+        write_atomic(&live_path, &bytes)?;
         self.live = new;
+        self.aside = aside;
         let _ = fs::remove_file(&path);
         Ok(changed)
+    }
+}
+
+/// Whether `patch` sets or removes anything at or under two-level `key`.
+fn touches(patch: &Value, key: &[String]) -> bool {
+    let mut v = patch;
+    for k in key {
+        match v.get(k) {
+            Some(inner) => v = inner,
+            None => return false,
+        }
+    }
+    true
+}
+
+/// Put `value` at `key` (one or two levels; none: the whole document) in `doc`.
+fn put(doc: &mut Value, key: &[String], value: Value) {
+    match key {
+        [] => *doc = value,
+        [g] => {
+            if let Some(m) = doc.as_object_mut() {
+                m.insert(g.clone(), value);
+            }
+        }
+        [g, k, ..] => {
+            if let Some(m) = doc.as_object_mut() {
+                let group = m.entry(g.clone()).or_insert_with(|| Value::Object(Map::new()));
+                if !group.is_object() {
+                    *group = Value::Object(Map::new());
+                }
+                if let Some(gm) = group.as_object_mut() {
+                    gm.insert(k.clone(), value);
+                }
+            }
+        }
     }
 }
 
@@ -344,9 +533,90 @@ mod tests {
         let s = Datastore::open(&d).unwrap();
         assert_eq!(s.live(), &json!({"motd": "old"}));
         assert!(!d.join(".live.json.tmp").exists());
-        // A corrupt live file is reported, not replaced.
-        fs::write(d.join("live.json"), b"{garbage").unwrap();
-        assert!(matches!(Datastore::open(&d), Err(Error::Corrupt { .. })));
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn an_unreadable_live_file_is_set_aside_not_fatal() {
+        let d = tmp("unreadable");
+        let mut s = Datastore::open(&d).unwrap();
+        s.patch("default", &json!({"motd": "old"})).unwrap();
+        s.commit("default").unwrap();
+        fs::write(d.join("live.json"), b"{\"motd\": \"torn").unwrap();
+        let s = Datastore::open(&d).unwrap();
+        assert_eq!(s.live(), &json!({}), "defaults");
+        assert_eq!(s.notices().len(), 1);
+        assert!(s.notices()[0].contains("set aside"), "{:?}", s.notices());
+        let kept: Vec<_> = fs::read_dir(&d)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("live.json.unreadable-"))
+            .collect();
+        assert_eq!(kept.len(), 1, "the torn file is kept for inspection");
+        assert_eq!(fs::read(kept[0].path()).unwrap(), b"{\"motd\": \"torn");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn settings_of_a_newer_version_are_kept_aside_and_survive_commits() {
+        let d = tmp("newer");
+        fs::create_dir_all(&d).unwrap();
+        // What a newer version wrote: a group and a key this version does not know, and a
+        // known key of a wrong type (a changed meaning).
+        let stored = json!({
+            "motd": "hello",
+            "future-group": {"x": 1},
+            "kubernetes": {"cluster-name": "c", "eviction-hard": {"memory.available": "10%"}},
+            "network": {"hostname": 5}
+        });
+        fs::write(d.join("live.json"), stored.to_string()).unwrap();
+        let mut s = Datastore::open(&d).unwrap();
+        assert_eq!(s.live(), &json!({"motd": "hello", "kubernetes": {"cluster-name": "c"}, "network": {}}));
+        let notes = s.notices().join("\n");
+        for key in ["settings.future-group", "settings.kubernetes.eviction-hard", "settings.network.hostname"]
+        {
+            assert!(notes.contains(key), "{key} not reported in {notes}");
+        }
+        // The older version commits a change; what it does not know is still on disk.
+        s.patch("default", &json!({"motd": "changed", "network": {"hostname": "h"}})).unwrap();
+        s.commit("default").unwrap();
+        let on_disk: Value = serde_json::from_slice(&fs::read(d.join("live.json")).unwrap()).unwrap();
+        assert_eq!(on_disk["future-group"], json!({"x": 1}));
+        assert_eq!(on_disk["kubernetes"]["eviction-hard"], json!({"memory.available": "10%"}));
+        assert_eq!(on_disk["motd"], "changed");
+        assert_eq!(on_disk["network"]["hostname"], "h", "the commit's own value replaces the kept-aside one");
+        // Reopened, the same split happens again, minus what the commit replaced.
+        let s = Datastore::open(&d).unwrap();
+        assert_eq!(s.notices().len(), 2, "{:?}", s.notices());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn pending_transactions_and_size_are_bounded() {
+        let d = tmp("quota");
+        let mut s = Datastore::open(&d).unwrap();
+        for i in 0..MAX_PENDING {
+            s.patch(&format!("t{i}"), &json!({"motd": "x"})).unwrap();
+        }
+        assert!(matches!(s.patch("one-more", &json!({"motd": "x"})), Err(Error::TooManyTransactions(_))));
+        s.patch("t0", &json!({"motd": "y"})).unwrap();
+        // 16 KB patches fill the quota long before PRIVATE fills.
+        for i in 0..MAX_PENDING {
+            s.delete(&format!("t{i}")).unwrap();
+        }
+        // ~200 KB per transaction: 50 sysctls of 4 KB each.
+        let sysctls: Map<String, Value> =
+            (0..50).map(|i| (format!("vm.k{i}"), Value::String("1".repeat(4000)))).collect();
+        let big = json!({"kernel": {"sysctl": sysctls}});
+        let mut refused = None;
+        for i in 0..MAX_PENDING {
+            if let Err(e) = s.patch(&format!("b{i}"), &big) {
+                refused = Some(e);
+                break;
+            }
+        }
+        assert!(matches!(refused, Some(Error::Quota { .. })), "{refused:?}");
+        assert!(dir_usage(&d) <= QUOTA_BYTES);
         fs::remove_dir_all(&d).unwrap();
     }
 

@@ -17,7 +17,7 @@ pub mod host_container;
 mod logbuf;
 
 use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -28,6 +28,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use log::{info, warn};
 use serde_json::{json, Value};
 
+use logbuf::LineSplitter;
 pub use logbuf::LogBuf;
 
 use crate::sys::{self, Exit};
@@ -35,7 +36,10 @@ use crate::sys::{self, Exit};
 const MIN_DELAY: Duration = Duration::from_secs(1);
 const MAX_DELAY: Duration = Duration::from_secs(60);
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+/// Each service's log: the newest lines within this many bytes (see logbuf.rs).
 const LOG_BYTES: usize = 64 * 1024;
+/// One read of a service's output; with the splitter's line buffer, what a stream can hold.
+const READ_CHUNK: usize = 8 * 1024;
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// When a service counts as ready.
@@ -192,24 +196,24 @@ pub struct Supervisor {
     cgroups: bool,
 }
 
-/// Copy one output stream of a service into its log buffer, line by line.
-fn pump(name: String, stream: impl Read + Send + 'static, log: Arc<Mutex<LogBuf>>) {
+/// Copy one output stream of a service into its log buffer, line by line, through a bounded
+/// [`LineSplitter`] (see logbuf.rs for why every bound is there).
+fn pump(name: String, mut stream: impl Read + Send + 'static, log: Arc<Mutex<LogBuf>>) {
     let spawned =
         std::thread::Builder::new().name(format!("log-{name}")).stack_size(64 * 1024).spawn(move || {
-            let mut r = BufReader::new(stream);
-            let mut buf = Vec::new();
+            let mut splitter = LineSplitter::new();
+            let mut chunk = vec![0u8; READ_CHUNK];
             loop {
-                buf.clear();
-                match r.read_until(b'\n', &mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        let line = String::from_utf8_lossy(&buf);
-                        log.lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push(line.trim_end_matches(['\n', '\r']));
-                    }
-                }
+                let n = match stream.read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                };
+                let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+                splitter.feed(&chunk[..n], &mut |line| log.push(line));
             }
+            splitter.flush(&mut |line| log.lock().unwrap_or_else(|p| p.into_inner()).push(line));
         });
     if let Err(e) = spawned {
         warn!("service {name}: no thread to capture its output: {e}");

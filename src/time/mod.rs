@@ -1,6 +1,6 @@
 //! Keeping time: PID 1's own SNTP client (see docs/time.md).
 //!
-//! The keeper runs in a thread of its own ("time"). It reads the servers from the rendered
+//! The keeper runs in a thread of its own ("time", a supervised task of PID 1). It reads the servers from the rendered
 //! `/etc/ntp.conf` (what `settings.ntp.time-servers` was last applied as) every
 //! [`SETTINGS_CHECK`], so a change takes effect within seconds of being applied. Each poll asks
 //! the servers in turn ([`sntp`]), starting with the one that answered last, and uses the first
@@ -268,19 +268,14 @@ pub fn conf_source(path: &Path) -> ServerSource {
     })
 }
 
-/// Start the keeper in a thread named "time", reading its servers from `source`. Answers
-/// with a time before `not_before` (the image's build time) are refused.
-pub fn spawn(source: ServerSource, clock: Arc<dyn Clock>, not_before: Option<Timestamp>) -> io::Result<()> {
-    let status = Arc::new(Mutex::new(Status::default()));
-    if RUNNING.set(Running { status: status.clone(), clock: clock.clone() }).is_err() {
-        return Err(io::Error::new(io::ErrorKind::AlreadyExists, "a time keeper already runs"));
-    }
-    let keeper = Keeper::new(clock, not_before, status);
-    std::thread::Builder::new()
-        .name("time".into())
-        .stack_size(256 * 1024)
-        .spawn(move || keeper.run(source))?;
-    Ok(())
+/// The keeper's thread (PID 1 runs it as a supervised task named "time"): it reads its servers
+/// from `source` and never returns. Answers with a time before `not_before` (the image's build
+/// time) are refused. The state is process-wide, so a keeper started again after a panic keeps
+/// the API's history and does not take its first answer as licence to step.
+pub fn run(source: ServerSource, clock: Arc<dyn Clock>, not_before: Option<Timestamp>) -> Result<(), String> {
+    let shared = RUNNING
+        .get_or_init(|| Running { status: Arc::new(Mutex::new(Status::default())), clock: clock.clone() });
+    Keeper::new(clock, not_before, shared.status.clone()).run(source)
 }
 
 /// A server as the status names it: the entry, and the address it was reached at when the
@@ -315,7 +310,7 @@ pub struct Keeper {
     holds: HashMap<ServerSpec, (Instant, String)>,
     poll: Duration,
     failures: u32,
-    /// No sample was used since the keeper started: a large offset is stepped at once.
+    /// No sample was used since boot: a large offset is stepped at once.
     first: bool,
     pending_step: Option<i64>,
     source_error: Option<String>,
@@ -323,7 +318,11 @@ pub struct Keeper {
 
 impl Keeper {
     pub fn new(clock: Arc<dyn Clock>, not_before: Option<Timestamp>, status: Arc<Mutex<Status>>) -> Keeper {
-        lock(&status).poll = POLL_MIN;
+        let first = {
+            let mut st = lock(&status);
+            st.poll = POLL_MIN;
+            st.last_sync.is_none()
+        };
         Keeper {
             clock,
             not_before_ns: not_before.map(|t| t.as_nanosecond() as i64),
@@ -335,7 +334,7 @@ impl Keeper {
             holds: HashMap::new(),
             poll: POLL_MIN,
             failures: 0,
-            first: true,
+            first,
             pending_step: None,
             source_error: None,
         }

@@ -196,6 +196,23 @@ fn a_later_large_offset_is_stepped_only_when_a_second_answer_confirms_it() {
 }
 
 #[test]
+fn a_keeper_started_again_keeps_its_state() {
+    let srv = TestServer::start("127.0.0.1:0", Behaviour::Good(0));
+    let clock = FakeClock::new(-1000 * S, None);
+    let (mut k, status) = keeper(clock.clone(), &[srv.entry()]);
+    k.poll_once();
+    drop(k);
+    // What the task supervisor does after a panic: a new keeper on the same state.
+    let mut k = Keeper::new(clock.clone(), None, status.clone());
+    k.timeout = Duration::from_millis(300);
+    k.set_servers(vec![srv.entry()]);
+    *clock.skew_ns.lock().unwrap() = -5 * S;
+    assert_eq!(k.poll_once(), CONFIRM_WAIT, "not the first answer since boot: a step needs confirming");
+    assert_eq!(steps(&clock).len(), 1);
+    assert_eq!(status.lock().unwrap().steps, 1);
+}
+
+#[test]
 fn servers_are_tried_in_turn_and_bad_answers_are_named() {
     let silent = TestServer::start("127.0.0.1:0", Behaviour::Silent);
     let garbage = TestServer::start("127.0.0.1:0", Behaviour::Garbage);

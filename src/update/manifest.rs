@@ -138,6 +138,17 @@ impl Manifest {
         v
     }
 
+    /// The versions offered to this host's variant and arch, newest first: entries above
+    /// their own `max_version` are withdrawn (lowering `max_version` below a version is how a
+    /// repository withdraws it), like entries that are gone.
+    pub fn offered(&self, variant: &str, arch: &str) -> Vec<Version> {
+        self.for_host(variant, arch)
+            .into_iter()
+            .filter(|u| u.version <= u.max_version)
+            .map(|u| u.version)
+            .collect()
+    }
+
     /// Bottlerocket's rules: variant and arch must match; versions above their `max_version`
     /// are never taken; `version-lock` pins one version (up or down); otherwise the newest
     /// allowed version is taken if it is newer than the running one and this host's wave has

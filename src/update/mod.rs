@@ -2,16 +2,24 @@
 //!
 //! The [`Updater`] owns the update state machine, Idle → Available → Staged → Ready:
 //! - refresh: load the repository (tough: signatures, expiry, rollback of metadata versions)
-//!   and pick an update from `manifest.json` by Bottlerocket's rules ([`manifest`]);
+//!   and pick an update from `manifest.json` by Bottlerocket's rules ([`manifest`]); a staged
+//!   version the repository no longer offers (withdrawn) is dropped;
 //! - prepare: write the chosen version's images into the inactive slot while tough checks
 //!   their hashes, then check what landed (slot metadata, dm-verity root hash and tree);
-//! - activate: give the inactive slot priority above the active one with one try;
+//!   `cancel` stops it between two chunks, leaving the slot unbootable;
+//! - activate: give the staged slot priority above the running one with one try;
 //! - deactivate: take that back.
 //!
-//! The active slot's partitions are never opened for writing. The state lives in an atomic
-//! file on PRIVATE, so it survives restarts and power cuts: an interrupted write leaves the
-//! inactive slot unbootable and the state back at Available. Long commands (refresh, prepare)
-//! run in the updater's own thread, tough on a current-thread tokio runtime.
+//! Which slots it may touch: only the slot it staged (activate, deactivate) and the inactive
+//! slot (prepare); never the running slot's partitions, and the running slot's state only to
+//! lower its priority below the new one. While the running slot is on trial (booted, not yet
+//! marked healthy), the other slot is the fallback boot control returns to, so prepare,
+//! activate and deactivate are refused (409) until the boot is marked good.
+//!
+//! The state lives in an atomic file on PRIVATE, so it survives restarts and power cuts; at
+//! each start it is reconciled with boot control and with the slot that booted ([`Updater::new`]).
+//! Long commands (refresh, prepare) run in the updater's own thread, tough on a current-thread
+//! tokio runtime.
 
 pub mod manifest;
 pub mod repo;
@@ -24,14 +32,15 @@ pub mod transport;
 use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use log::{error, info, warn};
 use serde_json::{json, Value};
 
-use crate::bootctl::{BootControl, GptBootControl, Slot, SlotState};
+use crate::bootctl::{self, BootControl, GptBootControl, Slot, SlotState, Slots};
 use crate::settings::model::Updates as UpdateSettings;
 use manifest::{Choice, Manifest, Policy, Version};
 pub use state::State;
@@ -83,23 +92,50 @@ impl Command {
     }
 }
 
-/// Why a command was refused or failed.
+/// Why a command was refused or failed. Each kind has its HTTP status ([`Error::status`]);
+/// there is deliberately no conversion from a bare string.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {
-    /// Not allowed in the current state, or nothing to act on (HTTP 409).
-    Conflict(String),
-    /// The updater thread is gone (HTTP 503).
+    /// Not allowed in the current state (409).
+    NotAllowed(String),
+    /// Another command is running (409).
+    Busy(Command),
+    /// The command would change the running slot, or the fallback slot while the running one
+    /// is on trial (409).
+    Protected(String),
+    /// Nothing to act on: no update chosen, nothing staged, no prepare running, no known-good
+    /// slot to roll back to (409).
+    Nothing(String),
+    /// The settings do not allow it: no repository, a bad version lock or seed (409).
+    Settings(String),
+    /// The staged version is no longer offered by the repository (409).
+    Withdrawn(String),
+    /// The prepare was cancelled by `POST /actions/cancel-update` (409 if ever answered).
+    Cancelled(String),
+    /// The repository could not be reached, or was refused (500).
+    Repository(String),
+    /// Writing or checking the slot failed (500).
+    Stage(String),
+    /// Reading or writing boot control failed (500).
+    BootControl(String),
+    /// The updater thread is gone (503).
     Unavailable(String),
-    /// The command ran and failed: settings, repository, network, disk (HTTP 500).
-    Failed(String),
+    /// A bug: a panic inside a command (500).
+    Internal(String),
 }
 
 impl Error {
     pub fn status(&self) -> u16 {
         match self {
-            Error::Conflict(_) => 409,
+            Error::NotAllowed(_)
+            | Error::Busy(_)
+            | Error::Protected(_)
+            | Error::Nothing(_)
+            | Error::Settings(_)
+            | Error::Withdrawn(_)
+            | Error::Cancelled(_) => 409,
             Error::Unavailable(_) => 503,
-            Error::Failed(_) => 500,
+            Error::Repository(_) | Error::Stage(_) | Error::BootControl(_) | Error::Internal(_) => 500,
         }
     }
 }
@@ -107,20 +143,25 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Conflict(m) | Error::Unavailable(m) | Error::Failed(m) => f.write_str(m),
+            Error::Busy(c) => write!(f, "a {} is in progress; wait for it to finish", c.name()),
+            Error::BootControl(m) => write!(f, "boot control: {m}"),
+            Error::NotAllowed(m)
+            | Error::Protected(m)
+            | Error::Nothing(m)
+            | Error::Settings(m)
+            | Error::Withdrawn(m)
+            | Error::Cancelled(m)
+            | Error::Repository(m)
+            | Error::Stage(m)
+            | Error::Unavailable(m)
+            | Error::Internal(m) => f.write_str(m),
         }
     }
 }
 
-impl From<String> for Error {
-    fn from(m: String) -> Error {
-        Error::Failed(m)
-    }
-}
-
-impl From<&str> for Error {
-    fn from(m: &str) -> Error {
-        Error::Failed(m.into())
+impl From<bootctl::Error> for Error {
+    fn from(e: bootctl::Error) -> Error {
+        Error::BootControl(e.to_string())
     }
 }
 
@@ -180,22 +221,43 @@ impl Config {
     }
 }
 
-/// Progress of a running prepare, for `/updates/status`.
+/// Progress of a running prepare, for `/updates/status`, and its cancel switch.
 #[derive(Default)]
 pub struct Progress {
     pub phase: Mutex<String>,
     pub done: AtomicU64,
     pub total: AtomicU64,
+    /// Set by [`Updater::cancel`]; the prepare checks it between chunks and stops.
+    pub cancel: AtomicBool,
+}
+
+impl Progress {
+    fn set_phase(&self, phase: &str) {
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = phase.into();
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
 }
 
 struct Shared {
     p: Persisted,
     running: Option<Command>,
+    /// The running slot is on trial: booted, not yet marked successful.
+    on_trial: bool,
 }
+
+/// How long `POST /actions/cancel-update` waits for the prepare to stop before it answers
+/// 202 instead (the prepare notices the cancel at its next chunk; a stalled download only
+/// when the transport gives up on it).
+pub const CANCEL_WAIT: Duration = Duration::from_secs(10);
 
 pub struct Updater {
     cfg: Config,
     shared: Mutex<Shared>,
+    /// Signalled whenever a command finishes.
+    finished: Condvar,
     progress: Progress,
     tx: Mutex<Option<mpsc::Sender<(Command, UpdateSettings)>>>,
 }
@@ -210,9 +272,11 @@ impl Updater {
     pub fn new(cfg: Config) -> Arc<Updater> {
         fs::create_dir_all(cfg.state_dir.join("tuf")).unwrap_or_else(|e| warn!("updates state dir: {e}"));
         let p = state::load(&cfg.state_dir);
+        let on_trial = cfg.on_trial;
         let u = Updater {
             cfg,
-            shared: Mutex::new(Shared { p, running: None }),
+            shared: Mutex::new(Shared { p, running: None, on_trial }),
+            finished: Condvar::new(),
             progress: Progress::default(),
             tx: Mutex::new(None),
         };
@@ -220,6 +284,8 @@ impl Updater {
         Arc::new(u)
     }
 
+    /// The updater's state. Lock order: this lock, then boot control's (which is only ever
+    /// held inside one boot-control call), never the other way round.
     fn lock(&self) -> MutexGuard<'_, Shared> {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -233,12 +299,15 @@ impl Updater {
 
     fn reconcile(&self) {
         let mut sh = self.lock();
+        let on_trial = sh.on_trial;
         let p = &mut sh.p;
         let mut bc = self.cfg.disk.boot_control();
-        let inactive = self.cfg.inactive();
+        let (active, inactive) = (self.cfg.active, self.cfg.inactive());
         if let Some(slot) = p.writing.take() {
             warn!("a prepare was interrupted while writing slot {slot}; it stays unbootable");
-            let _ = bc.set_state(slot, SlotState::default());
+            if slot != active {
+                let _ = bc.set_state(slot, SlotState::default());
+            }
             p.staged = None;
             p.state = if p.chosen.is_some() { State::Available } else { State::Idle };
             p.note = Some(format!(
@@ -246,10 +315,19 @@ impl Updater {
             ));
         }
         if let Some(a) = p.activated.clone() {
-            if a.slot == self.cfg.active {
-                if !self.cfg.on_trial {
-                    finish_update(p, &a);
-                }
+            if a.slot == active && on_trial {
+                // The trial boot of the update: nothing is staged or activated any more (the
+                // staged slot is the one running), and the other slot is the fallback.
+                p.state = State::Idle;
+                p.staged = None;
+                p.chosen = None;
+                p.note = Some(format!(
+                    "{} is running on trial in slot {active}; it becomes permanent once this boot is healthy. \
+                     Until then slot {inactive} ({}) is the fallback and the updater leaves it alone",
+                    a.version, a.from_version
+                ));
+            } else if a.slot == active {
+                finish_update(p, &a);
             } else {
                 match bc.state(a.slot) {
                     Ok(st) if st.priority > 0 && !st.successful && st.tries == 0 => {
@@ -283,10 +361,17 @@ impl Updater {
                 }
             }
         }
-        // A staged slot must still be the inactive one and unbooted.
-        if p.state == State::Staged && p.staged.as_ref().is_some_and(|s| s.slot != inactive) {
+        // Ready means an activation waits for its reboot; Staged, a checked slot that is the
+        // inactive one. Anything else is left over from another boot.
+        if p.state == State::Ready && p.activated.as_ref().is_none_or(|a| a.slot != inactive) {
+            p.activated = None;
+            p.state = if p.staged.is_some() { State::Staged } else { State::Idle };
+        }
+        if p.staged.as_ref().is_some_and(|s| s.slot != inactive) {
             p.staged = None;
-            p.state = State::Idle;
+        }
+        if p.state == State::Staged && p.staged.is_none() {
+            p.state = if p.chosen.is_some() { State::Available } else { State::Idle };
         }
         self.save(&sh.p);
     }
@@ -294,6 +379,7 @@ impl Updater {
     /// Called once the running boot was marked successful.
     pub fn boot_succeeded(&self) {
         let mut sh = self.lock();
+        sh.on_trial = false;
         if let Some(a) = sh.p.activated.clone() {
             if a.slot == self.cfg.active {
                 finish_update(&mut sh.p, &a);
@@ -309,25 +395,73 @@ impl Updater {
         let me = self.clone();
         std::thread::Builder::new().name("updater".into()).spawn(move || {
             for (cmd, settings) in rx {
-                me.run(cmd, &settings);
+                let _ = me.execute(cmd, &settings);
             }
         })?;
         *self.tx.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
         Ok(())
     }
 
+    /// Admit `cmd`: nothing else running, the state allows it, and it would not touch a slot
+    /// it must not. Marks it running.
+    fn admit(&self, cmd: Command) -> Result<(), Error> {
+        let mut sh = self.lock();
+        if let Some(r) = sh.running {
+            return Err(Error::Busy(r));
+        }
+        // The slot rules first: their refusal says what to do instead.
+        self.guard(cmd, &sh)?;
+        check(cmd, sh.p.state)?;
+        sh.running = Some(cmd);
+        sh.p.most_recent_command = Some(CommandRecord::running(cmd.name()));
+        if cmd == Command::Prepare {
+            self.progress.cancel.store(false, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// The slot rules (see the module docs): refuse what would change the running slot, or
+    /// the fallback while the running slot is on trial.
+    fn guard(&self, cmd: Command, sh: &Shared) -> Result<(), Error> {
+        let (active, other) = (self.cfg.active, self.cfg.inactive());
+        let touches_other = matches!(cmd, Command::Prepare | Command::Activate | Command::Deactivate);
+        if sh.on_trial && touches_other {
+            let what = match cmd {
+                Command::Deactivate => format!(
+                    "there is no activated update to cancel: {} is already running, on trial, in slot {active}",
+                    self.cfg.version
+                ),
+                _ => format!("{} is running on trial in slot {active}", self.cfg.version),
+            };
+            return Err(Error::Protected(format!(
+                "{what}, and slot {other} holds the version this machine falls back to, so the updater \
+                 will not {} it until this boot is marked healthy. To keep {}, wait until the boot is \
+                 healthy (GET /updates/status shows on_trial false). To go back instead, POST \
+                 /actions/rollback and reboot (if {} does not become healthy, the next boot returns to \
+                 slot {other} by itself)",
+                cmd.name(),
+                self.cfg.version,
+                self.cfg.version
+            )));
+        }
+        let target = match cmd {
+            Command::Activate => sh.p.staged.as_ref().map(|s| s.slot),
+            Command::Deactivate => sh.p.activated.as_ref().map(|a| a.slot),
+            _ => None,
+        };
+        if target == Some(active) {
+            return Err(Error::Protected(format!(
+                "slot {active} is the running slot; the updater {}s only the slot it staged",
+                cmd.name()
+            )));
+        }
+        Ok(())
+    }
+
     /// Accept `cmd` if the state allows it: long commands are handed to the updater thread
     /// (Ok(true): accepted, still running), short ones are carried out now (Ok(false)).
     pub fn command(&self, cmd: Command, settings: &UpdateSettings) -> Result<bool, Error> {
-        {
-            let mut sh = self.lock();
-            if let Some(r) = sh.running {
-                return Err(Error::Conflict(format!("a {} is in progress; wait for it to finish", r.name())));
-            }
-            check(cmd, sh.p.state)?;
-            sh.running = Some(cmd);
-            sh.p.most_recent_command = Some(CommandRecord::running(cmd.name()));
-        }
+        self.admit(cmd)?;
         if cmd.is_long() {
             let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
             if let Some(tx) = tx {
@@ -336,24 +470,30 @@ impl Updater {
                 }
             }
             self.lock().running = None;
+            self.finished.notify_all();
             return Err(Error::Unavailable("the updater thread is not running".into()));
         }
         self.execute(cmd, settings).map(|()| false)
     }
 
-    /// Run `cmd` now, in this thread (the updater thread, or tests).
+    /// Admit and run `cmd` now, in this thread (tests). A refusal is recorded as the command's
+    /// failure in `most_recent_command`.
+    #[cfg(test)]
     pub fn run(&self, cmd: Command, settings: &UpdateSettings) {
-        if let Err(e) = self.execute(cmd, settings) {
-            error!("update {}: {e}", cmd.name());
+        match self.admit(cmd) {
+            Ok(()) => {
+                let _ = self.execute(cmd, settings);
+            }
+            Err(e) => {
+                error!("update {} refused: {e}", cmd.name());
+                self.lock().p.most_recent_command =
+                    Some(CommandRecord::finished(cmd.name(), &Err(e.to_string())));
+            }
         }
     }
 
+    /// Run an admitted command.
     fn execute(&self, cmd: Command, settings: &UpdateSettings) -> Result<(), Error> {
-        {
-            let mut sh = self.lock();
-            sh.running = Some(cmd);
-            sh.p.most_recent_command = Some(CommandRecord::running(cmd.name()));
-        }
         // A panic must not leave the updater "running" forever: it becomes this command's error.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match cmd {
             Command::Refresh => self.refresh(settings),
@@ -362,13 +502,14 @@ impl Updater {
             Command::Deactivate => self.deactivate(),
             Command::Rollback => self.rollback(),
         }))
-        .unwrap_or_else(|_| Err(Error::Failed("internal error (a panic; see the console log)".into())));
+        .unwrap_or_else(|_| Err(Error::Internal("internal error (a panic; see the console log)".into())));
         let mut sh = self.lock();
         sh.running = None;
         sh.p.most_recent_command =
             Some(CommandRecord::finished(cmd.name(), &result.clone().map_err(|e| e.to_string())));
         self.save(&sh.p);
         drop(sh);
+        self.finished.notify_all();
         match &result {
             Ok(msg) => info!("update {}: {msg}", cmd.name()),
             Err(e) => error!("update {} failed: {e}", cmd.name()),
@@ -376,16 +517,38 @@ impl Updater {
         result.map(drop)
     }
 
+    /// `POST /actions/cancel-update`: stop the running prepare at its next chunk. Waits up to
+    /// `wait` for it to stop: Ok(true) when it has (its outcome is in `most_recent_command`),
+    /// Ok(false) when it is still stopping.
+    pub fn cancel(&self, wait: Duration) -> Result<bool, Error> {
+        let sh = self.lock();
+        if sh.running != Some(Command::Prepare) {
+            let hint = match sh.p.state {
+                State::Ready => "; to take back the activated update, POST /actions/deactivate-update",
+                _ => "",
+            };
+            return Err(Error::Nothing(format!("no prepare is running (state {:?}){hint}", sh.p.state)));
+        }
+        self.progress.cancel.store(true, Ordering::Relaxed);
+        self.progress.set_phase("cancelling");
+        warn!("update prepare: cancel requested");
+        let (sh, _) = self
+            .finished
+            .wait_timeout_while(sh, wait, |sh| sh.running == Some(Command::Prepare))
+            .unwrap_or_else(|e| e.into_inner());
+        Ok(sh.running != Some(Command::Prepare))
+    }
+
     fn policy(&self, s: &UpdateSettings) -> Result<Policy, Error> {
         let version_lock = match s.version_lock.as_deref().map(str::trim) {
             None | Some("") | Some("latest") => None,
             Some(v) => {
-                Some(v.parse().map_err(|e| Error::Conflict(format!("settings.updates.version-lock: {e}")))?)
+                Some(v.parse().map_err(|e| Error::Settings(format!("settings.updates.version-lock: {e}")))?)
             }
         };
         let seed = s.seed.unwrap_or(0);
         if seed > manifest::MAX_SEED {
-            return Err(Error::Conflict(format!(
+            return Err(Error::Settings(format!(
                 "settings.updates.seed {seed} is above {}",
                 manifest::MAX_SEED
             )));
@@ -404,15 +567,16 @@ impl Updater {
         let md = s.metadata_base_url.as_deref().filter(|u| !u.is_empty());
         let tg = s.targets_base_url.as_deref().filter(|u| !u.is_empty());
         let (Some(md), Some(tg)) = (md, tg) else {
-            return Err(Error::Conflict(
+            return Err(Error::Settings(
                 "no update repository configured: set settings.updates.metadata-base-url and \
                  settings.updates.targets-base-url"
                     .into(),
             ));
         };
         self.clock_floor();
-        let repo = stage::Repo::load(&self.cfg.trusted_root, &self.cfg.state_dir.join("tuf"), md, tg)?;
-        let manifest = repo.manifest()?;
+        let repo = stage::Repo::load(&self.cfg.trusted_root, &self.cfg.state_dir.join("tuf"), md, tg)
+            .map_err(Error::Repository)?;
+        let manifest = repo.manifest().map_err(Error::Repository)?;
         Ok((repo, manifest))
     }
 
@@ -469,52 +633,85 @@ impl Updater {
     fn refresh(&self, s: &UpdateSettings) -> Result<String, Error> {
         let policy = self.policy(s)?;
         let (_repo, manifest) = self.open_repo(s)?;
-        let available: Vec<String> = manifest
-            .for_host(&policy.variant, &policy.arch)
-            .iter()
-            .filter(|u| u.version <= u.max_version)
-            .map(|u| u.version.to_string())
-            .collect();
         let choice = manifest.choose(&policy, now());
         let mut sh = self.lock();
+        let mut msg = match &choice {
+            Choice::Update(u, why) => format!("{} chosen ({why})", u.version),
+            Choice::None(why) => why.clone(),
+        };
+        if let Some(w) = self.note_offered(&mut sh, &manifest) {
+            msg = format!("{w}; {msg}");
+        }
         let p = &mut sh.p;
-        p.available = available;
         p.last_refresh = Some(now().to_string());
-        let msg = match choice {
-            Choice::Update(u, why) => {
+        match choice {
+            Choice::Update(u, _) => {
                 p.chosen = Some(UpdateInfo::of(u));
                 if p.state == State::Idle {
                     p.state = State::Available;
                 }
-                format!("{} chosen ({why})", u.version)
             }
-            Choice::None(why) => {
+            Choice::None(_) => {
                 p.chosen = None;
                 if p.state == State::Available {
                     p.state = State::Idle;
                 }
-                why
             }
-        };
+        }
         Ok(msg)
+    }
+
+    /// Record what the repository offers this host now; a staged version it no longer offers
+    /// (withdrawn) is dropped, its slot left unbootable. Returns a note when that happened.
+    fn note_offered(&self, sh: &mut Shared, manifest: &Manifest) -> Option<String> {
+        let offered = manifest.offered(&self.cfg.variant, &self.cfg.arch);
+        let p = &mut sh.p;
+        p.available = offered.iter().map(|v| v.to_string()).collect();
+        let staged = p.staged.clone()?;
+        if p.state != State::Staged || p.available.contains(&staged.version) {
+            return None;
+        }
+        let note = format!(
+            "{} (staged in slot {}) was withdrawn from the repository: it is no longer offered for {} on {}. \
+             Dropped it; slot {} stays unbootable",
+            staged.version, staged.slot, self.cfg.variant, self.cfg.arch, staged.slot
+        );
+        warn!("{note}");
+        if staged.slot != self.cfg.active {
+            if let Err(e) = self.cfg.disk.boot_control().set_state(staged.slot, SlotState::default()) {
+                error!("making slot {} unbootable: {e}", staged.slot);
+            }
+        }
+        p.staged = None;
+        p.state = State::Idle;
+        p.note = Some(note.clone());
+        Some(note)
     }
 
     fn prepare(&self, s: &UpdateSettings) -> Result<String, Error> {
         let policy = self.policy(s)?;
         let (repo, manifest) = self.open_repo(s)?;
-        let update = match manifest.choose(&policy, now()) {
-            Choice::Update(u, _) => u.clone(),
-            Choice::None(why) => {
-                let mut sh = self.lock();
-                sh.p.chosen = None;
-                sh.p.state = State::Idle;
-                return Err(Error::Conflict(format!("no update to prepare: {why}")));
+        let update = {
+            let mut sh = self.lock();
+            self.note_offered(&mut sh, &manifest);
+            match manifest.choose(&policy, now()) {
+                Choice::Update(u, _) => u.clone(),
+                Choice::None(why) => {
+                    sh.p.chosen = None;
+                    sh.p.state = State::Idle;
+                    return Err(Error::Nothing(format!("no update to prepare: {why}")));
+                }
             }
         };
         let slot = self.cfg.inactive();
+        let version = update.version;
+        if self.progress.cancelled() {
+            return Err(Error::Cancelled(format!(
+                "prepare of {version} cancelled before slot {slot} was touched"
+            )));
+        }
         // From here the inactive slot is unbootable until the write is complete and checked.
-        let mut bc = self.cfg.disk.boot_control();
-        bc.set_state(slot, SlotState::default()).map_err(|e| e.to_string())?;
+        self.cfg.disk.boot_control().set_state(slot, SlotState::default())?;
         {
             let mut sh = self.lock();
             sh.p.chosen = Some(UpdateInfo::of(&update));
@@ -523,90 +720,116 @@ impl Updater {
             sh.p.note = None;
             self.save(&sh.p);
         }
-        let result = stage::write_slot(&repo, &update, &self.cfg, slot, &self.progress);
+        let mut result = stage::write_slot(&repo, &update, &self.cfg, slot, &self.progress);
         let mut sh = self.lock();
         sh.p.writing = None;
-        *self.progress.phase.lock().unwrap_or_else(|e| e.into_inner()) = String::new();
+        self.progress.set_phase("");
+        // A cancel wins until the prepare reports, even when the last chunk was already in.
+        if self.progress.cancelled() && result.is_ok() {
+            result = Err(Error::Cancelled("cancelled after the images were written".into()));
+        }
         match result {
             Ok(report) => {
-                sh.p.staged = Some(Staged { slot, version: update.version.to_string() });
+                sh.p.staged = Some(Staged { slot, version: version.to_string() });
                 sh.p.state = State::Staged;
-                Ok(format!("{} staged in slot {slot}: {report}", update.version))
+                Ok(format!("{version} staged in slot {slot}: {report}"))
+            }
+            Err(Error::Cancelled(how)) => {
+                sh.p.state = State::Available;
+                let msg = format!(
+                    "prepare of {version} cancelled by request ({how}); slot {slot} is left unbootable, \
+                     the running slot {} is untouched. Prepare again to stage it",
+                    self.cfg.active
+                );
+                sh.p.note = Some(msg.clone());
+                Err(Error::Cancelled(msg))
             }
             Err(e) => {
                 sh.p.state = State::Available;
-                Err(Error::Failed(format!(
-                    "preparing {} in slot {slot}: {e} (slot {slot} left unbootable; the running slot {} is untouched)",
-                    update.version, self.cfg.active
+                Err(Error::Stage(format!(
+                    "preparing {version} in slot {slot}: {e} (slot {slot} left unbootable; the running slot {} is untouched)",
+                    self.cfg.active
                 )))
             }
         }
     }
 
     fn activate(&self) -> Result<String, Error> {
-        let slot = self.cfg.inactive();
-        let staged = self.lock().p.staged.clone().ok_or(Error::Conflict("nothing is staged".into()))?;
-        let mut bc = self.cfg.disk.boot_control();
-        let bce = |e: crate::bootctl::Error| e.to_string();
-        let mut active = bc.state(self.cfg.active).map_err(bce)?;
-        if active.priority >= 15 {
-            active.priority = 14;
-            bc.set_state(self.cfg.active, active).map_err(bce)?;
+        let mut sh = self.lock();
+        let staged = sh.p.staged.clone().ok_or(Error::Nothing("nothing is staged".into()))?;
+        let slot = staged.slot;
+        // The guard refused this already; a staged slot is never the running one.
+        if slot == self.cfg.active {
+            return Err(Error::Protected(format!("the staged slot {slot} is the running slot")));
         }
-        {
-            let mut sh = self.lock();
-            sh.p.activated = Some(Activated {
-                slot,
-                version: staged.version.clone(),
-                from_version: self.cfg.version.to_string(),
-            });
-            sh.p.state = State::Ready;
-            self.save(&sh.p);
+        if !sh.p.available.contains(&staged.version) {
+            return Err(Error::Withdrawn(format!(
+                "{} is not offered by the repository as last refreshed ({}); refresh to drop it",
+                staged.version,
+                sh.p.last_refresh.as_deref().unwrap_or("never")
+            )));
         }
-        let trial = SlotState { priority: active.priority.max(1) + 1, tries: 1, successful: false };
-        if let Err(e) = bc.set_state(slot, trial) {
-            let mut sh = self.lock();
+        sh.p.activated = Some(Activated {
+            slot,
+            version: staged.version.clone(),
+            from_version: self.cfg.version.to_string(),
+        });
+        sh.p.state = State::Ready;
+        self.save(&sh.p);
+        let active = self.cfg.active;
+        let flip = self.cfg.disk.boot_control().modify(|s: &mut Slots| {
+            if s[active].priority >= 15 {
+                s[active].priority = 14;
+            }
+            s[slot] = SlotState { priority: s[active].priority.max(1) + 1, tries: 1, successful: false };
+            Ok::<_, bootctl::Error>(())
+        });
+        if let Err(e) = flip {
             sh.p.activated = None;
             sh.p.state = State::Staged;
-            return Err(Error::Failed(e.to_string()));
+            return Err(e.into());
         }
         Ok(format!("slot {slot} ({}) boots next, on trial", staged.version))
     }
 
     fn deactivate(&self) -> Result<String, Error> {
-        let slot = self.cfg.inactive();
-        self.cfg.disk.boot_control().set_state(slot, SlotState::default()).map_err(|e| e.to_string())?;
         let mut sh = self.lock();
+        let a = sh.p.activated.clone().ok_or(Error::Nothing("no update is activated".into()))?;
+        if a.slot == self.cfg.active {
+            return Err(Error::Protected(format!("the activated slot {} is the running slot", a.slot)));
+        }
+        self.cfg.disk.boot_control().set_state(a.slot, SlotState::default())?;
         sh.p.activated = None;
         sh.p.state = State::Staged;
-        Ok(format!("slot {slot} no longer boots next"))
+        Ok(format!("slot {} no longer boots next; {} stays staged there", a.slot, a.version))
     }
 
     fn rollback(&self) -> Result<String, Error> {
-        let other = self.cfg.inactive();
-        let mut bc = self.cfg.disk.boot_control();
-        let bce = |e: crate::bootctl::Error| e.to_string();
-        let st = bc.state(other).map_err(bce)?;
-        if !(st.successful && st.priority > 0) {
-            return Err(Error::Conflict(format!(
-                "slot {other} holds no version that booted successfully (state {st:?}); nothing to roll back to"
-            )));
-        }
+        let (active, other) = (self.cfg.active, self.cfg.inactive());
         let version = (self.cfg.read_slot_meta)(&self.cfg.disk, other)
             .and_then(|t| crate::bootctl::SlotMeta::parse(&t))
-            .map(|m| m.version)
-            .map_err(|e| Error::Conflict(format!("slot {other} is not readable: {e}")))?;
-        let active = bc.state(self.cfg.active).map_err(bce)?;
-        let mut active_lowered = active;
-        if active.priority >= 15 {
-            active_lowered.priority = 14;
-            bc.set_state(self.cfg.active, active_lowered).map_err(bce)?;
-        }
-        bc.set_state(other, SlotState { priority: active_lowered.priority.max(1) + 1, ..st }).map_err(bce)?;
+            .map(|m| m.version);
         let mut sh = self.lock();
+        self.cfg.disk.boot_control().modify(|s: &mut Slots| {
+            let st = s[other];
+            if !(st.successful && st.priority > 0) {
+                return Err(Error::Nothing(format!(
+                    "slot {other} holds no version that booted successfully (state {st:?}); nothing to roll back to"
+                )));
+            }
+            if let Err(e) = &version {
+                return Err(Error::Nothing(format!("slot {other} is not readable: {e}")));
+            }
+            if s[active].priority >= 15 {
+                s[active].priority = 14;
+            }
+            s[other].priority = s[active].priority.max(1) + 1;
+            Ok(())
+        })?;
+        let version = version.unwrap_or_default();
         sh.p.last_rollback = Some(Rollback {
             failed_version: self.cfg.version.to_string(),
-            failed_slot: self.cfg.active,
+            failed_slot: active,
             running_version: version.clone(),
             detected_at: now().to_string(),
             automatic: false,
@@ -622,24 +845,25 @@ impl Updater {
     pub fn status(&self) -> Value {
         let sh = self.lock();
         let p = &sh.p;
-        let mut bc = self.cfg.disk.boot_control();
-        let slot_json = |slot: Slot, bc: &mut GptBootControl| {
-            let st = bc.state(slot).ok();
+        let states = self.cfg.disk.boot_control().states();
+        let slot_json = |slot: Slot| {
+            let st = states.as_ref().ok().map(|s| s[slot]);
             json!({"slot": slot.letter(), "priority": st.map(|s| s.priority),
                    "tries": st.map(|s| s.tries), "successful": st.map(|s| s.successful),
                    "bootable": st.map(|s| s.bootable())})
         };
-        let mut active = slot_json(self.cfg.active, &mut bc);
+        let mut active = slot_json(self.cfg.active);
         active["version"] = json!(self.cfg.version.to_string());
         active["variant"] = json!(self.cfg.variant);
         active["arch"] = json!(self.cfg.arch);
-        active["on_trial"] = json!(self.cfg.on_trial);
-        let mut staging = slot_json(self.cfg.inactive(), &mut bc);
+        active["on_trial"] = json!(sh.on_trial);
+        let mut staging = slot_json(self.cfg.inactive());
         staging["version"] = json!(p.staged.as_ref().map(|s| s.version.clone()));
         let progress = sh.running.filter(|c| *c == Command::Prepare).map(|_| {
             json!({"phase": self.progress.phase.lock().unwrap_or_else(|e| e.into_inner()).clone(),
                    "bytes_done": self.progress.done.load(Ordering::Relaxed),
-                   "bytes_total": self.progress.total.load(Ordering::Relaxed)})
+                   "bytes_total": self.progress.total.load(Ordering::Relaxed),
+                   "cancel_requested": self.progress.cancelled()})
         });
         json!({
             "update_state": p.state,
@@ -679,7 +903,7 @@ fn check(cmd: Command, state: State) -> Result<(), Error> {
         | (Deactivate, Ready)
         | (Rollback, Idle | Available | Staged) => Ok(()),
         (Refresh | Prepare | Activate | Deactivate | Rollback, _) => {
-            Err(Error::Conflict(not_allowed(cmd, state)))
+            Err(Error::NotAllowed(not_allowed(cmd, state)))
         }
     }
 }

@@ -6,15 +6,21 @@
 //! it: `slot.toml` on its BOOT partition must name the chosen version, variant and arch, and
 //! the dm-verity tree recomputed from the ROOT partition must give the root hash in
 //! `slot.toml` and match the tree on the HASH partition, byte for byte.
+//!
+//! Cancelling ([`Progress::cancel`]): both ends of the stream check the switch between two
+//! chunks (the writer also every [`CANCEL_POLL`] while it waits for one), so a prepare stops
+//! within one chunk of the request. A fetch blocked on a stalled server ends only when the
+//! transport gives up on it (its read timeout); then the write stops too.
 
 use std::error::Error as StdError;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_core::Stream;
@@ -23,7 +29,7 @@ use tough::{ExpirationEnforcement, IntoVec, Repository, RepositoryLoader, Target
 use url::Url;
 
 use super::manifest::{Manifest, Update, MANIFEST};
-use super::{Config, Progress};
+use super::{Config, Error, Progress};
 use crate::bootctl::{Slot, SlotMeta};
 use crate::disk::verity;
 
@@ -95,18 +101,28 @@ impl Repo {
     }
 }
 
+/// How often a writer waiting for the next chunk looks at the cancel switch.
+const CANCEL_POLL: Duration = Duration::from_millis(200);
+
+const CANCELLED: &str = "cancelled";
+
 /// The receiving end of a target stream that another thread fetches (and tough hashes), so
 /// that fetching and hashing overlap with decompressing and writing.
-struct ChannelReader {
+struct ChannelReader<'a> {
     rx: mpsc::Receiver<Result<Bytes, String>>,
     buf: Bytes,
+    cancel: &'a AtomicBool,
 }
 
-impl Read for ChannelReader {
+impl Read for ChannelReader<'_> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         while self.buf.is_empty() {
-            match self.rx.recv() {
-                Err(_) => return Ok(0),
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(io::Error::other(CANCELLED));
+            }
+            match self.rx.recv_timeout(CANCEL_POLL) {
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(0),
                 Ok(Ok(b)) => self.buf = b,
                 Ok(Err(e)) => return Err(io::Error::other(e)),
             }
@@ -126,6 +142,9 @@ fn pump<S: Stream<Item = tough::error::Result<Bytes>>>(
 ) {
     let mut stream = Box::pin(stream);
     loop {
+        if progress.cancelled() {
+            return;
+        }
         let item = rt.block_on(std::future::poll_fn(|cx| stream.as_mut().poll_next(cx)));
         let msg = match item {
             None => return,
@@ -192,7 +211,7 @@ fn write_image(
     let (tx, rx) = mpsc::sync_channel(32);
     std::thread::scope(|scope| {
         scope.spawn(|| pump(&repo.rt, stream, tx, progress));
-        let mut reader = ChannelReader { rx, buf: Bytes::new() };
+        let mut reader = ChannelReader { rx, buf: Bytes::new(), cancel: &progress.cancel };
         let mut decoder = lz4_flex::frame::FrameDecoder::new(&mut reader);
         let mut out = io::BufWriter::with_capacity(1 << 20, &mut region);
         io::copy(&mut decoder, &mut out).map_err(|e| format!("{name} → {label}: {e}"))?;
@@ -211,8 +230,30 @@ fn write_image(
     Ok(region.pos)
 }
 
-/// Write `update`'s images into `slot` and check what landed. Returns a short report.
+/// Write `update`'s images into `slot` and check what landed. Returns a short report;
+/// [`Error::Cancelled`] if [`Progress::cancel`] was set meanwhile, else [`Error::Stage`].
 pub fn write_slot(
+    repo: &Repo,
+    update: &Update,
+    cfg: &Config,
+    slot: Slot,
+    progress: &Progress,
+) -> Result<String, Error> {
+    write_and_check(repo, update, cfg, slot, progress).map_err(|e| {
+        if progress.cancelled() {
+            let done = progress.done.load(Ordering::Relaxed);
+            Error::Cancelled(format!(
+                "stopped after {} of {} MiB",
+                done >> 20,
+                progress.total.load(Ordering::Relaxed) >> 20
+            ))
+        } else {
+            Error::Stage(e)
+        }
+    })
+}
+
+fn write_and_check(
     repo: &Repo,
     update: &Update,
     cfg: &Config,
@@ -236,12 +277,18 @@ pub fn write_slot(
         .map_err(|e| format!("{}: {e}", cfg.disk.path.display()))?;
     let mut written = 0;
     for (kind, name) in &images {
-        *progress.phase.lock().unwrap_or_else(|e| e.into_inner()) = format!("writing {}", slot.label(kind));
+        if progress.cancelled() {
+            return Err(CANCELLED.into());
+        }
+        progress.set_phase(&format!("writing {}", slot.label(kind)));
         written += write_image(repo, &disk, cfg, slot, kind, name, progress)?;
     }
     disk.sync_all().map_err(|e| format!("flushing {}: {e}", cfg.disk.path.display()))?;
+    if progress.cancelled() {
+        return Err(CANCELLED.into());
+    }
     let wrote_s = t0.elapsed().as_secs_f64();
-    *progress.phase.lock().unwrap_or_else(|e| e.into_inner()) = "verifying".into();
+    progress.set_phase("verifying");
     let _ = crate::sys::drop_page_cache(&disk);
     let meta = check_slot(&disk, cfg, slot, update)?;
     info!(

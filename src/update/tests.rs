@@ -43,11 +43,16 @@ struct Server(Child, u16);
 
 impl Server {
     fn start(dir: &Path) -> Server {
+        Server::start_with(dir, &[])
+    }
+
+    fn start_with(dir: &Path, extra: &[&str]) -> Server {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("qemu-tests/repo_server.py");
         let mut child = Proc::new("python3")
             .arg(script)
             .arg(dir)
             .args(["--port", "0"])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -164,7 +169,12 @@ impl Fixture {
     }
 
     fn updater(&self) -> Arc<Updater> {
-        Updater::new(Config {
+        self.updater_with(|_| {})
+    }
+
+    /// An updater whose configuration `adjust` changes first (the running slot and version).
+    fn updater_with(&self, adjust: impl FnOnce(&mut Config)) -> Arc<Updater> {
+        let mut cfg = Config {
             state_dir: self.dir.join("state"),
             trusted_root: self.keys.join("root.json"),
             disk: Disk { path: self.disk.clone(), sector: 512 },
@@ -184,7 +194,9 @@ impl Fixture {
                     .map_err(|e| e.to_string())?;
                 Ok(String::from_utf8_lossy(&out.stdout).into_owned())
             }),
-        })
+        };
+        adjust(&mut cfg);
+        Updater::new(cfg)
     }
 
     fn region(&self, slot: Slot, kind: &str) -> Vec<u8> {
@@ -542,4 +554,186 @@ fn one_reading_from_the_future_never_pushes_the_clock_forward() {
     u.run(Command::Refresh, &s);
     assert_eq!(last(&u).0, "Success", "{:?}", last(&u));
     assert_eq!(f.clock.events(), vec![Event::Set(t)]);
+}
+
+/// The boot after activating v2: slot B runs v2 on trial (stage 1 used its try), slot A holds
+/// v1 and is the fallback. `apiclient update cancel` (deactivate) used to zero slot A here,
+/// leaving nothing bootable if the trial failed; now every command that would touch A is
+/// refused with a message saying what to do, and the state says what is going on.
+#[test]
+fn on_the_trial_boot_the_fallback_slot_is_left_alone() {
+    let f = Fixture::new("trial");
+    let dir = f.dir.join("state");
+    fs::create_dir_all(&dir).unwrap();
+    // What v1 saved when it activated v2 in slot B.
+    let p = state::Persisted {
+        state: State::Ready,
+        available: vec!["0.2.0".into()],
+        staged: Some(state::Staged { slot: Slot::B, version: "0.2.0".into() }),
+        activated: Some(state::Activated {
+            slot: Slot::B,
+            version: "0.2.0".into(),
+            from_version: "0.1.0".into(),
+        }),
+        ..Default::default()
+    };
+    state::save(&dir, &p).unwrap();
+    let mut bc = Disk { path: f.disk.clone(), sector: 512 }.boot_control();
+    bc.set_state(Slot::B, SlotState { priority: 2, tries: 0, successful: false }).unwrap();
+    // Slot A holds v1 (its slot.toml, for the rollback at the end).
+    let v1_boot = fs::read(f.slot("0.1.0", "x86_64", 13).join("boot.img")).unwrap();
+    let (off, _) = Disk { path: f.disk.clone(), sector: 512 }.region(Slot::A, "BOOT").unwrap();
+    let disk = fs::OpenOptions::new().write(true).open(&f.disk).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&disk, &v1_boot, off).unwrap();
+    let good_a = f.slot_state(Slot::A);
+    assert!(good_a.bootable() && good_a.successful);
+    let u = f.updater_with(|c| {
+        c.active = Slot::B;
+        c.on_trial = true;
+        c.version = "0.2.0".parse().unwrap();
+    });
+
+    let none = UpdateSettings::default();
+    for cmd in [Command::Deactivate, Command::Activate, Command::Prepare] {
+        let e = u.command(cmd, &none).unwrap_err();
+        assert_eq!(e.status(), 409, "{cmd:?}: {e}");
+        let msg = e.to_string();
+        assert!(msg.contains("slot A") && msg.contains("/actions/rollback"), "{cmd:?}: {msg}");
+        assert_eq!(f.slot_state(Slot::A), good_a, "{cmd:?} touched the fallback slot");
+    }
+    assert!(u
+        .command(Command::Deactivate, &none)
+        .unwrap_err()
+        .to_string()
+        .contains("no activated update to cancel"));
+
+    let st = u.status();
+    assert_eq!(st["update_state"], "Idle", "nothing is staged or activated on the trial boot: {st}");
+    assert_eq!(st["active_partition"]["on_trial"], true);
+    assert!(st["note"].as_str().unwrap().contains("on trial"), "{st}");
+    // Once the boot is healthy the update is complete, and the other slot is fair game.
+    u.boot_succeeded();
+    let st = u.status();
+    assert_eq!(st["active_partition"]["on_trial"], false);
+    assert_eq!(st["last_update"]["to"], "0.2.0");
+    assert_eq!(
+        u.command(Command::Deactivate, &none).unwrap_err(),
+        check(Command::Deactivate, State::Idle).unwrap_err()
+    );
+    // What the refusal suggested works: A boots next.
+    u.command(Command::Rollback, &none).unwrap();
+    let (a, b) = (f.slot_state(Slot::A), f.slot_state(Slot::B));
+    assert_eq!(crate::bootctl::choose(a, b), Some(Slot::A), "{a:?} {b:?}");
+}
+
+/// Lowering `max_version` below a staged version (or removing its entry) withdraws it: the
+/// next refresh drops it from Staged, and activate refuses it.
+#[test]
+fn a_withdrawn_version_is_dropped_at_refresh_and_never_activated() {
+    let f = Fixture::new("withdrawn");
+    f.add(&f.slot("0.2.0", "x86_64", 11), &[]);
+    let srv = Server::start(&f.repo);
+    let s = settings(srv.1);
+    let u = f.updater();
+    let stage = |u: &Updater| {
+        u.run(Command::Refresh, &s);
+        u.run(Command::Prepare, &s);
+        assert_eq!(state(u), "Staged", "{:?}", last(u));
+    };
+    stage(&u);
+    let keys = f.keys.to_str().unwrap();
+    let repo = f.repo.to_str().unwrap();
+    let set_max = |v: &str| {
+        repo_tool(&[
+            "set-max-version",
+            "--keys",
+            keys,
+            "--repo",
+            repo,
+            "--variant",
+            "qemu",
+            "--arch",
+            "x86_64",
+            v,
+        ])
+    };
+    set_max("0.1.0");
+    u.run(Command::Refresh, &s);
+    assert_eq!(last(&u).0, "Success", "{:?}", last(&u));
+    let st = u.status();
+    assert_eq!(st["update_state"], "Idle", "{st}");
+    assert!(st["note"].as_str().unwrap().contains("0.2.0 (staged in slot B) was withdrawn"), "{st}");
+    assert!(last(&u).1.contains("withdrawn"), "{:?}", last(&u));
+    assert_eq!(st["staging_partition"]["version"], Value::Null);
+    assert!(!f.slot_state(Slot::B).bootable());
+    assert_eq!(u.command(Command::Activate, &s).unwrap_err().status(), 409);
+    assert!(!f.slot_state(Slot::B).bootable());
+
+    // Offered again, staged again, then its entry removed from the manifest.
+    set_max("0.2.0");
+    stage(&u);
+    let manifest = f.repo.join("src/manifest.json");
+    let mut m: Manifest = serde_json::from_slice(&fs::read(&manifest).unwrap()).unwrap();
+    m.updates.clear();
+    fs::write(&manifest, serde_json::to_vec(&m).unwrap()).unwrap();
+    repo_tool(&["sign", "--keys", keys, "--repo", repo]);
+    u.run(Command::Refresh, &s);
+    assert_eq!(state(&u), "Idle");
+    assert!(u.status()["note"].as_str().unwrap().contains("withdrawn"));
+
+    // Activate itself checks too: a state whose last refresh did not offer the staged version
+    // (as if saved before the drop above) is refused.
+    let dir = f.dir.join("state");
+    let mut p = state::load(&dir);
+    p.state = State::Staged;
+    p.staged = Some(state::Staged { slot: Slot::B, version: "0.2.0".into() });
+    p.available = vec!["0.1.0".into()];
+    state::save(&dir, &p).unwrap();
+    drop(u);
+    let u = f.updater();
+    assert_eq!(state(&u), "Staged");
+    let e = u.command(Command::Activate, &s).unwrap_err();
+    assert!(matches!(e, Error::Withdrawn(_)), "{e:?}");
+    assert!(!f.slot_state(Slot::B).bootable());
+}
+
+/// `POST /actions/cancel-update` stops a running prepare at its next chunk: the prepare ends
+/// as Failed (cancelled), the slot it was writing stays unbootable, and it can be run again.
+#[test]
+fn a_running_prepare_can_be_cancelled() {
+    let f = Fixture::new("cancel");
+    f.add(&f.slot("0.2.0", "x86_64", 12), &[]);
+    // 200 kB/s: the images take about 15 s, so the cancel lands mid-write.
+    let srv = Server::start_with(&f.repo, &["--rate", "200000"]);
+    let s = settings(srv.1);
+    let u = f.updater();
+    u.spawn().unwrap();
+    assert_eq!(u.cancel(CANCEL_WAIT).unwrap_err().status(), 409, "nothing to cancel yet");
+    u.run(Command::Refresh, &s);
+    assert!(u.command(Command::Prepare, &s).unwrap(), "prepare runs in the updater thread");
+    let t0 = std::time::Instant::now();
+    while u.status()["progress"]["bytes_done"].as_u64().unwrap_or(0) < 100_000 {
+        assert!(t0.elapsed().as_secs() < 60, "no progress: {}", u.status());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(u.cancel(CANCEL_WAIT).unwrap(), "the prepare stopped within {CANCEL_WAIT:?}");
+    let st = u.status();
+    let rec = &st["most_recent_command"];
+    assert_eq!(
+        (rec["cmd_type"].as_str(), rec["cmd_status"].as_str()),
+        (Some("prepare"), Some("Failed")),
+        "{st}"
+    );
+    assert!(rec["error"].as_str().unwrap().contains("cancelled"), "{st}");
+    assert!(st["note"].as_str().unwrap().contains("slot B is left unbootable"), "{st}");
+    assert_eq!(st["update_state"], "Available");
+    assert!(!f.slot_state(Slot::B).bootable());
+    assert_eq!(u.cancel(CANCEL_WAIT).unwrap_err().status(), 409, "nothing left to cancel");
+    // A new prepare is not cancelled by the old request.
+    srv.control("drop?after=0&times=0");
+    let fast = Server::start(&f.repo);
+    let s = settings(fast.1);
+    u.run(Command::Prepare, &s);
+    assert_eq!(last(&u).0, "Success", "{:?}", last(&u));
+    assert_eq!(state(&u), "Staged");
 }
