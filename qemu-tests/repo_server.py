@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
-"""Serve a directory (a TUF repository) over HTTP/1.1 to a QEMU guest, with faults on demand.
+"""Serve a directory (a TUF repository) over HTTP/1.1 or HTTPS to a QEMU guest, with faults on
+demand.
 
 The guest sees the host's loopback as 10.0.2.2, so the default bind is 127.0.0.1 on a free
 port; once bound the server prints `listening PORT` on stdout for the harness to read.
 
     repo_server.py DIR [--port 0] [--bind 127.0.0.1] [--drop-after BYTES] [--drop-times N]
-                       [--rate BYTES_PER_SEC]
+                       [--rate BYTES_PER_SEC] [--tls-cert PEM --tls-key PEM]
+
+With `--tls-cert` and `--tls-key` it speaks HTTPS with that certificate (the handshake runs in
+each connection's thread, so a client that refuses the certificate holds up no one else).
 
 GET and HEAD of files under DIR (nothing outside it: no `..`, no links out), 404 otherwise.
 Answers carry Content-Length, ETag and Last-Modified; a single `Range: bytes=N-` or `N-M` gets
@@ -20,7 +24,7 @@ mid-transfer. `--rate` throttles every body. At run time:
     GET  /_control/stats                   {"requests": n, "range_requests": n, "dropped": n}
 
 Control requests do not count in the stats. Run `repo_server.py --self-check` for a host-only
-check of ranges, If-Range and the drop fault.
+check of ranges, If-Range, the drop fault and TLS (which needs the openssl CLI).
 """
 
 import argparse
@@ -32,6 +36,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import sys
 import tempfile
 import threading
@@ -91,6 +96,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, fmt, *args):
         sys.stderr.write("repo_server: %s %s\n" % (self.address_string(), fmt % args))
+
+    def setup(self):
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.settimeout(30)
+            self.request.do_handshake()
+        super().setup()
 
     def do_GET(self):
         self.answer(send_body=True)
@@ -205,14 +216,26 @@ class Handler(http.server.BaseHTTPRequestHandler):
 class Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
+    def handle_error(self, request, client_address):
+        # A client that refuses the certificate (as the bad-certificate tests want) is no news.
+        if isinstance(sys.exc_info()[1], (ssl.SSLError, ConnectionError)):
+            sys.stderr.write("repo_server: %s: %s\n" % (client_address[0], sys.exc_info()[1]))
+            return
+        super().handle_error(request, client_address)
 
-def serve(root, port=0, bind="127.0.0.1", drop_after=None, drop_times=1, rate=None):
-    """A started server (in a thread); `.server_address[1]` is its port."""
+
+def serve(root, port=0, bind="127.0.0.1", drop_after=None, drop_times=1, rate=None, tls=None):
+    """A started server (in a thread); `.server_address[1]` is its port. `tls`: (cert, key)
+    PEM files to serve HTTPS with."""
     state = State(root, drop_after, drop_times, rate)
     handler = type("BoundHandler", (Handler,), {"state": state})
     family = socket.AF_INET6 if ":" in bind else socket.AF_INET
     server_class = type("BoundServer", (Server,), {"address_family": family})
     server = server_class((bind, port), handler)
+    if tls:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(*tls)
+        server.socket = ctx.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
     threading.Thread(target=server.serve_forever, name="repo-server", daemon=True).start()
     return server
 
@@ -256,6 +279,32 @@ def self_check():
         stats = json.loads(_get(port, "/_control/stats")[2])
         assert stats == {"requests": 11, "range_requests": 5, "dropped": 1}, stats
         server.shutdown()
+
+        from testpki import make_pki
+        pki_dir = os.path.join(root, "pki")
+        os.makedirs(pki_dir)
+        pki = make_pki(pki_dir)
+        tls = serve(root, tls=pki["good"])
+        ctx = ssl.create_default_context(cafile=pki["ca"])
+        conn = http.client.HTTPSConnection("127.0.0.1", tls.server_address[1], timeout=10, context=ctx)
+        conn.request("GET", "/target.img", headers={"Range": "bytes=7-"})
+        resp = conn.getresponse()
+        assert (resp.status, resp.read()) == (206, data[7:]), resp.status
+        conn.close()
+        refused = serve(root, tls=pki["wrong-name"])
+        conn = http.client.HTTPSConnection("127.0.0.1", refused.server_address[1], timeout=10, context=ctx)
+        try:
+            conn.request("GET", "/target.img")
+            raise AssertionError("a certificate for repo.example was accepted for 127.0.0.1")
+        except ssl.SSLCertVerificationError:
+            pass
+        conn.close()
+        # The server goes on after a refused handshake.
+        conn = http.client.HTTPSConnection("127.0.0.1", tls.server_address[1], timeout=10, context=ctx)
+        conn.request("GET", "/missing")
+        assert conn.getresponse().status == 404
+        tls.shutdown()
+        refused.shutdown()
     print("repo_server self-check: ok")
 
 
@@ -267,13 +316,18 @@ def main():
     p.add_argument("--drop-after", type=int, metavar="BYTES")
     p.add_argument("--drop-times", type=int, default=1, metavar="N")
     p.add_argument("--rate", type=int, metavar="BYTES_PER_SEC")
+    p.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (chain)")
+    p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     p.add_argument("--self-check", action="store_true", help="check the server on the host and exit")
     args = p.parse_args()
     if args.self_check:
         return self_check()
     if not args.dir or not os.path.isdir(args.dir):
         p.error("DIR must be a directory")
-    server = serve(args.dir, args.port, args.bind, args.drop_after, args.drop_times, args.rate)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        p.error("--tls-cert and --tls-key go together")
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
+    server = serve(args.dir, args.port, args.bind, args.drop_after, args.drop_times, args.rate, tls)
     print("listening %d" % server.server_address[1], flush=True)
     try:
         threading.Event().wait()

@@ -6,6 +6,7 @@ scripts/build-image` into build/ARCH-v2, and on x86_64 a never-healthy variant i
 build/x86_64-v2-broken).
 """
 
+import base64
 import os
 import random
 import shutil
@@ -16,15 +17,17 @@ import time
 
 from berthvm import VM, BUILD, gpt_partitions, slot_states
 from cases import case, flip_byte, host_berth
+from testpki import make_pki
 
 KEYS = os.environ.get("BERTH_UPDATE_KEYS", os.path.join(BUILD, "update-keys"))
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class Repo:
-    """A signed repository holding the given slot builds, served over HTTP on 127.0.0.1."""
+    """A signed repository holding the given slot builds, served over HTTP on 127.0.0.1 (HTTPS
+    with `tls` = (cert, key))."""
 
-    def __init__(self, arch, builds, rate=None):
+    def __init__(self, arch, builds, rate=None, tls=None):
         self.dir = tempfile.mkdtemp(prefix="berth-repo-")
         self.repo = os.path.join(self.dir, "repo")
         for b in builds:
@@ -33,24 +36,38 @@ class Repo:
                 f"{slot} is missing: scripts/test builds it (BERTH_SLOT_ONLY=1 scripts/build-image)"
             subprocess.run([host_berth(), "update-repo", "add", "--keys", KEYS, "--repo", self.repo, slot],
                            check=True, stdout=subprocess.DEVNULL)
+        self.tls = tls
         self.server = None
+        self.others = []
         self.serve(rate)
+
+    def _start(self, rate=None, tls=None):
+        argv = ["python3", os.path.join(HERE, "repo_server.py"), self.repo, "--port", "0"]
+        if rate:
+            argv += ["--rate", str(rate)]
+        if tls:
+            argv += ["--tls-cert", tls[0], "--tls-key", tls[1]]
+        server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        line = server.stdout.readline()
+        assert line.startswith("listening "), line
+        return server, int(line.split()[1])
 
     def serve(self, rate=None):
         if self.server:
             self.server.kill()
             self.server.wait()
-        argv = ["python3", os.path.join(HERE, "repo_server.py"), self.repo, "--port", "0"]
-        if rate:
-            argv += ["--rate", str(rate)]
-        self.server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        line = self.server.stdout.readline()
-        assert line.startswith("listening "), line
-        self.port = int(line.split()[1])
+        self.server, self.port = self._start(rate, self.tls)
         return self
 
-    def settings(self):
-        base = f"http://10.0.2.2:{self.port}"
+    def also_serve(self, tls):
+        """Another server of the same repository, over HTTPS with `tls`; returns its port."""
+        server, port = self._start(tls=tls)
+        self.others.append(server)
+        return port
+
+    def settings(self, port=None):
+        scheme = "https" if self.tls else "http"
+        base = f"{scheme}://10.0.2.2:{port or self.port}"
         return {"updates": {"metadata-base-url": f"{base}/metadata", "targets-base-url": f"{base}/targets",
                             "ignore-waves": True}}
 
@@ -62,9 +79,10 @@ class Repo:
         return self
 
     def __exit__(self, *exc):
-        if self.server:
-            self.server.kill()
-            self.server.wait()
+        for server in [self.server] + self.others:
+            if server:
+                server.kill()
+                server.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -446,3 +464,39 @@ def power_cut_during_boot_control_writes(arch):
         print(f"  power cuts: {', '.join(kinds)}; {stale} landed inside a write (repaired at the next "
               f"boot); {boots} boots", flush=True)
         assert any(k.startswith("activate") for k in kinds) and any(k.startswith("mark") for k in kinds), kinds
+@case()
+def update_over_https_with_a_private_ca(arch):
+    """The repository is served over HTTPS with a certificate from a test CA: refresh is refused
+    (unknown issuer) until settings.pki trusts that CA; then a server with a certificate from
+    another CA, one with an expired certificate and one with a certificate for another name
+    are each refused, the reason in /updates/status; and refresh and prepare succeed over
+    HTTPS from the good server."""
+    with tempfile.TemporaryDirectory(prefix="berth-pki-") as d:
+        pki = make_pki(d)
+        with Repo(arch, ["v2"], tls=pki["good"]) as repo, VM(arch, raw=True) as vm:
+            bad = {name: repo.also_serve(pki[name]) for name in ("wrong-ca", "expired", "wrong-name")}
+            vm.start()
+            boot(vm)
+            # The image's CA bundle does not know the test CA.
+            configure(vm, repo)
+            s = run_command(vm, "refresh-updates", "refresh", want="Failed")
+            err = s["most_recent_command"]["error"]
+            assert "TLS handshake with 10.0.2.2 failed" in err and "(unknown issuer)" in err, err
+            with open(pki["ca"], "rb") as f:
+                trust = {"pki": {"test-ca": {"data": base64.b64encode(f.read()).decode(), "trusted": True}}}
+            reasons = {
+                "wrong-ca": "not signed by a certificate authority this host trusts (unknown issuer)",
+                "expired": "the server's certificate has expired: it was valid until 2020-01-01",
+                "wrong-name": "not valid for the name '10.0.2.2' (it is for: repo.example)",
+            }
+            for name, port in bad.items():
+                configure(vm, repo, {**trust, **repo.settings(port)})
+                s = run_command(vm, "refresh-updates", "refresh", want="Failed")
+                err = s["most_recent_command"]["error"]
+                assert "TLS handshake with 10.0.2.2 failed" in err and reasons[name] in err, (name, err)
+                assert s["update_state"] == "Idle", (name, s)
+            configure(vm, repo, trust)
+            s = run_command(vm, "refresh-updates", "refresh")
+            assert s["update_state"] == "Available" and s["chosen_update"]["version"] == "0.2.0", s
+            s = run_command(vm, "prepare-update", "prepare")
+            assert s["update_state"] == "Staged" and s["staging_partition"]["version"] == "0.2.0", s

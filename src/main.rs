@@ -8,6 +8,7 @@ mod apiclient;
 mod boot;
 mod bootctl;
 mod disk;
+mod http;
 mod image;
 mod init;
 mod klog;
@@ -28,6 +29,7 @@ usage:
   berth apiclient ...                      (also as argv[0] `apiclient`)
   berth serve --state-dir DIR --socket P   settings + API in dev mode (no PID 1 duties)
   berth bench-api SOCKET get|commit N SECS load generator for scripts/bench api
+  berth bench-api SOCKET burst N SHAPE     N concurrent 1 MiB PATCH bodies (string|array|object)
   berth verity-format DATA HASH [SALT]     build a dm-verity hash tree; prints its parameters
   berth mkcpio MANIFEST OUT [NAME=VALUE..] build a newc cpio archive (initramfs)
   berth mkroot MANIFEST DIR [NAME=VALUE..] create a manifest's tree in DIR (root filesystem)

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use log::{info, warn};
 
-use super::http::{self, Limits};
+use crate::http::head::parse_request;
+use crate::http::server::Limits;
 
 pub const PORT_NAME: &str = "org.berth.api";
 const STALE: Duration = Duration::from_secs(5);
@@ -37,7 +38,7 @@ pub fn find_port(name: &str) -> Option<PathBuf> {
 /// The length of the first complete request in `buf`: `Some(n)` when one is there, `Some(all)`
 /// when the bytes are not HTTP (the API answers them with its error), `None` when more are due.
 fn next_request(buf: &[u8], limits: &Limits) -> Option<usize> {
-    match http::parse_head(buf, limits) {
+    match parse_request(buf, limits.max_header_bytes, limits.max_body_bytes) {
         Ok(Some((head, len))) => {
             (buf.len() >= len + head.content_length).then_some(len + head.content_length)
         }
@@ -115,6 +116,7 @@ pub fn spawn(socket: PathBuf) -> std::io::Result<std::thread::JoinHandle<Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::server as http;
 
     #[test]
     fn cuts_the_stream_into_requests() {

@@ -1,12 +1,12 @@
 //! The settings API: HTTP/1.1 on a Unix socket (`/run/api.sock`, mode 0660, root:api).
 //!
-//! [`http`] is the server (limits, timeouts, bounded connections), [`routes`] maps requests to
-//! the datastore and actions, [`bridge`] carries the API over a virtio-serial port so the host
-//! running a VM can reach it. `berth serve` runs it in dev mode on a developer machine.
+//! [`crate::http::server`] is the server (limits, timeouts, bounded connections, eviction of
+//! idle ones), [`routes`] maps requests to the datastore and actions, [`bridge`] carries the
+//! API over a virtio-serial port so the host running a VM can reach it, [`bench`] is the load
+//! generator of `scripts/bench api`. `berth serve` runs it in dev mode on a developer machine.
 
 pub mod bench;
 pub mod bridge;
-pub mod http;
 pub mod routes;
 
 use std::fs;
@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use log::info;
 use serde_json::json;
 
+use crate::http::server::{self as http, Handler};
 use crate::settings::{render, Datastore};
 use routes::{Action, Api, OsInfo};
 
@@ -50,8 +51,7 @@ pub fn spawn(
     api: Arc<Api>,
     listener: UnixListener,
 ) -> io::Result<std::thread::JoinHandle<Result<(), String>>> {
-    let handler: Arc<dyn Fn(&http::Request) -> http::Response + Send + Sync> =
-        Arc::new(move |r| api.handle(r));
+    let handler: Handler = Arc::new(move |r| api.handle(r));
     std::thread::Builder::new().name("api".into()).spawn(move || {
         http::serve(listener, http::Limits::default(), handler, Arc::new(AtomicBool::new(false)));
         Err("the accept loop ended".into())
@@ -105,8 +105,7 @@ pub fn serve_dev(args: &[String]) -> Result<(), String> {
     let listener = listen(&socket, None).map_err(|e| format!("{}: {e}", socket.display()))?;
     info!("serving the API on {} (state in {})", socket.display(), state.display());
     let api = Arc::new(api);
-    let handler: Arc<dyn Fn(&http::Request) -> http::Response + Send + Sync> =
-        Arc::new(move |r| api.handle(r));
+    let handler: Handler = Arc::new(move |r| api.handle(r));
     http::serve(listener, http::Limits::default(), handler, Arc::new(AtomicBool::new(false)));
     Ok(())
 }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Map, Value};
 
-use super::http::{Request, Response};
+use crate::http::server::{Request, Response};
 use crate::settings::model::Settings;
 use crate::settings::{render, store, Datastore};
 use crate::supervisor::Supervisor;
@@ -52,8 +52,17 @@ pub struct Api {
 }
 
 /// The top-level setting groups (`settings.GROUP...`).
-const SETTING_GROUPS: &[&str] =
-    &["motd", "network", "kernel", "ntp", "updates", "kubernetes", "host-containers", "container-registry"];
+const SETTING_GROUPS: &[&str] = &[
+    "motd",
+    "network",
+    "kernel",
+    "ntp",
+    "updates",
+    "kubernetes",
+    "host-containers",
+    "container-registry",
+    "pki",
+];
 
 const ROUTES: &[(&str, &[&str])] = &[
     ("/", &["GET"]),
@@ -95,11 +104,99 @@ fn store_error(e: store::Error) -> Response {
     Response::error(status, &e.to_string())
 }
 
+/// The most JSON values (objects, arrays, strings, numbers, booleans and nulls together) a
+/// request body may hold: far more than any settings document needs. A JSON tree takes many
+/// times the bytes of its text (a 1 MiB array of numbers is 16 MiB as a `Value`), so the body
+/// is counted first, without building anything, and refused before the tree is built.
+const MAX_JSON_VALUES: usize = 10_000;
+
 fn json_body(req: &Request) -> Result<Value, Response> {
     if req.body.is_empty() {
         return Err(Response::error(400, "request body is empty; expected JSON"));
     }
-    serde_json::from_slice(&req.body).map_err(|e| Response::error(400, &format!("malformed JSON: {e}")))
+    let malformed = |e: serde_json::Error| Response::error(400, &format!("malformed JSON: {e}"));
+    if count_json_values(&req.body, MAX_JSON_VALUES).map_err(malformed)? > MAX_JSON_VALUES {
+        return Err(Response::error(
+            413,
+            &format!(
+                "the JSON body holds more than {MAX_JSON_VALUES} values; send the settings in smaller parts"
+            ),
+        ));
+    }
+    serde_json::from_slice(&req.body).map_err(malformed)
+}
+
+/// The values in the JSON text `bytes`, counted up to `max + 1` without building them. Syntax
+/// errors are serde_json's own.
+fn count_json_values(bytes: &[u8], max: usize) -> Result<usize, serde_json::Error> {
+    use serde::de::{DeserializeSeed, Error, IgnoredAny, MapAccess, SeqAccess, Visitor};
+    use std::cell::Cell;
+
+    /// The values seen so far; past `max` the walk stops with this marker error.
+    struct Count<'a>(&'a Cell<usize>, usize);
+    const OVER: &str = "berth: over the count";
+
+    impl Count<'_> {
+        fn one<E: Error>(&self) -> Result<(), E> {
+            self.0.set(self.0.get() + 1);
+            if self.0.get() > self.1 {
+                return Err(E::custom(OVER));
+            }
+            Ok(())
+        }
+    }
+
+    impl<'de> DeserializeSeed<'de> for Count<'_> {
+        type Value = ();
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Count<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_bool<E: Error>(self, _: bool) -> Result<(), E> {
+            self.one()
+        }
+        fn visit_i64<E: Error>(self, _: i64) -> Result<(), E> {
+            self.one()
+        }
+        fn visit_u64<E: Error>(self, _: u64) -> Result<(), E> {
+            self.one()
+        }
+        fn visit_f64<E: Error>(self, _: f64) -> Result<(), E> {
+            self.one()
+        }
+        fn visit_str<E: Error>(self, _: &str) -> Result<(), E> {
+            self.one()
+        }
+        fn visit_unit<E: Error>(self) -> Result<(), E> {
+            self.one()
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            self.one()?;
+            while seq.next_element_seed(Count(self.0, self.1))?.is_some() {}
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            self.one()?;
+            while map.next_key::<IgnoredAny>()?.is_some() {
+                map.next_value_seed(Count(self.0, self.1))?;
+            }
+            Ok(())
+        }
+    }
+
+    let seen = Cell::new(0);
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    match Count(&seen, max).deserialize(&mut de).and_then(|()| de.end()) {
+        Ok(()) => Ok(seen.get()),
+        Err(e) if seen.get() > max && e.to_string().starts_with(OVER) => Ok(seen.get()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Strip an optional leading `settings.` from a dotted key.
@@ -426,12 +523,40 @@ mod tests {
             kubernetes: Some(Kubernetes::default()),
             host_containers: Some(Default::default()),
             container_registry: Some(ContainerRegistry::default()),
+            pki: Some(Default::default()),
         };
         let v = serde_json::to_value(all).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
         let mut groups = SETTING_GROUPS.to_vec();
         groups.sort();
         assert_eq!(keys, groups);
+    }
+
+    #[test]
+    fn json_values_are_counted_without_building_them() {
+        // Counted up to one over the maximum of 6.
+        let cases: [(&str, Result<usize, &str>); 7] = [
+            ("{}", Ok(1)),
+            (r#"{"motd": "hi", "kernel": {"sysctl": {"a": "1", "b": "2"}}}"#, Ok(6)),
+            ("[1, 2.5, -3, true, null, \"s\\n\", [], {}]", Ok(7)),
+            ("[1,1,1,1,1]", Ok(6)),
+            ("[1,1,1,1,1,1]", Ok(7)),
+            ("[1,", Err("EOF while parsing")),
+            ("{} x", Err("trailing characters")),
+        ];
+        for (text, want) in cases {
+            match (count_json_values(text.as_bytes(), 6), want) {
+                (Ok(got), Ok(want)) => assert_eq!(got, want, "{text}"),
+                (Err(e), Err(want)) => assert!(e.to_string().contains(want), "{text}: {e}"),
+                (got, want) => panic!("{text}: got {got:?}, want {want:?}"),
+            }
+        }
+        // Deeper than serde_json's recursion limit: its error, not a stack overflow.
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert!(count_json_values(deep.as_bytes(), usize::MAX - 1)
+            .unwrap_err()
+            .to_string()
+            .contains("recursion"));
     }
 
     #[test]

@@ -10,13 +10,22 @@
 //! - `update cancel`: stop a running prepare; otherwise deactivate an activated update before
 //!   its reboot
 //!
-//! A non-2xx answer prints the server's error and exits non-zero.
+//! A non-2xx answer prints the server's error and exits non-zero. Requests go through the
+//! shared HTTP client (`src/http`).
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Read;
+use std::path::Path;
 use std::time::Duration;
 
+use crate::http::client::{Connection, Options, Request};
+
 pub const DEFAULT_SOCKET: &str = "/run/api.sock";
+
+/// The longest a request may wait for each read or write (an update command answers at once;
+/// the longest request is a commit that restarts services).
+const TIMEOUT: Duration = Duration::from_secs(60);
+/// The largest answer read (the biggest is `/logs`, bounded by the service log buffers).
+const MAX_RESPONSE: usize = 64 * 1024 * 1024;
 
 const USAGE: &str = "usage: apiclient [-s SOCKET] get [PREFIX | /URI]
        apiclient [-s SOCKET] set KEY=VALUE... | set -j JSON
@@ -25,91 +34,23 @@ const USAGE: &str = "usage: apiclient [-s SOCKET] get [PREFIX | /URI]
        apiclient [-s SOCKET] reboot
        apiclient [-s SOCKET] update check | apply [--reboot] | cancel";
 
-/// Send one request; returns (status, body).
+/// Send one request; returns (status, body). The answer is read to the end of its body (by
+/// its length or its last chunk), not to the end of the connection: the host side of a VM's
+/// virtio-serial bridge cannot close it.
 pub fn request(socket: &str, method: &str, uri: &str, body: Option<&str>) -> Result<(u16, String), String> {
-    let mut s = UnixStream::connect(socket).map_err(|e| format!("cannot connect to {socket}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
-    let body = body.unwrap_or("");
-    let req = format!(
-        "{method} {uri} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).map_err(|e| format!("sending to {socket}: {e}"))?;
-    let resp = read_response(&mut s).map_err(|e| format!("reading from {socket}: {e}"))?;
-    parse_response(&resp)
-}
-
-/// One response: the head, then a Content-Length body, a chunked body up to its last chunk,
-/// or (neither) everything to EOF. Not waiting for EOF when the length is known matters on
-/// the host side of a VM's virtio-serial bridge, which cannot close the connection.
-fn read_response(s: &mut impl Read) -> std::io::Result<Vec<u8>> {
-    let mut resp = Vec::new();
-    let mut buf = [0u8; 16 * 1024];
-    let mut body_len: Option<(usize, usize)> = None; // (head end, content length)
-    let mut chunked_from: Option<usize> = None;
-    loop {
-        if let Some((head, len)) = body_len {
-            if resp.len() >= head + len {
-                resp.truncate(head + len);
-                return Ok(resp);
-            }
-        }
-        if let Some(head) = chunked_from {
-            if resp[head..].ends_with(b"\r\n0\r\n\r\n") || &resp[head..] == b"0\r\n\r\n" {
-                return Ok(resp);
-            }
-        }
-        let n = s.read(&mut buf)?;
-        if n == 0 {
-            return Ok(resp);
-        }
-        resp.extend_from_slice(&buf[..n]);
-        if body_len.is_none() && chunked_from.is_none() {
-            if let Some(end) = resp.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&resp[..end]).to_ascii_lowercase();
-                let header = |name: &str| {
-                    head.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
-                };
-                let status = head.split_whitespace().nth(1).unwrap_or("");
-                if status == "204" || status == "304" {
-                    body_len = Some((end + 4, 0));
-                } else if header("transfer-encoding:").is_some_and(|v| v.contains("chunked")) {
-                    chunked_from = Some(end + 4);
-                } else if let Some(len) = header("content-length:").and_then(|v| v.parse().ok()) {
-                    body_len = Some((end + 4, len));
-                }
-            }
-        }
-    }
-}
-
-fn parse_response(resp: &[u8]) -> Result<(u16, String), String> {
-    let text = String::from_utf8_lossy(resp);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or("malformed HTTP response (no header end)")?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse::<u16>().ok())
-        .ok_or("malformed HTTP status line")?;
-    let chunked = head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    let body = if chunked { dechunk(body)? } else { body.to_string() };
-    Ok((status, body))
-}
-
-fn dechunk(mut s: &str) -> Result<String, String> {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = s.split_once("\r\n").ok_or("bad chunked body")?;
-        let n = usize::from_str_radix(size.trim(), 16).map_err(|_| "bad chunk size")?;
-        if n == 0 {
-            return Ok(out);
-        }
-        out.push_str(rest.get(..n).ok_or("short chunk")?);
-        s = rest.get(n + 2..).ok_or("short chunk")?;
-    }
+    let opts = Options { io_timeout: TIMEOUT, ..Options::default() };
+    let mut conn = Connection::unix(Path::new(socket), &opts).map_err(|e| e.to_string())?;
+    let headers = [("Connection", "close"), ("Content-Type", "application/json")];
+    let req = Request {
+        method,
+        target: uri,
+        host: "localhost",
+        headers: &headers,
+        body: body.unwrap_or("").as_bytes(),
+    };
+    let (head, body) =
+        conn.exchange(&req, MAX_RESPONSE).map_err(|e| format!("{method} {uri} on {socket}: {e}"))?;
+    Ok((head.status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 pub fn main(args: &[String]) -> i32 {
@@ -133,7 +74,8 @@ fn run(args: &[String]) -> Result<(), String> {
         ["get"] => show(call(&socket, "GET", "/settings", None)?, true),
         ["get", uri] if uri.starts_with('/') => show(call(&socket, "GET", uri, None)?, false),
         ["get", prefix] => {
-            show(call(&socket, "GET", &format!("/settings?prefix={}", encode(prefix)), None)?, true)
+            let query = crate::http::encode_component(prefix);
+            show(call(&socket, "GET", &format!("/settings?prefix={query}"), None)?, true)
         }
         ["set", "-j", json] => {
             let v: serde_json::Value =
@@ -356,53 +298,9 @@ fn scalar(key: &str, v: &str) -> serde_json::Value {
     }
 }
 
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_plain_and_chunked_responses() {
-        let r = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}").unwrap();
-        assert_eq!(r, (200, "{}".into()));
-        let r = parse_response(
-            b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
-        )
-        .unwrap();
-        assert_eq!(r, (404, "abcde".into()));
-        assert!(parse_response(b"garbage").is_err());
-    }
-
-    /// Data, then an error where a blocking read would hang (a bridge that never closes).
-    struct NoEof(std::io::Cursor<Vec<u8>>);
-    impl Read for NoEof {
-        fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
-            match self.0.read(b)? {
-                0 => Err(std::io::Error::other("read past the response")),
-                n => Ok(n),
-            }
-        }
-    }
-
-    #[test]
-    fn responses_end_at_their_length_without_eof() {
-        let plain = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello".to_vec();
-        assert_eq!(read_response(&mut NoEof(std::io::Cursor::new(plain.clone()))).unwrap(), plain);
-        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n".to_vec();
-        assert_eq!(read_response(&mut NoEof(std::io::Cursor::new(chunked.clone()))).unwrap(), chunked);
-        let empty = b"HTTP/1.1 204 No Content\r\n\r\n".to_vec();
-        assert_eq!(read_response(&mut NoEof(std::io::Cursor::new(empty.clone()))).unwrap(), empty);
-        let to_eof = b"HTTP/1.1 200 OK\r\n\r\nuntil the end".to_vec();
-        assert_eq!(read_response(&mut std::io::Cursor::new(to_eof.clone())).unwrap(), to_eof);
-    }
 
     #[test]
     fn values_and_wrappers() {
@@ -416,7 +314,6 @@ mod tests {
             serde_json::json!({"motd": "x"})
         );
         assert_eq!(unwrap_settings(serde_json::json!({"motd": "x"})), serde_json::json!({"motd": "x"}));
-        assert_eq!(encode("settings.a b"), "settings.a%20b");
     }
 
     #[test]

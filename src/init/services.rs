@@ -15,8 +15,8 @@ fn containerd() -> ServiceSpec {
     let mut s =
         ServiceSpec::new("containerd", &["/usr/bin/containerd", "--config", "/etc/containerd/config.toml"]);
     s.ready = Ready::Socket(CONTAINERD_SOCKET.into());
-    // /etc is rendered at boot; the CA bundle ships in the read-only root.
-    s.env.push(("SSL_CERT_FILE".into(), "/usr/share/berth/ca-certificates.crt".into()));
+    // The trust bundle rendered in /etc from the image's CAs and settings.pki.
+    s.env.push(("SSL_CERT_FILE".into(), crate::http::tls::TRUST_BUNDLE.into()));
     s
 }
 
@@ -87,7 +87,8 @@ pub fn on_settings_applied(sup: &Mutex<Supervisor>, settings: &Settings, changed
         changed.is_none_or(|c| c.iter().any(|k| k == group || k.starts_with(&format!("{group}."))))
     };
     let mut sup = sup.lock().unwrap_or_else(|p| p.into_inner());
-    if touched("container-registry") {
+    // containerd reads its trust bundle (settings.pki) once, at start.
+    if touched("container-registry") || touched("pki") {
         sup.restart("containerd");
     }
     if touched("kubernetes") {

@@ -28,6 +28,10 @@ pub struct Settings {
     pub host_containers: Option<BTreeMap<String, HostContainer>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub container_registry: Option<ContainerRegistry>,
+    /// Certificate bundles by name (`settings.pki.NAME`), added to or removed from the trust
+    /// bundle (see `http::tls`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pki: Option<BTreeMap<String, CertificateBundle>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +137,22 @@ pub struct Mirror {
     pub registry: String,
     pub endpoint: Vec<String>,
 }
+
+/// `settings.pki.NAME`: Bottlerocket's keys and meaning.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct CertificateBundle {
+    /// Base64 of PEM text holding one or more certificates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    /// Trust the certificates (true), or distrust them even if the image's bundle has them
+    /// (false, the default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trusted: Option<bool>,
+}
+
+/// The most base64 text one `settings.pki.NAME.data` may hold (a whole public CA bundle fits).
+pub const MAX_PKI_DATA: usize = 512 * 1024;
 
 /// A setting that is not acceptable, with its full dotted key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -303,6 +323,25 @@ impl Settings {
                 }
             }
         }
+        for (name, bundle) in self.pki.iter().flatten() {
+            let key = format!("settings.pki.{name}");
+            if name.is_empty()
+                || name.len() > 64
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(invalid(key, "name must be 1-64 of [A-Za-z0-9_-]"));
+            }
+            let Some(data) = &bundle.data else { continue };
+            if data.len() > MAX_PKI_DATA {
+                return Err(invalid(
+                    format!("{key}.data"),
+                    format!("longer than {} KiB", MAX_PKI_DATA / 1024),
+                ));
+            }
+            let pem = super::kubelet::base64_decode(data)
+                .ok_or_else(|| invalid(format!("{key}.data"), "not base64 (of PEM certificates)"))?;
+            crate::http::tls::check_bundle(&pem).map_err(|e| invalid(format!("{key}.data"), e))?;
+        }
         for name in self.host_containers.iter().flat_map(|m| m.keys()) {
             if name.is_empty()
                 || name.len() > 63
@@ -372,6 +411,19 @@ mod tests {
             ),
             (json!({"ntp": {"time-servers": ["ntp:0"]}}), "settings.ntp.time-servers", "not a port"),
             (json!({"ntp": {"time-servers": vec!["x"; 17]}}), "settings.ntp.time-servers", "more than 16"),
+            (json!({"pki": {"my ca": {"trusted": true}}}), "settings.pki.my ca", "[A-Za-z0-9_-]"),
+            (json!({"pki": {"ca": {"data": "%%%"}}}), "settings.pki.ca.data", "not base64"),
+            (
+                json!({"pki": {"ca": {"data": "aGVsbG8="}}}),
+                "settings.pki.ca.data",
+                "no '-----BEGIN CERTIFICATE-----'",
+            ),
+            (json!({"pki": {"ca": {"trusted": "yes"}}}), "settings.pki.ca.trusted", "boolean"),
+            (
+                json!({"pki": {"ca": {"data": "QUFB".repeat(MAX_PKI_DATA / 4 + 1)}}}),
+                "settings.pki.ca.data",
+                "longer than",
+            ),
             (json!([1, 2]), "settings", "wrong shape"),
             (json!({"network": [null, null, null, null, null]}), "settings.network", "wrong shape"),
         ];
@@ -433,6 +485,16 @@ mod tests {
                 proptest::prop_assert_eq!(serde_json::to_value(&s).unwrap(), strip_nulls(&v));
             }
         }
+    }
+
+    #[test]
+    fn pki_bundles_take_base64_pem_certificates() {
+        let pem = crate::http::testing::TestCa::new("Berth test CA").pem();
+        let data = crate::http::testing::base64(pem.as_bytes());
+        let v = json!({"pki": {"my-ca": {"data": data, "trusted": true}, "distrust_this": {"data": data}}});
+        let s = parse(&v).unwrap();
+        assert_eq!(s.pki.as_ref().unwrap()["my-ca"].trusted, Some(true));
+        assert_eq!(serde_json::to_value(s).unwrap(), v, "round trip");
     }
 
     #[test]

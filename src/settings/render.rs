@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use super::kubelet;
 use super::model::Settings;
+use crate::http::tls;
 
 /// What a setting group changes on the running system.
 pub trait Host: Send + Sync {
@@ -96,6 +97,7 @@ pub const CONFIG_FILES: &[(&str, ConfigFile)] = &[
     ("kubelet-config", ConfigFile { path: kubelet::CONFIG, settings: &["kubernetes"] }),
     ("kubelet-ca", ConfigFile { path: kubelet::CA, settings: &["kubernetes"] }),
     ("kubelet-bootstrap", ConfigFile { path: kubelet::BOOTSTRAP, settings: &["kubernetes"] }),
+    ("ca-bundle", ConfigFile { path: tls::TRUST_BUNDLE_IN_ETC, settings: &["pki"] }),
 ];
 
 /// The sandbox (pause) image kubelet's pods use; containerd pulls it on first use.
@@ -166,12 +168,27 @@ pub fn render_file(name: &str, s: &Settings) -> String {
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default(),
         "kubelet-bootstrap" => kubelet::configured(s).map(kubelet::bootstrap_kubeconfig).unwrap_or_default(),
+        "ca-bundle" => trust_bundle(s, &fs::read(tls::IMAGE_BUNDLE).unwrap_or_default()),
         "ntp" => {
             let servers = s.ntp.as_ref().and_then(|n| n.time_servers.clone()).unwrap_or_default();
             servers.iter().map(|t| format!("server {t} iburst\n")).collect()
         }
         _ => String::new(),
     }
+}
+
+/// The trust bundle: the image's CAs (`image`, PEM) and `settings.pki`.
+fn trust_bundle(s: &Settings, image: &[u8]) -> String {
+    let bundles: Vec<tls::PkiBundle<'_>> = s
+        .pki
+        .iter()
+        .flatten()
+        .filter_map(|(name, b)| {
+            let pem = kubelet::base64_decode(b.data.as_deref()?)?;
+            Some(tls::PkiBundle { name, pem, trusted: b.trusted.unwrap_or(false) })
+        })
+        .collect();
+    tls::trust_bundle(image, &bundles)
 }
 
 /// Which top-level setting groups `changed` keys (`network.hostname`, `motd`) touch.

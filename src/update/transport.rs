@@ -1,17 +1,21 @@
-//! The updater's transport for tough: fetches TUF metadata and image targets over plain HTTP/1.1
-//! (or from `file://` URLs) and resumes a large download where a dropped connection left it.
+//! The updater's transport for tough: fetches TUF metadata and image targets over HTTP/1.1 or
+//! HTTPS (or from `file://` URLs), through the shared HTTP client (`src/http`), and resumes a
+//! large download where a dropped connection left it.
 //!
-//! Why our own client: tough's `http` feature brings reqwest, hyper and rustls into PID 1, for a
-//! job that is one `GET` at a time from one repository. TUF gives integrity (every file is
-//! checked against signed lengths and hashes), so plain HTTP is enough for now; HTTPS is not
-//! supported.
+//! Why our own transport: tough's `http` feature brings reqwest and hyper into PID 1 for a job
+//! that is one `GET` at a time from one repository. TUF gives integrity (every file is checked
+//! against signed lengths and hashes); TLS adds privacy and keeps a network attacker from
+//! serving stale-but-signed metadata or wasting downloads. Server certificates are checked
+//! against the trust bundle (`/etc/pki/tls/certs/ca-bundle.crt`: the image's CAs plus
+//! `settings.pki`); a refused certificate is an error that says why (unknown issuer, expired,
+//! wrong name) and is not retried.
 //!
 //! What a fetch does: `GET` with `Host`, `User-Agent` and `Connection: close`, up to
-//! [`MAX_REDIRECTS`] redirects (http only), then the body as a stream of [`CHUNK`]-sized pieces,
-//! never buffered whole (targets are hundreds of MiB). 404 and 410 are [`FileNotFound`], which
-//! tough needs to see the end of the `root.json` chain; any other non-2xx is an error naming the
-//! status line. Bodies are framed by `Content-Length`, chunked transfer coding, or the end of
-//! the connection.
+//! [`MAX_REDIRECTS`] redirects (http and https; https to http is refused), then the body as a
+//! stream of [`CHUNK`]-sized pieces, never buffered whole (targets are hundreds of MiB). 404
+//! and 410 are [`FileNotFound`], which tough needs to see the end of the `root.json` chain; any
+//! other non-2xx is an error naming the status line. Bodies are framed by `Content-Length`,
+//! chunked transfer coding, or the end of the connection (the shared framing code).
 //!
 //! Resuming: when a `Content-Length` body breaks off (I/O error, read timeout, or the end of the
 //! connection too early), the stream connects again with `Range: bytes=N-` (N = bytes already
@@ -25,46 +29,60 @@
 //! resumed: a drop there is an error (for the latter the drop may look like the end, and TUF's
 //! length and hash checks catch it).
 //!
+//! Time bounds, per download (one fetch, its redirects and resumes together): it must be
+//! complete within `deadline` (default [`DEFAULT_DEADLINE`]), and once its body has begun, every
+//! `throughput_window` must bring at least `min_throughput × throughput_window` bytes (default
+//! [`DEFAULT_MIN_THROUGHPUT`] over [`DEFAULT_THROUGHPUT_WINDOW`]). So a server that answers one
+//! byte every 29 s (each read within the 30 s read timeout) is given up after a minute instead
+//! of keeping the updater busy for ever. Both are errors that name the bound, and neither is
+//! retried: a new connection to the same server would be no faster.
+//!
 //! Limits: blocking I/O inside the async API (the updater runs tough on a current-thread runtime
 //! in its own thread, so nothing else waits behind it); resolved addresses are tried in turn,
-//! each within `connect_timeout`; no HTTPS, proxies, content codings or keep-alive; a response
-//! head is at most [`MAX_HEAD`] bytes. A request that fails before its body begins is not
-//! retried here: that is the caller's to decide.
+//! each within `connect_timeout`; no proxies, content codings or keep-alive. A request that
+//! fails before its body begins is not retried here: that is the caller's to decide.
 //!
 //! [`FileNotFound`]: TransportErrorKind::FileNotFound
 
-// The updater's repository client is being written; until it fetches through this, only the
-// tests do.
-
 use std::fmt;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::io::{self, Read};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_core::Stream;
 use tough::{SafeUrlPath, Transport, TransportError, TransportErrorKind, TransportStream};
-use url::{Host, Position, Url};
+use url::{Position, Url};
+
+use crate::http::body::Body;
+use crate::http::client::{self, Connection, Options, Request};
+use crate::http::head::{Framing, ResponseHead};
+use crate::http::io::is_timeout;
+use crate::http::tls::TlsError;
 
 /// Redirects followed per request.
 pub const MAX_REDIRECTS: usize = 5;
-/// The most a response head (status line and headers) may take.
-pub const MAX_HEAD: usize = 16 * 1024;
 /// The size of the pieces a body is read and delivered in.
 pub const CHUNK: usize = 64 * 1024;
 /// The longest wait between two attempts to resume.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long one download may take, all of it.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(60 * 60);
+/// The slowest a download may go, in bytes per second over each window.
+pub const DEFAULT_MIN_THROUGHPUT: u64 = 16 * 1024;
+/// The window the throughput is measured over.
+pub const DEFAULT_THROUGHPUT_WINDOW: Duration = Duration::from_secs(60);
 
 const USER_AGENT: &str = concat!("berth/", env!("CARGO_PKG_VERSION"));
-const SCHEMES: &str = "Berth's updater fetches over http:// and file:// only (TUF checks what it fetches)";
+const SCHEMES: &str = "Berth's updater fetches over http://, https:// and file:// only";
 
-/// A [`tough::Transport`] for `http://` and `file://` URLs; see the module docs.
+/// A [`tough::Transport`] for `http://`, `https://` and `file://` URLs; see the module docs.
 #[derive(Debug, Clone)]
 pub struct HttpTransport {
     /// How long to wait for a TCP connection.
@@ -75,6 +93,13 @@ pub struct HttpTransport {
     pub retries: u32,
     /// The wait before the first attempt to resume; it doubles up to [`MAX_BACKOFF`].
     pub backoff: Duration,
+    /// Each download ends, done or failed, within this.
+    pub deadline: Duration,
+    /// Bytes per second a download must keep up over each `throughput_window`.
+    pub min_throughput: u64,
+    pub throughput_window: Duration,
+    /// The CAs trusted for https (`None`: the rendered trust bundle, or the image's).
+    pub trust_bundle: Option<PathBuf>,
     /// Downloads resumed so far (shared by clones), for logs and tests.
     pub resumes: Arc<AtomicU32>,
 }
@@ -86,6 +111,10 @@ impl Default for HttpTransport {
             read_timeout: Duration::from_secs(30),
             retries: 5,
             backoff: Duration::from_millis(200),
+            deadline: DEFAULT_DEADLINE,
+            min_throughput: DEFAULT_MIN_THROUGHPUT,
+            throughput_window: DEFAULT_THROUGHPUT_WINDOW,
+            trust_bundle: None,
             resumes: Arc::new(AtomicU32::new(0)),
         }
     }
@@ -95,7 +124,7 @@ impl Default for HttpTransport {
 impl Transport for HttpTransport {
     async fn fetch(&self, url: Url) -> Result<TransportStream, TransportError> {
         match url.scheme() {
-            "http" => self.fetch_http(url),
+            "http" | "https" => self.fetch_http(url),
             "file" => fetch_file(url),
             other => {
                 let why = format!("'{other}://' is not supported: {SCHEMES}");
@@ -107,50 +136,71 @@ impl Transport for HttpTransport {
 
 impl HttpTransport {
     fn fetch_http(&self, url: Url) -> Result<TransportStream, TransportError> {
-        let (source, conn, head) = self.open(&url, &[]).map_err(|f| f.into_error(&url))?;
+        let deadline = Instant::now() + self.deadline;
+        let (source, conn, head) = self.open(&url, &[], deadline).map_err(|f| f.into_error(&url))?;
         let framing = match head.status {
-            200..=299 => head.framing().map_err(|e| Fault::Fatal(TransportErrorKind::Other, e)),
-            404 | 410 => Err(Fault::Fatal(TransportErrorKind::FileNotFound, head.answered())),
-            _ => Err(Fault::Fatal(TransportErrorKind::Other, head.answered())),
+            200..=299 => head.framing(false).map_err(|e| Fault::Fatal(TransportErrorKind::Other, e)),
+            404 | 410 => Err(Fault::Fatal(TransportErrorKind::FileNotFound, answered(&head))),
+            _ => Err(Fault::Fatal(TransportErrorKind::Other, answered(&head))),
         }
         .map_err(|f| f.into_error(&url))?;
-        let body = Body {
+        let total = match framing {
+            Framing::Length(n) => Some(n),
+            _ => None,
+        };
+        let download = Download {
             transport: self.clone(),
             url,
             source,
-            conn,
-            framing,
+            body: Body::new(conn.into_io(), framing),
+            total,
             delivered: 0,
             etag: head.header("etag").map(str::to_string),
             last_modified: head.header("last-modified").map(str::to_string),
             attempts: 0,
             backoff: self.backoff,
+            deadline,
+            window: (Instant::now(), 0),
             done: false,
         };
-        Ok(Box::pin(Pull(body)))
+        Ok(Box::pin(Pull(download)))
     }
 
     /// Send a `GET` for `url` with `extra` headers, following redirects: the URL that answered,
     /// the connection positioned at the body, and the head of the answer.
-    fn open(&self, url: &Url, extra: &[(&str, String)]) -> Result<(Url, Conn, Head), Fault> {
+    fn open(
+        &self,
+        url: &Url,
+        extra: &[(&str, String)],
+        deadline: Instant,
+    ) -> Result<(Url, Connection, ResponseHead), Fault> {
         let mut url = url.clone();
         for _ in 0..=MAX_REDIRECTS {
-            let (conn, head) = self.exchange(&url, extra)?;
+            let (conn, head) = self.exchange(&url, extra, deadline)?;
             if !matches!(head.status, 301 | 302 | 303 | 307 | 308) {
                 return Ok((url, conn, head));
             }
-            let fatal = |kind, why: String| Fault::Fatal(kind, format!("{url}: {}: {why}", head.answered()));
+            let fatal = |kind, why: String| Fault::Fatal(kind, format!("{url}: {}: {why}", answered(&head)));
             let location = head
                 .header("location")
                 .ok_or_else(|| fatal(TransportErrorKind::Other, "no Location header".to_string()))?;
             let next = url
                 .join(location)
                 .map_err(|e| fatal(TransportErrorKind::Other, format!("bad Location '{location}': {e}")))?;
-            if next.scheme() != "http" {
-                return Err(fatal(
-                    TransportErrorKind::UnsupportedUrlScheme,
-                    format!("redirected to {next}: {SCHEMES}"),
-                ));
+            match (url.scheme(), next.scheme()) {
+                ("https", "http") => {
+                    return Err(fatal(
+                        TransportErrorKind::Other,
+                        format!("redirected to {next}: a redirect from https to http is refused"),
+                    ))
+                }
+                (_, "http" | "https") => {}
+                _ => {
+                    return Err(fatal(
+                        TransportErrorKind::UnsupportedUrlScheme,
+                        format!("redirected to {next}: {SCHEMES}"),
+                    ))
+                }
             }
             url = next;
         }
@@ -161,51 +211,62 @@ impl HttpTransport {
     }
 
     /// One request and the head of its answer.
-    fn exchange(&self, url: &Url, extra: &[(&str, String)]) -> Result<(Conn, Head), Fault> {
-        let stream = self.connect(url)?;
-        let timeouts = stream
-            .set_read_timeout(Some(self.read_timeout))
-            .and_then(|()| stream.set_write_timeout(Some(self.read_timeout)));
-        timeouts.map_err(|e| Fault::Io(format!("cannot set socket timeouts: {e}")))?;
-        (&stream)
-            .write_all(request_head(url, extra).as_bytes())
-            .map_err(|e| Fault::Io(format!("sending the request: {}", io_cause(&e))))?;
-        let mut conn = BufReader::with_capacity(CHUNK, stream);
-        let head = read_head(&mut conn)?;
-        let head = Head::parse(&head).map_err(|e| Fault::Fatal(TransportErrorKind::Other, e))?;
+    fn exchange(
+        &self,
+        url: &Url,
+        extra: &[(&str, String)],
+        deadline: Instant,
+    ) -> Result<(Connection, ResponseHead), Fault> {
+        let opts = Options {
+            connect_timeout: self.connect_timeout,
+            io_timeout: self.read_timeout,
+            deadline: Some(deadline),
+            trust_bundle: self.trust_bundle.clone(),
+        };
+        let past = |e: client::Error| {
+            if Instant::now() >= deadline {
+                Fault::Fatal(TransportErrorKind::Other, self.deadline_passed())
+            } else {
+                fault(e)
+            }
+        };
+        let mut conn = Connection::open(url, &opts).map_err(past)?;
+        let (target, host) = target_and_host(url);
+        let mut headers = vec![("User-Agent", USER_AGENT), ("Connection", "close")];
+        headers.extend(extra.iter().map(|(n, v)| (*n, v.as_str())));
+        let req = Request { method: "GET", target: &target, host: &host, headers: &headers, body: b"" };
+        let head = conn.send(&req).map_err(past)?;
         Ok((conn, head))
     }
 
-    fn connect(&self, url: &Url) -> Result<TcpStream, Fault> {
-        let port = url.port_or_known_default().unwrap_or(80);
-        let addrs: Vec<SocketAddr> = match url.host() {
-            Some(Host::Ipv4(ip)) => vec![(ip, port).into()],
-            Some(Host::Ipv6(ip)) => vec![(ip, port).into()],
-            Some(Host::Domain(name)) => (name, port)
-                .to_socket_addrs()
-                .map_err(|e| Fault::Io(format!("cannot resolve '{name}': {e}")))?
-                .collect(),
-            None => return Err(Fault::Fatal(TransportErrorKind::Other, "the URL has no host".to_string())),
-        };
-        let mut last = Fault::Io(format!("'{}' resolved to no address", url.host_str().unwrap_or_default()));
-        for addr in addrs {
-            match TcpStream::connect_timeout(&addr, self.connect_timeout) {
-                Ok(stream) => return Ok(stream),
-                Err(e) => last = Fault::Io(format!("cannot connect to {addr}: {}", io_cause(&e))),
-            }
-        }
-        Err(last)
+    fn deadline_passed(&self) -> String {
+        format!("the download did not finish within its deadline of {} s", self.deadline.as_secs())
     }
 }
 
-type Conn = BufReader<TcpStream>;
+/// The origin-form target and the `Host` value (with the port when it is not the default).
+fn target_and_host(url: &Url) -> (String, String) {
+    let target = &url[Position::BeforePath..Position::AfterQuery];
+    let target = if target.is_empty() { "/" } else { target };
+    let mut host = url.host_str().unwrap_or_default().to_string();
+    if let Some(port) = url.port() {
+        host = format!("{host}:{port}");
+    }
+    (target.to_string(), host)
+}
+
+/// "the server answered 'HTTP/1.1 500 Internal Server Error'".
+fn answered(head: &ResponseHead) -> String {
+    format!("the server answered '{}'", head.status_line())
+}
 
 /// Why a request failed, before it becomes a [`TransportError`].
 #[derive(Debug)]
 enum Fault {
     /// The network failed: worth another attempt when resuming.
     Io(String),
-    /// The answer rules the request out (status, malformed head, a changed file).
+    /// The answer rules the request out (status, malformed head, a refused certificate, a
+    /// changed file, a bound passed).
     Fatal(TransportErrorKind, String),
 }
 
@@ -218,143 +279,15 @@ impl Fault {
     }
 }
 
-/// The request head: origin-form target, `Host` with the port when it is not 80.
-fn request_head(url: &Url, extra: &[(&str, String)]) -> String {
-    let target = &url[Position::BeforePath..Position::AfterQuery];
-    let mut host = url.host_str().unwrap_or_default().to_string();
-    if let Some(port) = url.port() {
-        host = format!("{host}:{port}");
-    }
-    let mut head =
-        format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {USER_AGENT}\r\nConnection: close\r\n");
-    for (name, value) in extra {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str("\r\n");
-    head
-}
-
-/// Read lines up to the empty line that ends a response head, at most [`MAX_HEAD`] bytes.
-fn read_head(conn: &mut impl BufRead) -> Result<Vec<u8>, Fault> {
-    let mut head = Vec::new();
-    loop {
-        let start = head.len();
-        let room = (MAX_HEAD - head.len()) as u64;
-        let n = (&mut *conn)
-            .take(room)
-            .read_until(b'\n', &mut head)
-            .map_err(|e| Fault::Io(format!("reading the response head: {}", io_cause(&e))))?;
-        if n == 0 || !head.ends_with(b"\n") {
-            if head.len() >= MAX_HEAD {
-                let why = format!("the response head is larger than {MAX_HEAD} bytes");
-                return Err(Fault::Fatal(TransportErrorKind::Other, why));
-            }
-            let why = format!("the connection closed after {} bytes of the response head", head.len());
-            return Err(Fault::Io(why));
+/// A client error as a fault: network trouble may be retried, the rest may not.
+fn fault(e: client::Error) -> Fault {
+    match e {
+        client::Error::Malformed(_) | client::Error::Url(_) => {
+            Fault::Fatal(TransportErrorKind::Other, e.to_string())
         }
-        if trim_cr(&head[start..start + n - 1]).is_empty() {
-            return Ok(head);
-        }
-    }
-}
-
-/// A response head: status and headers (names lowercased, values trimmed).
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Head {
-    status: u16,
-    status_line: String,
-    headers: Vec<(String, String)>,
-}
-
-impl Head {
-    /// Parse `HTTP/1.x NNN reason` and `name: value` lines up to the empty line.
-    fn parse(bytes: &[u8]) -> Result<Head, String> {
-        let mut lines = bytes.split(|&b| b == b'\n').map(trim_cr).take_while(|l| !l.is_empty());
-        let line = lines.next().unwrap_or_default();
-        let status_line = printable(line);
-        let status = match line {
-            [b'H', b'T', b'T', b'P', b'/', b'1', b'.', minor, b' ', a, b, c, rest @ ..]
-                if minor.is_ascii_digit()
-                    && [a, b, c].iter().all(|d| d.is_ascii_digit())
-                    && (rest.is_empty() || rest[0] == b' ') =>
-            {
-                [a, b, c].iter().fold(0u16, |n, d| n * 10 + u16::from(**d - b'0'))
-            }
-            _ => {
-                return Err(format!("malformed status line '{status_line}': expected 'HTTP/1.1 NNN reason'"))
-            }
-        };
-        let mut headers = Vec::new();
-        for line in lines {
-            if line.starts_with(b" ") || line.starts_with(b"\t") {
-                return Err("obsolete header line folding in the response".to_string());
-            }
-            let Some(colon) = line.iter().position(|&b| b == b':') else {
-                return Err(format!("malformed header line '{}'", printable(line)));
-            };
-            let name = &line[..colon];
-            if name.is_empty() || name.iter().any(|b| !b.is_ascii_graphic()) {
-                return Err(format!("malformed header name '{}'", printable(name)));
-            }
-            let value = String::from_utf8_lossy(&line[colon + 1..]).trim_matches([' ', '\t']).to_string();
-            headers.push((String::from_utf8_lossy(name).to_ascii_lowercase(), value));
-        }
-        Ok(Head { status, status_line, headers })
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
-    }
-
-    /// "the server answered 'HTTP/1.1 500 Internal Server Error'".
-    fn answered(&self) -> String {
-        format!("the server answered '{}'", self.status_line)
-    }
-
-    /// How the body is delimited.
-    fn framing(&self) -> Result<Framing, String> {
-        if matches!(self.status, 204 | 304) {
-            return Ok(Framing::Length(0));
-        }
-        if let Some(codings) = self.header("transfer-encoding") {
-            let last = codings.rsplit(',').next().unwrap_or_default().trim();
-            if !last.eq_ignore_ascii_case("chunked") {
-                return Err(format!("unsupported Transfer-Encoding '{codings}'"));
-            }
-            return Ok(Framing::Chunked { left: 0 });
-        }
-        let mut length = None;
-        for (_, value) in self.headers.iter().filter(|(n, _)| n == "content-length") {
-            for item in value.split(',').map(str::trim) {
-                let n = parse_decimal(item).ok_or_else(|| format!("invalid Content-Length '{item}'"))?;
-                if length.is_some_and(|l| l != n) {
-                    return Err("Content-Length headers disagree".to_string());
-                }
-                length = Some(n);
-            }
-        }
-        Ok(length.map_or(Framing::Eof, Framing::Length))
-    }
-}
-
-/// How a body ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
-    /// After this many bytes in all (resumable).
-    Length(u64),
-    /// At the zero-size chunk; `left` is what remains of the current chunk.
-    Chunked { left: u64 },
-    /// When the server closes the connection.
-    Eof,
-}
-
-impl fmt::Display for Framing {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Framing::Length(n) => write!(f, "{n} bytes"),
-            Framing::Chunked { .. } => write!(f, "a chunked body"),
-            Framing::Eof => write!(f, "a body without a length"),
-        }
+        client::Error::Tls(TlsError::Io { .. }) => Fault::Io(e.to_string()),
+        client::Error::Tls(_) => Fault::Fatal(TransportErrorKind::Other, e.to_string()),
+        _ => Fault::Io(e.to_string()),
     }
 }
 
@@ -375,49 +308,6 @@ fn parse_decimal(s: &str) -> Option<u64> {
     s.parse().ok()
 }
 
-fn trim_cr(line: &[u8]) -> &[u8] {
-    line.strip_suffix(b"\r").unwrap_or(line)
-}
-
-/// At most 80 characters of `bytes`, for an error message.
-fn printable(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).chars().take(80).map(|c| if c.is_control() { '?' } else { c }).collect()
-}
-
-/// An I/O error as a cause, with timeouts said as such.
-fn io_cause(e: &io::Error) -> String {
-    match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => "timed out".to_string(),
-        _ => e.to_string(),
-    }
-}
-
-/// Up to `max` bytes from `conn`: empty only at the end of the stream.
-fn read_some(conn: &mut impl Read, max: usize) -> io::Result<Bytes> {
-    let mut buf = vec![0; max];
-    loop {
-        match conn.read(&mut buf) {
-            Ok(n) => {
-                buf.truncate(n);
-                return Ok(Bytes::from(buf));
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// One line of a chunked body (size line, the CRLF after data, a trailer): at most 4 KiB.
-fn read_line(conn: &mut impl BufRead) -> Result<Vec<u8>, String> {
-    let mut line = Vec::new();
-    (&mut *conn).take(4096).read_until(b'\n', &mut line).map_err(|e| io_cause(&e))?;
-    match line.strip_suffix(b"\n") {
-        Some(line) => Ok(trim_cr(line).to_vec()),
-        None if line.len() >= 4096 => Err("a chunked-body line is longer than 4096 bytes".to_string()),
-        None => Err("the server closed the connection".to_string()),
-    }
-}
-
 /// A blocking pull source as a [`Stream`]: each poll blocks until the next piece is there.
 struct Pull<I>(I);
 
@@ -426,6 +316,21 @@ impl<I: Iterator<Item = Result<Bytes, TransportError>> + Unpin> Stream for Pull<
 
     fn poll_next(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         Poll::Ready(self.0.next())
+    }
+}
+
+/// Up to `max` bytes from `from`: empty only at its end.
+fn read_some(from: &mut impl Read, max: usize) -> io::Result<Bytes> {
+    let mut buf = vec![0; max];
+    loop {
+        match from.read(&mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(Bytes::from(buf));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -460,13 +365,16 @@ fn fetch_file(url: Url) -> Result<TransportStream, TransportError> {
 }
 
 /// An HTTP body being delivered, resumed when a `Content-Length` body breaks off.
-struct Body {
+struct Download {
     transport: HttpTransport,
     /// What was asked for (named in errors), and the URL that answered (asked again to resume).
     url: Url,
     source: Url,
-    conn: Conn,
-    framing: Framing,
+    /// The body on the current connection.
+    body: Body<client::Io>,
+    /// The whole length, for a `Content-Length` body (the only kind that is resumed).
+    total: Option<u64>,
+    /// Bytes of the whole body delivered so far, over every connection.
     delivered: u64,
     /// The first answer's validators, sent in `If-Range` and compared with a later `200`.
     etag: Option<String>,
@@ -474,30 +382,30 @@ struct Body {
     /// Attempts to resume since the last byte arrived, and the wait before the next.
     attempts: u32,
     backoff: Duration,
+    /// The whole download ends by then.
+    deadline: Instant,
+    /// When the current throughput window began, and the bytes that arrived in it.
+    window: (Instant, u64),
     done: bool,
 }
 
-impl fmt::Debug for Body {
+impl fmt::Debug for Download {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Body({} at byte {}, {})", self.url, self.delivered, self.framing)
+        write!(f, "Download({} at byte {}, of {:?})", self.url, self.delivered, self.total)
     }
 }
 
-impl Iterator for Body {
+impl Iterator for Download {
     type Item = Result<Bytes, TransportError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.done {
             return None;
         }
-        let piece = match self.framing {
-            Framing::Length(total) => self.next_counted(total),
-            Framing::Chunked { left } => self.next_chunked(left),
-            Framing::Eof => self.next_until_eof(),
-        };
-        match piece {
+        match self.next_piece() {
             Ok(Some(piece)) => {
                 self.delivered += piece.len() as u64;
+                self.window.1 += piece.len() as u64;
                 Some(Ok(piece))
             }
             Ok(None) => {
@@ -512,67 +420,80 @@ impl Iterator for Body {
     }
 }
 
-impl Body {
-    fn next_counted(&mut self, total: u64) -> Result<Option<Bytes>, TransportError> {
-        loop {
-            let left = total - self.delivered;
-            if left == 0 {
-                return Ok(None);
+impl Download {
+    fn fatal(&self, why: String) -> TransportError {
+        TransportError::new_with_cause(TransportErrorKind::Other, &self.url, why)
+    }
+
+    /// The end of the current throughput window.
+    fn window_end(&self) -> Instant {
+        self.window.0 + self.transport.throughput_window
+    }
+
+    /// Give up once the deadline has passed or the last window brought too few bytes; start
+    /// the next window when one is over.
+    fn check_time(&mut self) -> Result<(), TransportError> {
+        let now = Instant::now();
+        if now >= self.deadline {
+            let why = format!("{}; {} bytes had arrived", self.transport.deadline_passed(), self.delivered);
+            return Err(self.fatal(why));
+        }
+        if now >= self.window_end() {
+            let window = self.transport.throughput_window;
+            let want = (self.transport.min_throughput as f64 * window.as_secs_f64()) as u64;
+            if self.window.1 < want {
+                let why = format!(
+                    "the download is too slow: {} bytes in the last {} s, below the minimum of {} bytes/s \
+                     ({} bytes had arrived)",
+                    self.window.1,
+                    window.as_secs(),
+                    self.transport.min_throughput,
+                    self.delivered
+                );
+                return Err(self.fatal(why));
             }
-            let cause = match read_some(&mut self.conn, CHUNK.min(usize::try_from(left).unwrap_or(CHUNK))) {
+            self.window = (now, 0);
+        }
+        Ok(())
+    }
+
+    fn next_piece(&mut self) -> Result<Option<Bytes>, TransportError> {
+        loop {
+            self.check_time()?;
+            // No read may block past the deadline or the end of the throughput window.
+            let until = self.deadline.min(self.window_end());
+            self.body.get_mut().get_mut().set_deadline(Some(until));
+            let cause = match read_some(&mut self.body, CHUNK) {
                 Ok(piece) if !piece.is_empty() => {
                     self.attempts = 0;
                     self.backoff = self.transport.backoff;
                     return Ok(Some(piece));
                 }
-                Ok(_) => "the server closed the connection".to_string(),
-                Err(e) => io_cause(&e),
+                Ok(_) => return Ok(None),
+                // Our own bound (the deadline, or the window's end) passed: judge it above.
+                // (The stream calls a deadline within a millisecond passed.)
+                Err(e) if is_timeout(&e) && Instant::now() + Duration::from_millis(1) >= until => continue,
+                Err(e) => e,
             };
-            self.resume(total, cause)?;
-        }
-    }
-
-    fn next_chunked(&mut self, left: u64) -> Result<Option<Bytes>, TransportError> {
-        let delivered = self.delivered;
-        let broken = |why: String| {
-            let why = format!("connection dropped after {delivered} bytes of a chunked body: {why}");
-            TransportError::new_with_cause(TransportErrorKind::Other, &self.url, why)
-        };
-        let mut left = left;
-        if left == 0 {
-            let line = read_line(&mut self.conn).map_err(broken)?;
-            let size = line.split(|&b| b == b';').next().unwrap_or_default();
-            let size = std::str::from_utf8(size).ok().map(str::trim).filter(|s| !s.is_empty());
-            left = size.and_then(|s| u64::from_str_radix(s, 16).ok()).ok_or_else(|| {
-                let why = format!("invalid chunk size line '{}'", printable(&line));
-                TransportError::new_with_cause(TransportErrorKind::Other, &self.url, why)
-            })?;
-            if left == 0 {
-                // Trailers, up to the empty line: read and dropped.
-                while !read_line(&mut self.conn).map_err(broken)?.is_empty() {}
-                return Ok(None);
+            let resumable = !matches!(cause.kind(), io::ErrorKind::InvalidData);
+            match self.total {
+                Some(total) if resumable => {
+                    let why = match cause.kind() {
+                        io::ErrorKind::UnexpectedEof => "the server closed the connection".to_string(),
+                        _ => client::cause_text(&cause),
+                    };
+                    self.resume(total, why)?;
+                }
+                _ => {
+                    let why = format!(
+                        "the download broke after {} bytes: {}",
+                        self.delivered,
+                        client::cause_text(&cause)
+                    );
+                    return Err(self.fatal(why));
+                }
             }
         }
-        let piece = read_some(&mut self.conn, CHUNK.min(usize::try_from(left).unwrap_or(CHUNK)))
-            .map_err(|e| broken(io_cause(&e)))?;
-        if piece.is_empty() {
-            return Err(broken("the server closed the connection".to_string()));
-        }
-        left -= piece.len() as u64;
-        if left == 0 && !read_line(&mut self.conn).map_err(broken)?.is_empty() {
-            let why = "a chunk is longer than its size line says";
-            return Err(TransportError::new_with_cause(TransportErrorKind::Other, &self.url, why));
-        }
-        self.framing = Framing::Chunked { left };
-        Ok(Some(piece))
-    }
-
-    fn next_until_eof(&mut self) -> Result<Option<Bytes>, TransportError> {
-        let piece = read_some(&mut self.conn, CHUNK).map_err(|e| {
-            let why = format!("connection dropped after {} bytes: {}", self.delivered, io_cause(&e));
-            TransportError::new_with_cause(TransportErrorKind::Other, &self.url, why)
-        })?;
-        Ok((!piece.is_empty()).then_some(piece))
     }
 
     /// Connect again and position the new connection at byte `delivered`, or give up.
@@ -583,8 +504,9 @@ impl Body {
                     "connection dropped after {} of {total} bytes ({} retries without progress): {cause}",
                     self.delivered, self.attempts
                 );
-                return Err(TransportError::new_with_cause(TransportErrorKind::Other, &self.url, why));
+                return Err(self.fatal(why));
             }
+            self.check_time()?;
             self.attempts += 1;
             log::warn!(
                 "{}: connection dropped after {} of {total} bytes ({cause}); resuming in {:?} (retry {} of {})",
@@ -594,7 +516,7 @@ impl Body {
                 self.attempts,
                 self.transport.retries
             );
-            thread::sleep(self.backoff);
+            thread::sleep(self.backoff.min(self.deadline.saturating_duration_since(Instant::now())));
             self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
             match self.reopen(total) {
                 Ok(()) => {
@@ -614,10 +536,10 @@ impl Body {
         if let Some(validator) = strong_etag.or(self.last_modified.as_ref()) {
             extra.push(("If-Range", validator.clone()));
         }
-        let (_, mut conn, head) = self.transport.open(&self.source, &extra)?;
+        let (_, conn, head) = self.transport.open(&self.source, &extra, self.deadline)?;
         let fatal =
             |why: String| Fault::Fatal(TransportErrorKind::Other, format!("resuming at byte {at}: {why}"));
-        let framing = head.framing().map_err(fatal)?;
+        let framing = head.framing(false).map_err(fatal)?;
         match head.status {
             206 => {
                 let range = head.header("content-range").unwrap_or_default();
@@ -632,30 +554,36 @@ impl Body {
                     Some(_) => return Err(self.changed(format!("Content-Range '{range}' for {total} bytes"))),
                     None => return Err(fatal(format!("206 with an invalid Content-Range '{range}'"))),
                 }
-                if !matches!(framing, Framing::Eof) && framing != Framing::Length(total - at) {
+                if !matches!(framing, Framing::Close) && framing != Framing::Length(total - at) {
                     return Err(fatal(format!("206 with {framing}, not {} bytes", total - at)));
                 }
+                // The rest of the file, exactly, whatever ends the answer.
+                self.body = Body::new(conn.into_io(), Framing::Length(total - at));
             }
             200 => {
                 self.check_unchanged(&head, framing, total)?;
-                let skipped = io::copy(&mut (&mut conn).take(at), &mut io::sink()).map_err(|e| {
-                    Fault::Io(format!("skipping {at} bytes the server sent again: {}", io_cause(&e)))
+                let mut body = Body::new(conn.into_io(), Framing::Length(total));
+                let skipped = io::copy(&mut (&mut body).take(at), &mut io::sink()).map_err(|e| {
+                    Fault::Io(format!(
+                        "skipping {at} bytes the server sent again: {}",
+                        client::cause_text(&e)
+                    ))
                 })?;
                 if skipped < at {
                     let why =
                         format!("the connection closed after {skipped} of {at} bytes the server sent again");
                     return Err(Fault::Io(why));
                 }
+                self.body = body;
             }
-            500..=599 => return Err(Fault::Io(head.answered())),
-            _ => return Err(fatal(head.answered())),
+            500..=599 => return Err(Fault::Io(answered(&head))),
+            _ => return Err(fatal(answered(&head))),
         }
-        self.conn = conn;
         Ok(())
     }
 
     /// A `200` to a range request: the same file (the server ignores ranges), or a new one.
-    fn check_unchanged(&self, head: &Head, framing: Framing, total: u64) -> Result<(), Fault> {
+    fn check_unchanged(&self, head: &ResponseHead, framing: Framing, total: u64) -> Result<(), Fault> {
         let pairs = [
             ("ETag", &self.etag, head.header("etag")),
             ("Last-Modified", &self.last_modified, head.header("last-modified")),
@@ -690,54 +618,9 @@ impl Body {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::TcpListener;
-    use std::sync::Mutex;
+    use crate::http::testing::{temp_file, Server, TestCa};
+    use std::io::Write;
     use tough::IntoVec;
-
-    type Script = dyn Fn(usize, &str, &mut TcpStream) + Send + Sync;
-
-    /// A server on 127.0.0.1 that answers its n-th connection with `script(n, request head)`,
-    /// each on its own thread, and keeps every request head it saw.
-    struct Server {
-        port: u16,
-        requests: Arc<Mutex<Vec<String>>>,
-    }
-
-    impl Server {
-        fn start(script: impl Fn(usize, &str, &mut TcpStream) + Send + Sync + 'static) -> Server {
-            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-            let port = listener.local_addr().unwrap().port();
-            let requests = Arc::new(Mutex::new(Vec::new()));
-            let log = requests.clone();
-            let script: Arc<Script> = Arc::new(script);
-            thread::spawn(move || {
-                for (n, stream) in listener.incoming().enumerate() {
-                    let (Ok(mut stream), log, script) = (stream, log.clone(), script.clone()) else {
-                        continue;
-                    };
-                    thread::spawn(move || {
-                        let mut head = Vec::new();
-                        let mut byte = [0u8; 1];
-                        while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).is_ok_and(|n| n == 1) {
-                            head.push(byte[0]);
-                        }
-                        let head = String::from_utf8_lossy(&head).into_owned();
-                        log.lock().unwrap().push(head.clone());
-                        script(n, &head, &mut stream);
-                    });
-                }
-            });
-            Server { port, requests }
-        }
-
-        fn url(&self, path: &str) -> String {
-            format!("http://127.0.0.1:{}{path}", self.port)
-        }
-
-        fn requests(&self) -> Vec<String> {
-            self.requests.lock().unwrap().clone()
-        }
-    }
 
     /// Fast retries for tests.
     fn transport() -> HttpTransport {
@@ -775,7 +658,7 @@ mod tests {
     /// Answer like a file server: 206 from `Range: bytes=N-` when `ranges`, else 200, with the
     /// `validator` header line; close the connection after `cut` bytes of body.
     fn send_file(
-        s: &mut TcpStream,
+        s: &mut dyn Write,
         request: &str,
         body: &[u8],
         validator: &str,
@@ -954,7 +837,7 @@ mod tests {
 
     /// `body` in chunks of growing sizes, with a chunk extension and a trailer; cut after
     /// `cut` bytes of the encoded body.
-    fn send_chunked(s: &mut TcpStream, body: &[u8], cut: Option<usize>) {
+    fn send_chunked(s: &mut dyn Write, body: &[u8], cut: Option<usize>) {
         let mut encoded = Vec::new();
         let (mut at, mut size) = (0, 1);
         while at < body.len() {
@@ -1007,7 +890,7 @@ mod tests {
                 "/a/x" => "302 Found\r\nLocation: ../b/x".to_string(),
                 "/b/x" => format!("301 Moved Permanently\r\nLocation: http://127.0.0.1:{port}/c"),
                 "/c" => "200 OK\r\nContent-Length: 5\r\n\r\nhello".to_string(),
-                "/tls" => "307 Temporary Redirect\r\nLocation: https://example.com/x".to_string(),
+                "/ftp" => "307 Temporary Redirect\r\nLocation: ftp://example.com/x".to_string(),
                 "/none" => "302 Found".to_string(),
                 _ => "308 Permanent Redirect\r\nLocation: /loop".to_string(),
             };
@@ -1017,7 +900,7 @@ mod tests {
         assert_eq!(fetch(&transport(), &server.url("/a/x")).unwrap(), b"hello");
         let cases = [
             ("/loop", TransportErrorKind::Other, "more than 5 redirects"),
-            ("/tls", TransportErrorKind::UnsupportedUrlScheme, "redirected to https://example.com/x"),
+            ("/ftp", TransportErrorKind::UnsupportedUrlScheme, "redirected to ftp://example.com/x"),
             ("/none", TransportErrorKind::Other, "no Location header"),
         ];
         for (path, kind, text) in cases {
@@ -1029,10 +912,10 @@ mod tests {
 
     #[test]
     fn unsupported_schemes_are_refused() {
-        for url in ["https://example.com/root.json", "ftp://example.com/x", "s3://bucket/x"] {
+        for url in ["ftp://example.com/x", "s3://bucket/x"] {
             let (kind, message) = fetch_err(&transport(), url);
             assert_eq!(kind, TransportErrorKind::UnsupportedUrlScheme, "{url}");
-            assert!(message.contains("http:// and file://"), "{message}");
+            assert!(message.contains("http://, https:// and file://"), "{message}");
         }
     }
 
@@ -1050,7 +933,7 @@ mod tests {
 
     #[test]
     fn bad_response_heads_are_errors() {
-        let big = format!("HTTP/1.1 200 OK\r\nX-Big: {}\r\n\r\n", "a".repeat(MAX_HEAD));
+        let big = format!("HTTP/1.1 200 OK\r\nX-Big: {}\r\n\r\n", "a".repeat(crate::http::MAX_HEAD_BYTES));
         let cases = [
             ("SSH-2.0-OpenSSH_9.6\r\n\r\n", "malformed status line 'SSH-2.0-OpenSSH_9.6'"),
             (big.as_str(), "larger than 16384 bytes"),
@@ -1071,28 +954,6 @@ mod tests {
     }
 
     #[test]
-    fn status_lines_and_headers() {
-        let cases: [(&str, Option<(u16, Framing)>); 9] = [
-            ("HTTP/1.1 200 OK\r\n\r\n", Some((200, Framing::Eof))),
-            ("HTTP/1.0 204\r\n\r\n", Some((204, Framing::Length(0)))),
-            ("HTTP/1.1 206 Partial\r\ncontent-LENGTH:  12 \r\n\r\n", Some((206, Framing::Length(12)))),
-            (
-                "HTTP/1.1 200 OK\r\nTRANSFER-encoding: gzip, Chunked\r\n\r\n",
-                Some((200, Framing::Chunked { left: 0 })),
-            ),
-            ("HTTP/2 200 OK\r\n\r\n", None),
-            ("HTTP/1.1 20 OK\r\n\r\n", None),
-            ("HTTP/1.1 200OK\r\n\r\n", None),
-            ("HTTP/1.1 200 OK\r\nno colon\r\n\r\n", None),
-            ("HTTP/1.1 200 OK\r\nA: 1\r\n folded\r\n\r\n", None),
-        ];
-        for (head, want) in cases {
-            let got = Head::parse(head.as_bytes()).and_then(|h| Ok((h.status, h.framing()?)));
-            assert_eq!(got.ok(), want, "{head:?}");
-        }
-    }
-
-    #[test]
     fn content_ranges() {
         let cases = [
             ("bytes 0-9/10", Some((0, 9, Some(10)))),
@@ -1109,16 +970,157 @@ mod tests {
     }
 
     #[test]
-    fn request_heads() {
+    fn request_targets_and_hosts() {
         let cases = [
-            ("http://[::1]:8080/a/b?c=d#frag", "GET /a/b?c=d HTTP/1.1\r\nHost: [::1]:8080\r\n"),
-            ("http://repo.example:80/x", "GET /x HTTP/1.1\r\nHost: repo.example\r\n"),
-            ("http://10.0.2.2:8000", "GET / HTTP/1.1\r\nHost: 10.0.2.2:8000\r\n"),
+            ("http://[::1]:8080/a/b?c=d#frag", "/a/b?c=d", "[::1]:8080"),
+            ("http://repo.example:80/x", "/x", "repo.example"),
+            ("https://repo.example:443/x", "/x", "repo.example"),
+            ("https://repo.example:8443/x%20y", "/x%20y", "repo.example:8443"),
+            ("http://10.0.2.2:8000", "/", "10.0.2.2:8000"),
         ];
-        for (url, start) in cases {
-            let head = request_head(&Url::parse(url).unwrap(), &[("Range", "bytes=5-".to_string())]);
-            assert!(head.starts_with(start), "{url}: {head}");
-            assert!(head.ends_with("Connection: close\r\nRange: bytes=5-\r\n\r\n"), "{url}: {head}");
+        for (url, target, host) in cases {
+            assert_eq!(
+                target_and_host(&Url::parse(url).unwrap()),
+                (target.to_string(), host.to_string()),
+                "{url}"
+            );
         }
+    }
+
+    // ---- Time bounds ----
+
+    /// A head for `len` bytes, then one byte every `every` until `stop` or the client leaves.
+    fn trickle(s: &mut dyn Write, len: usize, every: Duration, stop: usize) {
+        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n");
+        if s.write_all(head.as_bytes()).and_then(|()| s.flush()).is_err() {
+            return;
+        }
+        for _ in 0..stop {
+            thread::sleep(every);
+            if s.write_all(b"x").and_then(|()| s.flush()).is_err() {
+                return;
+            }
+        }
+    }
+
+    #[test]
+    fn a_server_that_trickles_within_the_read_timeout_is_given_up_on() {
+        // Scaled down from "one byte every 29 s with a 30 s read timeout": every read succeeds
+        // in time, so only the throughput bound can end it.
+        let server = Server::start(|_, _, s| trickle(s, 1000, Duration::from_millis(90), 1000));
+        let t = HttpTransport {
+            read_timeout: Duration::from_millis(100),
+            min_throughput: 100,
+            throughput_window: Duration::from_millis(500),
+            ..transport()
+        };
+        let (kind, message) = fetch_err(&t, &server.url("/slow"));
+        assert_eq!(kind, TransportErrorKind::Other);
+        assert!(message.contains("/slow"), "{message}");
+        assert!(message.contains("the download is too slow"), "{message}");
+        assert!(message.contains("below the minimum of 100 bytes/s"), "{message}");
+        assert_eq!(server.requests().len(), 1, "not resumed: a new connection would be no faster");
+    }
+
+    #[test]
+    fn a_download_past_its_deadline_is_given_up_on() {
+        type Script = Box<dyn Fn(usize, &str, &mut dyn Write) + Send + Sync>;
+        let cases: [(&str, Script); 3] = [
+            // A server that never answers the request: bounded by the deadline, not the 30 s
+            // read timeout.
+            ("silent", Box::new(|_, _, _| thread::sleep(Duration::from_secs(5)))),
+            // A head, then nothing.
+            ("stalled", Box::new(|_, _, s| trickle(s, 1000, Duration::from_secs(5), 1))),
+            // Steady, fast enough for the throughput bound, but never done.
+            ("endless", Box::new(|_, _, s| trickle(s, 1_000_000, Duration::from_millis(10), 10_000))),
+        ];
+        for (name, script) in cases {
+            let server = Server::start(script);
+            let t = HttpTransport { deadline: Duration::from_millis(600), min_throughput: 0, ..transport() };
+            let (kind, message) = fetch_err(&t, &server.url("/t"));
+            assert_eq!(kind, TransportErrorKind::Other, "{name}");
+            assert!(message.contains("did not finish within its deadline"), "{name}: {message}");
+        }
+    }
+
+    // ---- HTTPS ----
+
+    /// A CA, a bundle file trusting it, and a transport that uses that bundle.
+    fn trusting(ca: &TestCa) -> HttpTransport {
+        let bundle = temp_file("ca.pem", ca.pem().as_bytes());
+        HttpTransport { trust_bundle: Some(bundle), ..transport() }
+    }
+
+    #[test]
+    fn https_downloads_resume_like_http() {
+        let ca = TestCa::new("Berth test CA");
+        let body = noise(3 * 1024 * 1024, 15);
+        let served = body.clone();
+        let config = ca.server(&["127.0.0.1"], false).config();
+        let server = Server::start_tls(config, move |n, req, s| {
+            send_file(s, req, &served, "ETag: \"v1\"", true, (n == 0).then_some(1_000_003))
+        });
+        let t = trusting(&ca);
+        assert!(fetch(&t, &server.url("/t")).unwrap() == *body);
+        assert_eq!(t.resumes.load(Ordering::Relaxed), 1);
+        assert!(server.requests()[1].contains("\r\nRange: bytes=1000003-\r\n"), "{:?}", server.requests());
+    }
+
+    #[test]
+    fn bad_certificates_are_refused_with_the_reason() {
+        let ca = TestCa::new("Berth test CA");
+        let other = TestCa::new("Some other CA");
+        let cases = [
+            (
+                "wrong CA",
+                other.server(&["127.0.0.1"], false),
+                "not signed by a certificate authority this host trusts (unknown issuer)",
+            ),
+            (
+                "expired",
+                ca.server(&["127.0.0.1"], true),
+                "the server's certificate has expired: it was valid until 2020-01-01",
+            ),
+            (
+                "wrong name",
+                ca.server(&["repo.example"], false),
+                "not valid for the name '127.0.0.1' (it is for: repo.example)",
+            ),
+        ];
+        for (name, cert, text) in cases {
+            let server = Server::start_tls(cert.config(), |_, _, s| {
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+            });
+            let (kind, message) = fetch_err(&trusting(&ca), &server.url("/1.root.json"));
+            assert_eq!(kind, TransportErrorKind::Other, "{name}");
+            assert!(message.contains("TLS handshake with 127.0.0.1 failed: "), "{name}: {message}");
+            assert!(message.contains(text), "{name}: {message}");
+            assert_eq!(server.connections(), 1, "{name}: one attempt, not retried");
+            assert!(server.requests().iter().all(String::is_empty), "{name}: no request sent");
+        }
+    }
+
+    #[test]
+    fn https_redirects_stay_on_https() {
+        let ca = TestCa::new("Berth test CA");
+        let plain = Server::start(|_, _, s| {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain");
+        });
+        let to_plain = plain.url("/x");
+        let server = Server::start_tls(ca.server(&["127.0.0.1"], false).config(), move |_, req, s| {
+            let answer = match req.split(' ').nth(1).unwrap_or_default() {
+                "/down" => format!("302 Found\r\nLocation: {to_plain}\r\nContent-Length: 0\r\n\r\n"),
+                "/moved" => {
+                    "301 Moved Permanently\r\nLocation: /here\r\nContent-Length: 0\r\n\r\n".to_string()
+                }
+                _ => "200 OK\r\nContent-Length: 6\r\n\r\nsecure".to_string(),
+            };
+            let _ = s.write_all(format!("HTTP/1.1 {answer}").as_bytes());
+        });
+        let t = trusting(&ca);
+        assert_eq!(fetch(&t, &server.url("/moved")).unwrap(), b"secure");
+        let (_, message) = fetch_err(&t, &server.url("/down"));
+        assert!(message.contains("a redirect from https to http is refused"), "{message}");
+        assert!(plain.requests().is_empty());
     }
 }
