@@ -564,3 +564,4 @@ def ntp_sets_a_far_off_clock(arch):
 # The A/B update cases and the fault cases register themselves with `case` too.
 import update_cases  # noqa: E402,F401
 import fault_cases  # noqa: E402,F401
+import uefi_cases  # noqa: E402,F401

@@ -22,8 +22,6 @@ pub enum BootError {
     BootControl(bootctl::Error),
     /// The slot's metadata (`slot.toml` on its BOOT partition) is missing or malformed.
     SlotMeta { slot: Slot, error: String },
-    /// The slot's root hash is not the one the (signed) kernel command line requires.
-    RootHash { slot: Slot, found: String, required: String },
     /// The UKI's command line names one slot, the firmware loaded it from the other's ESP.
     SlotMismatch { named: Slot, loaded_from: Slot },
     /// The firmware started a slot boot control gave up on; it was told, and the machine
@@ -74,10 +72,6 @@ impl fmt::Display for BootError {
             BootError::NoPartition(label) => write!(f, "no partition labelled {label} on the boot disk"),
             BootError::BootControl(e) => write!(f, "boot control: {e}"),
             BootError::SlotMeta { slot, error } => write!(f, "slot {slot} metadata: {error}"),
-            BootError::RootHash { slot, found, required } => write!(
-                f,
-                "slot {slot} root hash {found} is not the one the kernel command line requires ({required})"
-            ),
             BootError::SlotMismatch { named, loaded_from } => write!(
                 f,
                 "the UKI names slot {named} but the firmware loaded it from slot {loaded_from}'s BOOT \

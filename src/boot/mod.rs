@@ -21,7 +21,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use log::{error, info};
+use log::{error, info, warn};
 use serde::{Deserialize, Serialize};
 
 use crate::bootctl::{self, BootAttempt, BootControl, GptBootControl, Slot, SlotMeta};
@@ -235,7 +235,12 @@ fn firmware_chose(ctx: &mut Ctx, bc: &mut GptBootControl, named: Option<Slot>) -
     }
     let vars = bootctl::uefi::Vars::new(bootctl::uefi::EFIVARS);
     ctx.secure_boot = vars.secure_boot();
-    info!("UEFI boot of slot {slot}'s UKI, Secure Boot {}", if ctx.secure_boot { "on" } else { "off" });
+    let current = vars.get_u16s("BootCurrent").ok().and_then(|l| l.first().copied());
+    info!(
+        "UEFI boot of slot {slot}'s UKI (BootCurrent {}), Secure Boot {}",
+        current.map_or("unknown".to_string(), |n| format!("{n:04X}")),
+        if ctx.secure_boot { "on" } else { "off" }
+    );
     if ctx.secure_boot {
         lock_down();
     }
@@ -279,11 +284,21 @@ fn read_slot_metadata(ctx: &mut Ctx) -> Result<(), BootError> {
     let meta_err = |error: String| BootError::SlotMeta { slot, error };
     let text = partitions::with_boot_mounted(boot, |dir| fs::read_to_string(dir.join(SlotMeta::FILE)))?
         .map_err(|e| meta_err(format!("{} on {}: {e}", SlotMeta::FILE, boot.label)))?;
-    let meta =
+    let mut meta =
         SlotMeta::parse(&text).map_err(|e| meta_err(format!("{} on {}: {e}", SlotMeta::FILE, boot.label)))?;
+    // The kernel command line's root hash (signed, in a UKI) is the one that counts; slot.toml
+    // sits on an unsigned partition.
     if let Some(want) = ctx.cmdline.get("verity.roothash") {
-        if want != meta.verity.root_hash {
-            return Err(BootError::RootHash { slot, found: meta.verity.root_hash, required: want.into() });
+        if want.len() != 64 || !want.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(BootError::Cmdline { key: "verity.roothash", value: want.into(), expected: "64 hex digits" });
+        }
+        if !want.eq_ignore_ascii_case(&meta.verity.root_hash) {
+            warn!(
+                "slot {slot}: {} says root hash {}, the kernel command line {want}; using the command line's",
+                SlotMeta::FILE,
+                meta.verity.root_hash
+            );
+            meta.verity.root_hash = want.to_ascii_lowercase();
         }
     }
     info!("slot {slot} is version {} ({} {})", meta.version, meta.variant, meta.arch);

@@ -272,6 +272,23 @@ pub fn uefi_installed() -> bool {
     firmware().is_some()
 }
 
+/// What the firmware says now (UEFI backend only), for `GET /boot`: `BootCurrent`,
+/// `BootOrder`, `BootNext`, the numbers of Berth's entries, Secure Boot.
+pub fn uefi_report() -> Option<serde_json::Value> {
+    let fw = firmware();
+    let fw = fw.as_ref()?;
+    let hex = |l: Vec<u16>| l.into_iter().map(|n| format!("{n:04X}")).collect::<Vec<_>>();
+    let get = |name: &str| fw.vars.get_u16s(name).map(hex).unwrap_or_default();
+    Some(serde_json::json!({
+        "boot_current": get("BootCurrent").first(),
+        "boot_order": get("BootOrder"),
+        "boot_next": get("BootNext").first(),
+        "entries": fw.entries().map(|e| serde_json::json!({"A": format!("{:04X}", e[0]), "B": format!("{:04X}", e[1])})).ok(),
+        "secure_boot": fw.vars.secure_boot(),
+        "lockdown": std::fs::read_to_string("/sys/kernel/security/lockdown").ok().map(|l| l.trim().to_string()),
+    }))
+}
+
 /// The slot the running UKI was loaded from, as the firmware says (UEFI backend only).
 pub fn uefi_loaded_from() -> Option<Slot> {
     firmware().as_ref().and_then(|f| f.loaded_from())

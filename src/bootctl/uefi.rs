@@ -358,6 +358,11 @@ impl UefiFirmware {
         Ok(Applied { entries, boot_order: new_order, boot_next: trial, written })
     }
 
+    /// The numbers of slot A's and B's entries (0xFFFF where one is missing).
+    pub fn entries(&self) -> Result<[u16; 2], Error> {
+        Ok([self.find_entry(Slot::A)?.unwrap_or(0xffff), self.find_entry(Slot::B)?.unwrap_or(0xffff)])
+    }
+
     /// The number of the entry that boots `slot` from this disk, if there is one.
     fn find_entry(&self, slot: Slot) -> Result<Option<u16>, Error> {
         let hd = self.boot[slot as usize];
