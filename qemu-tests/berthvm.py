@@ -155,7 +155,9 @@ class VM:
         if self.reboot:
             argv.remove("-no-reboot")
         self.out = []
+        self.times = []
         self.since = 0
+        self.started_at = time.monotonic()
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT)
         threading.Thread(target=self._pump, daemon=True).start()
@@ -166,6 +168,7 @@ class VM:
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
             with self.lock:
                 self.out.append(line)
+                self.times.append(time.monotonic())
                 self.lock.notify_all()
         with self.lock:
             self.lock.notify_all()
@@ -311,25 +314,39 @@ def slot_states(disk_raw, berth):
 
 
 def main(argv):
-    """`berthvm.py run ARCH [DISK]`: boot interactively with the serial console on this terminal
-    (Ctrl-A X quits). Without DISK, a fresh overlay of the built image is used."""
+    """`berthvm.py run ARCH [DISK] [--uefi | --secure-boot]`: boot interactively with the serial
+    console on this terminal (Ctrl-A X quits). Without DISK, a fresh overlay of the built image
+    is used. With --uefi the firmware (OVMF, AAVMF) starts the disk's UKI; --secure-boot also
+    enrolls the project's keys (x86_64). The firmware's variables live in DISK.vars next to a
+    kept DISK."""
     import sys
-    if len(argv) < 2 or argv[0] != "run":
-        print("usage: berthvm.py run ARCH [DISK]", file=sys.stderr)
+    flags = [a for a in argv if a.startswith("--")]
+    argv = [a for a in argv if not a.startswith("--")]
+    if len(argv) < 2 or argv[0] != "run" or set(flags) - {"--uefi", "--secure-boot"}:
+        print("usage: berthvm.py run ARCH [DISK] [--uefi | --secure-boot]", file=sys.stderr)
         return 2
     arch = argv[1]
     disk = argv[2] if len(argv) > 2 else None
+    firmware = "secure" if "--secure-boot" in flags else "uefi" if "--uefi" in flags else None
     tmp = tempfile.mkdtemp(prefix="berth-run-")
     if disk is None:
         disk = os.path.join(tmp, "disk.qcow2")
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", arch_paths(arch)["qcow2"],
                         "-F", "qcow2", disk, "4G"], check=True)
+        vars_path = os.path.join(tmp, "vars.fd")
+    else:
+        vars_path = disk + ".vars"
+    if firmware and not os.path.exists(vars_path):
+        shutil.copyfile(FIRMWARE[arch][1], vars_path)
+        if firmware == "secure":
+            enroll_secure_boot(vars_path)
     api_sock = os.environ.get("BERTH_API_SOCKET") or os.path.join(tmp, "api.sock")
     argv = qemu_argv(arch, disk, "qcow2", "", os.path.join(tmp, "qmp.sock"), api_sock=api_sock,
-                     user_data=os.environ.get("BERTH_USER_DATA"))
+                     user_data=os.environ.get("BERTH_USER_DATA"), firmware=firmware, vars_path=vars_path)
     argv.remove("-no-reboot")
     argv = [a.replace("panic=-1", "panic=5") for a in argv]
     print("berth: " + ("KVM" if "kvm" in argv else "TCG (software emulation)") +
+          f"{', UEFI' + (' with Secure Boot' if firmware == 'secure' else '') if firmware else ''}"
           f"; disk {disk}; QMP {tmp}/qmp.sock; quit with Ctrl-A X", file=sys.stderr)
     print(f"berth: the VM's API from this host: curl --unix-socket {api_sock} http://localhost/settings",
           file=sys.stderr, flush=True)

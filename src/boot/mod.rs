@@ -212,8 +212,14 @@ fn booted_as_uki() -> Result<bool, BootError> {
     }
     let vars = Path::new(bootctl::uefi::EFIVARS);
     if !mounts::is_mountpoint(vars) {
-        sys::mount(Some("efivarfs"), vars, Some("efivarfs"), sys::MS_NOSUID | sys::MS_NODEV | sys::MS_NOEXEC, None)
-            .map_err(BootError::io_on("mount", format!("efivarfs on {}", vars.display())))?;
+        sys::mount(
+            Some("efivarfs"),
+            vars,
+            Some("efivarfs"),
+            sys::MS_NOSUID | sys::MS_NODEV | sys::MS_NOEXEC,
+            None,
+        )
+        .map_err(BootError::io_on("mount", format!("efivarfs on {}", vars.display())))?;
     }
     Ok(bootctl::uefi::booted_as_uki(vars))
 }
@@ -265,7 +271,13 @@ fn firmware_chose(ctx: &mut Ctx, bc: &mut GptBootControl, named: Option<Slot>) -
 fn lock_down() {
     let sec = Path::new("/sys/kernel/security");
     if !mounts::is_mountpoint(sec) {
-        let _ = sys::mount(Some("securityfs"), sec, Some("securityfs"), sys::MS_NOSUID | sys::MS_NODEV | sys::MS_NOEXEC, None);
+        let _ = sys::mount(
+            Some("securityfs"),
+            sec,
+            Some("securityfs"),
+            sys::MS_NOSUID | sys::MS_NODEV | sys::MS_NOEXEC,
+            None,
+        );
     }
     let file = sec.join("lockdown");
     match fs::read_to_string(&file) {
@@ -290,7 +302,11 @@ fn read_slot_metadata(ctx: &mut Ctx) -> Result<(), BootError> {
     // sits on an unsigned partition.
     if let Some(want) = ctx.cmdline.get("verity.roothash") {
         if want.len() != 64 || !want.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(BootError::Cmdline { key: "verity.roothash", value: want.into(), expected: "64 hex digits" });
+            return Err(BootError::Cmdline {
+                key: "verity.roothash",
+                value: want.into(),
+                expected: "64 hex digits",
+            });
         }
         if !want.eq_ignore_ascii_case(&meta.verity.root_hash) {
             warn!(

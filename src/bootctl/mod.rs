@@ -159,7 +159,10 @@ pub enum Error {
     Open(PathBuf, std::io::Error),
     Gpt(PathBuf, gpt::Error),
     MissingPartition(String),
-    NothingBootable { a: SlotState, b: SlotState },
+    NothingBootable {
+        a: SlotState,
+        b: SlotState,
+    },
     /// The firmware's boot variables could not be read or written (UEFI backend).
     Firmware(uefi::Error),
 }
@@ -328,7 +331,13 @@ impl GptBootControl {
         Ok((gpt, numbers))
     }
 
-    fn write_states(&self, f: &mut File, gpt: &mut Gpt, numbers: [u32; 2], states: Slots) -> Result<(), Error> {
+    fn write_states(
+        &self,
+        f: &mut File,
+        gpt: &mut Gpt,
+        numbers: [u32; 2],
+        states: Slots,
+    ) -> Result<(), Error> {
         for (slot, n) in [(Slot::A, numbers[0]), (Slot::B, numbers[1])] {
             let attrs = gpt.partitions().into_iter().find(|p| p.number == n).map_or(0, |p| p.attributes);
             gpt.set_attributes(n, states[slot].to_attributes(attrs)).map_err(|e| self.gpt_error(e))?;

@@ -29,9 +29,9 @@ use std::path::{Path, PathBuf};
 
 use log::info;
 
-use super::{Slot, Slots};
 #[cfg(test)]
 use super::SlotState;
+use super::{Slot, Slots};
 use crate::disk::gpt::{Guid, Partition};
 
 /// Where the kernel exposes EFI variables.
@@ -139,7 +139,10 @@ impl Vars {
     pub fn get_u16s(&self, name: &str) -> Result<Vec<u16>, Error> {
         let v = self.get(name, GLOBAL)?.unwrap_or_default();
         if v.len() % 2 != 0 {
-            return Err(Error::Malformed { var: name.into(), why: format!("{} bytes, not a list of u16", v.len()) });
+            return Err(Error::Malformed {
+                var: name.into(),
+                why: format!("{} bytes, not a list of u16", v.len()),
+            });
         }
         Ok(v.chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect())
     }
@@ -152,8 +155,11 @@ impl Vars {
     /// A UTF-16 string variable (LoaderDevicePartUUID), without its terminating NUL.
     pub fn get_string(&self, name: &str, guid: &str) -> Result<Option<String>, Error> {
         Ok(self.get(name, guid)?.map(|b| {
-            let units: Vec<u16> =
-                b.chunks(2).map(|c| u16::from_le_bytes([c[0], *c.get(1).unwrap_or(&0)])).take_while(|&u| u != 0).collect();
+            let units: Vec<u16> = b
+                .chunks(2)
+                .map(|c| u16::from_le_bytes([c[0], *c.get(1).unwrap_or(&0)]))
+                .take_while(|&u| u != 0)
+                .collect();
             String::from_utf16_lossy(&units)
         }))
     }
@@ -175,7 +181,12 @@ pub struct Hd {
 
 impl Hd {
     pub fn of(p: &Partition) -> Hd {
-        Hd { number: p.number, start_lba: p.first_lba, size_lba: p.last_lba + 1 - p.first_lba, guid: p.unique_guid }
+        Hd {
+            number: p.number,
+            start_lba: p.first_lba,
+            size_lba: p.last_lba + 1 - p.first_lba,
+            guid: p.unique_guid,
+        }
     }
 }
 
@@ -197,7 +208,13 @@ fn utf16z(s: &str) -> Vec<u8> {
 
 impl LoadOption {
     pub fn new(description: &str, hd: Hd, path: &str) -> LoadOption {
-        LoadOption { active: true, description: description.into(), hd: Some(hd), path: Some(path.into()), optional_data: Vec::new() }
+        LoadOption {
+            active: true,
+            description: description.into(),
+            hd: Some(hd),
+            path: Some(path.into()),
+            optional_data: Vec::new(),
+        }
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -231,11 +248,17 @@ impl LoadOption {
     pub fn decode(b: &[u8]) -> Result<LoadOption, String> {
         let u32_at = |i: usize| b.get(i..i + 4).map(|s| u32::from_le_bytes(s.try_into().expect("4 bytes")));
         let attrs = u32_at(0).ok_or("shorter than its header")?;
-        let dp_len = b.get(4..6).map(|s| u16::from_le_bytes([s[0], s[1]]) as usize).ok_or("shorter than its header")?;
+        let dp_len = b
+            .get(4..6)
+            .map(|s| u16::from_le_bytes([s[0], s[1]]) as usize)
+            .ok_or("shorter than its header")?;
         let mut i = 6;
         let mut units = Vec::new();
         loop {
-            let u = b.get(i..i + 2).map(|s| u16::from_le_bytes([s[0], s[1]])).ok_or("description not terminated")?;
+            let u = b
+                .get(i..i + 2)
+                .map(|s| u16::from_le_bytes([s[0], s[1]]))
+                .ok_or("description not terminated")?;
             i += 2;
             if u == 0 {
                 break;
@@ -267,8 +290,12 @@ impl LoadOption {
                     });
                 }
                 (4, 4) => {
-                    let units: Vec<u16> =
-                        node.chunks(2).filter(|c| c.len() == 2).map(|c| u16::from_le_bytes([c[0], c[1]])).take_while(|&u| u != 0).collect();
+                    let units: Vec<u16> = node
+                        .chunks(2)
+                        .filter(|c| c.len() == 2)
+                        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                        .take_while(|&u| u != 0)
+                        .collect();
                     path = Some(String::from_utf16_lossy(&units));
                 }
                 _ => {}
@@ -326,7 +353,7 @@ impl UefiFirmware {
             .map(|(s, n)| (slots[s].priority, n))
             .collect();
         // Highest priority first; A before B on a tie, as stage 1's choice has it.
-        good.sort_by(|x, y| y.0.cmp(&x.0));
+        good.sort_by_key(|g| std::cmp::Reverse(g.0));
         let mut new_order: Vec<u16> = good.iter().map(|(_, n)| *n).collect();
         new_order.extend(order.iter().copied().filter(|n| !entries.contains(n)));
         if self.vars.set_u16s("BootOrder", &new_order)? {
@@ -340,11 +367,8 @@ impl UefiFirmware {
             .map(|(_, n)| n);
         let next = self.vars.get_u16s("BootNext")?.first().copied();
         match trial {
-            Some(n) => {
-                if self.vars.set_u16s("BootNext", &[n])? {
-                    written.push("BootNext".into());
-                }
-            }
+            Some(n) if self.vars.set_u16s("BootNext", &[n])? => written.push("BootNext".into()),
+            Some(_) => {}
             // Only Berth's own BootNext is taken back; someone else's one-shot stays.
             None if next.is_some_and(|n| entries.contains(&n)) => {
                 self.vars.delete("BootNext", GLOBAL)?;
@@ -401,7 +425,9 @@ impl UefiFirmware {
     /// `LoaderDevicePartUUID`), if the firmware said.
     pub fn loaded_from(&self) -> Option<Slot> {
         let uuid = self.vars.get_string("LoaderDevicePartUUID", LOADER).ok()??;
-        [Slot::A, Slot::B].into_iter().find(|s| self.boot[*s as usize].guid.to_string().eq_ignore_ascii_case(&uuid))
+        [Slot::A, Slot::B]
+            .into_iter()
+            .find(|s| self.boot[*s as usize].guid.to_string().eq_ignore_ascii_case(&uuid))
     }
 }
 
@@ -432,15 +458,30 @@ mod tests {
         UefiFirmware {
             vars: Vars::new(dir),
             boot: [
-                Hd { number: 1, start_lba: 2048, size_lba: 65536, guid: guid("11111111-2222-3333-4444-555555555555") },
-                Hd { number: 4, start_lba: 477184, size_lba: 65536, guid: guid("aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee") },
+                Hd {
+                    number: 1,
+                    start_lba: 2048,
+                    size_lba: 65536,
+                    guid: guid("11111111-2222-3333-4444-555555555555"),
+                },
+                Hd {
+                    number: 4,
+                    start_lba: 477184,
+                    size_lba: 65536,
+                    guid: guid("aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"),
+                },
             ],
         }
     }
 
     #[test]
     fn load_options_round_trip_and_match_the_spec_layout() {
-        let hd = Hd { number: 1, start_lba: 2048, size_lba: 65536, guid: guid("11111111-2222-3333-4444-555555555555") };
+        let hd = Hd {
+            number: 1,
+            start_lba: 2048,
+            size_lba: 65536,
+            guid: guid("11111111-2222-3333-4444-555555555555"),
+        };
         let opt = LoadOption::new("Berth A", hd, "\\EFI\\BERTH\\A.EFI");
         let b = opt.encode();
         assert_eq!(&b[0..4], &1u32.to_le_bytes(), "active");
@@ -456,8 +497,34 @@ mod tests {
     fn first_boot_creates_entries_and_keeps_other_entries_after_ours() {
         let fw = firmware("first");
         // The firmware's own entries: a setup UI and a removable-media one, in its order.
-        fw.vars.set("Boot0000", GLOBAL, &LoadOption { active: true, description: "UiApp".into(), hd: None, path: None, optional_data: vec![] }.encode()).unwrap();
-        fw.vars.set("Boot0001", GLOBAL, &LoadOption { active: true, description: "UEFI QEMU HARDDISK".into(), hd: None, path: None, optional_data: vec![] }.encode()).unwrap();
+        fw.vars
+            .set(
+                "Boot0000",
+                GLOBAL,
+                &LoadOption {
+                    active: true,
+                    description: "UiApp".into(),
+                    hd: None,
+                    path: None,
+                    optional_data: vec![],
+                }
+                .encode(),
+            )
+            .unwrap();
+        fw.vars
+            .set(
+                "Boot0001",
+                GLOBAL,
+                &LoadOption {
+                    active: true,
+                    description: "UEFI QEMU HARDDISK".into(),
+                    hd: None,
+                    path: None,
+                    optional_data: vec![],
+                }
+                .encode(),
+            )
+            .unwrap();
         fw.vars.set_u16s("BootOrder", &[1, 0]).unwrap();
         let r = fw.apply(slots((1, 0, true), (0, 0, false))).unwrap();
         assert_eq!(r.entries, [2, 3]);
@@ -481,7 +548,11 @@ mod tests {
         // The firmware deleted BootNext and booted B; stage 1 used the try.
         fw.vars.delete("BootNext", GLOBAL).unwrap();
         let r = fw.apply(slots((1, 0, true), (2, 0, false))).unwrap();
-        assert_eq!((r.boot_next, r.boot_order.clone()), (None, vec![r.entries[0]]), "a failed trial falls back to A");
+        assert_eq!(
+            (r.boot_next, r.boot_order.clone()),
+            (None, vec![r.entries[0]]),
+            "a failed trial falls back to A"
+        );
         // B healthy and marked good: it leads.
         let r = fw.apply(slots((1, 0, true), (2, 0, true))).unwrap();
         assert_eq!(r.boot_order, vec![r.entries[1], r.entries[0]]);
@@ -506,7 +577,8 @@ mod tests {
     #[test]
     fn loaded_from_matches_the_partition_guid() {
         let fw = firmware("loaded");
-        let uuid: Vec<u8> = "AAAAAAAA-BBBB-CCCC-DDDD-EEEEEEEEEEEE\0".encode_utf16().flat_map(|u| u.to_le_bytes()).collect();
+        let uuid: Vec<u8> =
+            "AAAAAAAA-BBBB-CCCC-DDDD-EEEEEEEEEEEE\0".encode_utf16().flat_map(|u| u.to_le_bytes()).collect();
         fw.vars.set("LoaderDevicePartUUID", LOADER, &uuid).unwrap();
         assert_eq!(fw.loaded_from(), Some(Slot::B));
         assert!(booted_as_uki(&fw.vars.dir));

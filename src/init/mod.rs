@@ -209,7 +209,8 @@ fn stage2() -> ! {
         // Every boot-control change from now on (marking the slot good, the updater) also
         // tells the firmware.
         let (disk, sector) = (ctx.handoff.disk.clone(), ctx.handoff.sector_size);
-        if let Err(e) = crate::bootctl::install_uefi(&disk, sector, Path::new(crate::bootctl::uefi::EFIVARS)) {
+        if let Err(e) = crate::bootctl::install_uefi(&disk, sector, Path::new(crate::bootctl::uefi::EFIVARS))
+        {
             if let Err(error) = ctx.degrade(
                 BootError::BootControl(e),
                 "boot-control changes will reach the firmware only at the next boot",

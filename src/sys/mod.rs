@@ -201,6 +201,27 @@ pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
+/// Clear the immutable attribute of `path` if it is set (efivarfs sets it on every variable;
+/// it must be cleared before the variable is written or deleted). A file that does not exist
+/// or a filesystem without attributes (a test directory on tmpfs) is not an error.
+pub fn clear_immutable(path: &Path) -> io::Result<()> {
+    use rustix::fs::{ioctl_getflags, ioctl_setflags, IFlags};
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let flags = match ioctl_getflags(&f) {
+        Ok(flags) => flags,
+        Err(rustix::io::Errno::NOTTY) | Err(rustix::io::Errno::OPNOTSUPP) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if flags.contains(IFlags::IMMUTABLE) {
+        ioctl_setflags(&f, flags - IFlags::IMMUTABLE)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,25 +333,4 @@ mod tests {
         assert!(outside.is_empty(), "unsafe code allowed outside src/sys: {outside:?}");
         assert!(!found.is_empty(), "src/sys itself allows unsafe code");
     }
-}
-
-/// Clear the immutable attribute of `path` if it is set (efivarfs sets it on every variable;
-/// it must be cleared before the variable is written or deleted). A file that does not exist
-/// or a filesystem without attributes (a test directory on tmpfs) is not an error.
-pub fn clear_immutable(path: &Path) -> io::Result<()> {
-    use rustix::fs::{ioctl_getflags, ioctl_setflags, IFlags};
-    let f = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    let flags = match ioctl_getflags(&f) {
-        Ok(flags) => flags,
-        Err(rustix::io::Errno::NOTTY) | Err(rustix::io::Errno::OPNOTSUPP) => return Ok(()),
-        Err(e) => return Err(e.into()),
-    };
-    if flags.contains(IFlags::IMMUTABLE) {
-        ioctl_setflags(&f, flags - IFlags::IMMUTABLE)?;
-    }
-    Ok(())
 }
