@@ -34,11 +34,25 @@ def arch_paths(arch):
              ("raw", "disk.img"), ("dir", ".")]}
 
 
-def qemu_argv(arch, disk, disk_format, append, qmp_path, extra=(), api_sock=None, user_data=None):
+# UEFI firmware for the UEFI cases: (code, variable store template) per arch; with Secure Boot
+# (x86_64 only) the code built with SMM and the keys enrolled into a copy of the store.
+FIRMWARE = {
+    "x86_64": ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+    "x86_64-secure": ("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+    "arm64": ("/usr/share/AAVMF/AAVMF_CODE.fd", "/usr/share/AAVMF/AAVMF_VARS.fd"),
+}
+
+
+def qemu_argv(arch, disk, disk_format, append, qmp_path, extra=(), api_sock=None, user_data=None,
+              firmware=None, vars_path=None, disk_bus="virtio"):
+    """firmware: None (QEMU hands over the kernel, SeaBIOS/no firmware), "uefi" or "secure"
+    (the firmware starts the disk's UKI; Secure Boot enforcing with "secure"). The kernel
+    command line of a UEFI boot is the UKI's own, so `append` applies to direct boots only."""
     p = arch_paths(arch)
     accel = ["-accel", "kvm", "-cpu", "host"] if kvm_works() and arch == os.uname().machine.replace("aarch64", "arm64") else ["-accel", "tcg"]
     if arch == "x86_64":
-        argv = ["qemu-system-x86_64", "-M", "pc"] + accel
+        machine = "pc" if not firmware else ("q35,smm=on" if firmware == "secure" else "q35")
+        argv = ["qemu-system-x86_64", "-M", machine] + accel
         if accel[1] == "tcg":
             argv += ["-cpu", "max"]
         console = "ttyS0"
@@ -48,16 +62,27 @@ def qemu_argv(arch, disk, disk_format, append, qmp_path, extra=(), api_sock=None
         if accel[1] == "tcg":
             append = f"no_timer_check {append}"
     else:
-        argv = ["qemu-system-aarch64", "-M", "virt"] + accel
+        # With UEFI, AAVMF hands the kernel a device tree (acpi=off): the arm64 kernel is built
+        # for DT machines (PLATFORM-NOTES).
+        argv = ["qemu-system-aarch64", "-M", "virt,acpi=off" if firmware else "virt"] + accel
         if accel[1] == "tcg":
             argv += ["-cpu", "cortex-a72"]
         console = "ttyAMA0"
+    argv += ["-m", "1024", "-smp", "2", "-nographic", "-no-reboot"]
+    if firmware:
+        code = FIRMWARE[f"{arch}-secure" if firmware == "secure" else arch][0]
+        argv += ["-drive", f"if=pflash,format=raw,readonly=on,file={code}",
+                 "-drive", f"if=pflash,format=raw,file={vars_path}"]
+        if firmware == "secure":
+            argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
+    else:
+        argv += ["-kernel", p["kernel"], "-initrd", p["initrd"],
+                 "-append", f"console={console} panic=-1 {append}".strip()]
+    disk_device = {"virtio": "virtio-blk-pci,drive=disk0", "nvme": "nvme,drive=disk0,serial=berth0",
+                   "ahci": "ide-hd,drive=disk0,bus=ide.0"}[disk_bus]
     argv += [
-        "-m", "1024", "-smp", "2", "-nographic", "-no-reboot",
-        "-kernel", p["kernel"], "-initrd", p["initrd"],
-        "-append", f"console={console} panic=-1 {append}".strip(),
         "-drive", f"file={disk},if=none,id=disk0,format={disk_format},cache=unsafe",
-        "-device", "virtio-blk-pci,drive=disk0",
+        "-device", disk_device,
         "-nic", "user,model=virtio-net-pci",
         "-device", "virtio-rng-pci",
         # A hardware watchdog: armed while a slot is on trial, so a hung boot resets.
@@ -78,9 +103,18 @@ class VM:
     """One QEMU process. Use as a context manager; the temp dir goes away on exit."""
 
     def __init__(self, arch="x86_64", append="", raw=False, disk_size="2G", reboot=False, extra=(),
-                 user_data=None):
+                 user_data=None, firmware=None, disk_bus="virtio"):
         self.arch = arch
         self.tmp = tempfile.mkdtemp(prefix=f"berth-{arch}-")
+        self.firmware, self.disk_bus = firmware, disk_bus
+        self.vars = None
+        if firmware:
+            # The machine's NVRAM: a copy of the firmware's empty store, kept across the VM's
+            # restarts; with Secure Boot, Berth's development keys enrolled (PK, KEK, db).
+            self.vars = os.path.join(self.tmp, "vars.fd")
+            shutil.copyfile(FIRMWARE[arch][1], self.vars)
+            if firmware == "secure":
+                enroll_secure_boot(self.vars)
         p = arch_paths(arch)
         if raw:
             self.disk = os.path.join(self.tmp, "disk.img")
@@ -116,11 +150,14 @@ class VM:
 
     def start(self):
         argv = qemu_argv(self.arch, self.disk, self.format, self.append, self.qmp_path, self.extra,
-                         api_sock=self.api_sock, user_data=self.user_data)
+                         api_sock=self.api_sock, user_data=self.user_data, firmware=self.firmware,
+                         vars_path=self.vars, disk_bus=self.disk_bus)
         if self.reboot:
             argv.remove("-no-reboot")
         self.out = []
+        self.times = []
         self.since = 0
+        self.started_at = time.monotonic()
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT)
         threading.Thread(target=self._pump, daemon=True).start()
@@ -131,6 +168,7 @@ class VM:
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
             with self.lock:
                 self.out.append(line)
+                self.times.append(time.monotonic())
                 self.lock.notify_all()
         with self.lock:
             self.lock.notify_all()
@@ -210,6 +248,21 @@ class VM:
             self.proc.wait()
 
 
+CACHE = os.environ.get("BERTH_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "berth"))
+SB_KEYS = os.environ.get("BERTH_SB_KEYS", os.path.join(BUILD, "secureboot-keys"))
+
+
+def enroll_secure_boot(vars_path, keys=SB_KEYS):
+    """Enroll PK, KEK and db from `keys` (scripts/secureboot-keys) into the variable store and
+    turn Secure Boot on, with virt-fw-vars (scripts/setup puts it in a venv under the cache)."""
+    owner = open(os.path.join(keys, "owner.guid")).read().strip()
+    tool = os.path.join(CACHE, "venv", "bin", "virt-fw-vars")
+    subprocess.run([tool, "--inplace", vars_path, "--set-pk", owner, os.path.join(keys, "PK.crt"),
+                    "--add-kek", owner, os.path.join(keys, "KEK.crt"),
+                    "--add-db", owner, os.path.join(keys, "db.crt"), "--secure-boot"],
+                   check=True, capture_output=True)
+
+
 class _UnixHTTPConnection(http.client.HTTPConnection):
     def __init__(self, path, timeout):
         super().__init__("localhost", timeout=timeout)
@@ -261,25 +314,39 @@ def slot_states(disk_raw, berth):
 
 
 def main(argv):
-    """`berthvm.py run ARCH [DISK]`: boot interactively with the serial console on this terminal
-    (Ctrl-A X quits). Without DISK, a fresh overlay of the built image is used."""
+    """`berthvm.py run ARCH [DISK] [--uefi | --secure-boot]`: boot interactively with the serial
+    console on this terminal (Ctrl-A X quits). Without DISK, a fresh overlay of the built image
+    is used. With --uefi the firmware (OVMF, AAVMF) starts the disk's UKI; --secure-boot also
+    enrolls the project's keys (x86_64). The firmware's variables live in DISK.vars next to a
+    kept DISK."""
     import sys
-    if len(argv) < 2 or argv[0] != "run":
-        print("usage: berthvm.py run ARCH [DISK]", file=sys.stderr)
+    flags = [a for a in argv if a.startswith("--")]
+    argv = [a for a in argv if not a.startswith("--")]
+    if len(argv) < 2 or argv[0] != "run" or set(flags) - {"--uefi", "--secure-boot"}:
+        print("usage: berthvm.py run ARCH [DISK] [--uefi | --secure-boot]", file=sys.stderr)
         return 2
     arch = argv[1]
     disk = argv[2] if len(argv) > 2 else None
+    firmware = "secure" if "--secure-boot" in flags else "uefi" if "--uefi" in flags else None
     tmp = tempfile.mkdtemp(prefix="berth-run-")
     if disk is None:
         disk = os.path.join(tmp, "disk.qcow2")
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", arch_paths(arch)["qcow2"],
                         "-F", "qcow2", disk, "4G"], check=True)
+        vars_path = os.path.join(tmp, "vars.fd")
+    else:
+        vars_path = disk + ".vars"
+    if firmware and not os.path.exists(vars_path):
+        shutil.copyfile(FIRMWARE[arch][1], vars_path)
+        if firmware == "secure":
+            enroll_secure_boot(vars_path)
     api_sock = os.environ.get("BERTH_API_SOCKET") or os.path.join(tmp, "api.sock")
     argv = qemu_argv(arch, disk, "qcow2", "", os.path.join(tmp, "qmp.sock"), api_sock=api_sock,
-                     user_data=os.environ.get("BERTH_USER_DATA"))
+                     user_data=os.environ.get("BERTH_USER_DATA"), firmware=firmware, vars_path=vars_path)
     argv.remove("-no-reboot")
     argv = [a.replace("panic=-1", "panic=5") for a in argv]
     print("berth: " + ("KVM" if "kvm" in argv else "TCG (software emulation)") +
+          f"{', UEFI' + (' with Secure Boot' if firmware == 'secure' else '') if firmware else ''}"
           f"; disk {disk}; QMP {tmp}/qmp.sock; quit with Ctrl-A X", file=sys.stderr)
     print(f"berth: the VM's API from this host: curl --unix-socket {api_sock} http://localhost/settings",
           file=sys.stderr, flush=True)

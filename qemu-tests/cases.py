@@ -258,6 +258,7 @@ def user_data_from_fw_cfg_applied_at_first_boot(arch):
         st, body = vm.api("GET", "/user-data")
         assert body.get("applied") is True and "fw_cfg" in body.get("source", ""), body
         st, state = vm.api("GET", "/system/state")
+        state.pop("memory")
         assert state == {"hostname": "ud-host", "motd": "from user data\n", "sysctl": {"vm.swappiness": "13"}}, state
 
 
@@ -469,6 +470,99 @@ def static_address_from_settings(arch):
         vm.wait_ready()
 
 
+
+# ---------------------------------------------------------------- time (issue 9)
+
+def free_udp_port():
+    import socket
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Chronyd:
+    """Debian's chronyd serving the host's time on 127.0.0.1:PORT (QEMU's user networking takes
+    the guest's 10.0.2.2:PORT there). -x: it never touches the host's clock. scripts/setup
+    extracts it into the cache."""
+
+    def __init__(self):
+        cache = os.environ.get("BERTH_CACHE") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "berth")
+        exe = os.environ.get("BERTH_CHRONYD") or os.path.join(cache, "chrony/usr/sbin/chronyd")
+        assert os.path.exists(exe), f"{exe} is missing: run scripts/setup"
+        self.dir = tempfile.mkdtemp(prefix="berth-chronyd-")
+        self.port = free_udp_port()
+        conf = os.path.join(self.dir, "chrony.conf")
+        with open(conf, "w") as f:
+            f.write(f"port {self.port}\nbindaddress 127.0.0.1\nallow 127.0.0.1\nlocal stratum 8\n"
+                    f"cmdport 0\npidfile {self.dir}/chronyd.pid\n")
+        self.proc = subprocess.Popen([exe, "-d", "-x", "-u", "root", "-f", conf],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _poll(lambda: (self.answers(), None), 10, every=0.2)
+
+    def answers(self):
+        """Whether it answers an SNTP request on the loopback."""
+        import socket
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(0.5)
+        try:
+            s.sendto(bytes([0x23]) + bytes(39) + os.urandom(8), ("127.0.0.1", self.port))
+            return len(s.recv(512)) >= 48
+        except OSError:
+            return False
+        finally:
+            s.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+        import shutil
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@case(arches=("x86_64",))
+def ntp_sets_a_far_off_clock(arch):
+    """A guest whose clock starts in 2001 (-rtc base=2001-01-01) gets the right time from
+    chronyd on the host through QEMU user networking, past a server that never answers: one
+    step, then the kernel's PLL; /system/time and the kernel say synchronised; a changed
+    settings.ntp.time-servers is followed without another step, and a bad entry is refused."""
+    import time
+    with Chronyd() as a, Chronyd() as b:
+        dead = free_udp_port()
+        ud = f'[settings.ntp]\ntime-servers = ["10.0.2.2:{dead}", "10.0.2.2:{a.port}"]\n'
+        with VM(arch, user_data=ud, extra=("-rtc", "base=2001-01-01T00:00:00")) as vm:
+            vm.start()
+            m = vm.wait_for(r"berth: time: stepped the clock by \+(\d+)\.\d+ s", timeout=180)
+            assert int(m.group(1)) > 20 * 365 * 86400, f"the guest did not start in 2001: {m.group(0)}"
+            vm.wait_ready()
+            vm.wait_for(r"berth: api bridge")
+            st, t = vm.api("GET", "/system/time")
+            assert st == 200, (st, t)
+            assert t["synchronized"] is True and t["steps"] == 1, t
+            assert t["server"].startswith(f"10.0.2.2:{a.port}"), t
+            assert t["last_step"]["by_s"] > 20 * 365 * 86400, t
+            assert abs(t["clock_unix_s"] - time.time()) < 10, f"guest clock {t['clock']} vs host {time.time()}"
+            assert t["kernel"]["synchronized"] is True, t
+            # The setting changes: the new server is used within seconds, and the clock,
+            # already right, is not stepped again.
+            st, body = vm.api("PATCH", "/settings", {"ntp": {"time-servers": [f"10.0.2.2:{b.port}"]}})
+            assert st == 204, (st, body)
+            st, body = vm.api("POST", "/tx/commit_and_apply")
+            assert st == 200 and body == ["ntp.time-servers"], (st, body)
+            _, t = _poll(lambda: (lambda t: ((t.get("server") or "").startswith(f"10.0.2.2:{b.port}"), t))(
+                vm.api("GET", "/system/time")[1]), 60)
+            assert t["servers"] == [f"10.0.2.2:{b.port}"] and t["steps"] == 1, t
+            assert abs(t["last_offset_s"]) < 0.4, t
+            st, body = vm.api("PATCH", "/settings", {"ntp": {"time-servers": ["not a server"]}})
+            assert st == 400 and "settings.ntp.time-servers" in body["error"], (st, body)
+
+
 # The A/B update cases and the fault cases register themselves with `case` too.
 import update_cases  # noqa: E402,F401
 import fault_cases  # noqa: E402,F401
+import uefi_cases  # noqa: E402,F401

@@ -16,6 +16,7 @@ mod supervisor;
 mod sys;
 #[cfg(test)]
 mod testing;
+mod time;
 mod update;
 mod userdata;
 

@@ -90,6 +90,7 @@ const ROUTES: &[(&str, &[&str])] = &[
     ("/user-data", &["GET"]),
     ("/boot", &["GET"]),
     ("/system/state", &["GET"]),
+    ("/system/time", &["GET"]),
     ("/actions/reboot", &["POST"]),
     ("/actions/shutdown", &["POST"]),
     ("/updates/status", &["GET"]),
@@ -614,8 +615,13 @@ impl Api {
             ("GET", "/boot") => {
                 let mut v = crate::boot::report::snapshot();
                 v["watchdog"] = json!(if crate::boot::watchdog::armed() { "armed" } else { "off" });
+                v["firmware"] = crate::bootctl::uefi_report().unwrap_or(Value::Null);
                 Response::json(200, &v)
             }
+            ("GET", "/system/time") => match crate::time::status() {
+                Some(v) => Response::json(200, &v),
+                None => Response::error(503, "no time keeper here (dev mode never sets the host's clock)"),
+            },
             ("GET", "/user-data") => {
                 Response::json(200, &self.user_data.lock().unwrap_or_else(|p| p.into_inner()))
             }

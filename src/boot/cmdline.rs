@@ -5,7 +5,7 @@
 //! | `berth.slot=A\|B` | boot this slot whatever boot control says (recovery, tests) |
 //! | `berth.disk=vda` | only look for Berth's partitions on this disk |
 //! | `berth.rootwait=SECS` | how long to wait for the disk to appear (default 10) |
-//! | `berth.verity.roothash=HEX` | the root hash the slot must have (UKI: signed cmdline) |
+//! | `berth.verity.roothash=HEX` | the slot's root hash, used instead of `slot.toml`'s (a UKI's signed command line carries it) |
 //! | `berth.health-timeout=SECS` | a slot on trial not healthy by then reboots (default 300) |
 //! | `berth.selftest=orphans\|crashloop\|logflood` | run a self-test service (QEMU tests) |
 //! | `berth.watchdog=off` | leave the hardware watchdog unarmed (it is armed on every boot) |

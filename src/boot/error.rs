@@ -22,8 +22,11 @@ pub enum BootError {
     BootControl(bootctl::Error),
     /// The slot's metadata (`slot.toml` on its BOOT partition) is missing or malformed.
     SlotMeta { slot: Slot, error: String },
-    /// The slot's root hash is not the one the (signed) kernel command line requires.
-    RootHash { slot: Slot, found: String, required: String },
+    /// The UKI's command line names one slot, the firmware loaded it from the other's ESP.
+    SlotMismatch { named: Slot, loaded_from: Slot },
+    /// The firmware started a slot boot control gave up on; it was told, and the machine
+    /// restarts into the right one.
+    WrongSlot { started: Slot, boots: Slot },
     /// A `berth.*` kernel argument that cannot be used.
     Cmdline { key: &'static str, value: String, expected: &'static str },
     /// A file stage 1 hands to stage 2, or stage 2 expects in the root, is missing or malformed.
@@ -69,9 +72,15 @@ impl fmt::Display for BootError {
             BootError::NoPartition(label) => write!(f, "no partition labelled {label} on the boot disk"),
             BootError::BootControl(e) => write!(f, "boot control: {e}"),
             BootError::SlotMeta { slot, error } => write!(f, "slot {slot} metadata: {error}"),
-            BootError::RootHash { slot, found, required } => write!(
+            BootError::SlotMismatch { named, loaded_from } => write!(
                 f,
-                "slot {slot} root hash {found} is not the one the kernel command line requires ({required})"
+                "the UKI names slot {named} but the firmware loaded it from slot {loaded_from}'s BOOT \
+                 partition; was a UKI copied to the other slot's partition?"
+            ),
+            BootError::WrongSlot { started, boots } => write!(
+                f,
+                "the firmware started slot {started}, which is not bootable (a failed update); its boot \
+                 variables now say slot {boots}, restarting into it"
             ),
             BootError::Cmdline { key, value, expected } => {
                 write!(f, "kernel argument berth.{key}={value}: expected {expected}")

@@ -21,10 +21,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use log::{error, info};
+use log::{error, info, warn};
 use serde::{Deserialize, Serialize};
 
-use crate::bootctl::{BootAttempt, BootControl, GptBootControl, Slot, SlotMeta};
+use crate::bootctl::{self, BootAttempt, BootControl, GptBootControl, Slot, SlotMeta};
 use crate::sys::{self, dm};
 use cmdline::Cmdline;
 pub use error::{BootError, Failure};
@@ -51,6 +51,12 @@ pub struct Handoff {
     /// Stage 1's phases, for the boot timeline.
     #[serde(default)]
     pub phases: Vec<report::PhaseTime>,
+    /// How the slot was chosen: `uefi` (the firmware started the slot's UKI) or `direct` (a
+    /// kernel handed over by a loader or QEMU; stage 1 chose).
+    #[serde(default)]
+    pub boot: String,
+    #[serde(default)]
+    pub secure_boot: bool,
 }
 
 type Phase = (&'static str, fn(&mut Ctx) -> Result<(), BootError>);
@@ -66,6 +72,8 @@ struct Ctx {
     /// Armed for every boot (unless `berth.watchdog=off`); open until the exec of stage 2,
     /// which opens it again and keeps it fed for the life of the system.
     watchdog: Option<watchdog::Watchdog>,
+    /// The firmware booted with Secure Boot on (UEFI only).
+    secure_boot: bool,
 }
 
 impl Ctx {
@@ -108,6 +116,7 @@ pub fn stage1() -> Failure {
         meta: None,
         started: Instant::now(),
         watchdog: None,
+        secure_boot: false,
     };
     for (name, phase) in PHASES {
         let (t, start_ms) = (Instant::now(), report::uptime_ms());
@@ -167,17 +176,118 @@ fn choose_slot(ctx: &mut Ctx) -> Result<(), BootError> {
         None => None,
     };
     let mut bc = GptBootControl::new(&ctx.disk, ctx.sector);
+    let uefi = booted_as_uki()?;
+    if uefi {
+        firmware_chose(ctx, &mut bc, forced)?;
+    }
     let a = bc.begin_boot(forced)?;
     info!(
         "boot control: slot {} (on trial: {}, tries left: {}{})",
         a.slot,
         a.on_trial,
         a.tries_left,
-        if forced.is_some() { ", forced by berth.slot" } else { "" }
+        match (uefi, forced.is_some()) {
+            (true, _) => ", started by the firmware",
+            (false, true) => ", forced by berth.slot",
+            (false, false) => "",
+        }
     );
+    if uefi {
+        // Entries missing (first boot, NVRAM cleared) or a change cut short: fixed now. Not
+        // fatal: this boot is under way; the next one tries again.
+        if let Err(e) = bc.sync_firmware() {
+            error!("boot control: telling the firmware: {e}");
+        }
+    }
     ctx.watchdog = watchdog::arm(&ctx.cmdline, a.on_trial);
     ctx.attempt = Some(a);
     Ok(())
+}
+
+/// Whether the firmware started a UKI (systemd-stub left `LoaderDevicePartUUID`): then the
+/// UEFI backend applies. Mounts efivarfs (and securityfs) when the firmware is UEFI.
+fn booted_as_uki() -> Result<bool, BootError> {
+    if !Path::new("/sys/firmware/efi").exists() {
+        return Ok(false);
+    }
+    let vars = Path::new(bootctl::uefi::EFIVARS);
+    if !mounts::is_mountpoint(vars) {
+        sys::mount(
+            Some("efivarfs"),
+            vars,
+            Some("efivarfs"),
+            sys::MS_NOSUID | sys::MS_NODEV | sys::MS_NOEXEC,
+            None,
+        )
+        .map_err(BootError::io_on("mount", format!("efivarfs on {}", vars.display())))?;
+    }
+    Ok(bootctl::uefi::booted_as_uki(vars))
+}
+
+/// Under UEFI the firmware chose the slot, and the signed command line names it. Check the
+/// two agree, that boot control has not given up on that slot, and lock the kernel down when
+/// Secure Boot is on.
+fn firmware_chose(ctx: &mut Ctx, bc: &mut GptBootControl, named: Option<Slot>) -> Result<(), BootError> {
+    bootctl::install_uefi(&ctx.disk, ctx.sector, Path::new(bootctl::uefi::EFIVARS))?;
+    let slot = named.ok_or(BootError::Cmdline {
+        key: "slot",
+        value: String::new(),
+        expected: "A or B (a UKI's command line names its slot)",
+    })?;
+    if let Some(from) = bootctl::uefi_loaded_from() {
+        if from != slot {
+            return Err(BootError::SlotMismatch { named: slot, loaded_from: from });
+        }
+    }
+    let vars = bootctl::uefi::Vars::new(bootctl::uefi::EFIVARS);
+    ctx.secure_boot = vars.secure_boot();
+    let current = vars.get_u16s("BootCurrent").ok().and_then(|l| l.first().copied());
+    info!(
+        "UEFI boot of slot {slot}'s UKI (BootCurrent {}), Secure Boot {}",
+        current.map_or("unknown".to_string(), |n| format!("{n:04X}")),
+        if ctx.secure_boot { "on" } else { "off" }
+    );
+    if ctx.secure_boot {
+        lock_down();
+    }
+    let states = bc.states()?;
+    if !states[slot].bootable() {
+        if let Some(other) = bootctl::choose(states.a, states.b) {
+            // The firmware started a slot boot control gave up on (its variables were not
+            // updated, or were lost): tell it, then restart into the right one. Only when that
+            // changed the firmware's variables, so this can never loop.
+            let applied = bc.sync_firmware()?;
+            if applied.is_some_and(|a| !a.written.is_empty()) {
+                return Err(BootError::WrongSlot { started: slot, boots: other });
+            }
+            error!("the firmware started slot {slot}, which boot control gave up on; booting it anyway");
+        }
+    }
+    Ok(())
+}
+
+/// Secure Boot is on: the kernel runs locked down (integrity). x86_64 kernels do it
+/// themselves; elsewhere it is set here, before anything else runs.
+fn lock_down() {
+    let sec = Path::new("/sys/kernel/security");
+    if !mounts::is_mountpoint(sec) {
+        let _ = sys::mount(
+            Some("securityfs"),
+            sec,
+            Some("securityfs"),
+            sys::MS_NOSUID | sys::MS_NODEV | sys::MS_NOEXEC,
+            None,
+        );
+    }
+    let file = sec.join("lockdown");
+    match fs::read_to_string(&file) {
+        Ok(now) if now.contains("[none]") => match fs::write(&file, "integrity") {
+            Ok(()) => info!("kernel lockdown: integrity (Secure Boot is on)"),
+            Err(e) => error!("kernel lockdown: {}: {e}", file.display()),
+        },
+        Ok(now) => info!("kernel lockdown: {}", now.trim()),
+        Err(e) => error!("kernel lockdown: {}: {e}", file.display()),
+    }
 }
 
 fn read_slot_metadata(ctx: &mut Ctx) -> Result<(), BootError> {
@@ -186,11 +296,25 @@ fn read_slot_metadata(ctx: &mut Ctx) -> Result<(), BootError> {
     let meta_err = |error: String| BootError::SlotMeta { slot, error };
     let text = partitions::with_boot_mounted(boot, |dir| fs::read_to_string(dir.join(SlotMeta::FILE)))?
         .map_err(|e| meta_err(format!("{} on {}: {e}", SlotMeta::FILE, boot.label)))?;
-    let meta =
+    let mut meta =
         SlotMeta::parse(&text).map_err(|e| meta_err(format!("{} on {}: {e}", SlotMeta::FILE, boot.label)))?;
+    // The kernel command line's root hash (signed, in a UKI) is the one that counts; slot.toml
+    // sits on an unsigned partition.
     if let Some(want) = ctx.cmdline.get("verity.roothash") {
-        if want != meta.verity.root_hash {
-            return Err(BootError::RootHash { slot, found: meta.verity.root_hash, required: want.into() });
+        if want.len() != 64 || !want.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(BootError::Cmdline {
+                key: "verity.roothash",
+                value: want.into(),
+                expected: "64 hex digits",
+            });
+        }
+        if !want.eq_ignore_ascii_case(&meta.verity.root_hash) {
+            warn!(
+                "slot {slot}: {} says root hash {}, the kernel command line {want}; using the command line's",
+                SlotMeta::FILE,
+                meta.verity.root_hash
+            );
+            meta.verity.root_hash = want.to_ascii_lowercase();
         }
     }
     info!("slot {slot} is version {} ({} {})", meta.version, meta.variant, meta.arch);
@@ -246,6 +370,8 @@ fn write_handoff(ctx: &mut Ctx) -> Result<(), BootError> {
         root_hash: meta.verity.root_hash.clone(),
         stage1_ms: ctx.started.elapsed().as_millis() as u64,
         phases: report::phases(),
+        boot: if bootctl::uefi_installed() { "uefi" } else { "direct" }.into(),
+        secure_boot: ctx.secure_boot,
     };
     let text =
         toml::to_string(&h).map_err(|e| BootError::Handoff { path: HANDOFF.into(), error: e.to_string() })?;

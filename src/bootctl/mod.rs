@@ -18,6 +18,14 @@
 //! never read a table half-way through another thread's write. Stage 1 runs alone; at every
 //! boot [`BootControl::begin_boot`] first repairs a GPT copy that is damaged or differs from the
 //! other (a write cut short by a power cut) from the copy readers accept.
+//!
+//! Under UEFI the firmware, not stage 1, picks the slot to start: [`uefi`] tells it, after
+//! every transaction, what the GPT state means (`BootOrder` for known-good slots, `BootNext`
+//! for a slot on trial). It is installed once per boot ([`install_uefi`]); a transaction whose
+//! firmware update fails is undone, so the GPT record and the firmware never disagree for
+//! long, and stage 1 makes them agree again at every boot ([`GptBootControl::sync_firmware`]).
+
+pub mod uefi;
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -151,7 +159,12 @@ pub enum Error {
     Open(PathBuf, std::io::Error),
     Gpt(PathBuf, gpt::Error),
     MissingPartition(String),
-    NothingBootable { a: SlotState, b: SlotState },
+    NothingBootable {
+        a: SlotState,
+        b: SlotState,
+    },
+    /// The firmware's boot variables could not be read or written (UEFI backend).
+    Firmware(uefi::Error),
 }
 
 impl fmt::Display for Error {
@@ -163,6 +176,7 @@ impl fmt::Display for Error {
             Error::NothingBootable { a, b } => {
                 write!(f, "no bootable slot (A: {a:?}, B: {b:?}); reinstall or repair the disk")
             }
+            Error::Firmware(e) => write!(f, "firmware boot variables: {e}"),
         }
     }
 }
@@ -235,6 +249,54 @@ pub trait BootControl {
 /// The one lock every GPT boot-control read and transaction in this process holds.
 static LOCK: Mutex<()> = Mutex::new(());
 
+/// The firmware to tell after each transaction, when this boot came through UEFI.
+static FIRMWARE: Mutex<Option<uefi::UefiFirmware>> = Mutex::new(None);
+
+fn firmware() -> std::sync::MutexGuard<'static, Option<uefi::UefiFirmware>> {
+    FIRMWARE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Use the UEFI backend from now on, for `disk`'s slots (variables in `efivars`). Returns the
+/// backend's view of the firmware, for stage 1's checks.
+pub fn install_uefi(disk: &Path, sector: u64, efivars: &Path) -> Result<(), Error> {
+    let mut f = File::open(disk).map_err(|e| Error::Open(disk.to_path_buf(), e))?;
+    let gpt = Gpt::read(&mut f, sector).map_err(|e| Error::Gpt(disk.to_path_buf(), e))?;
+    let hd = |slot: Slot| {
+        let label = slot.label("BOOT");
+        gpt.by_name(&label).map(|p| uefi::Hd::of(&p)).ok_or(Error::MissingPartition(label))
+    };
+    let fw = uefi::UefiFirmware { vars: uefi::Vars::new(efivars), boot: [hd(Slot::A)?, hd(Slot::B)?] };
+    *firmware() = Some(fw);
+    Ok(())
+}
+
+/// Whether the UEFI backend is in use.
+pub fn uefi_installed() -> bool {
+    firmware().is_some()
+}
+
+/// What the firmware says now (UEFI backend only), for `GET /boot`: `BootCurrent`,
+/// `BootOrder`, `BootNext`, the numbers of Berth's entries, Secure Boot.
+pub fn uefi_report() -> Option<serde_json::Value> {
+    let fw = firmware();
+    let fw = fw.as_ref()?;
+    let hex = |l: Vec<u16>| l.into_iter().map(|n| format!("{n:04X}")).collect::<Vec<_>>();
+    let get = |name: &str| fw.vars.get_u16s(name).map(hex).unwrap_or_default();
+    Some(serde_json::json!({
+        "boot_current": get("BootCurrent").first(),
+        "boot_order": get("BootOrder"),
+        "boot_next": get("BootNext").first(),
+        "entries": fw.entries().map(|e| serde_json::json!({"A": format!("{:04X}", e[0]), "B": format!("{:04X}", e[1])})).ok(),
+        "secure_boot": fw.vars.secure_boot(),
+        "lockdown": std::fs::read_to_string("/sys/kernel/security/lockdown").ok().map(|l| l.trim().to_string()),
+    }))
+}
+
+/// The slot the running UKI was loaded from, as the firmware says (UEFI backend only).
+pub fn uefi_loaded_from() -> Option<Slot> {
+    firmware().as_ref().and_then(|f| f.loaded_from())
+}
+
 /// Boot control kept in the GPT of `disk` (a block device or an image file).
 pub struct GptBootControl {
     disk: PathBuf,
@@ -269,6 +331,32 @@ impl GptBootControl {
         Ok((gpt, numbers))
     }
 
+    fn write_states(
+        &self,
+        f: &mut File,
+        gpt: &mut Gpt,
+        numbers: [u32; 2],
+        states: Slots,
+    ) -> Result<(), Error> {
+        for (slot, n) in [(Slot::A, numbers[0]), (Slot::B, numbers[1])] {
+            let attrs = gpt.partitions().into_iter().find(|p| p.number == n).map_or(0, |p| p.attributes);
+            gpt.set_attributes(n, states[slot].to_attributes(attrs)).map_err(|e| self.gpt_error(e))?;
+        }
+        gpt.write(f).map_err(|e| self.gpt_error(e))
+    }
+
+    /// Tell the firmware what the state is now, whether or not it changed (stage 1, every
+    /// boot: entries missing after NVRAM was cleared, a transaction cut short between the GPT
+    /// and the firmware). Returns what was written, or None without the UEFI backend.
+    pub fn sync_firmware(&mut self) -> Result<Option<uefi::Applied>, Error> {
+        let _held = lock();
+        let fw = firmware();
+        let Some(fw) = fw.as_ref() else { return Ok(None) };
+        let mut f = self.open(false)?;
+        let (gpt, numbers) = self.read(&mut f)?;
+        fw.apply(Self::slots(&gpt, numbers)).map(Some).map_err(Error::Firmware)
+    }
+
     fn slots(gpt: &Gpt, numbers: [u32; 2]) -> Slots {
         let attrs = |n: u32| gpt.partitions().into_iter().find(|p| p.number == n).map_or(0, |p| p.attributes);
         Slots {
@@ -299,11 +387,15 @@ impl BootControl for GptBootControl {
         let mut after = before;
         let r = change(&mut after)?;
         if after != before {
-            for (slot, n) in [(Slot::A, numbers[0]), (Slot::B, numbers[1])] {
-                let attrs = gpt.partitions().into_iter().find(|p| p.number == n).map_or(0, |p| p.attributes);
-                gpt.set_attributes(n, after[slot].to_attributes(attrs)).map_err(|e| self.gpt_error(e))?;
+            self.write_states(&mut f, &mut gpt, numbers, after)?;
+            if let Some(fw) = firmware().as_ref() {
+                // The record and the firmware change together, or neither does.
+                if let Err(e) = fw.apply(after) {
+                    self.write_states(&mut f, &mut gpt, numbers, before)?;
+                    let _ = fw.apply(before);
+                    return Err(Error::Firmware(e).into());
+                }
             }
-            gpt.write(&mut f).map_err(|e| self.gpt_error(e))?;
         }
         Ok(r)
     }

@@ -274,7 +274,8 @@ impl Slots {
     fn mark(&self, id: u64, idle: bool) -> bool {
         match self.table().open.iter_mut().find(|slot| slot.id == id) {
             Some(slot) => {
-                slot.idle_since = if idle { Some(slot.idle_since.unwrap_or_else(Instant::now)) } else { None };
+                slot.idle_since =
+                    if idle { Some(slot.idle_since.unwrap_or_else(Instant::now)) } else { None };
                 true
             }
             None => false,

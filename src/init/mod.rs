@@ -205,6 +205,20 @@ fn stage2() -> ! {
         updater: None,
         tasks: tasks::Tasks::default(),
     };
+    if ctx.handoff.boot == "uefi" {
+        // Every boot-control change from now on (marking the slot good, the updater) also
+        // tells the firmware.
+        let (disk, sector) = (ctx.handoff.disk.clone(), ctx.handoff.sector_size);
+        if let Err(e) = crate::bootctl::install_uefi(&disk, sector, Path::new(crate::bootctl::uefi::EFIVARS))
+        {
+            if let Err(error) = ctx.degrade(
+                BootError::BootControl(e),
+                "boot-control changes will reach the firmware only at the next boot",
+            ) {
+                boot::fail_and_reboot(&Failure { stage: 2, phase: "boot-control", error });
+            }
+        }
+    }
     for (name, phase) in PHASES {
         let (t, start_ms) = (Instant::now(), report::uptime_ms());
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| phase(&mut ctx)))

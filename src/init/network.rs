@@ -2,7 +2,12 @@
 //! (`settings.network.interface`, default the first Ethernet one) by DHCPv4 or with the static
 //! address in `settings.network.static-address`, in a thread of its own, so a missing or slow
 //! DHCP server never holds up the boot. DNS servers go to /etc/resolv.conf, rewritten on
-//! lease renewals. Network settings take effect at the next boot.
+//! lease renewals. Network settings take effect at the next boot. The SNTP client starts here
+//! too, in its own thread, reading `settings.ntp.time-servers` from the rendered
+//! /etc/ntp.conf (see `crate::time`).
+
+use std::path::Path;
+use std::sync::Arc;
 
 use log::{error, info};
 
@@ -64,6 +69,14 @@ pub fn start(ctx: &mut Ctx) -> Result<(), BootError> {
                 Ok(None) => Ok(()),
                 Err(e) => Err(format!("cannot start lease renewal: {e}")),
             }
+        })
+    });
+    // The SNTP client, supervised the same way (a keeper started again keeps its state).
+    let build_time = crate::update::build_time(Path::new(crate::update::RELEASE));
+    ctx.tasks.add("time", move || {
+        let servers = crate::time::conf_source(Path::new("/etc/ntp.conf"));
+        super::tasks::thread("time", 256 * 1024, move || {
+            crate::time::run(servers, Arc::new(crate::time::SystemClock), build_time)
         })
     });
     Ok(())

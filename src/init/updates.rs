@@ -45,7 +45,7 @@ pub fn start(ctx: &mut Ctx) -> Result<(), BootError> {
         arch: std::env::consts::ARCH.into(),
         version,
         clock_floor: update::build_time(Path::new(update::RELEASE)),
-        set_clock: true,
+        clock: Arc::new(crate::time::SystemClock),
         read_slot_meta: Box::new(read_slot_meta),
     };
     let updater = Updater::new(cfg);

@@ -287,9 +287,14 @@ impl Settings {
                 return Err(invalid(key, "value must be one line of at most 4096 bytes"));
             }
         }
-        for s in self.ntp.as_ref().and_then(|n| n.time_servers.as_ref()).into_iter().flatten() {
-            if s.is_empty() || s.contains(char::is_whitespace) {
-                return Err(invalid("settings.ntp.time-servers", format!("'{s}' is not a server name")));
+        if let Some(servers) = self.ntp.as_ref().and_then(|n| n.time_servers.as_ref()) {
+            let max = crate::time::MAX_SERVERS;
+            if servers.len() > max {
+                return Err(invalid("settings.ntp.time-servers", format!("more than {max} servers")));
+            }
+            for s in servers {
+                crate::time::sntp::ServerSpec::parse(s)
+                    .map_err(|e| invalid("settings.ntp.time-servers", e))?;
             }
         }
         if let Some(u) = &self.updates {
@@ -366,7 +371,7 @@ mod tests {
             "updates": {"metadata-base-url": "http://10.0.2.2:8000/metadata", "seed": 2047, "ignore-waves": true},
             "kubernetes": {"api-server": "https://k8s:6443", "max-pods": 110, "node-taints": {"dedicated": ["gpu:NoSchedule"]}},
             "host-containers": {"admin": {"enabled": false, "superpowered": true, "source": "r/admin:1"}},
-            "ntp": {"time-servers": ["pool.ntp.org"]},
+            "ntp": {"time-servers": ["pool.ntp.org", "169.254.169.123", "10.0.2.2:1123", "[fd00::1]:123"]},
             "container-registry": {"mirrors": [{"registry": "docker.io", "endpoint": ["http://10.0.2.2:5000"]}]}
         });
         let s = parse(&v).unwrap();
@@ -399,6 +404,13 @@ mod tests {
             (json!({"kubernetes": {"max-pods": 0}}), "settings.kubernetes.max-pods", "1..="),
             (json!({"kubernetes": {"cluster-dns-ip": "10.0.0"}}), "settings.kubernetes.cluster-dns-ip", "IP"),
             (json!({"host-containers": {"Admin": {}}}), "settings.host-containers.Admin", "[a-z0-9-]"),
+            (
+                json!({"ntp": {"time-servers": ["a b"]}}),
+                "settings.ntp.time-servers",
+                "'a b' is not a host name",
+            ),
+            (json!({"ntp": {"time-servers": ["ntp:0"]}}), "settings.ntp.time-servers", "not a port"),
+            (json!({"ntp": {"time-servers": vec!["x"; 17]}}), "settings.ntp.time-servers", "more than 16"),
             (json!({"pki": {"my ca": {"trusted": true}}}), "settings.pki.my ca", "[A-Za-z0-9_-]"),
             (json!({"pki": {"ca": {"data": "%%%"}}}), "settings.pki.ca.data", "not base64"),
             (

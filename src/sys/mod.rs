@@ -39,6 +39,7 @@ pub mod dm;
 mod ioctl;
 pub mod net;
 mod process;
+pub mod time;
 
 use std::ffi::CString;
 use std::io;
@@ -198,6 +199,27 @@ pub fn set_realtime(secs: i64) -> io::Result<()> {
 #[cfg(test)]
 pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
+}
+
+/// Clear the immutable attribute of `path` if it is set (efivarfs sets it on every variable;
+/// it must be cleared before the variable is written or deleted). A file that does not exist
+/// or a filesystem without attributes (a test directory on tmpfs) is not an error.
+pub fn clear_immutable(path: &Path) -> io::Result<()> {
+    use rustix::fs::{ioctl_getflags, ioctl_setflags, IFlags};
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let flags = match ioctl_getflags(&f) {
+        Ok(flags) => flags,
+        Err(rustix::io::Errno::NOTTY) | Err(rustix::io::Errno::OPNOTSUPP) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if flags.contains(IFlags::IMMUTABLE) {
+        ioctl_setflags(&f, flags - IFlags::IMMUTABLE)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -57,6 +57,8 @@ use state::{Activated, Applied, CommandRecord, Persisted, Rollback, Staged, Upda
 pub const TRUSTED_ROOT: &str = "/usr/share/berth/updates/root.json";
 /// Release facts of the running root filesystem (version, build time).
 pub const RELEASE: &str = "/usr/share/berth/release.toml";
+/// The last clock reading taken while NTP-synchronised, in the state directory (a floor).
+const TRUSTED_TIME: &str = "trusted-time.json";
 
 /// An updater command (`POST /actions/...`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,8 +227,8 @@ pub struct Config {
     pub version: Version,
     /// The clock never goes below this (the image's build time) when checking expiry.
     pub clock_floor: Option<jiff::Timestamp>,
-    /// Whether the updater may step the system clock forward to its floor (PID 1 only).
-    pub set_clock: bool,
+    /// The system clock, read and stepped to its floor ([`crate::time::SystemClock`] in PID 1).
+    pub clock: Arc<dyn crate::time::Clock>,
     /// Read `slot.toml` from a slot's BOOT partition as it is on the disk now.
     pub read_slot_meta: ReadSlotMeta,
 }
@@ -600,25 +602,52 @@ impl Updater {
         Ok((repo, manifest))
     }
 
-    /// Keep the clock from running behind what was already seen: the image's build time and
-    /// the latest time tough recorded. A machine without an RTC boots in 1970; expiry is then
-    /// judged against that floor rather than against 1970 (see docs/updates.md).
+    /// Keep the clock at or above a floor that is a lower bound of the true time, and keep
+    /// tough's own record of the clock from stopping it (the rule and its reasons:
+    /// [`crate::time::floor`], docs/updates.md "Clock policy"). A machine without an RTC boots
+    /// in 1970; expiry is then judged against the floor rather than against 1970.
     fn clock_floor(&self) {
-        let seen = fs::read(self.cfg.state_dir.join("tuf/latest_known_time.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<String>(&b).ok())
-            .and_then(|s| s.parse::<jiff::Timestamp>().ok());
-        let floor = [self.cfg.clock_floor, seen].into_iter().flatten().max();
-        if let Some(floor) = floor {
-            if now() < floor {
-                if self.cfg.set_clock {
-                    warn!("the clock reads {}, before {floor} already seen; stepping it forward", now());
-                    if let Err(e) = crate::sys::set_realtime(floor.as_second() + 1) {
-                        error!("setting the clock: {e}");
-                    }
-                } else {
-                    warn!("the clock reads {}, before {floor} already seen", now());
-                }
+        use crate::time::floor;
+        let read = |p: &Path| {
+            fs::read(p)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<String>(&b).ok())
+                .and_then(|s| s.parse::<jiff::Timestamp>().ok())
+        };
+        let recorded_path = self.cfg.state_dir.join("tuf/latest_known_time.json");
+        let trusted_path = self.cfg.state_dir.join(TRUSTED_TIME);
+        let clock = &self.cfg.clock;
+        let inputs = floor::Inputs {
+            now: clock.now(),
+            build: self.cfg.clock_floor,
+            trusted: read(&trusted_path),
+            recorded: read(&recorded_path),
+            sync_error: clock.sync_error(),
+        };
+        let d = floor::decide(&inputs);
+        if let Some(to) = d.step_to {
+            warn!(
+                "the clock reads {}, before {to}, a time known to have passed; stepping it forward",
+                inputs.now
+            );
+            if let Err(e) = clock.set(to) {
+                error!("setting the clock: {e}");
+            }
+        }
+        if d.forget_recorded {
+            warn!(
+                "tough's latest known time {} is ahead of the clock ({}); it came from a clock that ran ahead, forgetting it",
+                inputs.recorded.map(|t| t.to_string()).unwrap_or_default(),
+                clock.now()
+            );
+            if let Err(e) = fs::remove_file(&recorded_path) {
+                error!("{}: {e}", recorded_path.display());
+            }
+        }
+        if let Some(t) = d.trust {
+            let text = serde_json::to_vec(&t.to_string()).expect("a string serializes");
+            if let Err(e) = crate::settings::store::write_atomic(&trusted_path, &text) {
+                error!("recording the synchronised time: {e}");
             }
         }
     }

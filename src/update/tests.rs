@@ -13,6 +13,7 @@ use serde_json::Value;
 use super::*;
 use crate::bootctl::SlotMeta;
 use crate::disk::verity;
+use crate::time::fake::{Event, FakeClock};
 
 fn sh(args: &[&str]) -> String {
     let out = Proc::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{}: {e}", args[0]));
@@ -87,6 +88,8 @@ struct Fixture {
     keys: PathBuf,
     repo: PathBuf,
     disk: PathBuf,
+    /// The updater's clock: the host's time, never set (steps are only recorded).
+    clock: Arc<FakeClock>,
 }
 
 impl Drop for Fixture {
@@ -125,7 +128,13 @@ impl Fixture {
         args.extend(specs.iter().map(String::as_str));
         args.extend(["-A", "1:set:48", "-A", "1:set:56", d]);
         sh(&args);
-        let f = Fixture { keys: dir.join("keys"), repo: dir.join("repo"), disk, dir };
+        let f = Fixture {
+            keys: dir.join("keys"),
+            repo: dir.join("repo"),
+            disk,
+            dir,
+            clock: FakeClock::new(0, None),
+        };
         repo_tool(&["keygen", f.keys.to_str().unwrap()]);
         f
     }
@@ -175,7 +184,7 @@ impl Fixture {
             arch: "x86_64".into(),
             version: "0.1.0".parse().unwrap(),
             clock_floor: None,
-            set_clock: false,
+            clock: self.clock.clone(),
             read_slot_meta: Box::new(|disk, slot| {
                 let (off, _) = disk.region(slot, "BOOT")?;
                 let img = format!("{}@@{off}", disk.path.display());
@@ -508,6 +517,49 @@ fn the_state_table_and_its_messages_agree() {
             }
         }
     }
+}
+
+/// The clock floor never steps to, nor keeps, a time from the future: one reading of a clock
+/// that ran ahead (left in tough's record) costs that record and nothing else, refresh after
+/// refresh, whether or not the clock is NTP-synchronised. (The old floor stepped the clock to
+/// that reading on every refresh.)
+#[test]
+fn one_reading_from_the_future_never_pushes_the_clock_forward() {
+    let f = Fixture::new("future");
+    f.add(&f.slot("0.2.0", "x86_64", 11), &[]);
+    let srv = Server::start(&f.repo);
+    let s = settings(srv.1);
+    let recorded = f.dir.join("state/tuf/latest_known_time.json");
+    let trusted = f.dir.join("state/trusted-time.json");
+    let read = |p: &Path| -> jiff::Timestamp {
+        serde_json::from_slice::<String>(&fs::read(p).unwrap()).unwrap().parse().unwrap()
+    };
+    let future = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(5 * 365 * 24);
+    for sync in [None, Some(std::time::Duration::from_millis(10))] {
+        *f.clock.sync.lock().unwrap() = sync;
+        fs::create_dir_all(recorded.parent().unwrap()).unwrap();
+        fs::write(&recorded, serde_json::to_vec(&future.to_string()).unwrap()).unwrap();
+        let u = f.updater();
+        for round in 0..3 {
+            u.run(Command::Refresh, &s);
+            assert_eq!(last(&u).0, "Success", "synchronised {sync:?}, refresh {round}: {:?}", last(&u));
+            let r = read(&recorded);
+            assert!(r < jiff::Timestamp::now() + jiff::SignedDuration::from_secs(1), "tough's record is {r}");
+        }
+        assert_eq!(f.clock.events(), vec![], "the clock was moved (synchronised {sync:?})");
+    }
+    // Only a synchronised reading was kept as a floor, and it is not from the future.
+    let t = read(&trusted);
+    assert!(t <= jiff::Timestamp::now(), "trusted reading {t}");
+
+    // A clock that fell back (a day behind, not synchronised) is stepped forward to that
+    // reading: it is known to have passed.
+    *f.clock.sync.lock().unwrap() = None;
+    *f.clock.skew_ns.lock().unwrap() = -86_400 * 1_000_000_000;
+    let u = f.updater();
+    u.run(Command::Refresh, &s);
+    assert_eq!(last(&u).0, "Success", "{:?}", last(&u));
+    assert_eq!(f.clock.events(), vec![Event::Set(t)]);
 }
 
 /// The boot after activating v2: slot B runs v2 on trial (stage 1 used its try), slot A holds
