@@ -46,6 +46,7 @@ fn every_route_refuses_other_methods() {
         ("/user-data", "GET"),
         ("/boot", "GET"),
         ("/system/state", "GET"),
+        ("/system/time", "GET"),
         ("/actions/reboot", "POST"),
         ("/actions/shutdown", "POST"),
         ("/updates/status", "GET"),
