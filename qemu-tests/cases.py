@@ -307,7 +307,7 @@ def crash_looping_service_backs_off(arch):
         st, _ = vm.api("GET", "/logs?service=nope")
         assert st == 404
         st, os_ = vm.api("GET", "/os")
-        assert st == 200 and os_["slot"] == "A", os_
+        assert st == 200 and os_["slot"] == "A" and os_["boot"] == {"backend": "gpt", "secure_boot": False}, os_
 
 
 @case(arches=("x86_64", "arm64"))

@@ -74,6 +74,8 @@ def uefi_ab(arch, disk_bus):
         assert first not in (a, b), f"the first boot came through the removable path, not {first}: {fw}"
         assert fw["boot_order"][0] == a and b not in fw["boot_order"], fw
         assert fw["boot_next"] is None and fw["secure_boot"] is False, fw
+        st, os_ = vm.api("GET", "/os")
+        assert st == 200 and os_["boot"] == {"backend": "uefi", "secure_boot": False}, os_
         assert vm.api("GET", "/settings")[1].get("motd") == "from the BOOT partition"
         assert re.search(r"grew BERTH-DATA from 64 MiB to \d{4} MiB", vm.console()), vm.tail()
 
@@ -184,6 +186,8 @@ def secure_boot_refuses_tampered_ukis(arch):
         boot(vm)
         fw = firmware_report(vm)
         assert fw["secure_boot"] is True and "[integrity]" in (fw["lockdown"] or ""), fw
+        st, os_ = vm.api("GET", "/os")
+        assert st == 200 and os_["boot"] == {"backend": "uefi", "secure_boot": True}, os_
         assert fw["boot_order"][:2] == [fw["entries"]["A"], fw["entries"]["B"]], fw
 
         uki = os.path.join(vm.tmp, "A.EFI")

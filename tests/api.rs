@@ -219,7 +219,8 @@ fn os_files_services_and_user_data() {
     let server = Server::start(&dir);
     let os = server.get("/os");
     let keys: Vec<&str> = os.as_object().unwrap().keys().map(String::as_str).collect();
-    assert_eq!(keys, ["arch", "build_id", "pretty_name", "slot", "variant_id", "version_id"]);
+    assert_eq!(keys, ["arch", "boot", "build_id", "pretty_name", "slot", "variant_id", "version_id"]);
+    assert_eq!(os["boot"], json!({"backend": "gpt", "secure_boot": false}));
     assert_eq!(os["variant_id"], "dev");
     assert_eq!(os["slot"], "none");
     assert_eq!(os["arch"], std::env::consts::ARCH);

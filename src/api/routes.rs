@@ -414,11 +414,13 @@ impl Api {
         }
     }
 
-    /// `GET /os`: Bottlerocket's five fields and Berth's `slot`.
+    /// `GET /os`: Bottlerocket's five fields and Berth's `slot` and `boot` (backend, Secure
+    /// Boot).
     fn os(&self) -> Value {
         json!({"pretty_name": format!("Berth {}", self.os.version), "variant_id": self.os.variant,
                "version_id": self.os.version, "build_id": self.os.build_id, "arch": self.os.arch,
-               "slot": self.os.slot})
+               "slot": self.os.slot,
+               "boot": crate::bootctl::os_summary()})
     }
 
     /// `GET /configuration-files`: each file Berth renders, its path and the setting groups it

@@ -275,6 +275,15 @@ pub fn uefi_installed() -> bool {
     firmware().is_some()
 }
 
+/// How this boot was started, for `GET /os`: the boot-control backend (`uefi` when the
+/// firmware chose the slot, `gpt` when the GPT's priority flags did) and whether UEFI Secure
+/// Boot is on (always false without UEFI).
+pub fn os_summary() -> serde_json::Value {
+    let fw = firmware();
+    let secure = fw.as_ref().is_some_and(|f| f.vars.secure_boot());
+    serde_json::json!({"backend": if fw.is_some() { "uefi" } else { "gpt" }, "secure_boot": secure})
+}
+
 /// What the firmware says now (UEFI backend only), for `GET /boot`: `BootCurrent`,
 /// `BootOrder`, `BootNext`, the numbers of Berth's entries, Secure Boot.
 pub fn uefi_report() -> Option<serde_json::Value> {
