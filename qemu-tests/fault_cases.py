@@ -13,6 +13,7 @@ Random points are reproducible: each case prints its seed, and BERTH_FAULT_SEED=
 import json
 import os
 import random
+import re
 import subprocess
 import tempfile
 import threading
@@ -176,6 +177,42 @@ def service_output_cannot_grow_pid1(arch):
         peak = state["memory"]["peak_rss_kb"]
         print(f"  PID 1 peak RSS after the flood: {peak} KiB", flush=True)
         assert peak < 16 * 1024, f"PID 1 peaked at {peak} KiB"
+
+
+@case()
+def hostile_api_clients_cannot_starve_or_bloat_it(arch):
+    """A hostile local client (berth.selftest=apiflood) holds 64 idle API connections, twice
+    the server's slots, reopening each one the server closes; sends 32 concurrent 1 MiB bodies
+    and opens pending transactions past the quota. Fresh clients inside and outside still get
+    answers, the bodies are refused with 4xx, the 65th pending transaction is a 429, refusals
+    are not logged per connection, and PID 1's peak memory stays small."""
+    with VM(arch, append="berth.selftest=apiflood") as vm:
+        vm.start()
+        vm.wait_ready()
+        vm.wait_for(r"berth: api bridge")
+        m = vm.wait_for(r"berth-selftest: apiflood idle=(\d+) fresh=(\S+) bodies=(\S+) pending=(\S+)", timeout=300)
+        idle, fresh, bodies, pending = m.group(1), m.group(2), m.group(3), m.group(4)
+        print(f"  apiflood: idle={idle} fresh={fresh} bodies={bodies} pending={pending}", flush=True)
+        assert fresh == "200x5", f"fresh clients inside were not all answered while {idle} idle ones were held: {fresh}"
+        # Each body is refused: answered 400/413, or the connection closed by the server
+        # before the whole body was sent (the sender's write fails).
+        counts = dict(part.split("x") for part in bodies.split(","))
+        assert set(counts) <= {"400", "413", "closed"} and sum(map(int, counts.values())) == 32, bodies
+        counts = dict(part.split("x") for part in pending.split(","))
+        assert counts == {"204": "64", "429": "16"}, pending
+        # From outside, while the hostile client still holds its connections.
+        for _ in range(5):
+            st, _ = vm.api("GET", "/settings")
+            assert st == 200, st
+        st, state = vm.api("GET", "/system/state")
+        peak = state["memory"]["peak_rss_kb"]
+        print(f"  PID 1 peak RSS after the flood: {peak} KiB", flush=True)
+        assert peak < 64 * 1024, f"PID 1 peaked at {peak} KiB"
+        stamps = [float(t) for t in re.findall(r"\[\s*(\d+\.\d+)\] berth: api: all \d+ connections in use",
+                                               vm.console())]
+        gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+        print(f"  refusal/eviction log lines: {len(stamps)}, closest {min(gaps, default=0):.1f} s apart", flush=True)
+        assert stamps and all(g >= 9.5 for g in gaps), f"refusals logged more than once per 10 s: {gaps}"
 
 
 @case()

@@ -7,7 +7,7 @@
 //! | `berth.rootwait=SECS` | how long to wait for the disk to appear (default 10) |
 //! | `berth.verity.roothash=HEX` | the slot's root hash, used instead of `slot.toml`'s (a UKI's signed command line carries it) |
 //! | `berth.health-timeout=SECS` | a slot on trial not healthy by then reboots (default 300) |
-//! | `berth.selftest=orphans\|crashloop\|logflood` | run a self-test service (QEMU tests) |
+//! | `berth.selftest=orphans\|crashloop\|logflood\|apiflood` | run a self-test service (QEMU tests) |
 //! | `berth.watchdog=off` | leave the hardware watchdog unarmed (it is armed on every boot) |
 //! | `berth.watchdog-timeout=SECS` | the watchdog's timeout (default 60) |
 //! | `berth.fault=hang-on-trial\|hang-after-ready` | fault injection for the watchdog tests: PID 1's main loop stops |

@@ -8,6 +8,13 @@
 //! empty lines, then `logflood done`, and sleeps: PID 1's log capture must stay bounded (the
 //! test reads PID 1's peak RSS from `GET /system/state`).
 //!
+//! `apiflood` (service `selftest-apiflood`): a hostile API client. It keeps
+//! [`FLOOD_IDLE`] connections open without ever sending on them (reopening each one the server
+//! closes), checks from inside that a fresh client still gets answers, sends
+//! [`FLOOD_BODIES`] concurrent 1 MiB bodies, and opens pending transactions past the quota;
+//! then it reports one line on the console and holds its idle connections for good, so the
+//! test can check from outside that the API still answers (and PID 1's peak memory).
+//!
 //! `orphans`: a child forks N grandchildren and exits at once, so they are re-parented to
 //! PID 1; they exit shortly after. The reporter then counts zombies in /proc: a PID 1 that
 //! does not reap adopted orphans leaves N of them.
@@ -44,12 +51,13 @@ pub fn run(name: &str) -> i32 {
     match name {
         "orphans" => orphans(),
         "logflood" => logflood(),
+        "apiflood" => apiflood(),
         "crash" => {
             eprintln!("berth selftest: crashing on purpose");
             1
         }
         other => {
-            eprintln!("berth selftest: unknown test '{other}' (known: orphans, crash, logflood)");
+            eprintln!("berth selftest: unknown test '{other}' (known: orphans, crash, logflood, apiflood)");
             2
         }
     }
@@ -99,6 +107,86 @@ fn logflood() -> i32 {
         eprintln!("berth selftest logflood: {e}");
         return 1;
     }
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Idle connections `apiflood` holds: more than the server's 32 slots.
+const FLOOD_IDLE: usize = 64;
+/// Concurrent 1 MiB bodies `apiflood` sends.
+const FLOOD_BODIES: usize = 32;
+/// Pending transactions `apiflood` tries to open: more than the datastore's quota.
+const FLOOD_TRANSACTIONS: usize = crate::settings::store::MAX_PENDING + 16;
+
+/// One request on a fresh connection to the API; its status, or the error as text.
+fn api_call(method: &str, target: &str, body: &[u8]) -> Result<u16, String> {
+    use crate::http::client::{Connection, Options, Request};
+    let opts = Options { io_timeout: Duration::from_secs(60), ..Options::default() };
+    let mut conn =
+        Connection::unix(std::path::Path::new(crate::api::SOCKET), &opts).map_err(|e| e.to_string())?;
+    let req =
+        Request { method, target, host: "localhost", headers: &[("Content-Type", "application/json")], body };
+    conn.exchange(&req, 1 << 20).map(|(head, _)| head.status).map_err(|e| e.to_string())
+}
+
+/// `(status or error, count)` pairs, sorted, for the report line.
+fn tally(results: impl IntoIterator<Item = Result<u16, String>>) -> String {
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for r in results {
+        let key = match r {
+            Ok(status) => status.to_string(),
+            // The server may refuse a body before it has all of it and close: the sender's
+            // write then fails. Other errors are named on the console.
+            Err(e) if e.contains("Broken pipe") || e.contains("reset by peer") => "closed".to_string(),
+            Err(e) => {
+                let _ = fs::write("/dev/console", format!("berth-selftest: apiflood: {e}\n"));
+                "error".to_string()
+            }
+        };
+        *counts.entry(key).or_default() += 1;
+    }
+    counts.iter().map(|(k, n)| format!("{k}x{n}")).collect::<Vec<_>>().join(",")
+}
+
+fn apiflood() -> i32 {
+    use std::os::unix::net::UnixStream;
+    // The idle clients: each reconnects as soon as the server closes it, for as long as this
+    // process lives.
+    for _ in 0..FLOOD_IDLE {
+        std::thread::spawn(|| loop {
+            match UnixStream::connect(crate::api::SOCKET) {
+                Ok(mut s) => {
+                    let _ = std::io::Read::read(&mut s, &mut [0u8; 64]); // returns when closed
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        });
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let fresh = tally((0..5).map(|_| api_call("GET", "/settings", b"")));
+    let body = {
+        let mut b = br#"{"motd": ""#.to_vec();
+        b.resize(b.len() + (1 << 20), b'x');
+        b.extend_from_slice(br#""}"#);
+        std::sync::Arc::new(b)
+    };
+    let senders: Vec<_> = (0..FLOOD_BODIES)
+        .map(|_| {
+            let body = body.clone();
+            std::thread::spawn(move || api_call("PATCH", "/settings?tx=apiflood-big", &body))
+        })
+        .collect();
+    let bodies = tally(senders.into_iter().map(|t| t.join().unwrap_or_else(|_| Err("panicked".into()))));
+    let pending = tally(
+        (0..FLOOD_TRANSACTIONS)
+            .map(|i| api_call("PATCH", &format!("/settings?tx=apiflood-{i}"), br#"{"motd": "pending"}"#)),
+    );
+    let line = format!(
+        "berth-selftest: apiflood idle={FLOOD_IDLE} fresh={fresh} bodies={bodies} pending={pending}\n"
+    );
+    let _ = fs::write("/dev/console", line);
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }

@@ -46,6 +46,14 @@ fn logflood() -> ServiceSpec {
     s
 }
 
+/// `berth.selftest=apiflood`: a hostile API client (see `init::selftest`).
+fn apiflood() -> ServiceSpec {
+    let mut s = ServiceSpec::new("selftest-apiflood", &["/usr/bin/berth", "selftest", "apiflood"]);
+    s.restart = Restart::Never;
+    s.caps = Some(CapabilitySet::empty()); // root owns the API socket: no capability needed
+    s
+}
+
 fn host_container(name: &str, source: &str, superpowered: bool) -> ServiceSpec {
     let sp = if superpowered { "1" } else { "0" };
     let mut s = ServiceSpec::new(
@@ -120,6 +128,7 @@ pub fn declare(ctx: &mut Ctx) -> Result<(), crate::boot::BootError> {
         Some("crashloop") => specs.push(crashloop()),
         Some("orphans") => specs.push(orphans()),
         Some("logflood") => specs.push(logflood()),
+        Some("apiflood") => specs.push(apiflood()),
         _ => {}
     }
     ctx.supervisor = Arc::new(Mutex::new(Supervisor::new(specs)));
