@@ -80,6 +80,7 @@ const ROUTES: &[(&str, &[&str])] = &[
     ("/logs", &["GET"]),
     ("/user-data", &["GET"]),
     ("/boot", &["GET"]),
+    ("/selinux", &["GET"]),
     ("/system/state", &["GET"]),
     ("/system/time", &["GET"]),
     ("/actions/reboot", &["POST"]),
@@ -432,7 +433,7 @@ impl Api {
                 200,
                 &json!({"pretty_name": format!("Berth {}", self.os.version), "variant_id": self.os.variant,
                         "version_id": self.os.version, "build_id": self.os.build_id, "arch": self.os.arch,
-                        "slot": self.os.slot}),
+                        "slot": self.os.slot, "selinux": crate::init::selinux::summary()}),
             ),
             ("GET", "/configuration-files") => {
                 let files: Map<String, Value> = render::CONFIG_FILES
@@ -456,6 +457,7 @@ impl Api {
                 v["firmware"] = crate::bootctl::uefi_report().unwrap_or(Value::Null);
                 Response::json(200, &v)
             }
+            ("GET", "/selinux") => Response::json(200, &crate::init::selinux::status()),
             ("GET", "/system/time") => match crate::time::status() {
                 Some(v) => Response::json(200, &v),
                 None => Response::error(503, "no time keeper here (dev mode never sets the host's clock)"),

@@ -14,6 +14,7 @@ pub mod error;
 pub mod mounts;
 pub mod partitions;
 pub mod report;
+pub mod selinux;
 pub mod watchdog;
 
 use std::fs;
@@ -57,6 +58,9 @@ pub struct Handoff {
     pub boot: String,
     #[serde(default)]
     pub secure_boot: bool,
+    /// How SELinux runs (stage 1 loaded the policy).
+    #[serde(default)]
+    pub selinux: selinux::State,
 }
 
 type Phase = (&'static str, fn(&mut Ctx) -> Result<(), BootError>);
@@ -74,6 +78,7 @@ struct Ctx {
     watchdog: Option<watchdog::Watchdog>,
     /// The firmware booted with Secure Boot on (UEFI only).
     secure_boot: bool,
+    selinux: selinux::State,
 }
 
 impl Ctx {
@@ -102,6 +107,10 @@ const PHASES: &[Phase] = &[
     ("slot-metadata", read_slot_metadata),
     ("verity", open_verity),
     ("mount-root", mount_root),
+    ("selinux", |ctx| {
+        ctx.selinux = selinux::phase(Path::new(SYSROOT), selinux::permissive_asked(&ctx.cmdline))?;
+        Ok(())
+    }),
     ("handoff", write_handoff),
 ];
 
@@ -117,6 +126,7 @@ pub fn stage1() -> Failure {
         started: Instant::now(),
         watchdog: None,
         secure_boot: false,
+        selinux: selinux::State::off("not loaded yet"),
     };
     for (name, phase) in PHASES {
         let (t, start_ms) = (Instant::now(), report::uptime_ms());
@@ -372,6 +382,7 @@ fn write_handoff(ctx: &mut Ctx) -> Result<(), BootError> {
         phases: report::phases(),
         boot: if bootctl::uefi_installed() { "uefi" } else { "direct" }.into(),
         secure_boot: ctx.secure_boot,
+        selinux: ctx.selinux.clone(),
     };
     let text =
         toml::to_string(&h).map_err(|e| BootError::Handoff { path: HANDOFF.into(), error: e.to_string() })?;

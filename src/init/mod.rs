@@ -22,6 +22,7 @@ mod grow;
 mod network;
 mod power;
 pub mod selftest;
+pub mod selinux;
 mod services;
 mod settings;
 mod shutdown;
@@ -126,6 +127,7 @@ const PHASES: &[Phase] = &[
     ("mounts", |_| mounts::mount_all(STAGE2)),
     ("find-partitions", find_partitions),
     ("data", grow::mount_data),
+    ("selinux", selinux::setup),
     ("etc", etc::render),
     ("propagation", make_rshared),
     ("loopback", network::loopback),
