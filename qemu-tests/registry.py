@@ -34,7 +34,7 @@ GUEST_HOST = "10.0.2.2"  # the host's loopback, seen from a QEMU user-networking
 DEBARCH = {"x86_64": "amd64", "arm64": "arm64"}
 ELF_MACHINE = {"x86_64": "X86-64", "arm64": "AArch64"}
 APPLETS = ("sh", "echo", "sleep", "kill", "pidof", "cat", "ls", "ps", "pkill", "true", "chroot", "grep",
-           "touch", "test", "[", "sed", "head")
+           "touch", "test", "[", "sed", "head", "seq")
 EMPTY_DIRS = ("dev", "etc", "proc", "sys", "tmp")
 DEFAULT_CMD = ["/bin/sh", "-c", "echo hello from busybox; sleep 3600"]
 

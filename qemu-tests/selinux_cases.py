@@ -142,7 +142,7 @@ def selinux_enforces_and_confines_containers(arch):
                 body = selinux(vm)
                 seen = {d["tcontext"].split(":")[2] for d in body["recent_denials"]
                         if d["scontext"] == b}
-                want = {"local_t", "etc_t", "private_t", "api_socket_t", "container_t"}
+                want = {"local_t", "etc_t", "private_t", "api_socket_t", "container_file_t"}
                 return (want <= seen, seen, body["denials"])
             _, _, count = _poll(reported, 60)
             st, os_ = vm.api("GET", "/os")
