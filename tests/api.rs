@@ -333,6 +333,7 @@ fn root_lists_every_route() {
         ("/configuration-files", "GET"),
         ("/services", "GET"),
         ("/user-data", "GET"),
+        ("/selinux", "GET"),
         ("/system/state", "GET"),
         ("/actions/reboot", "POST"),
         ("/actions/shutdown", "POST"),
@@ -507,8 +508,14 @@ fn os_files_services_and_user_data() {
     let server = Server::start(&dir);
     let os = server.get("/os");
     let keys: Vec<&str> = os.as_object().unwrap().keys().map(String::as_str).collect();
-    assert_eq!(keys, ["arch", "build_id", "pretty_name", "slot", "variant_id", "version_id"]);
+    assert_eq!(keys, ["arch", "build_id", "pretty_name", "selinux", "slot", "variant_id", "version_id"]);
     assert_eq!(os["variant_id"], "dev");
+    // Dev mode has no stage 1: no policy was loaded, nothing is counted.
+    assert_eq!(os["selinux"], json!({"mode": "off", "denials": 0}));
+    let selinux = server.get("/selinux");
+    assert_eq!(selinux["mode"], "off");
+    assert_eq!(selinux["denials"], 0);
+    assert!(selinux["recent_denials"].as_array().unwrap().is_empty(), "{selinux}");
     assert_eq!(os["slot"], "none");
     assert_eq!(os["arch"], std::env::consts::ARCH);
     let version = os["version_id"].as_str().unwrap();
