@@ -61,6 +61,10 @@ pub struct Handoff {
     /// How SELinux runs (stage 1 loaded the policy).
     #[serde(default)]
     pub selinux: selinux::State,
+    /// Stage 1's notices (e.g. a policy that did not load under `berth.selinux=permissive`),
+    /// for `GET /boot`.
+    #[serde(default)]
+    pub notices: Vec<String>,
 }
 
 type Phase = (&'static str, fn(&mut Ctx) -> Result<(), BootError>);
@@ -383,6 +387,7 @@ fn write_handoff(ctx: &mut Ctx) -> Result<(), BootError> {
         boot: if bootctl::uefi_installed() { "uefi" } else { "direct" }.into(),
         secure_boot: ctx.secure_boot,
         selinux: ctx.selinux.clone(),
+        notices: report::notices(),
     };
     let text =
         toml::to_string(&h).map_err(|e| BootError::Handoff { path: HANDOFF.into(), error: e.to_string() })?;
@@ -472,4 +477,42 @@ pub fn fail_and_reboot(what: &dyn std::fmt::Display) -> ! {
     // Let the console drain.
     std::thread::sleep(Duration::from_millis(300));
     reboot_or_panic(sys::RebootMode::Restart)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_handoff_carries_selinux_and_stage_1_notices() {
+        let h = Handoff {
+            slot: Slot::B,
+            on_trial: true,
+            tries_left: 0,
+            disk: "/dev/vda".into(),
+            sector_size: 512,
+            version: "0.2.0".into(),
+            variant: "qemu".into(),
+            root_hash: "ab".repeat(32),
+            stage1_ms: 1200,
+            phases: vec![report::PhaseTime { stage: 1, name: "selinux".into(), start_ms: 3, duration_us: 4 }],
+            boot: "direct".into(),
+            secure_boot: false,
+            selinux: selinux::State {
+                mode: "permissive".into(),
+                policy: None,
+                error: Some("the kernel refused the policy".into()),
+            },
+            notices: vec!["SELinux: the kernel refused the policy; permissive".into()],
+        };
+        let back: Handoff = toml::from_str(&toml::to_string(&h).unwrap()).unwrap();
+        assert_eq!(back.selinux, h.selinux);
+        assert_eq!(back.notices, h.notices);
+        assert_eq!(back.phases.len(), 1);
+        // A handoff from a stage 1 that did not hand notices over reads as none.
+        let old = toml::to_string(&h).unwrap();
+        let old: String = old.lines().filter(|l| !l.starts_with("notices")).collect::<Vec<_>>().join("\n");
+        let back: Handoff = toml::from_str(&old).unwrap();
+        assert!(back.notices.is_empty());
+    }
 }

@@ -192,7 +192,7 @@ fn stage2() -> ! {
         }),
     };
     info!("stage2 start slot={} version={}", handoff.slot, handoff.version);
-    report::adopt(handoff.phases.clone());
+    report::adopt(handoff.phases.clone(), handoff.notices.clone());
     let cmdline = Cmdline::read();
     // Stage 1 armed the watchdog; it is fed from here on, for the life of the system.
     watchdog::install(watchdog::arm(&cmdline, handoff.on_trial));
