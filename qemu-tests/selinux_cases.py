@@ -17,6 +17,7 @@ echo "enforce=$(cat $R/sys/fs/selinux/enforce)"
 echo "super-label=$(cat /proc/self/attr/current)"
 echo "pid1-label=$(cat /proc/1/attr/current)"
 set -- $(pidof containerd); echo "containerd-label=$(cat /proc/$1/attr/current)"
+echo "cri=$(chroot $R /usr/bin/ctr plugins ls | grep -E 'grpc[.]v1 +cri ' | grep -oE '(ok|error|skip) *$')"
 until grep -q probe $R/etc/motd 2>/dev/null; do sleep 1; done
 ctr() { chroot $R /usr/bin/ctr -n probe "$@"; }
 ctr images pull --plain-http IMAGE >/dev/null || echo "pull failed"
@@ -41,11 +42,13 @@ ctr run --rm --runc-binary /usr/libexec/berth/runc \
     cat /h/a/secret >/dev/null 2>&1 && echo b-other=read || echo b-other=denied
     test -e /h/a/bin/busybox && echo b-other-image=seen'
 echo super-probes-done
-last=
+last= lastl=
 while :; do
   s=absent; [ -d $R/sys/fs/cgroup/host-containers/plain ] && s="present pids.max=$(cat $R/sys/fs/cgroup/host-containers/plain/pids.max) memory.max=$(cat $R/sys/fs/cgroup/host-containers/plain/memory.max)"
   [ "$s" != "$last" ] && echo "plain-cgroup=$s"
-  last=$s; sleep 2
+  l=$(cat $R/sys/kernel/security/lockdown 2>&1)
+  [ "$l" != "$lastl" ] && echo "lockdown=$l"
+  last=$s lastl=$l; sleep 2
 done
 """
 
@@ -89,23 +92,29 @@ def selinux_enforces_and_confines_containers(arch):
     plain host container has seccomp, no CAP_NET_RAW, its own cgroup with limits and the API;
     a container_t container cannot read or write the host's /local, /etc or /var/lib/berth,
     connect to /run/api.sock, or read another container's files, each an AVC denial the API
-    reports; removing the plain host container from settings stops it."""
+    reports; removing the plain host container from settings stops it. Also: containerd's CRI
+    plugin loads with enable_selinux; a host container from a registry not configured as
+    insecure is pulled over HTTPS only (no plain-HTTP retry); settings.kernel.lockdown reaches
+    securityfs."""
     from registry import Registry
     with open(berth_bin(arch), "rb") as f:
         extra = {"apiclient": f.read()}
-    with Registry() as reg:
+    with Registry() as reg, Registry() as other:
         image = reg.push_busybox_cmd(arch, ["/bin/sh", "-c", "sleep 3600"], "probe", extra=extra)
+        # A second registry (plain HTTP, like the first) that settings do not call insecure.
+        https_only = other.push_busybox(arch)
         sup = reg.push_busybox_cmd(arch, ["/bin/sh", "-c", SUPER_SCRIPT.replace("IMAGE", image)],
                                    "super", extra=extra)
         plain = reg.push_busybox_cmd(arch, ["/bin/sh", "-c", PLAIN_SCRIPT], "plain", extra=extra)
         ud = (_host_container_user_data("probe", sup, True, reg) +
-              _host_container_user_data("plain", plain, False, reg, mirror=False))
+              _host_container_user_data("plain", plain, False, reg, mirror=False) +
+              _host_container_user_data("httpsonly", https_only, False))
         with VM(arch, user_data=ud) as vm:
             vm.start()
             vm.wait_ready(timeout=240)
             vm.wait_for(r"berth: api bridge")
             _poll(lambda: (value(logs(vm, "plain"), "plain-api") is not None, logs(vm, "plain")), 300)
-            _poll(lambda: (value(logs(vm, "probe"), "containerd-label") is not None, logs(vm, "probe")), 300)
+            _poll(lambda: (value(logs(vm, "probe"), "cri") is not None, logs(vm, "probe")), 300)
             p, s = logs(vm, "plain"), logs(vm, "probe")
             # The domains.
             assert value(s, "enforce") == "1", s
@@ -113,6 +122,8 @@ def selinux_enforces_and_confines_containers(arch):
             assert value(s, "containerd-label") == "system_u:system_r:runtime_t:s0-s0:c0.c1023", s
             assert value(s, "super-label") == "system_u:system_r:super_t:s0-s0:c0.c1023", s
             assert value(p, "plain-label").startswith("system_u:system_r:control_t:s0:c"), p
+            # containerd's CRI plugin came up with SELinux enabled (enable_selinux = true).
+            assert value(s, "cri").strip() == "ok", s
             # The plain host container: seccomp, no CAP_NET_RAW (bit 13), its cgroup and limits, the API.
             assert "plain-Seccomp:\t2" in p, p
             capbnd = int(p.split("plain-CapBnd:\t")[1].split()[0], 16)
@@ -120,6 +131,12 @@ def selinux_enforces_and_confines_containers(arch):
             assert value(p, "plain-api") == "answered", p
             st, os_ = vm.api("GET", "/os")
             assert os_["selinux"] == {"mode": "enforcing", "denials": 0}, os_
+            assert selinux(vm)["policy"] == "/usr/share/berth/selinux/berth/policy/policy.33"
+            # Only HTTPS for a registry not configured as insecure: the pull fails, and is not
+            # retried over plain HTTP (which this registry would have answered).
+            _poll(lambda: ("over HTTPS" in logs(vm, "httpsonly"), logs(vm, "httpsonly")), 120)
+            h = logs(vm, "httpsonly")
+            assert "HTTP response to HTTPS client" in h and "hello from busybox" not in h, h
             assert_no_denials(vm)
             # A container_t container tries the host's files, the API and another container's files.
             st, _ = vm.api("PATCH", "/settings", {"motd": "probe"})
@@ -157,6 +174,14 @@ def selinux_enforces_and_confines_containers(arch):
             _poll(lambda: (lambda i: (i["state"] == "stopped" and i["pid"] is None, i))(
                 vm.api("GET", "/services/host-containers@plain")[1]), 60)
             _poll(lambda: ("plain-cgroup=absent" in logs(vm, "probe"), logs(vm, "probe")), 60)
+            # settings.kernel.lockdown is written to securityfs (last: it only ever goes up).
+            assert "lockdown=[none] integrity confidentiality" in logs(vm, "probe"), logs(vm, "probe")
+            st, _ = vm.api("PATCH", "/settings", {"kernel": {"lockdown": "integrity"}})
+            assert st == 204
+            st, _ = vm.api("POST", "/tx/commit_and_apply")
+            assert st == 200
+            _poll(lambda: ("lockdown=none [integrity] confidentiality" in logs(vm, "probe"),
+                           logs(vm, "probe")), 60)
 
 
 @case()
