@@ -28,7 +28,7 @@ for i in $(seq 1 30); do [ -e $R$A/label ] && break; sleep 1; done
 echo "a-label=$(cat $R$A/label)"
 ctr run --rm --runc-binary /usr/libexec/berth/runc \
   --mount type=bind,src=/local,dst=/h/local,options=rbind:rw \
-  --mount type=bind,src=/etc,dst=/h/etc,options=rbind:ro \
+  --mount type=bind,src=/etc,dst=/h/etc,options=rbind:rw \
   --mount type=bind,src=/var/lib/berth,dst=/h/private,options=rbind:rw \
   --mount type=bind,src=/run/api.sock,dst=/h/api.sock,options=bind:rw \
   --mount type=bind,src=$A,dst=/h/a,options=rbind:ro \
@@ -37,7 +37,9 @@ ctr run --rm --runc-binary /usr/libexec/berth/runc \
     ls /h/local >/dev/null 2>&1 && echo b-local=read || echo b-local=denied
     touch /h/local/planted 2>/dev/null && echo b-local-write=written || echo b-local-write=denied
     cat /h/etc/hostname >/dev/null 2>&1 && echo b-etc=read || echo b-etc=denied
+    touch /h/etc/planted 2>/dev/null && echo b-etc-write=written || echo b-etc-write=denied
     ls /h/private >/dev/null 2>&1 && echo b-private=read || echo b-private=denied
+    touch /h/private/planted 2>/dev/null && echo b-private-write=written || echo b-private-write=denied
     apiclient -s /h/api.sock get /os >/dev/null 2>/tmp/e && echo b-api=answered || echo "b-api=denied $(cat /tmp/e)"
     cat /h/a/secret >/dev/null 2>&1 && echo b-other=read || echo b-other=denied
     test -e /h/a/bin/busybox && echo b-other-image=seen'
@@ -148,7 +150,8 @@ def selinux_enforces_and_confines_containers(arch):
             a, b = value(s, "a-label"), value(s, "b-label")
             assert a and a.startswith("system_u:system_r:container_t:s0:c"), s
             assert b and b.startswith("system_u:system_r:container_t:s0:c") and a != b, s
-            for k in ("b-local", "b-local-write", "b-etc", "b-private", "b-other"):
+            for k in ("b-local", "b-local-write", "b-etc", "b-etc-write", "b-private", "b-private-write",
+                      "b-other"):
                 assert value(s, k) == "denied", (k, s)
             assert value(s, "b-api").startswith("denied") and "ermission denied" in value(s, "b-api"), s
             assert value(s, "b-other-image") == "seen", s  # the image's files (s0) are not secret
