@@ -116,6 +116,8 @@ def boots_to_ready(arch):
         c = vm.console()
         assert "stage1 phase verity done" in c and "switching to the verified root" in c
         assert "stage2 start slot=A" in c
+        vm.wait_for(r"berth: api bridge")
+        assert_no_avc_denials(vm)
 
 
 @case(arches=("x86_64", "arm64"))
@@ -353,10 +355,24 @@ def _poll(fn, timeout, every=0.5):
     raise AssertionError(f"timed out after {timeout}s; last: {last}")
 
 
-def _host_container_user_data(name, ref, superpowered):
+def _host_container_user_data(name, ref, superpowered, reg=None, mirror=True):
+    """User data for one host container. With `reg` (and `mirror`), the test registry is
+    configured as insecure (a plain http:// mirror endpoint), which alone lets a host container
+    pull from it over plain HTTP."""
     sp = "true" if superpowered else "false"
-    return (f'[settings.host-containers.{name}]\nsource = "{ref}"\nenabled = true\n'
-            f'superpowered = {sp}\n')
+    ud = (f'[settings.host-containers.{name}]\nsource = "{ref}"\nenabled = true\n'
+          f'superpowered = {sp}\n')
+    if reg is not None and mirror:
+        ud += (f'[[settings.container-registry.mirrors]]\nregistry = "{reg.guest_address}"\n'
+               f'endpoint = ["http://{reg.guest_address}"]\n')
+    return ud
+
+
+def assert_no_avc_denials(vm):
+    """The happy path makes no SELinux denial (GET /selinux counts them from the kernel log)."""
+    st, s = vm.api("GET", "/selinux")
+    assert st == 200 and s["mode"] == "enforcing" and s["enforcing"] is True, s
+    assert s["denials"] == 0 and s["suppressed"] == 0, s["recent_denials"]
 
 
 @case(arches=("x86_64", "arm64"))
@@ -367,7 +383,7 @@ def host_container_from_test_registry(arch):
     from registry import Registry
     with Registry() as reg:
         ref = reg.push_busybox(arch)
-        with VM(arch, user_data=_host_container_user_data("hello", ref, False)) as vm:
+        with VM(arch, user_data=_host_container_user_data("hello", ref, False, reg)) as vm:
             vm.start()
             vm.wait_ready(timeout=240)
             vm.wait_for(r"berth: api bridge")
@@ -388,6 +404,7 @@ def host_container_from_test_registry(arch):
                 st, info = vm.api("GET", f"/services/{svc}")
                 return (info["state"] == "stopped" and info["pid"] is None, info)
             _poll(stopped, 60)
+            assert_no_avc_denials(vm)
 
 
 @case(arches=("x86_64",))
@@ -399,7 +416,7 @@ def containerd_killed_from_superpowered_container_restarts(arch):
               "sleep 2; kill -9 $(pidof containerd) && echo killed containerd; fi; sleep 3600")
     with Registry() as reg:
         ref = reg.push_busybox_cmd(arch, ["/bin/sh", "-c", script], tag="killer")
-        with VM(arch, user_data=_host_container_user_data("killer", ref, True)) as vm:
+        with VM(arch, user_data=_host_container_user_data("killer", ref, True, reg)) as vm:
             vm.start()
             vm.wait_ready(timeout=240)
             vm.wait_for(r"berth: api bridge")
@@ -566,3 +583,4 @@ def ntp_sets_a_far_off_clock(arch):
 import update_cases  # noqa: E402,F401
 import fault_cases  # noqa: E402,F401
 import uefi_cases  # noqa: E402,F401
+import selinux_cases  # noqa: E402,F401

@@ -33,7 +33,8 @@ GUEST_HOST = "10.0.2.2"  # the host's loopback, seen from a QEMU user-networking
 
 DEBARCH = {"x86_64": "amd64", "arm64": "arm64"}
 ELF_MACHINE = {"x86_64": "X86-64", "arm64": "AArch64"}
-APPLETS = ("sh", "echo", "sleep", "kill", "pidof", "cat", "ls", "ps", "pkill", "true")
+APPLETS = ("sh", "echo", "sleep", "kill", "pidof", "cat", "ls", "ps", "pkill", "true", "chroot", "grep",
+           "touch", "test", "[", "sed", "head", "seq")
 EMPTY_DIRS = ("dev", "etc", "proc", "sys", "tmp")
 DEFAULT_CMD = ["/bin/sh", "-c", "echo hello from busybox; sleep 3600"]
 
@@ -111,8 +112,9 @@ def busybox_binary(arch):
 
 # ---------------------------------------------------------------- the image
 
-def busybox_layer(arch):
-    """(uncompressed tar, gzipped tar) of the busybox layer: deterministic bytes."""
+def busybox_layer(arch, extra=None):
+    """(uncompressed tar, gzipped tar) of the busybox layer: deterministic bytes. `extra` maps
+    more files to put in bin/ to their contents (executable)."""
     with open(busybox_binary(arch), "rb") as f:
         bb = f.read()
 
@@ -128,6 +130,8 @@ def busybox_layer(arch):
                 for a in APPLETS]
     entries += [(d, info(d, tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755), None)
                 for d in EMPTY_DIRS]
+    entries += [(f"bin/{n}", info(f"bin/{n}", tarfile.REGTYPE, 0o755, len(data)), data)
+                for n, data in sorted((extra or {}).items())]
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as t:
         for _, ti, data in sorted(entries, key=lambda e: e[0]):
@@ -136,11 +140,11 @@ def busybox_layer(arch):
     return raw, gzip.compress(raw, compresslevel=9, mtime=0)
 
 
-def write_layout(layout, arch, cmd=None, tag="1"):
+def write_layout(layout, arch, cmd=None, tag="1", extra=None):
     """Write an OCI image layout of the busybox image into directory `layout` (made if missing).
     Returns the digests: {"manifest", "config", "layer", "diff_id"}."""
     cmd = list(DEFAULT_CMD if cmd is None else cmd)
-    raw, gz = busybox_layer(arch)
+    raw, gz = busybox_layer(arch, extra)
     blobs = os.path.join(layout, "blobs", "sha256")
     os.makedirs(blobs, exist_ok=True)
 
@@ -298,13 +302,14 @@ class Registry:
         as the guest sees it: 10.0.2.2:PORT/NAME:TAG."""
         return self.push_busybox_cmd(arch, DEFAULT_CMD, tag, name=name)
 
-    def push_busybox_cmd(self, arch, cmd, tag, name="berth-test/busybox"):
-        """The same image with another Cmd (a list of strings); returns the guest's reference."""
+    def push_busybox_cmd(self, arch, cmd, tag, name="berth-test/busybox", extra=None):
+        """The same image with another Cmd (a list of strings) and `extra` files in bin/ (see
+        busybox_layer); returns the guest's reference."""
         if self.proc is None:
             raise RuntimeError("the registry is not running")
         layout = tempfile.mkdtemp(prefix="layout-", dir=self.tmp)
         try:
-            digests = write_layout(layout, arch, cmd, tag)
+            digests = write_layout(layout, arch, cmd, tag, extra)
             r = subprocess.run(["skopeo", "--insecure-policy", "copy", "-q",
                                 "--dest-tls-verify=false", f"oci:{layout}:{tag}",
                                 f"docker://{self.address}/{name}:{tag}"],

@@ -18,7 +18,7 @@ import threading
 import time
 
 from berthvm import VM, BUILD, gpt_partitions, slot_states
-from cases import _poll, case, flip_byte, host_berth
+from cases import _poll, case, flip_byte, host_berth, assert_no_avc_denials
 from testpki import make_pki
 
 KEYS = os.environ.get("BERTH_UPDATE_KEYS", os.path.join(BUILD, "update-keys"))
@@ -217,6 +217,7 @@ def update_v1_to_v2_keeps_settings(arch):
         assert body["updates"]["metadata-base-url"] == repo.settings()["updates"]["metadata-base-url"], body
         st, os_info = vm.api("GET", "/os")
         assert os_info["version_id"] == "0.2.0" and os_info["slot"] == "B", os_info
+        assert_no_avc_denials(vm)
 
 
 @case()

@@ -51,6 +51,10 @@ fn main() {
     if sys::getpid() == 1 || argv0 == "init" {
         init::pid1();
     }
+    if argv0 == "runc" {
+        // /usr/libexec/berth/runc: the runc wrapper that labels containers.
+        std::process::exit(supervisor::runc::main(&args[1..]));
+    }
     klog::init(false);
     let rest = &args[args.len().min(2)..];
     let result = match args.get(1).map(String::as_str) {

@@ -45,6 +45,7 @@ fn every_route_refuses_other_methods() {
         ("/logs", "GET"),
         ("/user-data", "GET"),
         ("/boot", "GET"),
+        ("/selinux", "GET"),
         ("/system/state", "GET"),
         ("/system/time", "GET"),
         ("/actions/reboot", "POST"),
@@ -219,9 +220,18 @@ fn os_files_services_and_user_data() {
     let server = Server::start(&dir);
     let os = server.get("/os");
     let keys: Vec<&str> = os.as_object().unwrap().keys().map(String::as_str).collect();
-    assert_eq!(keys, ["arch", "boot", "build_id", "pretty_name", "slot", "variant_id", "version_id"]);
+    assert_eq!(
+        keys,
+        ["arch", "boot", "build_id", "pretty_name", "selinux", "slot", "variant_id", "version_id"]
+    );
     assert_eq!(os["boot"], json!({"backend": "gpt", "secure_boot": false}));
     assert_eq!(os["variant_id"], "dev");
+    // Dev mode has no stage 1: no policy was loaded, nothing is counted.
+    assert_eq!(os["selinux"], json!({"mode": "off", "denials": 0}));
+    let selinux = server.get("/selinux");
+    assert_eq!(selinux["mode"], "off");
+    assert_eq!(selinux["denials"], 0);
+    assert!(selinux["recent_denials"].as_array().unwrap().is_empty(), "{selinux}");
     assert_eq!(os["slot"], "none");
     assert_eq!(os["arch"], std::env::consts::ARCH);
     let version = os["version_id"].as_str().unwrap();

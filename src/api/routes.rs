@@ -89,6 +89,7 @@ const ROUTES: &[(&str, &[&str])] = &[
     ("/logs", &["GET"]),
     ("/user-data", &["GET"]),
     ("/boot", &["GET"]),
+    ("/selinux", &["GET"]),
     ("/system/state", &["GET"]),
     ("/system/time", &["GET"]),
     ("/actions/reboot", &["POST"]),
@@ -414,13 +415,13 @@ impl Api {
         }
     }
 
-    /// `GET /os`: Bottlerocket's five fields and Berth's `slot` and `boot` (backend, Secure
-    /// Boot).
+    /// `GET /os`: Bottlerocket's five fields and Berth's `slot`, `boot` (backend, Secure Boot)
+    /// and `selinux` (mode, denials).
     fn os(&self) -> Value {
         json!({"pretty_name": format!("Berth {}", self.os.version), "variant_id": self.os.variant,
                "version_id": self.os.version, "build_id": self.os.build_id, "arch": self.os.arch,
                "slot": self.os.slot,
-               "boot": crate::bootctl::os_summary()})
+               "boot": crate::bootctl::os_summary(), "selinux": crate::init::selinux::summary()})
     }
 
     /// `GET /configuration-files`: each file Berth renders, its path and the setting groups it
@@ -620,6 +621,7 @@ impl Api {
                 v["firmware"] = crate::bootctl::uefi_report().unwrap_or(Value::Null);
                 Response::json(200, &v)
             }
+            ("GET", "/selinux") => Response::json(200, &crate::init::selinux::status()),
             ("GET", "/system/time") => match crate::time::status() {
                 Some(v) => Response::json(200, &v),
                 None => Response::error(503, "no time keeper here (dev mode never sets the host's clock)"),

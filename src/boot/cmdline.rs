@@ -6,6 +6,7 @@
 //! | `berth.disk=vda` | only look for Berth's partitions on this disk |
 //! | `berth.rootwait=SECS` | how long to wait for the disk to appear (default 10) |
 //! | `berth.verity.roothash=HEX` | the slot's root hash, used instead of `slot.toml`'s (a UKI's signed command line carries it) |
+//! | `berth.selinux=permissive` | SELinux permissive, and a policy that does not load is not fatal (debugging; `boot::selinux`) |
 //! | `berth.health-timeout=SECS` | a slot on trial not healthy by then reboots (default 300) |
 //! | `berth.selftest=orphans\|crashloop\|logflood\|apiflood` | run a self-test service (QEMU tests) |
 //! | `berth.watchdog=off` | leave the hardware watchdog unarmed (it is armed on every boot) |

@@ -39,6 +39,8 @@ pub enum BootError {
     Datastore(crate::settings::store::Error),
     /// A thread PID 1 needs could not be started.
     Thread { name: &'static str, error: io::Error },
+    /// The SELinux policy could not be loaded or enforced (`boot::selinux`).
+    Selinux { error: String },
     /// The phase panicked.
     Panic(String),
 }
@@ -90,6 +92,11 @@ impl fmt::Display for BootError {
             BootError::Network(e) => write!(f, "network: {e}"),
             BootError::Datastore(e) => write!(f, "settings datastore: {e}"),
             BootError::Thread { name, error } => write!(f, "starting the {name} thread: {error}"),
+            BootError::Selinux { error } => write!(
+                f,
+                "SELinux: {error} (berth.selinux=permissive on the kernel command line boots anyway, \
+                 for debugging)"
+            ),
             BootError::Panic(what) => write!(f, "panicked: {what}"),
         }
     }

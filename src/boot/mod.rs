@@ -14,6 +14,7 @@ pub mod error;
 pub mod mounts;
 pub mod partitions;
 pub mod report;
+pub mod selinux;
 pub mod watchdog;
 
 use std::fs;
@@ -57,6 +58,13 @@ pub struct Handoff {
     pub boot: String,
     #[serde(default)]
     pub secure_boot: bool,
+    /// How SELinux runs (stage 1 loaded the policy).
+    #[serde(default)]
+    pub selinux: selinux::State,
+    /// Stage 1's notices (e.g. a policy that did not load under `berth.selinux=permissive`),
+    /// for `GET /boot`.
+    #[serde(default)]
+    pub notices: Vec<String>,
 }
 
 type Phase = (&'static str, fn(&mut Ctx) -> Result<(), BootError>);
@@ -74,6 +82,7 @@ struct Ctx {
     watchdog: Option<watchdog::Watchdog>,
     /// The firmware booted with Secure Boot on (UEFI only).
     secure_boot: bool,
+    selinux: selinux::State,
 }
 
 impl Ctx {
@@ -102,6 +111,10 @@ const PHASES: &[Phase] = &[
     ("slot-metadata", read_slot_metadata),
     ("verity", open_verity),
     ("mount-root", mount_root),
+    ("selinux", |ctx| {
+        ctx.selinux = selinux::phase(Path::new(SYSROOT), selinux::permissive_asked(&ctx.cmdline))?;
+        Ok(())
+    }),
     ("handoff", write_handoff),
 ];
 
@@ -117,6 +130,7 @@ pub fn stage1() -> Failure {
         started: Instant::now(),
         watchdog: None,
         secure_boot: false,
+        selinux: selinux::State::off("not loaded yet"),
     };
     for (name, phase) in PHASES {
         let (t, start_ms) = (Instant::now(), report::uptime_ms());
@@ -372,6 +386,8 @@ fn write_handoff(ctx: &mut Ctx) -> Result<(), BootError> {
         phases: report::phases(),
         boot: if bootctl::uefi_installed() { "uefi" } else { "direct" }.into(),
         secure_boot: ctx.secure_boot,
+        selinux: ctx.selinux.clone(),
+        notices: report::notices(),
     };
     let text =
         toml::to_string(&h).map_err(|e| BootError::Handoff { path: HANDOFF.into(), error: e.to_string() })?;
@@ -461,4 +477,42 @@ pub fn fail_and_reboot(what: &dyn std::fmt::Display) -> ! {
     // Let the console drain.
     std::thread::sleep(Duration::from_millis(300));
     reboot_or_panic(sys::RebootMode::Restart)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_handoff_carries_selinux_and_stage_1_notices() {
+        let h = Handoff {
+            slot: Slot::B,
+            on_trial: true,
+            tries_left: 0,
+            disk: "/dev/vda".into(),
+            sector_size: 512,
+            version: "0.2.0".into(),
+            variant: "qemu".into(),
+            root_hash: "ab".repeat(32),
+            stage1_ms: 1200,
+            phases: vec![report::PhaseTime { stage: 1, name: "selinux".into(), start_ms: 3, duration_us: 4 }],
+            boot: "direct".into(),
+            secure_boot: false,
+            selinux: selinux::State {
+                mode: "permissive".into(),
+                policy: None,
+                error: Some("the kernel refused the policy".into()),
+            },
+            notices: vec!["SELinux: the kernel refused the policy; permissive".into()],
+        };
+        let back: Handoff = toml::from_str(&toml::to_string(&h).unwrap()).unwrap();
+        assert_eq!(back.selinux, h.selinux);
+        assert_eq!(back.notices, h.notices);
+        assert_eq!(back.phases.len(), 1);
+        // A handoff from a stage 1 that did not hand notices over reads as none.
+        let old = toml::to_string(&h).unwrap();
+        let old: String = old.lines().filter(|l| !l.starts_with("notices")).collect::<Vec<_>>().join("\n");
+        let back: Handoff = toml::from_str(&old).unwrap();
+        assert!(back.notices.is_empty());
+    }
 }

@@ -57,12 +57,22 @@ pub fn phases() -> Vec<PhaseTime> {
     report().phases.clone()
 }
 
-/// Take over the phases of an earlier stage.
-pub fn adopt(phases: Vec<PhaseTime>) {
+/// Notices made so far (stage 1 hands its own to stage 2).
+pub fn notices() -> Vec<String> {
+    report().notices.clone()
+}
+
+/// Take over the phases and notices of an earlier stage (they come first).
+pub fn adopt(phases: Vec<PhaseTime>, notices: Vec<String>) {
     let mut r = report();
     let mine = std::mem::take(&mut r.phases);
     r.phases = phases;
     r.phases.extend(mine);
+    let mine = std::mem::take(&mut r.notices);
+    r.notices = notices;
+    r.notices.truncate(MAX_NOTICES);
+    r.notices.extend(mine);
+    r.notices.truncate(MAX_NOTICES);
 }
 
 /// A problem the boot worked around: logged at once, kept for `GET /boot`.

@@ -22,6 +22,7 @@ mod grow;
 mod network;
 mod power;
 pub mod selftest;
+pub mod selinux;
 mod services;
 mod settings;
 mod shutdown;
@@ -126,6 +127,7 @@ const PHASES: &[Phase] = &[
     ("mounts", |_| mounts::mount_all(STAGE2)),
     ("find-partitions", find_partitions),
     ("data", grow::mount_data),
+    ("selinux", selinux::setup),
     ("etc", etc::render),
     ("propagation", make_rshared),
     ("loopback", network::loopback),
@@ -190,7 +192,7 @@ fn stage2() -> ! {
         }),
     };
     info!("stage2 start slot={} version={}", handoff.slot, handoff.version);
-    report::adopt(handoff.phases.clone());
+    report::adopt(handoff.phases.clone(), handoff.notices.clone());
     let cmdline = Cmdline::read();
     // Stage 1 armed the watchdog; it is fed from here on, for the life of the system.
     watchdog::install(watchdog::arm(&cmdline, handoff.on_trial));

@@ -54,14 +54,27 @@ fn apiflood() -> ServiceSpec {
     s
 }
 
-fn host_container(name: &str, source: &str, superpowered: bool) -> ServiceSpec {
-    let sp = if superpowered { "1" } else { "0" };
+const HOST_CONTAINER_PREFIX: &str = "host-containers@";
+
+fn host_container(name: &str, source: &str, superpowered: bool, plain_http: bool) -> ServiceSpec {
+    let flag = |b: bool| if b { "1" } else { "0" };
     let mut s = ServiceSpec::new(
-        &format!("host-containers@{name}"),
-        &["/usr/bin/berth", "host-container", name, source, sp],
+        &format!("{HOST_CONTAINER_PREFIX}{name}"),
+        &["/usr/bin/berth", "host-container", name, source, flag(superpowered), flag(plain_http)],
     );
     s.deps = vec!["containerd".into()];
     s
+}
+
+/// Whether `settings.container-registry.mirrors` configures `registry` as insecure: one of its
+/// endpoints is plain `http://`.
+fn insecure_registry(settings: &Settings, registry: &str) -> bool {
+    let mirrors = settings.container_registry.as_ref().and_then(|c| c.mirrors.as_ref());
+    mirrors
+        .into_iter()
+        .flatten()
+        .filter(|m| m.registry == registry)
+        .any(|m| m.endpoint.iter().any(|e| e.starts_with("http://")))
 }
 
 /// Host containers as settings describe them: (spec, enabled) for each one with a source.
@@ -72,8 +85,10 @@ fn host_containers(settings: &Settings) -> Vec<(ServiceSpec, bool)> {
         .flatten()
         .filter_map(|(name, hc)| {
             let source = hc.source.as_deref()?;
+            let plain_http =
+                insecure_registry(settings, crate::supervisor::host_container::registry_of(source));
             Some((
-                host_container(name, source, hc.superpowered.unwrap_or(false)),
+                host_container(name, source, hc.superpowered.unwrap_or(false), plain_http),
                 hc.enabled.unwrap_or(false),
             ))
         })
@@ -106,8 +121,15 @@ pub fn on_settings_applied(sup: &Mutex<Supervisor>, settings: &Settings, changed
             None => sup.disable("kubelet"),
         }
     }
-    if touched("host-containers") {
-        for (spec, enabled) in host_containers(settings) {
+    if touched("host-containers") || touched("container-registry") {
+        let wanted = host_containers(settings);
+        // Removed from settings (or left without a source): stopped like a disabled one.
+        for name in sup.names() {
+            if name.starts_with(HOST_CONTAINER_PREFIX) && !wanted.iter().any(|(s, _)| s.name == name) {
+                sup.disable(&name);
+            }
+        }
+        for (spec, enabled) in wanted {
             if enabled {
                 sup.ensure(spec);
             } else {

@@ -65,6 +65,28 @@ pub fn parse_cidr(s: &str) -> Option<(std::net::Ipv4Addr, u8)> {
 pub struct Kernel {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sysctl: Option<BTreeMap<String, String>>,
+    /// `settings.kernel.lockdown` (Bottlerocket's key): written to securityfs; the kernel only
+    /// ever raises it (none < integrity < confidentiality) until the next boot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lockdown: Option<Lockdown>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Lockdown {
+    None,
+    Integrity,
+    Confidentiality,
+}
+
+impl Lockdown {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lockdown::None => "none",
+            Lockdown::Integrity => "integrity",
+            Lockdown::Confidentiality => "confidentiality",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

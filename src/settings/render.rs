@@ -22,6 +22,8 @@ pub trait Host: Send + Sync {
     /// What is in effect now (read back, for `GET /system/state`).
     fn hostname(&self) -> io::Result<String>;
     fn read_sysctl(&self, key: &str) -> io::Result<String>;
+    /// Kernel lockdown (`settings.kernel.lockdown`), through securityfs.
+    fn set_lockdown(&self, level: &str) -> io::Result<()>;
 }
 
 /// The real machine (PID 1).
@@ -50,7 +52,19 @@ impl Host for RealHost {
     fn read_sysctl(&self, key: &str) -> io::Result<String> {
         fs::read_to_string(sysctl_path(key)).map(|s| s.trim_end().to_string())
     }
+
+    fn set_lockdown(&self, level: &str) -> io::Result<()> {
+        let file = Path::new(LOCKDOWN);
+        // Already there (or higher: the kernel refuses to lower it, and says so).
+        if fs::read_to_string(file)?.contains(&format!("[{level}]")) {
+            return Ok(());
+        }
+        fs::write(file, level)
+    }
 }
+
+/// The kernel's lockdown level in securityfs (PID 1 mounts securityfs in stage 1).
+pub const LOCKDOWN: &str = "/sys/kernel/security/lockdown";
 
 /// Dev mode: records what it would do under `dir` (`hostname`, `sysctl/<key>`).
 pub struct RecordingHost {
@@ -76,6 +90,11 @@ impl Host for RecordingHost {
     fn read_sysctl(&self, key: &str) -> io::Result<String> {
         fs::read_to_string(self.dir.join("sysctl").join(key.replace('/', ".")))
             .map(|s| s.trim_end().to_string())
+    }
+
+    fn set_lockdown(&self, level: &str) -> io::Result<()> {
+        fs::create_dir_all(&self.dir)?;
+        fs::write(self.dir.join("lockdown"), format!("{level}\n"))
     }
 }
 
@@ -113,7 +132,9 @@ fn containerd_config(s: &Settings) -> String {
          address = \"/run/containerd/containerd.sock\"\n\n\
          [plugins.\"io.containerd.grpc.v1.cri\"]\n",
     );
-    out.push_str(&format!("sandbox_image = \"{SANDBOX_IMAGE}\"\n\n"));
+    out.push_str(&format!("sandbox_image = \"{SANDBOX_IMAGE}\"\n"));
+    // Pods get container_t with two random categories (from /etc/selinux's lxc_contexts).
+    out.push_str("enable_selinux = true\n\n");
     out.push_str(
         "[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n\
          default_runtime_name = \"runc\"\n\n\
@@ -232,6 +253,12 @@ pub fn apply(
         }
     }
     if touched("kernel") {
+        if let Some(l) = s.kernel.as_ref().and_then(|k| k.lockdown) {
+            match host.set_lockdown(l.as_str()) {
+                Ok(()) => done.push(format!("lockdown {}", l.as_str())),
+                Err(e) => errors.push(format!("lockdown {}: {e}", l.as_str())),
+            }
+        }
         for (k, v) in sysctls(s) {
             match host.write_sysctl(&k, &v) {
                 Ok(()) => done.push(format!("sysctl {k}={v}")),
@@ -288,6 +315,7 @@ mod tests {
             Some("/usr/sbin/runc")
         );
         assert_eq!(cri["sandbox_image"].as_str(), Some(SANDBOX_IMAGE));
+        assert_eq!(cri["enable_selinux"].as_bool(), Some(true));
     }
 
     #[test]
@@ -311,6 +339,9 @@ mod tests {
             Err(io::Error::other("nope"))
         }
         fn read_sysctl(&self, _: &str) -> io::Result<String> {
+            Err(io::Error::other("nope"))
+        }
+        fn set_lockdown(&self, _: &str) -> io::Result<()> {
             Err(io::Error::other("nope"))
         }
     }

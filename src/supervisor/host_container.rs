@@ -1,20 +1,30 @@
-//! `berth host-container NAME SOURCE SUPERPOWERED`: the process the supervisor runs for a host
-//! container (service `host-containers@NAME`). It pulls SOURCE through containerd (`ctr`, in
-//! the `berth` namespace), removes what a previous run may have left, and runs the container
-//! in the foreground, so its output is the service's output and its exit the service's exit.
+//! `berth host-container NAME SOURCE SUPERPOWERED [PLAIN_HTTP]`: the process the supervisor runs
+//! for a host container (service `host-containers@NAME`). It pulls SOURCE through containerd
+//! (`ctr`, in the `berth` namespace), removes what a previous run may have left, and runs the
+//! container in the foreground, so its output is the service's output and its exit the
+//! service's exit.
 //!
-//! Every host container gets the API socket at /run/api.sock and the host's network.
-//! Superpowered ones also get the host's PID namespace, privileges, and the host's `/` at
-//! `/.berth/rootfs`; the others run with containerd's default confinement (own PID namespace,
-//! default capabilities and seccomp profile, no host filesystem).
+//! Every host container gets the API socket at /run/api.sock and the host's network, and runs
+//! through berth's runc wrapper (`supervisor::runc`), which gives it its SELinux domain.
+//! - Superpowered: super_t, privileged, the host's PID namespace and the host's `/` at
+//!   `/.berth/rootfs`.
+//! - Not superpowered: control_t with two MCS categories of its own (its files are its own;
+//!   the host's are out of reach but for the API socket and /etc/hosts, /etc/resolv.conf), its
+//!   own PID namespace, containerd's default seccomp profile, the capabilities in
+//!   [`PLAIN_CAPS_DROPPED`] taken away, and limits ([`MEMORY_LIMIT`], [`PIDS_LIMIT`]).
 //!
-//! On SIGTERM (the supervisor stopping it) the container's task is killed through containerd,
-//! so nothing is left running; a container's init often ignores SIGTERM.
+//! Each runs in its own cgroup, `/sys/fs/cgroup/host-containers/NAME`: a subtree of its own,
+//! apart from the supervisor's service cgroups under `/sys/fs/cgroup/berth/` (ctr's default,
+//! `/NAMESPACE/NAME`, would put a host container named `containerd` in containerd's cgroup).
 //!
-//! Registries are HTTPS; a registry given by a private or loopback IP address (a test or lab
-//! registry, e.g. 10.0.2.2:5000 from a QEMU guest) is retried over plain HTTP.
+//! On SIGTERM (the supervisor stopping it: disabled, or removed from settings) the container's
+//! task is killed through containerd, so nothing is left running; a container's init often
+//! ignores SIGTERM.
+//!
+//! Registries are HTTPS. Plain HTTP is used only when PLAIN_HTTP is 1: the service sets it when
+//! `settings.container-registry.mirrors` gives the source's registry an `http://` endpoint
+//! (the registry is configured as insecure). A failed HTTPS pull is never retried over HTTP.
 
-use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -22,6 +32,16 @@ use crate::sys::SignalFd;
 
 const CTR: &str = "/usr/bin/ctr";
 const NAMESPACE: &str = "berth";
+/// The parent cgroup of every host container (relative to /sys/fs/cgroup).
+pub const CGROUP_PARENT: &str = "/host-containers";
+/// Capabilities a plain host container does not get from containerd's default set (it keeps
+/// CHOWN, DAC_OVERRIDE, FOWNER, FSETID, KILL, SETGID, SETUID, SETPCAP, NET_BIND_SERVICE).
+pub const PLAIN_CAPS_DROPPED: &[&str] =
+    &["CAP_NET_RAW", "CAP_MKNOD", "CAP_AUDIT_WRITE", "CAP_SETFCAP", "CAP_SYS_CHROOT"];
+/// memory.max of a plain host container: 512 MiB.
+pub const MEMORY_LIMIT: u64 = 512 << 20;
+/// pids.max of a plain host container.
+pub const PIDS_LIMIT: u32 = 1024;
 
 fn ctr(args: &[&str]) -> Command {
     let mut c = Command::new(CTR);
@@ -29,35 +49,32 @@ fn ctr(args: &[&str]) -> Command {
     c
 }
 
-/// Whether the registry part of `source` is a private or loopback IPv4 address (or localhost).
-fn plain_http_allowed(source: &str) -> bool {
-    let registry = source.split('/').next().unwrap_or("");
-    let host = registry.split(':').next().unwrap_or("");
-    host == "localhost"
-        || host.parse::<Ipv4Addr>().is_ok_and(|ip| ip.is_private() || ip.is_loopback() || ip.is_link_local())
+/// The registry (host[:port]) of an image reference.
+pub fn registry_of(source: &str) -> &str {
+    source.split('/').next().unwrap_or("")
 }
 
-fn pull(source: &str) -> Result<(), String> {
-    let run = |plain: bool| {
-        let mut args = vec!["images", "pull"];
-        if plain {
-            args.push("--plain-http");
-        }
-        args.push(source);
-        ctr(&args).stdout(Stdio::null()).output()
-    };
-    let out = run(false).map_err(|e| format!("{CTR}: {e}"))?;
+fn pull_args(source: &str, plain_http: bool) -> Vec<&str> {
+    let mut args = vec!["images", "pull"];
+    if plain_http {
+        args.push("--plain-http");
+    }
+    args.push(source);
+    args
+}
+
+/// Pull over HTTPS, or over plain HTTP when the registry is configured as insecure; never
+/// the one after the other.
+fn pull(source: &str, plain_http: bool) -> Result<(), String> {
+    let out = ctr(&pull_args(source, plain_http))
+        .stdout(Stdio::null())
+        .output()
+        .map_err(|e| format!("{CTR}: {e}"))?;
     if out.status.success() {
         return Ok(());
     }
-    if plain_http_allowed(source) {
-        let out = run(true).map_err(|e| format!("{CTR}: {e}"))?;
-        if out.status.success() {
-            return Ok(());
-        }
-        return Err(format!("pulling {source}: {}", String::from_utf8_lossy(&out.stderr).trim()));
-    }
-    Err(format!("pulling {source}: {}", String::from_utf8_lossy(&out.stderr).trim()))
+    let how = if plain_http { "plain HTTP (the registry is configured as insecure)" } else { "HTTPS" };
+    Err(format!("pulling {source} over {how}: {}", String::from_utf8_lossy(&out.stderr).trim()))
 }
 
 /// Remove a task and container left by an earlier run that did not end cleanly.
@@ -73,14 +90,26 @@ fn clean(name: &str) {
 
 fn run_args(name: &str, source: &str, superpowered: bool) -> Vec<String> {
     let mut a: Vec<String> = ["run", "--rm", "--net-host"].iter().map(|s| s.to_string()).collect();
-    a.push("--mount".into());
-    a.push("type=bind,src=/run/api.sock,dst=/run/api.sock,options=rbind:rw".into());
+    let mut opt = |k: &str, v: String| {
+        a.push(k.into());
+        a.push(v);
+    };
+    opt("--runc-binary", super::runc::WRAPPER.into());
+    opt("--cgroup", format!("{CGROUP_PARENT}/{name}"));
+    opt("--mount", "type=bind,src=/run/api.sock,dst=/run/api.sock,options=rbind:rw".into());
     if superpowered {
+        opt("--annotation", format!("{}=super", super::runc::LABEL_ANNOTATION));
+        opt("--with-ns", "pid:/proc/1/ns/pid".into());
+        opt("--mount", "type=bind,src=/,dst=/.berth/rootfs,options=rbind:rslave".into());
         a.push("--privileged".into());
-        a.push("--with-ns".into());
-        a.push("pid:/proc/1/ns/pid".into());
-        a.push("--mount".into());
-        a.push("type=bind,src=/,dst=/.berth/rootfs,options=rbind:rslave".into());
+    } else {
+        opt("--annotation", format!("{}=control", super::runc::LABEL_ANNOTATION));
+        opt("--annotation", format!("{}={PIDS_LIMIT}", super::runc::PIDS_ANNOTATION));
+        opt("--memory-limit", MEMORY_LIMIT.to_string());
+        for cap in PLAIN_CAPS_DROPPED {
+            opt("--cap-drop", cap.to_string());
+        }
+        a.push("--seccomp".into());
     }
     a.push(source.into());
     a.push(name.into());
@@ -88,9 +117,13 @@ fn run_args(name: &str, source: &str, superpowered: bool) -> Vec<String> {
 }
 
 pub fn main(args: &[String]) -> i32 {
-    let [name, source, superpowered] = args else {
-        eprintln!("usage: berth host-container NAME SOURCE SUPERPOWERED(0|1)");
-        return 2;
+    let (name, source, superpowered, plain_http) = match args {
+        [n, s, sp] => (n, s, sp, false),
+        [n, s, sp, plain] => (n, s, sp, plain == "1"),
+        _ => {
+            eprintln!("usage: berth host-container NAME SOURCE SUPERPOWERED(0|1) [PLAIN_HTTP(0|1)]");
+            return 2;
+        }
     };
     let signals = match SignalFd::new(&[libc::SIGTERM, libc::SIGINT]) {
         Ok(s) => s,
@@ -99,7 +132,7 @@ pub fn main(args: &[String]) -> i32 {
             return 1;
         }
     };
-    if let Err(e) = pull(source) {
+    if let Err(e) = pull(source, plain_http) {
         eprintln!("host-container {name}: {e}");
         return 1;
     }
@@ -143,29 +176,48 @@ mod tests {
     use super::*;
 
     #[test]
-    fn plain_http_only_for_private_registries() {
-        for (src, ok) in [
-            ("10.0.2.2:5000/berth-test/busybox:1", true),
-            ("127.0.0.1:5000/x:1", true),
-            ("localhost:5000/x", true),
-            ("192.168.1.10/x", true),
-            ("docker.io/library/busybox:1", false),
-            ("public.ecr.aws/bottlerocket/admin:v1", false),
-            ("8.8.8.8:5000/x", false),
-        ] {
-            assert_eq!(plain_http_allowed(src), ok, "{src}");
-        }
+    fn plain_http_only_when_configured_and_never_as_a_retry() {
+        assert_eq!(pull_args("10.0.2.2:5000/x:1", false), ["images", "pull", "10.0.2.2:5000/x:1"]);
+        assert_eq!(
+            pull_args("10.0.2.2:5000/x:1", true),
+            ["images", "pull", "--plain-http", "10.0.2.2:5000/x:1"]
+        );
+        assert_eq!(registry_of("10.0.2.2:5000/berth-test/busybox:1"), "10.0.2.2:5000");
+        assert_eq!(registry_of("public.ecr.aws/bottlerocket/admin:v1"), "public.ecr.aws");
     }
 
     #[test]
-    fn superpowered_containers_get_the_host() {
+    fn superpowered_containers_get_the_host_and_plain_ones_are_confined() {
         let plain = run_args("admin", "r/a:1", false).join(" ");
         assert!(plain.contains("dst=/run/api.sock") && !plain.contains("--privileged"), "{plain}");
         assert!(!plain.contains("pid:/proc/1/ns/pid"));
+        for want in [
+            "--runc-binary /usr/libexec/berth/runc",
+            "--cgroup /host-containers/admin",
+            "--annotation org.berth.selinux=control",
+            "--annotation org.berth.pids-limit=1024",
+            "--memory-limit 536870912",
+            "--cap-drop CAP_NET_RAW",
+            "--seccomp",
+        ] {
+            assert!(plain.contains(want), "{want} missing: {plain}");
+        }
         let sp = run_args("admin", "r/a:1", true).join(" ");
-        for want in ["--privileged", "pid:/proc/1/ns/pid", "dst=/.berth/rootfs", "dst=/run/api.sock"] {
+        for want in [
+            "--privileged",
+            "pid:/proc/1/ns/pid",
+            "dst=/.berth/rootfs",
+            "dst=/run/api.sock",
+            "--annotation org.berth.selinux=super",
+            "--cgroup /host-containers/admin",
+        ] {
             assert!(sp.contains(want), "{want} missing: {sp}");
         }
+        assert!(!sp.contains("--seccomp") && !sp.contains("--cap-drop"), "{sp}");
         assert!(sp.ends_with("r/a:1 admin"));
+        // A host container named like a service gets its own cgroup, not the service's.
+        assert!(run_args("containerd", "r/a:1", false)
+            .join(" ")
+            .contains("--cgroup /host-containers/containerd"));
     }
 }

@@ -15,6 +15,7 @@
 
 pub mod host_container;
 mod logbuf;
+pub mod runc;
 
 use std::fs::{self, File};
 use std::io::Read;
@@ -438,6 +439,11 @@ impl Supervisor {
                 .find(|s| s.spec.name == *n)
                 .is_none_or(|s| matches!(s.state, ServiceState::Running | ServiceState::Absent(_)))
         })
+    }
+
+    /// The names of the declared services.
+    pub fn names(&self) -> Vec<String> {
+        self.services.iter().map(|s| s.spec.name.clone()).collect()
     }
 
     pub fn has_pid(&self, pid: i32) -> bool {
