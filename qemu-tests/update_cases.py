@@ -280,8 +280,9 @@ def hung_v2_is_reset_by_the_watchdog_and_rolls_back(arch):
 @case()
 def power_cut_while_writing_then_update_again(arch):
     """The VM is killed (a power cut) while v2 is being written into slot B: the next boot
-    runs v1 from slot A cleanly, reports the interrupted write, and a second attempt stages,
-    activates and boots v2."""
+    runs v1 from slot A cleanly, reports the interrupted write; a prepare started then is
+    cancelled while it runs (Failed, slot B unbootable, the updater free again); a last
+    attempt stages, activates and boots v2."""
     with Repo(arch, ["v2"], rate=3_000_000) as repo, VM(arch, raw=True, reboot=True) as vm:
         vm.start()
         boot(vm)
@@ -298,7 +299,7 @@ def power_cut_while_writing_then_update_again(arch):
             time.sleep(0.5)
         vm.kill()
         assert slot_states(vm.disk, host_berth())["B"]["priority"] == 0
-        repo.serve()  # full speed from here
+        repo.serve(rate=500_000)  # slow, so the next prepare is still running when cancelled
         vm.start()
         r = vm.wait_ready(300)
         assert r["slot"] == "A", r
@@ -306,6 +307,21 @@ def power_cut_while_writing_then_update_again(arch):
         s = status(vm)
         assert s["update_state"] == "Available" and "interrupted" in s["note"], s
         assert not s["staging_partition"]["bootable"], s
+        # A running prepare can be cancelled (it used to hold the updater until a reboot): it
+        # ends Failed, the slot stays unbootable, and the updater takes commands again.
+        configure(vm, repo)
+        st, _ = vm.api("POST", "/actions/prepare-update")
+        assert st == 202, st
+        _poll(lambda: (lambda p: (p["bytes_done"] > 1 << 20, p))(progress(vm)), 300)
+        st, body = vm.api("POST", "/actions/cancel-update")
+        assert st in (200, 202), (st, body)
+        s = status(vm)
+        rec = s["most_recent_command"]
+        assert rec["cmd_type"] == "prepare" and rec["cmd_status"] == "Failed" and "cancel" in rec["stderr"], s
+        assert not s["staging_partition"]["bootable"], s
+        st, body = vm.api("POST", "/actions/cancel-update")
+        assert st == 409 and "no prepare is running" in body["error"], (st, body)
+        repo.serve()  # full speed from here
         configure(vm, repo)
         s = run_command(vm, "prepare-update", "prepare")
         assert s["update_state"] == "Staged", s
