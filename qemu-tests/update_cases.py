@@ -611,7 +611,11 @@ for c in probe agent; do
   ctr tasks delete -f $c >/dev/null 2>&1
   ctr containers delete $c >/dev/null 2>&1
 done
-MOUNTS="--mount type=bind,src=/run/api.sock,dst=/run/api.sock,options=rbind:rw
+# Bottlerocket runs the operator's agent with the SELinux type super_t (its pod's
+# seLinuxOptions): no other container type may use the API socket and the host's apiclient.
+# Berth's runc wrapper gives that label to a container annotated so.
+MOUNTS="--runc-binary /usr/libexec/berth/runc --annotation org.berth.selinux=super
+  --mount type=bind,src=/run/api.sock,dst=/run/api.sock,options=rbind:rw
   --mount type=bind,src=/bin/apiclient,dst=/bin/apiclient,options=rbind:ro"
 # apiclient as a container's first process (PID 1 in its namespace), as a pod may run it.
 out=$(ctr run --rm $MOUNTS AGENT probe /bin/apiclient -u /os 2>&1)
@@ -728,7 +732,9 @@ def update_operator_calls_from_a_container_and_update_codes(arch):
         updates = repo.settings()["updates"]
         user_data = "[settings.updates]\n" + "".join(
             f"{k} = {json.dumps(v)}\n" for k, v in updates.items()) + \
-            f'[settings.host-containers.operator]\nsource = "{wrapper}"\nenabled = false\nsuperpowered = true\n'
+            f'[settings.host-containers.operator]\nsource = "{wrapper}"\nenabled = false\nsuperpowered = true\n' + \
+            f'[[settings.container-registry.mirrors]]\nregistry = "{reg.guest_address}"\n' + \
+            f'endpoint = ["http://{reg.guest_address}"]\n'  # the test registry is plain HTTP
         with VM(arch, raw=True, reboot=True, user_data=user_data) as vm:
             vm.start()
             boot(vm)
