@@ -46,13 +46,16 @@ fn logflood() -> ServiceSpec {
     s
 }
 
-fn host_container(name: &str, source: &str, superpowered: bool) -> ServiceSpec {
+fn host_container(name: &str, source: &str, superpowered: bool, user_data: Option<&str>) -> ServiceSpec {
     let sp = if superpowered { "1" } else { "0" };
     let mut s = ServiceSpec::new(
         &format!("host-containers@{name}"),
         &["/usr/bin/berth", "host-container", name, source, sp],
     );
     s.deps = vec!["containerd".into()];
+    if let Some(data) = user_data {
+        s.env.push((crate::supervisor::host_container::USER_DATA_ENV.into(), data.into()));
+    }
     s
 }
 
@@ -65,7 +68,7 @@ fn host_containers(settings: &Settings) -> Vec<(ServiceSpec, bool)> {
         .filter_map(|(name, hc)| {
             let source = hc.source.as_deref()?;
             Some((
-                host_container(name, source, hc.superpowered.unwrap_or(false)),
+                host_container(name, source, hc.superpowered.unwrap_or(false), hc.user_data.as_deref()),
                 hc.enabled.unwrap_or(false),
             ))
         })

@@ -13,8 +13,19 @@
 //!
 //! Registries are HTTPS; a registry given by a private or loopback IP address (a test or lab
 //! registry, e.g. 10.0.2.2:5000 from a QEMU guest) is retried over plain HTTP.
+//!
+//! Every host container has a persistent directory on the host, `/local/host-containers/NAME`,
+//! which it sees at `/.bottlerocket/host-containers/current` and
+//! `/.bottlerocket/host-containers/NAME` (Bottlerocket's places, which its admin and control
+//! containers read). Before the container starts, `settings.host-containers.NAME.user-data`
+//! (base64, passed by PID 1 in [`USER_DATA_ENV`]) is decoded into `user-data` there, mode 0600;
+//! without the setting, a `user-data` left from before is removed. On EC2 the admin container's
+//! user data holds the instance's SSH keys (`userdata::ec2`).
 
+use std::io::Write;
 use std::net::Ipv4Addr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -22,6 +33,38 @@ use crate::sys::SignalFd;
 
 const CTR: &str = "/usr/bin/ctr";
 const NAMESPACE: &str = "berth";
+
+/// Where each host container's persistent directory is, on the host.
+pub const PERSISTENT: &str = "/local/host-containers";
+/// The environment variable that carries `settings.host-containers.NAME.user-data` (base64).
+pub const USER_DATA_ENV: &str = "BERTH_HOST_CONTAINER_USER_DATA";
+
+/// Make `dir` (mode 0700) and put the decoded user data in `dir/user-data` (mode 0600, written
+/// whole or not at all), or remove it when there is none.
+pub fn write_user_data(dir: &Path, base64: Option<&str>) -> Result<(), String> {
+    let path = dir.join("user-data");
+    let Some(text) = base64 else {
+        return match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(format!("{}: {e}", path.display())),
+            _ => Ok(()),
+        };
+    };
+    let data = crate::settings::kubelet::base64_decode(text).ok_or("the user data is not base64")?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let tmp = dir.join(".user-data.tmp");
+    let write = || -> std::io::Result<()> {
+        let mut f =
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(&data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    };
+    write().map_err(|e| format!("{}: {e}", path.display()))
+}
 
 fn ctr(args: &[&str]) -> Command {
     let mut c = Command::new(CTR);
@@ -75,6 +118,12 @@ fn run_args(name: &str, source: &str, superpowered: bool) -> Vec<String> {
     let mut a: Vec<String> = ["run", "--rm", "--net-host"].iter().map(|s| s.to_string()).collect();
     a.push("--mount".into());
     a.push("type=bind,src=/run/api.sock,dst=/run/api.sock,options=rbind:rw".into());
+    for dst in ["current", name] {
+        a.push("--mount".into());
+        a.push(format!(
+            "type=bind,src={PERSISTENT}/{name},dst=/.bottlerocket/host-containers/{dst},options=rbind:rw"
+        ));
+    }
     if superpowered {
         a.push("--privileged".into());
         a.push("--with-ns".into());
@@ -99,6 +148,12 @@ pub fn main(args: &[String]) -> i32 {
             return 1;
         }
     };
+    let dir = Path::new(PERSISTENT).join(name);
+    let user_data = std::env::var(USER_DATA_ENV).ok();
+    if let Err(e) = write_user_data(&dir, user_data.as_deref()) {
+        eprintln!("host-container {name}: its user data: {e}");
+        return 1;
+    }
     if let Err(e) = pull(source) {
         eprintln!("host-container {name}: {e}");
         return 1;
@@ -167,5 +222,29 @@ mod tests {
             assert!(sp.contains(want), "{want} missing: {sp}");
         }
         assert!(sp.ends_with("r/a:1 admin"));
+        for want in [
+            "src=/local/host-containers/admin,dst=/.bottlerocket/host-containers/current,",
+            "src=/local/host-containers/admin,dst=/.bottlerocket/host-containers/admin,",
+        ] {
+            assert!(plain.contains(want) && sp.contains(want), "{want} missing: {plain}");
+        }
+    }
+
+    #[test]
+    fn user_data_is_written_private_and_removed_when_unset() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("berth-hc-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let hc = dir.join("admin");
+        write_user_data(&hc, Some("eyJzc2giOnt9fQ==")).unwrap();
+        assert_eq!(std::fs::read_to_string(hc.join("user-data")).unwrap(), r#"{"ssh":{}}"#);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode(&hc), mode(&hc.join("user-data"))), (0o700, 0o600));
+        assert!(write_user_data(&hc, Some("%%")).unwrap_err().contains("not base64"));
+        assert!(hc.join("user-data").exists(), "a bad value leaves the old file");
+        write_user_data(&hc, None).unwrap();
+        assert!(!hc.join("user-data").exists());
+        write_user_data(&hc, None).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
