@@ -48,7 +48,7 @@ def stage_version(vm, repo, version):
     s = run_command(vm, "refresh-updates", "refresh")
     assert s["chosen_update"]["version"] == version, s
     s = run_command(vm, "prepare-update", "prepare")
-    assert s["update_state"] == "Staged" and s["staging_partition"]["version"] == version, s
+    assert s["update_state"] == "Staged" and s["staging_partition"]["image"]["version"] == version, s
     st, s = vm.api("POST", "/actions/activate-update")
     assert st == 200 and s["update_state"] == "Ready", (st, s)
     return s

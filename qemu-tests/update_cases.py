@@ -7,16 +7,18 @@ build/x86_64-v2-broken).
 """
 
 import base64
+import json
 import os
 import random
 import shutil
 import subprocess
 import tempfile
+import re
 import threading
 import time
 
 from berthvm import VM, BUILD, gpt_partitions, slot_states
-from cases import case, flip_byte, host_berth
+from cases import _poll, case, flip_byte, host_berth
 from testpki import make_pki
 
 KEYS = os.environ.get("BERTH_UPDATE_KEYS", os.path.join(BUILD, "update-keys"))
@@ -95,25 +97,38 @@ def configure(vm, repo, extra=None):
     assert st == 200, (st, body)
 
 
-def status(vm):
-    st, body = vm.api("GET", "/updates/status")
+def status(vm, timeout=600):
+    """GET /updates/status, waiting while a command holds the updater (423)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st, body = vm.api("GET", "/updates/status")
+        if st != 423:
+            assert st == 200, (st, body)
+            return body
+        assert time.monotonic() < deadline, f"the updater is still busy after {timeout}s: {body}"
+        time.sleep(1)
+
+
+def progress(vm):
+    st, body = vm.api("GET", "/updates/progress")
     assert st == 200, (st, body)
     return body
 
 
 def run_command(vm, action, cmd, timeout=600, want="Success"):
-    """POST /actions/ACTION and wait for the updater to finish it; returns the status."""
+    """POST /actions/ACTION and wait for the updater to finish it, as Bottlerocket's apiclient
+    waits: until the status answers (not 423) with a record of CMD newer than the one before.
+    Returns the status."""
+    st, body = vm.api("GET", "/updates/status")
+    assert st in (200, 404), (st, body)
+    before = body["most_recent_command"]["timestamp"] if st == 200 else None
     st, body = vm.api("POST", f"/actions/{action}")
     assert st in (200, 202), (action, st, body)
-    deadline = time.monotonic() + timeout
-    while True:
-        s = status(vm)
-        rec = s["most_recent_command"] or {}
-        if rec.get("cmd_type") == cmd and rec.get("cmd_status") != "Running":
-            assert rec["cmd_status"] == want, (cmd, rec, s)
-            return s
-        assert time.monotonic() < deadline, f"{cmd} still running after {timeout}s: {s}"
-        time.sleep(1)
+    s = status(vm, timeout)
+    rec = s["most_recent_command"]
+    assert rec["cmd_type"] == cmd and rec["timestamp"] != before, (cmd, before, s)
+    assert rec["cmd_status"] == want, (cmd, rec, s)
+    return s
 
 
 def stage(vm, repo, version="0.2.0"):
@@ -121,7 +136,7 @@ def stage(vm, repo, version="0.2.0"):
     s = run_command(vm, "refresh-updates", "refresh")
     assert s["update_state"] == "Available" and s["chosen_update"]["version"] == version, s
     s = run_command(vm, "prepare-update", "prepare")
-    assert s["update_state"] == "Staged" and s["staging_partition"]["version"] == version, s
+    assert s["update_state"] == "Staged" and s["staging_partition"]["image"]["version"] == version, s
     assert not s["staging_partition"]["bootable"], s
     return s
 
@@ -181,11 +196,12 @@ def update_v1_to_v2_keeps_settings(arch):
         # apiclient, run on the host against the VM's API socket, as an operator would.
         apiclient = [host_berth(), "apiclient", "-s", vm.api_sock, "update"]
         out = subprocess.run(apiclient + ["check"], capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0 and "update available: 0.1.0 -> 0.2.0" in out.stdout, out
+        assert out.returncode == 0 and "update available: 0.1.0 -> 0.2.0" in out.stderr, out
+        assert json.loads(out.stdout)["chosen_update"]["version"] == "0.2.0", out
         vm.mark()
         out = subprocess.run(apiclient + ["apply", "--reboot"], capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, out
-        assert "update 0.2.0 is active" in out.stdout and "rebooting" in out.stdout, out
+        assert "update 0.2.0 is active" in out.stderr and "Rebooting" in out.stderr, out
         assert "writing BERTH-ROOT-B" in out.stderr, out
         vm.wait_for(r"boot control: slot B \(on trial: true, tries left: 0\)", timeout=120)
         vm.wait_for(r"watchdog armed \(timeout \d+ s, slot on trial\)")
@@ -237,7 +253,7 @@ def unhealthy_v2_rolls_back(arch):
         vm.wait_for(r"berth: api bridge", timeout=120)
         out = subprocess.run([host_berth(), "apiclient", "-s", vm.api_sock, "update", "cancel"],
                              capture_output=True, text=True, timeout=60)
-        assert out.returncode != 0 and "HTTP 409" in out.stderr, out
+        assert out.returncode == 1 and "Status 409 when POSTing" in out.stderr, out
         assert "no activated update to cancel" in out.stderr and "/actions/rollback" in out.stderr, out
         s = status(vm)
         assert s["active_partition"]["on_trial"] and s["update_state"] == "Idle", s
@@ -274,8 +290,8 @@ def power_cut_while_writing_then_update_again(arch):
         assert st == 202
         deadline = time.monotonic() + 300
         while True:
-            p = status(vm)["progress"] or {}
-            if p.get("bytes_done", 0) > 8 << 20:
+            p = progress(vm)
+            if p["bytes_done"] > 8 << 20:
                 break
             assert time.monotonic() < deadline, p
             time.sleep(0.5)
@@ -311,7 +327,7 @@ def tampered_repository_is_refused(arch):
         good = open(ts).read()
         open(ts, "w").write(good.replace('"version": ', '"version": 9', 1))
         s = run_command(vm, "refresh-updates", "refresh", want="Failed")
-        err = s["most_recent_command"]["error"]
+        err = s["most_recent_command"]["stderr"]
         assert "refused" in err and ("signature" in err.lower() or "threshold" in err.lower()), err
         open(ts, "w").write(good)
         s = run_command(vm, "refresh-updates", "refresh")
@@ -319,7 +335,7 @@ def tampered_repository_is_refused(arch):
         root = repo.target("root.img.lz4")
         flip_byte(root, os.path.getsize(root) // 2)
         s = run_command(vm, "prepare-update", "prepare", want="Failed")
-        err = s["most_recent_command"]["error"]
+        err = s["most_recent_command"]["stderr"]
         assert "hash" in err.lower(), err
         assert s["update_state"] == "Available" and not s["staging_partition"]["bootable"], s
         st, _ = vm.api("POST", "/actions/activate-update")
@@ -479,7 +495,7 @@ def update_over_https_with_a_private_ca(arch):
             # The image's CA bundle does not know the test CA.
             configure(vm, repo)
             s = run_command(vm, "refresh-updates", "refresh", want="Failed")
-            err = s["most_recent_command"]["error"]
+            err = s["most_recent_command"]["stderr"]
             assert "TLS handshake with 10.0.2.2 failed" in err and "(unknown issuer)" in err, err
             with open(pki["ca"], "rb") as f:
                 trust = {"pki": {"test-ca": {"data": base64.b64encode(f.read()).decode(), "trusted": True}}}
@@ -491,11 +507,296 @@ def update_over_https_with_a_private_ca(arch):
             for name, port in bad.items():
                 configure(vm, repo, {**trust, **repo.settings(port)})
                 s = run_command(vm, "refresh-updates", "refresh", want="Failed")
-                err = s["most_recent_command"]["error"]
+                err = s["most_recent_command"]["stderr"]
                 assert "TLS handshake with 10.0.2.2 failed" in err and reasons[name] in err, (name, err)
                 assert s["update_state"] == "Idle", (name, s)
             configure(vm, repo, trust)
             s = run_command(vm, "refresh-updates", "refresh")
             assert s["update_state"] == "Available" and s["chosen_update"]["version"] == "0.2.0", s
             s = run_command(vm, "prepare-update", "prepare")
-            assert s["update_state"] == "Staged" and s["staging_partition"]["version"] == "0.2.0", s
+            assert s["update_state"] == "Staged" and s["staging_partition"]["image"]["version"] == "0.2.0", s
+
+
+# ---------------------------------------------------------------- Bottlerocket's update operator
+
+# The calls of Bottlerocket's update operator (brupop's agent), in its order, as one node's
+# agent makes them through a whole update: `apiclient raw -u URI [-m POST]` from a container
+# that has the host's /run/api.sock and /bin/apiclient mounted and nothing else of the host.
+# Each call that fails is retried (the agent retries every failure, 5 times, backing off from
+# 10 s up to 60 s with jitter; the fixed 10, 20, 40, 60, 60 s here is one schedule it can
+# produce). Its transcript, one CALL/OUT/ERR triple per attempt, is checked afterwards with the
+# agent's own rules (check_operator_transcript).
+AGENT_SCRIPT = r"""
+call() {
+  n=$((n + 1))
+  for delay in 10 20 40 60 60 last; do
+    apiclient raw -u "$@" >/tmp/out 2>/tmp/err
+    rc=$?
+    echo "CALL $n rc=$rc $*"
+    echo "OUT $(cat /tmp/out)"
+    echo "ERR $(cat /tmp/err)"
+    if [ $rc = 0 ]; then return 0; fi
+    if [ $rc -gt 128 ]; then echo "KILLED $n"; return 0; fi
+    if [ $delay = last ]; then echo "GAVE-UP $n"; exit 1; fi
+    sleep $delay
+  done
+}
+n=0
+call /os
+case "$(cat /tmp/out)" in
+*'"version_id":"0.2.0"'*)
+  echo "PHASE rebooted"
+  # RebootedIntoUpdate: running the desired version; then the node's status is refreshed.
+  call /os
+  call /os
+  call /actions/refresh-updates -m POST
+  call /updates/status
+  echo "DONE"
+  ;;
+*)
+  echo "PHASE update"
+  # The node's status: the running version and the update to take.
+  call /os
+  call /actions/refresh-updates -m POST
+  call /updates/status
+  # StagedAndPerformedUpdate: prepare_update, then activate_update.
+  call /updates/status
+  call /actions/prepare-update -m POST
+  call /updates/status
+  call /updates/status
+  call /actions/activate-update -m POST
+  call /updates/status
+  # The node's status again, now in Ready.
+  call /os
+  call /actions/refresh-updates -m POST
+  call /updates/status
+  # RebootedIntoUpdate: not the desired version yet, so boot_into_update.
+  call /os
+  call /updates/status
+  echo "REBOOT"
+  call /actions/reboot -m POST
+  sleep 3600
+  ;;
+esac
+"""
+
+# The wrapper, a superpowered host container: runs the agent's container with `ctr` (the host's,
+# through the host's root) and only the two mounts the operator's pod has, and keeps its
+# transcript on /local so the next boot can show the one of the boot the reboot ended.
+WRAPPER_SCRIPT = r"""
+R=/.berth/rootfs
+ctr() { /bin/busybox chroot $R /usr/bin/ctr -n berth "$@"; }
+LOG=$R/local/operator-transcript
+if [ -f $LOG ]; then echo "=== BEFORE REBOOT"; cat $LOG; echo "=== NOW"; : > $LOG; fi
+ctr images pull --plain-http AGENT >/dev/null 2>&1 || echo "PULL FAILED"
+for c in probe agent; do
+  ctr tasks kill -s SIGKILL $c >/dev/null 2>&1
+  ctr tasks delete -f $c >/dev/null 2>&1
+  ctr containers delete $c >/dev/null 2>&1
+done
+MOUNTS="--mount type=bind,src=/run/api.sock,dst=/run/api.sock,options=rbind:rw
+  --mount type=bind,src=/bin/apiclient,dst=/bin/apiclient,options=rbind:ro"
+# apiclient as a container's first process (PID 1 in its namespace), as a pod may run it.
+out=$(ctr run --rm $MOUNTS AGENT probe /bin/apiclient -u /os 2>&1)
+echo "PROBE $out rc=$?"
+ctr run --rm $MOUNTS AGENT agent 2>&1 | /bin/busybox tee -a $LOG
+echo "=== AGENT EXITED"
+exec sleep 1000000
+"""
+
+SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?$")
+
+
+def operator_status(text):
+    """/updates/status parsed as strictly as the update operator's agent parses it (serde into
+    its types: these fields required with these types, unknown ones ignored)."""
+    v = json.loads(text)
+
+    def semver(x, what):
+        assert isinstance(x, str) and SEMVER.match(x), f"{what}: not semver: {x!r}"
+
+    def image(x, what):
+        assert isinstance(x, dict), f"{what}: {x!r}"
+        assert isinstance(x["arch"], str) and isinstance(x["variant"], str), f"{what}: {x!r}"
+        semver(x["version"], f"{what}.version")
+
+    assert v["update_state"] in ("Idle", "Available", "Staged", "Ready"), v
+    assert isinstance(v["available_updates"], list), v
+    for u in v["available_updates"]:
+        semver(u, "available_updates")
+    if v.get("chosen_update") is not None:
+        image(v["chosen_update"], "chosen_update")
+    for part in ("active_partition", "staging_partition"):
+        p = v.get(part)
+        if p is not None:
+            if p.get("image") is not None:
+                image(p["image"], f"{part}.image")
+            assert type(p["next_to_boot"]) is bool, f"{part}: {p!r}"
+    rec = v["most_recent_command"]
+    assert isinstance(rec, dict), f"most_recent_command must not be null: {v}"
+    assert rec["cmd_type"] in ("refresh", "prepare", "activate"), rec
+    assert rec["cmd_status"] in ("Success", "Failed", "Unknown"), rec
+    assert isinstance(rec["timestamp"], str), rec
+    assert type(rec["exit_status"]) is int and 0 <= rec["exit_status"] < 1 << 32, rec
+    assert isinstance(rec["stderr"], str), rec
+    return v
+
+
+def operator_status_code(stderr):
+    """The HTTP status of a failed call, found as the agent finds it: the first word after
+    the first "Status" (the agent panics when there is none)."""
+    parts = stderr.split("Status")
+    assert len(parts) > 1, f"no 'Status' in the error, the agent would panic: {stderr!r}"
+    return parts[1].split()[0]
+
+
+def transcript_calls(lines):
+    """[(uri args, [(rc, out, err), ...attempts])] from an agent transcript."""
+    calls = []
+    for i, line in enumerate(lines):
+        m = re.match(r"CALL (\d+) rc=(\d+) (.*)$", line)
+        if not m:
+            continue
+        n, rc, args = int(m.group(1)), int(m.group(2)), m.group(3)
+        out = lines[i + 1][len("OUT "):] if lines[i + 1].startswith("OUT") else None
+        err = lines[i + 2][len("ERR "):] if lines[i + 2].startswith("ERR") else None
+        if len(calls) < n:
+            calls.append((args, []))
+        assert calls[n - 1][0] == args, (n, args, calls[n - 1])
+        calls[n - 1][1].append((rc, out, err))
+    return calls
+
+
+def check_operator_transcript(calls, want):
+    """Each call made as listed in `want` (the URI and method), every failed attempt a 423
+    that the agent retries, and the outcomes that the agent checks as it checks them.
+    Returns the parsed answers, in order."""
+    assert [c[0] for c in calls] == [w[0] for w in want], ([c[0] for c in calls], want)
+    answers = []
+    for (args, attempts), (_, check) in zip(calls, want):
+        for rc, out, err in attempts[:-1]:
+            assert rc == 1 and operator_status_code(err) == "423", (args, rc, err)
+        rc, out, err = attempts[-1]
+        assert rc == 0 or rc > 128, (args, rc, err)
+        answers.append(check(out) if check else None)
+    return answers
+
+
+def _os(out):
+    v = json.loads(out)
+    assert SEMVER.match(v["version_id"]), v
+    return v
+
+
+def _refreshed(out):
+    s = operator_status(out)
+    rec = s["most_recent_command"]
+    assert rec["cmd_type"] == "refresh" and rec["cmd_status"] == "Success", s
+    return s
+
+
+@case()
+def update_operator_calls_from_a_container_and_update_codes(arch):
+    """Bottlerocket's update operator's calls, made exactly as its agent makes them
+    (`apiclient raw`) from a container with only the host's /run/api.sock and /bin/apiclient
+    mounted, take the node from v1 through a real update and reboot to v2, every
+    /updates/status answer passing the agent's strict parse and checks. On the way, the codes
+    the operator depends on: status before any command 404, activate from Idle 409, an empty
+    commit 422, and while the agent's prepare runs a second prepare and the status 423."""
+    from registry import Registry
+    with Registry() as reg, Repo(arch, ["v2"]) as repo:
+        agent = reg.push_busybox_cmd(arch, ["/bin/sh", "-c", AGENT_SCRIPT], tag="agent", name="berth-test/agent")
+        wrapper = reg.push_busybox_cmd(arch, ["/bin/sh", "-c", WRAPPER_SCRIPT.replace("AGENT", agent)],
+                                       tag="operator", name="berth-test/operator")
+        updates = repo.settings()["updates"]
+        user_data = "[settings.updates]\n" + "".join(
+            f"{k} = {json.dumps(v)}\n" for k, v in updates.items()) + \
+            f'[settings.host-containers.operator]\nsource = "{wrapper}"\nenabled = false\nsuperpowered = true\n'
+        with VM(arch, raw=True, reboot=True, user_data=user_data) as vm:
+            vm.start()
+            boot(vm)
+            st, body = vm.api("GET", "/updates/status")
+            assert st == 404 and "refresh-updates" in body["error"], (st, body)
+            st, body = vm.api("POST", "/actions/activate-update")
+            assert st == 409 and "state Idle" in body["error"], (st, body)
+            st, body = vm.api("POST", "/tx/commit?tx=nothing-pending")
+            assert st == 422, (st, body)
+            st, body = vm.api("PATCH", "/settings", {"host-containers": {"operator": {"enabled": True}}})
+            assert st == 204, (st, body)
+            st, body = vm.api("POST", "/tx/commit_and_apply")
+            assert st == 200, (st, body)
+            # While the agent's prepare runs: another prepare, a refresh and the status are 423.
+            deadline = time.monotonic() + 600
+            while progress(vm)["running"] != "prepare":
+                assert time.monotonic() < deadline, vm.api("GET", "/logs?service=host-containers@operator")
+                time.sleep(0.2)
+            for method, path in (("POST", "/actions/prepare-update"), ("POST", "/actions/refresh-updates"),
+                                 ("GET", "/updates/status")):
+                st, body = vm.api(method, path)
+                assert st == 423 and "prepare is running" in body["error"], (method, path, st, body)
+            # The agent reboots the node into v2.
+            vm.mark()
+            vm.wait_for(r"boot control: slot B \(on trial: true", timeout=900)
+            r = vm.wait_ready(300)
+            assert r["slot"] == "B" and r["version"] == "0.2.0", r
+            vm.wait_for(r"berth: api bridge")
+
+            def done():
+                st, text = vm.api("GET", "/logs?service=host-containers@operator")
+                return (st == 200 and "DONE" in (text or "") or "GAVE-UP" in (text or ""), text)
+            text = _poll(done, 600)[1]
+            assert "GAVE-UP" not in text and "PULL FAILED" not in text, text
+            probe = re.search(r"^PROBE (.*) rc=(\d+)$", text, re.M)
+            assert probe and probe.group(2) == "0" and json.loads(probe.group(1))["version_id"] == "0.2.0", text
+            lines = text.splitlines()
+            before = lines[lines.index("=== BEFORE REBOOT") + 1:lines.index("=== NOW")]
+            after = lines[lines.index("=== NOW") + 1:]
+            assert "PHASE update" in before and "REBOOT" in before, before
+            assert "PHASE rebooted" in after, after
+            first = check_operator_transcript(transcript_calls(before), [
+                ("/os", _os),
+                ("/os", _os),
+                ("/actions/refresh-updates -m POST", None),
+                ("/updates/status", _refreshed),
+                ("/updates/status", operator_status),
+                ("/actions/prepare-update -m POST", None),
+                ("/updates/status", operator_status),
+                ("/updates/status", operator_status),
+                ("/actions/activate-update -m POST", None),
+                ("/updates/status", operator_status),
+                ("/os", _os),
+                ("/actions/refresh-updates -m POST", None),
+                ("/updates/status", _refreshed),
+                ("/os", _os),
+                ("/updates/status", operator_status),
+                ("/actions/reboot -m POST", None),
+            ][:len(transcript_calls(before))])
+            # What the agent checks along the way (apiclient.rs of the operator).
+            assert first[0]["version_id"] == "0.1.0", first[0]
+            assert first[3]["chosen_update"]["version"] == "0.2.0", first[3]
+            assert first[4]["update_state"] in ("Available", "Staged"), first[4]
+            rec = first[6]["most_recent_command"]
+            assert rec["cmd_type"] == "prepare" and rec["cmd_status"] == "Success", first[6]
+            assert first[7]["update_state"] == "Staged", first[7]
+            rec = first[9]["most_recent_command"]
+            assert rec["cmd_type"] == "activate" and rec["cmd_status"] == "Success", first[9]
+            assert first[12]["update_state"] == "Ready", first[12]
+            assert first[13]["version_id"] == "0.1.0", first[13]
+            ready = first[14]
+            assert ready["update_state"] == "Ready", ready
+            assert ready["staging_partition"]["next_to_boot"] and ready["staging_partition"]["image"]["version"] == "0.2.0", ready
+            assert len(first) >= 15, f"the agent stopped before the reboot: {before}"
+            second = check_operator_transcript(transcript_calls(after), [
+                ("/os", _os),
+                ("/os", _os),
+                ("/os", _os),
+                ("/actions/refresh-updates -m POST", None),
+                ("/updates/status", _refreshed),
+            ])
+            assert second[1]["version_id"] == "0.2.0", second[1]
+            s = second[4]
+            assert s["update_state"] == "Idle" and s["active_partition"]["image"]["version"] == "0.2.0", s
+            assert s["active_partition"]["next_to_boot"], s
+            # Every error the agent saw was a 423 it retried: the prepare and refreshes holding the updater.
+            retried = sum(len(a) - 1 for _, a in transcript_calls(before) + transcript_calls(after))
+            print(f"  operator replay: {len(first)} + {len(second)} calls, {retried} retried after 423", flush=True)

@@ -44,11 +44,12 @@ As PID 1 (or argv[0] `init`) it boots the system.";
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let argv0 = args.first().map(|a| a.rsplit('/').next().unwrap_or(a).to_string()).unwrap_or_default();
-    if sys::getpid() == 1 || argv0 == "init" {
-        init::pid1();
-    }
+    // apiclient first: in a container it may be the first process (PID 1 of its namespace).
     if argv0 == "apiclient" {
         std::process::exit(apiclient::main(&args[1..]));
+    }
+    if sys::getpid() == 1 || argv0 == "init" {
+        init::pid1();
     }
     klog::init(false);
     let rest = &args[args.len().min(2)..];

@@ -1,12 +1,14 @@
 //! The settings API: HTTP/1.1 on a Unix socket (`/run/api.sock`, mode 0660, root:api).
 //!
 //! [`crate::http::server`] is the server (limits, timeouts, bounded connections, eviction of
-//! idle ones), [`routes`] maps requests to the datastore and actions, [`bridge`] carries the
+//! idle ones), [`routes`] maps requests to the datastore and actions ([`keys`]: Bottlerocket's
+//! dotted key names and prefixes), [`bridge`] carries the
 //! API over a virtio-serial port so the host running a VM can reach it, [`bench`] is the load
 //! generator of `scripts/bench api`. `berth serve` runs it in dev mode on a developer machine.
 
 pub mod bench;
 pub mod bridge;
+pub mod keys;
 pub mod routes;
 
 use std::fs;

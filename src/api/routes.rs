@@ -1,14 +1,23 @@
-//! The API's routes, compatible with Bottlerocket's where they exist (see docs/api.md).
+//! The API's routes, compatible with Bottlerocket's where they exist (docs/api.md; what is the
+//! same and what differs: docs/compatibility.md).
 //!
 //! [`Api`] holds the datastore and what applying settings needs; [`Api::handle`] maps one
 //! request to one response. Errors are JSON with the right 4xx status and never leave a
 //! half-applied change: patches are validated before they are stored, commits are atomic.
+//!
+//! Bottlerocket's contract as implemented here: `GET /` is the model (`settings`, `services`,
+//! `configuration-files`, `os`) selected by `?prefix=` with Bottlerocket's rules ([`keys`]);
+//! `PATCH /settings/keypair` takes its `{"request_payload": ["key=value", ...]}` with its type
+//! inference; a commit with nothing pending is 422; the updater's refusals are 423 (another
+//! command runs), 409 (not in this state) or 404 (nothing to act on). Bottlerocket's routes
+//! that Berth does not have answer 404 saying so ([`NOT_SUPPORTED`]).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Map, Value};
 
+use super::keys;
 use crate::http::server::{Request, Response};
 use crate::settings::model::Settings;
 use crate::settings::{render, store, Datastore};
@@ -86,6 +95,7 @@ const ROUTES: &[(&str, &[&str])] = &[
     ("/actions/reboot", &["POST"]),
     ("/actions/shutdown", &["POST"]),
     ("/updates/status", &["GET"]),
+    ("/updates/progress", &["GET"]),
     ("/actions/refresh-updates", &["POST"]),
     ("/actions/prepare-update", &["POST"]),
     ("/actions/activate-update", &["POST"]),
@@ -94,10 +104,43 @@ const ROUTES: &[(&str, &[&str])] = &[
     ("/actions/rollback", &["POST"]),
 ];
 
+/// Bottlerocket's routes that Berth does not serve, with why: any method gets a 404 that says
+/// so. A path matches an entry exactly, or lies under one that ends with `/`.
+pub const NOT_SUPPORTED: &[(&str, &str)] = &[
+    (
+        "/metadata/affected-services",
+        "not supported on Berth: settings carry no metadata; which services a setting group \
+         affects is fixed in Berth's code (GET /configuration-files lists each file's groups)",
+    ),
+    (
+        "/metadata/setting-generators",
+        "not supported on Berth: settings carry no metadata, and no setting is produced by a \
+         generator program",
+    ),
+    (
+        "/metadata/templates",
+        "not supported on Berth: settings carry no metadata; configuration files are rendered \
+         by Berth's code, not from templates",
+    ),
+    ("/exec", "not supported yet: Berth has no exec into host containers yet"),
+    ("/report", "not supported yet: Berth has no compliance reports yet"),
+    ("/report/", "not supported yet: Berth has no compliance reports yet"),
+    ("/actions/ephemeral-storage/", "not supported yet: Berth has no ephemeral-storage actions yet"),
+    ("/ephemeral-storage/", "not supported yet: Berth has no ephemeral-storage actions yet"),
+];
+
+fn not_supported(path: &str) -> Option<&'static str> {
+    NOT_SUPPORTED
+        .iter()
+        .find(|(p, _)| path == *p || (p.ends_with('/') && path.starts_with(p)))
+        .map(|(_, why)| *why)
+}
+
 fn store_error(e: store::Error) -> Response {
     let status = match e {
         store::Error::Invalid(_) | store::Error::BadTxName(_) | store::Error::NotAnObject => 400,
-        store::Error::EmptyCommit(_) => 409,
+        // Bottlerocket's status for a commit with nothing pending.
+        store::Error::EmptyCommit(_) => 422,
         store::Error::TooManyTransactions(_) => 429,
         store::Error::Quota { .. } => 413,
         store::Error::Io { .. } | store::Error::Corrupt { .. } => 500,
@@ -206,51 +249,68 @@ fn key_path(key: &str) -> Vec<&str> {
     k.split('.').filter(|s| !s.is_empty()).collect()
 }
 
-/// The JSON path of dotted `key`: two levels, then the rest as one map key
-/// (`kernel.sysctl.net.ipv4.ip_forward` → `kernel`, `sysctl`, `net.ipv4.ip_forward`), since
-/// map-valued settings have dotted keys of their own.
-fn setting_path(key: &str) -> Vec<String> {
-    let parts = key_path(key);
-    let mut path: Vec<String> = parts.iter().take(2).map(|s| s.to_string()).collect();
-    if parts.len() > 2 {
-        path.push(parts[2..].join("."));
+/// The segments of a setting's dotted name, without a leading `settings`. A name with quotes
+/// is Bottlerocket's (`kernel.sysctl."vm.swappiness"`); one without keeps Berth's older rule
+/// of two levels then one map key (`kernel.sysctl.vm.swappiness`), since map-valued settings
+/// have dotted keys of their own.
+fn setting_segments(key: &str) -> Result<Vec<String>, String> {
+    let mut segments = if key.contains('"') {
+        keys::parse(key)?
+    } else {
+        let parts = key_path(key);
+        let mut path: Vec<String> = parts.iter().take(2).map(|s| s.to_string()).collect();
+        if parts.len() > 2 {
+            path.push(parts[2..].join("."));
+        }
+        return Ok(path);
+    };
+    if segments.first().map(String::as_str) == Some("settings") {
+        segments.remove(0);
     }
-    path
+    Ok(segments)
 }
 
-/// `value` wrapped in objects along `path`.
-fn wrap(path: &[String], value: Value) -> Value {
-    path.iter().rev().fold(value, |inner, p| {
-        let mut m = Map::new();
-        m.insert(p.clone(), inner);
-        Value::Object(m)
-    })
-}
-
-/// The part of `settings` under dotted `key`, wrapped back into its parents.
-fn select(settings: &Value, key: &str) -> Option<Value> {
-    let path = setting_path(key);
-    let mut v = settings;
-    for p in &path {
-        v = v.get(p)?;
+/// A required, non-empty query parameter's value, if given.
+fn query_nonempty<'a>(req: &'a Request, name: &str) -> Result<Option<&'a str>, Response> {
+    match req.query_get(name) {
+        Some("") => Err(Response::error(400, &format!("'{name}' must not be empty"))),
+        other => Ok(other),
     }
-    Some(wrap(&path, v.clone()))
 }
 
+/// `GET /settings`: all live settings, or `?keys=a,b` (each a setting's name; missing ones are
+/// left out), or `?prefix=P` (Bottlerocket's prefix, `settings.` implied).
 fn get_settings(api: &Api, req: &Request) -> Response {
     let live = api.store.lock().unwrap_or_else(|p| p.into_inner()).live().clone();
-    let keys: Vec<String> = match (req.query_get("keys"), req.query_get("prefix")) {
-        (Some(k), _) => k.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect(),
-        (None, Some(p)) => vec![p.to_string()],
-        (None, None) => return Response::json(200, &live),
+    let (wanted, prefix) = match (query_nonempty(req, "keys"), query_nonempty(req, "prefix")) {
+        (Err(r), _) | (_, Err(r)) => return r,
+        (Ok(k), Ok(p)) => (k, p),
     };
-    let mut out = Value::Object(Map::new());
-    for k in keys {
-        if let Some(v) = select(&live, &k) {
-            store::merge(&mut out, &v);
+    if let Some(k) = wanted {
+        let mut out = Value::Object(Map::new());
+        for key in k.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let segments = match keys::parse(key) {
+                Ok(mut s) => {
+                    if s.first().map(String::as_str) == Some("settings") {
+                        s.remove(0);
+                    }
+                    s
+                }
+                Err(e) => return Response::error(400, &e),
+            };
+            if let Some(v) = keys::lookup(&live, &segments) {
+                store::merge(&mut out, &v);
+            }
         }
+        return Response::json(200, &out);
     }
-    Response::json(200, &out)
+    match prefix {
+        Some(p) => {
+            let p = if p.starts_with("settings") { p.to_string() } else { format!("settings.{p}") };
+            Response::json(200, &keys::filter("settings", &live, &p).unwrap_or_else(|| json!({})))
+        }
+        None => Response::json(200, &live),
+    }
 }
 
 fn tx_name(req: &Request) -> Result<String, Response> {
@@ -259,20 +319,77 @@ fn tx_name(req: &Request) -> Result<String, Response> {
     Ok(tx)
 }
 
-/// `{"settings.motd": "hi", "network.hostname": "x"}` → a nested patch.
-fn keypairs_to_patch(body: &Value) -> Result<Value, Response> {
-    let obj = body
-        .as_object()
-        .ok_or_else(|| Response::error(400, "expected an object of \"dotted.key\": value pairs"))?;
+/// The body of `PATCH /settings/keypair` as a settings patch, and whether it was Bottlerocket's
+/// shape (whose values' types were inferred). Two shapes:
+/// - Bottlerocket's: `{"request_payload": ["motd=hi", "kernel.sysctl.\"vm.x\"=1"]}`;
+/// - Berth's: `{"settings.motd": "hi", "kernel.sysctl.vm.swappiness": "10"}`, typed JSON values.
+fn keypairs_to_patch(body: &Value) -> Result<(Value, bool), Response> {
+    let bad = |e: String| Response::error(400, &e);
+    let obj = body.as_object().ok_or_else(|| {
+        bad("expected {\"request_payload\": [\"key=value\", ...]} or an object of \"dotted.key\": value pairs".into())
+    })?;
+    if let (1, Some(Value::Array(pairs))) = (obj.len(), obj.get("request_payload")) {
+        return keys::pairs_to_patch(pairs).map(|p| (p, true)).map_err(bad);
+    }
     let mut patch = Value::Object(Map::new());
     for (k, v) in obj {
-        let path = setting_path(k);
+        let path = setting_segments(k).map_err(bad)?;
         if path.is_empty() {
-            return Err(Response::error(400, &format!("'{k}' names no setting")));
+            return Err(bad(format!("'{k}' names no setting")));
         }
-        store::merge(&mut patch, &wrap(&path, v.clone()));
+        store::merge(&mut patch, &keys::wrap(&path, v.clone()));
     }
-    Ok(patch)
+    Ok((patch, false))
+}
+
+/// The hint added to a refused keypair of Bottlerocket's shape: its value's type was a guess.
+const INFERRED_HINT: &str = " (the value's type was inferred from its text: true/false are \
+    booleans, numbers are numbers, anything else is a string; give exact JSON with \
+    `apiclient set --json` or PATCH /settings)";
+
+/// The model's sections as `GET /` shows them, selected by `prefix` with Bottlerocket's rules:
+/// a section whose name starts with the prefix is whole; one that the prefix reaches into keeps
+/// the values whose names start with it; sections with nothing left are left out.
+fn select_sections(sections: Vec<(&str, Value)>, prefix: Option<&str>) -> Value {
+    let mut out = Map::new();
+    for (name, value) in sections {
+        let kept = match prefix {
+            None => Some(value),
+            Some(p) if format!("{name}.").starts_with(p) => Some(value),
+            Some(p) if p.starts_with(&format!("{name}.")) => keys::filter(name, &value, p),
+            Some(_) => None,
+        };
+        if let Some(v) = kept {
+            out.insert(name.to_string(), v);
+        }
+    }
+    Value::Object(out)
+}
+
+/// `GET /services` and `GET /configuration-files`: all of `section`, `?names=a,b` (each must
+/// exist, as in Bottlerocket), or `?prefix=P` (the section's name implied).
+fn section_query(name: &str, section: Value, req: &Request) -> Response {
+    let (names, prefix) = match (query_nonempty(req, "names"), query_nonempty(req, "prefix")) {
+        (Err(r), _) | (_, Err(r)) => return r,
+        (Ok(n), Ok(p)) => (n, p),
+    };
+    if let Some(names) = names {
+        let mut out = Map::new();
+        for n in names.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            match section.get(n) {
+                Some(v) => out.insert(n.to_string(), v.clone()),
+                None => return Response::error(404, &format!("no {name} '{n}'")),
+            };
+        }
+        return Response::json(200, &Value::Object(out));
+    }
+    match prefix {
+        Some(p) => {
+            let p = if p.starts_with(name) { p.to_string() } else { format!("{name}.{p}") };
+            Response::json(200, &keys::filter(name, &section, &p).unwrap_or_else(|| json!({})))
+        }
+        None => Response::json(200, &section),
+    }
 }
 
 impl Api {
@@ -284,14 +401,70 @@ impl Api {
         Ok(done)
     }
 
-    fn patch(&self, req: &Request, patch: Value) -> Response {
+    /// Merge `patch` into the request's transaction. `inferred`: the values' types were
+    /// guessed from keypair text, which a refusal then says.
+    fn patch(&self, req: &Request, patch: Value, inferred: bool) -> Response {
         let tx = match tx_name(req) {
             Ok(t) => t,
             Err(r) => return r,
         };
         match self.store.lock().unwrap_or_else(|p| p.into_inner()).patch(&tx, &patch) {
             Ok(()) => Response::empty(204),
+            Err(store::Error::Invalid(i)) if inferred => Response::error(400, &format!("{i}{INFERRED_HINT}")),
             Err(e) => store_error(e),
+        }
+    }
+
+    /// `GET /os`: Bottlerocket's five fields and Berth's `slot`.
+    fn os(&self) -> Value {
+        json!({"pretty_name": format!("Berth {}", self.os.version), "variant_id": self.os.variant,
+               "version_id": self.os.version, "build_id": self.os.build_id, "arch": self.os.arch,
+               "slot": self.os.slot})
+    }
+
+    /// `GET /configuration-files`: each file Berth renders, its path and the setting groups it
+    /// is rendered from.
+    fn configuration_files(&self) -> Value {
+        let files: Map<String, Value> = render::CONFIG_FILES
+            .iter()
+            .map(|(n, f)| {
+                let path = self.etc.join(f.path).to_string_lossy().into_owned();
+                (n.to_string(), json!({"path": path, "settings": f.settings}))
+            })
+            .collect();
+        Value::Object(files)
+    }
+
+    fn services_report(&self) -> Value {
+        self.supervisor().map(|s| s.report()).unwrap_or_else(|| json!({}))
+    }
+
+    /// `GET /[?prefix=P]`: the model's sections (see [`select_sections`]).
+    fn model(&self, req: &Request) -> Response {
+        let prefix = match query_nonempty(req, "prefix") {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
+        let live = self.store.lock().unwrap_or_else(|p| p.into_inner()).live().clone();
+        let sections = vec![
+            ("settings", live),
+            ("services", self.services_report()),
+            ("configuration-files", self.configuration_files()),
+            ("os", self.os()),
+        ];
+        Response::json(200, &select_sections(sections, prefix))
+    }
+
+    /// `GET /os[?prefix=P]`: with a prefix (`os.` implied), the fields whose names start with
+    /// it, as a flat object.
+    fn get_os(&self, req: &Request) -> Response {
+        match query_nonempty(req, "prefix") {
+            Err(r) => r,
+            Ok(None) => Response::json(200, &self.os()),
+            Ok(Some(p)) => {
+                let p = if p.starts_with("os") { p.to_string() } else { format!("os.{p}") };
+                Response::json(200, &keys::filter("os", &self.os(), &p).unwrap_or_else(|| json!({})))
+            }
         }
     }
 
@@ -331,7 +504,10 @@ impl Api {
         };
         let settings = self.store.lock().unwrap_or_else(|p| p.into_inner()).settings();
         match u.command(cmd, &settings.updates.unwrap_or_default()) {
-            Ok(true) => Response::json(202, &json!({"accepted": cmd.name(), "poll": "/updates/status"})),
+            Ok(true) => Response::json(
+                202,
+                &json!({"accepted": cmd.name(), "status": "/updates/status", "progress": "/updates/progress"}),
+            ),
             Ok(false) => Response::json(200, &u.status()),
             Err(e) => Response::error(e.status(), &e.to_string()),
         }
@@ -362,6 +538,9 @@ impl Api {
         let route = if req.path.starts_with("/services/") { "/services/NAME" } else { req.path.as_str() };
         let allowed = ROUTES.iter().find(|(p, _)| *p == route).map(|(_, m)| *m);
         let Some(methods) = allowed else {
+            if let Some(why) = not_supported(&req.path) {
+                return Response::error(404, &format!("{}: {why} (see docs/compatibility.md)", req.path));
+            }
             return Response::error(404, &format!("no route {}", req.path));
         };
         if !methods.contains(&req.method.as_str()) {
@@ -371,18 +550,14 @@ impl Api {
             );
         }
         match (req.method.as_str(), route) {
-            ("GET", "/") => Response::json(
-                200,
-                &json!({"name": "berth", "version": self.os.version,
-                        "routes": ROUTES.iter().map(|(p, m)| json!({"path": p, "methods": m})).collect::<Vec<_>>()}),
-            ),
+            ("GET", "/") => self.model(req),
             ("GET", "/settings") => get_settings(self, req),
             ("PATCH", "/settings") => match json_body(req) {
-                Ok(v) => self.patch(req, v),
+                Ok(v) => self.patch(req, v, false),
                 Err(r) => r,
             },
             ("PATCH", "/settings/keypair") => match json_body(req).and_then(|b| keypairs_to_patch(&b)) {
-                Ok(p) => self.patch(req, p),
+                Ok((p, inferred)) => self.patch(req, p, inferred),
                 Err(r) => r,
             },
             ("GET", "/tx") => match tx_name(req) {
@@ -392,9 +567,10 @@ impl Api {
                 },
                 Err(r) => r,
             },
+            // The names of the pending settings dropped, as Bottlerocket answers.
             ("DELETE", "/tx") => match tx_name(req) {
                 Ok(tx) => match self.store.lock().unwrap_or_else(|p| p.into_inner()).delete(&tx) {
-                    Ok(v) => Response::json(200, &v),
+                    Ok(v) => Response::json(200, &json!(keys::leaves("settings", &v))),
                     Err(e) => store_error(e),
                 },
                 Err(r) => r,
@@ -429,25 +605,11 @@ impl Api {
                 },
                 Err(r) => r,
             },
-            ("GET", "/os") => Response::json(
-                200,
-                &json!({"pretty_name": format!("Berth {}", self.os.version), "variant_id": self.os.variant,
-                        "version_id": self.os.version, "build_id": self.os.build_id, "arch": self.os.arch,
-                        "slot": self.os.slot}),
-            ),
+            ("GET", "/os") => self.get_os(req),
             ("GET", "/configuration-files") => {
-                let files: Map<String, Value> = render::CONFIG_FILES
-                    .iter()
-                    .map(|(n, f)| {
-                        let path = self.etc.join(f.path).to_string_lossy().into_owned();
-                        (n.to_string(), json!({"path": path, "settings": f.settings}))
-                    })
-                    .collect();
-                Response::json(200, &Value::Object(files))
+                section_query("configuration-files", self.configuration_files(), req)
             }
-            ("GET", "/services") => {
-                Response::json(200, &self.supervisor().map(|s| s.report()).unwrap_or_else(|| json!({})))
-            }
+            ("GET", "/services") => section_query("services", self.services_report(), req),
             ("GET", "/services/NAME") => self.service(&req.path["/services/".len()..]),
             ("GET", "/logs") => self.logs(req),
             ("GET", "/system/state") => self.system_state(),
@@ -473,7 +635,14 @@ impl Api {
                 Response::empty(202)
             }
             ("GET", "/updates/status") => match &self.updater {
-                Some(u) => Response::json(200, &u.status()),
+                Some(u) => match u.api_status() {
+                    Ok(v) => Response::json(200, &v),
+                    Err(e) => Response::error(e.status(), &e.to_string()),
+                },
+                None => Response::error(503, "no updater here (dev mode has no A/B slots)"),
+            },
+            ("GET", "/updates/progress") => match &self.updater {
+                Some(u) => Response::json(200, &u.progress()),
                 None => Response::error(503, "no updater here (dev mode has no A/B slots)"),
             },
             ("POST", "/actions/refresh-updates") => self.update_command(crate::update::Command::Refresh),
@@ -501,16 +670,46 @@ mod tests {
     use super::*;
 
     #[test]
-    fn selects_dotted_keys() {
-        let s = json!({"motd": "m", "kernel": {"sysctl": {"net.ipv4.ip_forward": "1", "vm.x": "2"}}});
-        assert_eq!(select(&s, "settings.motd"), Some(json!({"motd": "m"})));
-        assert_eq!(select(&s, "motd"), Some(json!({"motd": "m"})));
-        assert_eq!(
-            select(&s, "settings.kernel.sysctl.net.ipv4.ip_forward"),
-            Some(json!({"kernel": {"sysctl": {"net.ipv4.ip_forward": "1"}}}))
-        );
-        assert_eq!(select(&s, "settings.network"), None);
-        assert_eq!(select(&s, "settings"), Some(s.clone()));
+    fn sections_are_selected_by_prefix() {
+        let sections = || {
+            vec![
+                ("settings", json!({"motd": "m", "network": {"hostname": "h"}})),
+                ("services", json!({"containerd": {"state": "running"}})),
+                ("configuration-files", json!({"motd": {"path": "/etc/motd"}})),
+                ("os", json!({"version_id": "0.1.0", "variant_id": "qemu", "arch": "x86_64"})),
+            ]
+        };
+        let all = select_sections(sections(), None);
+        assert_eq!(all.as_object().unwrap().len(), 4);
+        let cases = [
+            ("settings", json!({"settings": all["settings"]})),
+            ("settings.", json!({"settings": all["settings"]})),
+            ("s", json!({"settings": all["settings"], "services": all["services"]})),
+            ("settings.motd", json!({"settings": {"motd": "m"}})),
+            ("settings.mo", json!({"settings": {"motd": "m"}})),
+            ("settings.nothing", json!({})),
+            ("os", json!({"os": all["os"]})),
+            ("os.version", json!({"os": {"version_id": "0.1.0"}})),
+            (
+                "configuration-files.motd.path",
+                json!({"configuration-files": {"motd": {"path": "/etc/motd"}}}),
+            ),
+            ("x", json!({})),
+        ];
+        for (prefix, want) in cases {
+            assert_eq!(select_sections(sections(), Some(prefix)), want, "{prefix}");
+        }
+    }
+
+    #[test]
+    fn not_supported_routes_are_named() {
+        for p in ["/exec", "/report", "/report/cis", "/actions/ephemeral-storage/init", "/metadata/templates"]
+        {
+            assert!(not_supported(p).is_some(), "{p}");
+        }
+        for p in ["/execute", "/reports", "/metadata", "/actions/reboot"] {
+            assert!(not_supported(p).is_none(), "{p}");
+        }
     }
 
     #[test]
@@ -564,10 +763,23 @@ mod tests {
 
     #[test]
     fn keypairs_become_nested_patches() {
-        let p =
-            keypairs_to_patch(&json!({"settings.motd": "hi", "kernel.sysctl.vm.swappiness": "5"})).unwrap();
-        assert_eq!(p, json!({"motd": "hi", "kernel": {"sysctl": {"vm.swappiness": "5"}}}));
+        let (p, inferred) =
+            keypairs_to_patch(&json!({"settings.motd": "hi", "kernel.sysctl.vm.swappiness": "5",
+                                      "kernel.sysctl.\"net.ipv4.ip_forward\"": "1"}))
+            .unwrap();
+        assert!(!inferred);
+        assert_eq!(
+            p,
+            json!({"motd": "hi", "kernel": {"sysctl": {"vm.swappiness": "5", "net.ipv4.ip_forward": "1"}}})
+        );
+        let (p, inferred) =
+            keypairs_to_patch(&json!({"request_payload": ["motd=hi", "updates.seed=7"]})).unwrap();
+        assert!(inferred);
+        assert_eq!(p, json!({"motd": "hi", "updates": {"seed": 7}}));
         assert!(keypairs_to_patch(&json!([1])).is_err());
         assert!(keypairs_to_patch(&json!({"settings": 1})).is_err());
+        assert!(keypairs_to_patch(&json!({"request_payload": ["motd"]})).is_err());
+        assert!(keypairs_to_patch(&json!({"a..b": 1})).is_ok(), "Berth's unquoted names are split as before");
+        assert!(keypairs_to_patch(&json!({"a.\"b": 1})).is_err());
     }
 }

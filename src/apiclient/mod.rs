@@ -1,23 +1,39 @@
-//! `apiclient`: talks HTTP/1.1 to Berth's API over its Unix socket.
+//! `apiclient`: the command line client of Berth's API, speaking Bottlerocket's `apiclient`
+//! contract so that scripts and operators written for Bottlerocket work unchanged (what is the
+//! same and what differs: docs/compatibility.md). It is the `berth` binary run by the name
+//! `apiclient` (`/bin/apiclient`, `/usr/bin/apiclient`), static, so it also runs inside a
+//! container that has only it and the API socket mounted, as Bottlerocket's update operator
+//! mounts them.
 //!
-//! Commands (each may follow `-s SOCKET`):
-//! - `get [PREFIX | /URI]`: settings under a prefix (`settings.network`), or any GET route
-//! - `set KEY=VALUE...` | `set -j JSON`: change settings in one transaction, commit and apply
-//! - `apply FILE... | -`: TOML (`[settings.x]`, optionally gzip) or JSON files, one transaction
-//! - `raw [-m METHOD] -u URI [-d DATA]`, `reboot`
-//! - `update check`: refresh the update list and show what would be taken
-//! - `update apply [--reboot]`: prepare (with progress) and activate the chosen update
-//! - `update cancel`: stop a running prepare; otherwise deactivate an activated update before
-//!   its reboot
+//! - `raw -u URI [-m METHOD] [-d DATA]` (also with no subcommand): one request, the answer's
+//!   body on stdout;
+//! - `get [PREFIX... | /URI]`: `GET /?prefix=` for each prefix (none: `os.` and `settings.`),
+//!   merged, or one GET route; pretty JSON on stdout ([`get`]);
+//! - `set KEY=VALUE...` | `set --json JSON`, `apply [URI...]`: settings changed in a
+//!   transaction of their own, committed and applied ([`set`]);
+//! - `reboot`;
+//! - `update check | apply [--check] [--reboot] | cancel` ([`update`]).
 //!
-//! A non-2xx answer prints the server's error and exits non-zero. Requests go through the
-//! shared HTTP client (`src/http`).
+//! Global options, anywhere on the line: `-s/--socket-path PATH`, `-v/--verbose` (debug),
+//! `--log-level error|warn|info|debug|trace`, `-h/--help`. Logs go to stderr; stdout carries
+//! only answers. Exit codes: 0 done, 1 failed (one line on stderr; a refused request reads
+//! `Status CODE when METHODing URI: BODY`, which operators look for), 2 usage (the message and
+//! the usage on stderr).
+//!
+//! Requests go through the shared HTTP client (`src/http`); every answer is bounded (64 MiB)
+//! and every wait has a timeout (60 s per read or write).
 
-use std::io::Read;
+mod get;
+mod set;
+mod update;
+
+use std::fmt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
-use crate::http::client::{Connection, Options, Request};
+use crate::http::client::{Connection, Error as HttpError, Options, Request};
+use crate::http::head::ResponseHead;
 
 pub const DEFAULT_SOCKET: &str = "/run/api.sock";
 
@@ -27,298 +43,405 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 /// The largest answer read (the biggest is `/logs`, bounded by the service log buffers).
 const MAX_RESPONSE: usize = 64 * 1024 * 1024;
 
-const USAGE: &str = "usage: apiclient [-s SOCKET] get [PREFIX | /URI]
-       apiclient [-s SOCKET] set KEY=VALUE... | set -j JSON
-       apiclient [-s SOCKET] apply FILE... | apply -
-       apiclient [-s SOCKET] raw [-m METHOD] -u URI [-d DATA]
-       apiclient [-s SOCKET] reboot
-       apiclient [-s SOCKET] update check | apply [--reboot] | cancel";
+const USAGE: &str = "usage: apiclient [-s SOCKET] [-v | --log-level LEVEL] SUBCOMMAND [ARGS]
 
-/// Send one request; returns (status, body). The answer is read to the end of its body (by
-/// its length or its last chunk), not to the end of the connection: the host side of a VM's
-/// virtio-serial bridge cannot close it.
-pub fn request(socket: &str, method: &str, uri: &str, body: Option<&str>) -> Result<(u16, String), String> {
-    let opts = Options { io_timeout: TIMEOUT, ..Options::default() };
-    let mut conn = Connection::unix(Path::new(socket), &opts).map_err(|e| e.to_string())?;
-    let headers = [("Connection", "close"), ("Content-Type", "application/json")];
-    let req = Request {
-        method,
-        target: uri,
-        host: "localhost",
-        headers: &headers,
-        body: body.unwrap_or("").as_bytes(),
+  raw -u URI [-m METHOD] [-d DATA]    one request; the answer's body on stdout (the default)
+  get [PREFIX... | /URI]              the model's values under each prefix, merged (default:
+                                      os. settings.), or a GET route; pretty JSON
+  set KEY=VALUE...                    change settings, commit and apply them; values' types are
+                                      inferred (true/false, numbers, else text); quote key
+                                      segments with dots: 'kernel.sysctl.\"vm.x\"=1'
+  set --json JSON                     the same with exact JSON ({\"motd\": \"hi\"})
+  apply [URI...]                      settings documents (TOML or JSON with a settings table)
+                                      from stdin (none or -), file:///PATH, PATH, http(s)://URL,
+                                      in one transaction
+  reboot
+  update check                        refresh the list of updates; the status as JSON
+  update apply [--check] [--reboot]   prepare and activate the chosen update (--check: refresh
+                                      first and stop if there is none; --reboot: then reboot)
+  update cancel                       stop a running prepare, or deactivate an activated update
+
+global options: -s/--socket-path PATH (default /run/api.sock), -v/--verbose,
+  --log-level error|warn|info|debug|trace (default info), -h/--help
+exit status: 0 done, 1 failed, 2 usage";
+
+/// How a run ended badly.
+#[derive(Debug)]
+pub enum Error {
+    /// The command line is wrong: exit 2, the message and the usage on stderr.
+    Usage(String),
+    /// The command failed: exit 1, the message on stderr.
+    Failed(String),
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+fn usage<T>(msg: impl Into<String>) -> Result<T> {
+    Err(Error::Usage(msg.into()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Logging: to stderr, by level.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Level {
+    Error = 1,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+static LEVEL: AtomicU8 = AtomicU8::new(Level::Info as u8);
+
+fn log(level: Level, msg: impl fmt::Display) {
+    if level as u8 <= LEVEL.load(Ordering::Relaxed) {
+        eprintln!("{msg}");
+    }
+}
+
+fn info(msg: impl fmt::Display) {
+    log(Level::Info, msg);
+}
+
+fn debug(msg: impl fmt::Display) {
+    log(Level::Debug, msg);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Requests
+
+/// Why a request did not succeed.
+#[derive(Debug)]
+pub enum CallError {
+    /// The API answered with a status other than 2xx.
+    Status { code: u16, method: String, uri: String, body: String },
+    /// No answer: the socket could not be reached, or the connection broke.
+    Transport { method: String, uri: String, error: Box<HttpError> },
+}
+
+impl CallError {
+    fn code(&self) -> Option<u16> {
+        match self {
+            CallError::Status { code, .. } => Some(*code),
+            CallError::Transport { .. } => None,
+        }
+    }
+}
+
+impl fmt::Display for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            // Bottlerocket's words: its update operator finds the code after "Status".
+            CallError::Status { code, method, uri, body } => {
+                write!(f, "Status {code} when {method}ing {uri}: {}", body.trim_end())
+            }
+            CallError::Transport { method, uri, error } => {
+                write!(f, "no answer to {method} {uri}: {error}")
+            }
+        }
+    }
+}
+
+/// A client of the API on one socket.
+pub struct Client {
+    socket: String,
+}
+
+impl Client {
+    pub fn new(socket: &str) -> Client {
+        Client { socket: socket.to_string() }
+    }
+
+    /// Send one request and read the whole answer, whatever its status.
+    fn send(
+        &self,
+        method: &str,
+        uri: &str,
+        body: Option<&str>,
+    ) -> std::result::Result<(ResponseHead, String), CallError> {
+        debug(format!("{method} {uri}{}", body.map(|b| format!(" ({} bytes)", b.len())).unwrap_or_default()));
+        let transport =
+            |error| CallError::Transport { method: method.into(), uri: uri.into(), error: Box::new(error) };
+        let opts = Options { io_timeout: TIMEOUT, ..Options::default() };
+        let mut conn = Connection::unix(Path::new(&self.socket), &opts).map_err(transport)?;
+        let headers = [("Connection", "close"), ("Content-Type", "application/json")];
+        let req = Request {
+            method,
+            target: uri,
+            host: "localhost",
+            headers: &headers,
+            body: body.unwrap_or("").as_bytes(),
+        };
+        let (head, body) = conn.exchange(&req, MAX_RESPONSE).map_err(transport)?;
+        debug(format!("{} {}", head.status, head.reason));
+        Ok((head, String::from_utf8_lossy(&body).into_owned()))
+    }
+
+    /// One request that must succeed (2xx); returns the answer's body.
+    pub fn call(
+        &self,
+        method: &str,
+        uri: &str,
+        body: Option<&str>,
+    ) -> std::result::Result<String, CallError> {
+        let (head, text) = self.send(method, uri, body)?;
+        if (200..300).contains(&head.status) {
+            Ok(text)
+        } else {
+            Err(CallError::Status { code: head.status, method: method.into(), uri: uri.into(), body: text })
+        }
+    }
+}
+
+/// Whether `e` is the API going away while it answers a reboot request: the reboot it asked
+/// for is under way, so the request did what it was for.
+fn rebooting(method: &str, uri: &str, e: &CallError) -> bool {
+    let path = uri.split('?').next().unwrap_or(uri);
+    method == "POST"
+        && path == "/actions/reboot"
+        && matches!(e, CallError::Transport { error, .. } if matches!(**error, HttpError::NoResponse(_) | HttpError::Io { .. }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The command line
+
+/// The subcommands, as Bottlerocket's apiclient names them.
+const SUBCOMMANDS: &[&str] =
+    &["raw", "apply", "exec", "get", "reboot", "report", "set", "update", "ephemeral-storage"];
+/// Subcommand options followed by a value (which is never taken for a global option).
+const VALUE_OPTIONS: &[&str] = &[
+    "-u", "--uri", "-m", "-X", "--method", "-d", "--data", "-j", "--json", "-f", "--format", "-l", "--level",
+];
+
+/// A command line, global options taken out.
+#[derive(Debug, PartialEq)]
+struct Line {
+    socket: String,
+    level: Level,
+    help: bool,
+    subcommand: String,
+    args: Vec<String>,
+}
+
+fn parse_line(args: &[String]) -> Result<Line> {
+    let mut line = Line {
+        socket: DEFAULT_SOCKET.into(),
+        level: Level::Info,
+        help: false,
+        subcommand: String::new(),
+        args: vec![],
     };
-    let (head, body) =
-        conn.exchange(&req, MAX_RESPONSE).map_err(|e| format!("{method} {uri} on {socket}: {e}"))?;
-    Ok((head.status, String::from_utf8_lossy(&body).into_owned()))
+    let mut sub = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        // After `exec TARGET`, everything is the command's own.
+        if sub.as_deref() == Some("exec") && line.args.iter().any(|a| !a.starts_with('-')) {
+            line.args.push(a.clone());
+            continue;
+        }
+        match a.as_str() {
+            "-s" | "--socket-path" => match it.next() {
+                Some(p) => line.socket = p.clone(),
+                None => return usage(format!("{a} needs a path")),
+            },
+            "--log-level" => {
+                line.level = match it.next().map(String::as_str) {
+                    Some("error") => Level::Error,
+                    Some("warn") => Level::Warn,
+                    Some("info") => Level::Info,
+                    Some("debug") => Level::Debug,
+                    Some("trace") => Level::Trace,
+                    other => {
+                        return usage(format!(
+                            "--log-level needs error, warn, info, debug or trace, not {other:?}"
+                        ))
+                    }
+                }
+            }
+            "-v" | "--verbose" => line.level = Level::Debug,
+            "-h" | "--help" => line.help = true,
+            opt if VALUE_OPTIONS.contains(&opt) => {
+                line.args.push(a.clone());
+                if let Some(v) = it.next() {
+                    line.args.push(v.clone());
+                }
+            }
+            word if sub.is_none() && !word.starts_with('-') => {
+                if !SUBCOMMANDS.contains(&word) {
+                    return usage(format!("unknown subcommand '{word}'"));
+                }
+                sub = Some(word.to_string());
+            }
+            _ => line.args.push(a.clone()),
+        }
+    }
+    line.subcommand = sub.unwrap_or_else(|| "raw".into());
+    Ok(line)
 }
 
 pub fn main(args: &[String]) -> i32 {
     match run(args) {
         Ok(()) => 0,
-        Err(e) => {
-            eprintln!("apiclient: {e}");
+        Err(Error::Usage(msg)) => {
+            eprintln!("apiclient: {msg}\n\n{USAGE}");
+            2
+        }
+        Err(Error::Failed(msg)) => {
+            eprintln!("{msg}");
             1
         }
     }
 }
 
-fn run(args: &[String]) -> Result<(), String> {
-    let mut socket = DEFAULT_SOCKET.to_string();
-    let mut rest: Vec<&str> = args.iter().map(String::as_str).collect();
-    if rest.first() == Some(&"-s") || rest.first() == Some(&"--socket-path") {
-        socket = rest.get(1).ok_or(USAGE)?.to_string();
-        rest.drain(..2);
+fn run(args: &[String]) -> Result<()> {
+    let line = parse_line(args)?;
+    if line.help {
+        println!("{USAGE}");
+        return Ok(());
     }
-    match rest.as_slice() {
-        ["get"] => show(call(&socket, "GET", "/settings", None)?, true),
-        ["get", uri] if uri.starts_with('/') => show(call(&socket, "GET", uri, None)?, false),
-        ["get", prefix] => {
-            let query = crate::http::encode_component(prefix);
-            show(call(&socket, "GET", &format!("/settings?prefix={query}"), None)?, true)
+    LEVEL.store(line.level as u8, Ordering::Relaxed);
+    let client = Client::new(&line.socket);
+    let args = &line.args;
+    match line.subcommand.as_str() {
+        "raw" => raw(&client, args),
+        "get" => get::run(&client, args),
+        "set" => set::set(&client, args),
+        "apply" => set::apply(&client, args),
+        "reboot" => reboot(&client, args),
+        "update" => update::run(&client, args),
+        other => Err(Error::Failed(format!(
+            "apiclient {other}: not supported yet on Berth (the API has no such routes yet; see docs/compatibility.md)"
+        ))),
+    }
+}
+
+fn raw(client: &Client, args: &[String]) -> Result<()> {
+    let (mut method, mut uri, mut data) = ("GET".to_string(), None, None);
+    let mut it = args.iter();
+    while let Some(o) = it.next() {
+        let mut value = || it.next().cloned().ok_or_else(|| Error::Usage(format!("{o} needs a value")));
+        match o.as_str() {
+            "-u" | "--uri" => uri = Some(value()?),
+            "-m" | "-X" | "--method" => method = value()?,
+            "-d" | "--data" => data = Some(value()?),
+            other => return usage(format!("raw: unexpected argument '{other}'")),
         }
-        ["set", "-j", json] => {
-            let v: serde_json::Value =
-                serde_json::from_str(json).map_err(|e| format!("-j: malformed JSON: {e}"))?;
-            transaction(&socket, "/settings", &unwrap_settings(v))
-        }
-        ["set", pairs @ ..] if !pairs.is_empty() => {
-            let mut body = serde_json::Map::new();
-            for p in pairs {
-                let (k, v) = p.split_once('=').ok_or_else(|| format!("'{p}' is not KEY=VALUE"))?;
-                body.insert(k.to_string(), scalar(k, v));
-            }
-            transaction(&socket, "/settings/keypair", &serde_json::Value::Object(body))
-        }
-        ["apply", files @ ..] if !files.is_empty() => {
-            let mut patch = serde_json::Value::Object(serde_json::Map::new());
-            for f in files {
-                let bytes = if *f == "-" {
-                    let mut b = Vec::new();
-                    std::io::stdin().read_to_end(&mut b).map_err(|e| format!("stdin: {e}"))?;
-                    b
-                } else {
-                    std::fs::read(f).map_err(|e| format!("{f}: {e}"))?
-                };
-                let v = match serde_json::from_slice::<serde_json::Value>(&bytes) {
-                    Ok(v) => unwrap_settings(v),
-                    Err(_) => crate::userdata::decode(&bytes).map_err(|e| format!("{f}: {e}"))?,
-                };
-                crate::settings::store::merge(&mut patch, &v);
-            }
-            transaction(&socket, "/settings", &patch)
-        }
-        ["raw", opts @ ..] => {
-            let (mut m, mut u, mut d) = ("GET".to_string(), None, None);
-            let mut it = opts.iter();
-            while let Some(o) = it.next() {
-                let v = it.next().ok_or(USAGE)?;
-                match *o {
-                    "-m" | "--method" => m = v.to_string(),
-                    "-u" | "--uri" => u = Some(v.to_string()),
-                    "-d" | "--data" => d = Some(v.to_string()),
-                    _ => return Err(USAGE.into()),
-                }
-            }
-            let body = call(&socket, &m, &u.ok_or(USAGE)?, d.as_deref())?;
-            print!("{body}");
-            if !body.is_empty() && !body.ends_with('\n') {
-                println!();
+    }
+    let Some(uri) = uri else {
+        return usage("raw needs -u URI");
+    };
+    match client.call(&method, &uri, data.as_deref()) {
+        Ok(body) => {
+            if !body.is_empty() {
+                println!("{body}");
             }
             Ok(())
         }
-        ["reboot"] => call(&socket, "POST", "/actions/reboot", None).map(drop),
-        ["update", "check"] => update_check(&socket),
-        ["update", "apply"] => update_apply(&socket, false),
-        ["update", "apply", "--reboot"] => update_apply(&socket, true),
-        ["update", "cancel"] => {
-            // A running prepare is stopped; without one, cancel-update answers 409 and the
-            // activated update (if any) is deactivated instead.
-            match request(&socket, "POST", "/actions/cancel-update", None)? {
-                (200, _) => println!("prepare cancelled: the slot it was writing is left unbootable"),
-                (202, _) => {
-                    println!("cancel requested: the prepare stops at its next chunk (see /updates/status)")
-                }
-                (409, _) => {
-                    call(&socket, "POST", "/actions/deactivate-update", None)?;
-                    println!("update deactivated: the running version boots next");
-                }
-                (status, text) => {
-                    return Err(format!("POST /actions/cancel-update: HTTP {status}: {}", text.trim()))
-                }
-            }
+        Err(e) if rebooting(&method, &uri, &e) => {
+            info("the API went away before it answered: the reboot is under way");
             Ok(())
         }
-        _ => Err(USAGE.into()),
+        Err(e) => Err(Error::Failed(format!("Failed {method} request to '{uri}': {e}"))),
     }
 }
 
-fn status(socket: &str) -> Result<serde_json::Value, String> {
-    let body = call(socket, "GET", "/updates/status", None)?;
-    serde_json::from_str(&body).map_err(|e| format!("/updates/status: malformed JSON: {e}"))
-}
-
-/// Start a long updater command and wait for it, showing progress on stderr; the command's
-/// error is returned as ours.
-fn run_update_command(socket: &str, action: &str, cmd: &str) -> Result<serde_json::Value, String> {
-    call(socket, "POST", &format!("/actions/{action}"), None)?;
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let mut last_pct = None;
-    loop {
-        let st = status(socket)?;
-        let rec = &st["most_recent_command"];
-        if rec["cmd_type"] == cmd && rec["cmd_status"] != "Running" {
-            if tty && last_pct.is_some() {
-                eprintln!();
-            }
-            return match rec["cmd_status"].as_str() {
-                Some("Success") => Ok(st),
-                _ => Err(format!("{cmd} failed: {}", rec["error"].as_str().unwrap_or("(no message)"))),
-            };
+fn reboot(client: &Client, args: &[String]) -> Result<()> {
+    if let Some(a) = args.first() {
+        return usage(format!("reboot takes no arguments, not '{a}'"));
+    }
+    match client.call("POST", "/actions/reboot", None) {
+        Ok(_) => {
+            info("Rebooting, goodbye...");
+            Ok(())
         }
-        if let (Some(done), Some(total)) =
-            (st["progress"]["bytes_done"].as_u64(), st["progress"]["bytes_total"].as_u64())
-        {
-            let pct = (done * 100).checked_div(total).unwrap_or(0);
-            if last_pct != Some(pct) {
-                let phase = st["progress"]["phase"].as_str().unwrap_or("");
-                let line = format!("{phase}: {pct}% ({} of {} MiB)", done >> 20, total >> 20);
-                if tty {
-                    eprint!("\r\x1b[K{line}");
-                } else if last_pct.is_none_or(|l| pct / 10 != l / 10) {
-                    eprintln!("{line}");
-                }
-                last_pct = Some(pct);
-            }
+        Err(e) if rebooting("POST", "/actions/reboot", &e) => {
+            info("the API went away before it answered: the reboot is under way");
+            Ok(())
         }
-        std::thread::sleep(Duration::from_millis(250));
+        Err(e) => Err(Error::Failed(format!("Failed to reboot: {e}"))),
     }
 }
 
-fn update_check(socket: &str) -> Result<(), String> {
-    let st = run_update_command(socket, "refresh-updates", "refresh")?;
-    let current = st["active_partition"]["version"].as_str().unwrap_or("?").to_string();
-    match st["chosen_update"]["version"].as_str() {
-        Some(v) => println!("update available: {current} -> {v}"),
-        None => println!(
-            "no update for {current}: {}",
-            st["most_recent_command"]["message"].as_str().unwrap_or("none chosen")
-        ),
+/// A random name for a transaction of ours: `apiclient-KIND-` and 16 letters and digits.
+fn transaction_name(kind: &str) -> String {
+    const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut bytes = [0u8; 16];
+    // Uniqueness, not secrecy: fall back to the clock and pid if the system has no randomness.
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
+        let seed =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos()
+                ^ u128::from(std::process::id());
+        bytes.copy_from_slice(&seed.to_le_bytes());
     }
-    println!("{}", serde_json::to_string_pretty(&st).unwrap_or_default());
-    Ok(())
-}
-
-fn update_apply(socket: &str, reboot: bool) -> Result<(), String> {
-    let mut st = status(socket)?;
-    if st["update_state"] == "Idle" || st["update_state"] == "Available" {
-        st = run_update_command(socket, "refresh-updates", "refresh")?;
-        if st["update_state"] != "Available" {
-            let why = st["most_recent_command"]["message"].as_str().unwrap_or("none chosen");
-            return Err(format!("no update to apply: {why}"));
-        }
-    }
-    if st["update_state"] == "Available" {
-        let v = st["chosen_update"]["version"].as_str().unwrap_or("?").to_string();
-        eprintln!("preparing {v}");
-        run_update_command(socket, "prepare-update", "prepare")?;
-    }
-    let st = status(socket)?;
-    if st["update_state"] == "Staged" {
-        call(socket, "POST", "/actions/activate-update", None)?;
-    }
-    let st = status(socket)?;
-    let v = st["staging_partition"]["version"].as_str().unwrap_or("?");
-    println!("update {v} is active: it boots next, on trial");
-    if reboot {
-        call(socket, "POST", "/actions/reboot", None)?;
-        println!("rebooting");
-    }
-    Ok(())
-}
-
-/// One request; a non-2xx status is an error carrying the server's message.
-fn call(socket: &str, method: &str, uri: &str, body: Option<&str>) -> Result<String, String> {
-    let (status, text) = request(socket, method, uri, body)?;
-    if (200..300).contains(&status) {
-        Ok(text)
-    } else {
-        Err(format!("{method} {uri}: HTTP {status}: {}", text.trim()))
-    }
-}
-
-/// Print a JSON answer pretty; settings are shown under a top-level `settings` key.
-fn show(body: String, wrap: bool) -> Result<(), String> {
-    match serde_json::from_str::<serde_json::Value>(&body) {
-        Ok(v) => {
-            let v = if wrap { serde_json::json!({ "settings": v }) } else { v };
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or(body));
-        }
-        Err(_) => print!("{body}"),
-    }
-    Ok(())
-}
-
-/// PATCH into a transaction of our own, then commit and apply it; the transaction is deleted
-/// again if the PATCH is refused, so nothing is left half-done.
-fn transaction(socket: &str, route: &str, body: &serde_json::Value) -> Result<(), String> {
-    let tx = format!("apiclient-{}", std::process::id());
-    let text = body.to_string();
-    if let Err(e) = call(socket, "PATCH", &format!("{route}?tx={tx}"), Some(&text)) {
-        let _ = call(socket, "DELETE", &format!("/tx?tx={tx}"), None);
-        return Err(e);
-    }
-    call(socket, "POST", &format!("/tx/commit_and_apply?tx={tx}"), None).map(drop)
-}
-
-/// `{"settings": {...}}` → `{...}`; anything else as it is.
-fn unwrap_settings(v: serde_json::Value) -> serde_json::Value {
-    match v {
-        serde_json::Value::Object(mut m) if m.len() == 1 && m.contains_key("settings") => {
-            m.remove("settings").unwrap_or_default()
-        }
-        other => other,
-    }
-}
-
-/// Settings that are maps of strings: values under them always stay strings.
-const STRING_MAPS: &[&str] = &["kernel.sysctl.", "kubernetes.node-labels."];
-
-/// `true`, `false` and integers become JSON booleans and numbers, except under the string-valued
-/// maps (sysctls, node labels); anything else is a string. (`set -j` takes exact JSON.)
-fn scalar(key: &str, v: &str) -> serde_json::Value {
-    let key = key.strip_prefix("settings.").unwrap_or(key);
-    if STRING_MAPS.iter().any(|m| key.starts_with(m)) {
-        return v.into();
-    }
-    match v {
-        "true" => true.into(),
-        "false" => false.into(),
-        _ => v.parse::<i64>().map(Into::into).unwrap_or_else(|_| v.into()),
-    }
+    let suffix: String = bytes.iter().map(|b| ALNUM[usize::from(*b) % ALNUM.len()] as char).collect();
+    format!("apiclient-{kind}-{suffix}")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn line(args: &[&str]) -> Result<Line> {
+        parse_line(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
     #[test]
-    fn values_and_wrappers() {
-        assert_eq!(scalar("x.enabled", "true"), serde_json::json!(true));
-        assert_eq!(scalar("kubernetes.max-pods", "110"), serde_json::json!(110));
-        assert_eq!(scalar("motd", "hi there"), serde_json::json!("hi there"));
-        assert_eq!(scalar("settings.kernel.sysctl.vm.swappiness", "10"), serde_json::json!("10"));
-        assert_eq!(scalar("kubernetes.node-labels.tier", "1"), serde_json::json!("1"));
-        assert_eq!(
-            unwrap_settings(serde_json::json!({"settings": {"motd": "x"}})),
-            serde_json::json!({"motd": "x"})
-        );
-        assert_eq!(unwrap_settings(serde_json::json!({"motd": "x"})), serde_json::json!({"motd": "x"}));
+    fn global_options_anywhere_and_raw_by_default() {
+        let l = line(&["get", "-s", "/x.sock", "settings.motd", "-v"]).unwrap();
+        assert_eq!((l.socket.as_str(), l.level, l.subcommand.as_str()), ("/x.sock", Level::Debug, "get"));
+        assert_eq!(l.args, ["settings.motd"]);
+        let l = line(&["-u", "/os", "--log-level", "warn"]).unwrap();
+        assert_eq!((l.subcommand.as_str(), l.level), ("raw", Level::Warn));
+        assert_eq!(l.args, ["-u", "/os"]);
+        // A value that looks like an option stays the option's value.
+        let l = line(&["raw", "-m", "POST", "-u", "/x", "-d", "-v"]).unwrap();
+        assert_eq!((l.level, l.args.len()), (Level::Info, 6));
+        let l = line(&["set", "--json", "{}", "--help"]).unwrap();
+        assert!(l.help);
+        for (bad, why) in [
+            (&["frobnicate"][..], "unknown subcommand"),
+            (&["get", "-s"][..], "needs a path"),
+            (&["--log-level", "loud"][..], "--log-level"),
+        ] {
+            match line(bad) {
+                Err(Error::Usage(m)) => assert!(m.contains(why), "{bad:?}: {m}"),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn errors_read_as_bottlerocket_s() {
+        let e = CallError::Status {
+            code: 423,
+            method: "POST".into(),
+            uri: "/actions/prepare-update".into(),
+            body: "{\"status\":423}\n".into(),
+        };
+        assert_eq!(e.to_string(), "Status 423 when POSTing /actions/prepare-update: {\"status\":423}");
+        let gone = CallError::Transport {
+            method: "POST".into(),
+            uri: "/actions/reboot".into(),
+            error: Box::new(HttpError::NoResponse(std::io::ErrorKind::UnexpectedEof.into())),
+        };
+        assert!(rebooting("POST", "/actions/reboot", &gone));
+        assert!(!rebooting("POST", "/actions/reboot", &e));
+        assert!(!rebooting("GET", "/os", &gone));
+    }
+
+    #[test]
+    fn transaction_names_are_random() {
+        let (a, b) = (transaction_name("set"), transaction_name("set"));
+        assert!(a.starts_with("apiclient-set-") && a.len() == "apiclient-set-".len() + 16, "{a}");
+        assert_ne!(a, b);
+        assert!(crate::settings::store::check_tx_name(&a).is_ok());
     }
 
     #[test]
     fn unreachable_socket_is_a_clear_error() {
-        let e = request("/nonexistent/api.sock", "GET", "/", None).unwrap_err();
-        assert!(e.contains("cannot connect to /nonexistent/api.sock"), "{e}");
+        let e = Client::new("/nonexistent/api.sock").call("GET", "/", None).unwrap_err();
+        assert!(e.to_string().contains("cannot connect to /nonexistent/api.sock"), "{e}");
+        assert_eq!(e.code(), None);
     }
 }

@@ -16,6 +16,13 @@
 //! marked healthy), the other slot is the fallback boot control returns to, so prepare,
 //! activate and deactivate are refused (409) until the boot is marked good.
 //!
+//! The API side follows Bottlerocket's contract (docs/compatibility.md), which its update
+//! operator depends on: each refusal has its status ([`Error::status`]: 423 while another
+//! command runs, 409 when the state does not allow the command, 404 when the update or staged
+//! image it needs does not exist), `GET /updates/status` answers 423 while a command runs and
+//! 404 before the first one ([`Updater::api_status`]), and the status has Bottlerocket's fields
+//! (Berth's own are extra fields beside them). How far a running command is: [`Updater::progress`].
+//!
 //! The state lives in an atomic file on PRIVATE, so it survives restarts and power cuts; at
 //! each start it is reconciled with boot control and with the slot that booted ([`Updater::new`]).
 //! Long commands (refresh, prepare) run in the updater's own thread, tough on a current-thread
@@ -80,11 +87,13 @@ impl Command {
         matches!(self, Command::Refresh | Command::Prepare)
     }
 
-    /// The states the command may start from (for messages; [`check`] decides).
+    /// The states the command may start from (for messages; [`check`] decides). As in
+    /// Bottlerocket, refresh runs in any state (it only changes Idle and Available), and
+    /// prepare may run again over a staged update.
     fn allowed_from(self) -> &'static [State] {
         match self {
-            Command::Refresh => &[State::Idle, State::Available, State::Staged],
-            Command::Prepare => &[State::Available],
+            Command::Refresh => &[State::Idle, State::Available, State::Staged, State::Ready],
+            Command::Prepare => &[State::Available, State::Staged],
             Command::Activate => &[State::Staged],
             Command::Deactivate => &[State::Ready],
             Command::Rollback => &[State::Idle, State::Available, State::Staged],
@@ -92,23 +101,29 @@ impl Command {
     }
 }
 
-/// Why a command was refused or failed. Each kind has its HTTP status ([`Error::status`]);
-/// there is deliberately no conversion from a bare string.
+/// Why a command was refused or failed. Each kind has its HTTP status ([`Error::status`]),
+/// Bottlerocket's where it has the same case; there is deliberately no conversion from a bare
+/// string.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {
     /// Not allowed in the current state (409).
     NotAllowed(String),
-    /// Another command is running (409).
+    /// Another command holds the updater (423 Locked, as Bottlerocket's update lock): also the
+    /// answer of `GET /updates/status` while it runs.
     Busy(Command),
     /// The command would change the running slot, or the fallback slot while the running one
     /// is on trial (409).
     Protected(String),
-    /// Nothing to act on: no update chosen, nothing staged, no prepare running, no known-good
-    /// slot to roll back to (409).
+    /// What the command needs does not exist: no update to prepare, nothing staged to
+    /// activate, nothing activated to deactivate, no status yet (404).
+    Missing(String),
+    /// Nothing to act on in this state: no prepare running to cancel, no known-good slot to
+    /// roll back to (409).
     Nothing(String),
     /// The settings do not allow it: no repository, a bad version lock or seed (409).
     Settings(String),
-    /// The staged version is no longer offered by the repository (409).
+    /// The staged version is no longer offered by the repository (404: the update no longer
+    /// exists).
     Withdrawn(String),
     /// The prepare was cancelled by `POST /actions/cancel-update` (409 if ever answered).
     Cancelled(String),
@@ -127,12 +142,12 @@ pub enum Error {
 impl Error {
     pub fn status(&self) -> u16 {
         match self {
+            Error::Busy(_) => 423,
+            Error::Missing(_) | Error::Withdrawn(_) => 404,
             Error::NotAllowed(_)
-            | Error::Busy(_)
             | Error::Protected(_)
             | Error::Nothing(_)
             | Error::Settings(_)
-            | Error::Withdrawn(_)
             | Error::Cancelled(_) => 409,
             Error::Unavailable(_) => 503,
             Error::Repository(_) | Error::Stage(_) | Error::BootControl(_) | Error::Internal(_) => 500,
@@ -143,10 +158,16 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Busy(c) => write!(f, "a {} is in progress; wait for it to finish", c.name()),
+            Error::Busy(c) => write!(
+                f,
+                "update command {} is running (GET /updates/progress shows how far it is); \
+                 try again when it has finished",
+                c.name()
+            ),
             Error::BootControl(m) => write!(f, "boot control: {m}"),
             Error::NotAllowed(m)
             | Error::Protected(m)
+            | Error::Missing(m)
             | Error::Nothing(m)
             | Error::Settings(m)
             | Error::Withdrawn(m)
@@ -310,9 +331,11 @@ impl Updater {
             }
             p.staged = None;
             p.state = if p.chosen.is_some() { State::Available } else { State::Idle };
-            p.note = Some(format!(
+            let note = format!(
                 "writing slot {slot} was interrupted (restart or power cut); the slot is unbootable until an update is prepared again"
-            ));
+            );
+            p.most_recent_command = Some(CommandRecord::finished("prepare", &Err(note.clone())));
+            p.note = Some(note);
         }
         if let Some(a) = p.activated.clone() {
             if a.slot == active && on_trial {
@@ -413,7 +436,6 @@ impl Updater {
         self.guard(cmd, &sh)?;
         check(cmd, sh.p.state)?;
         sh.running = Some(cmd);
-        sh.p.most_recent_command = Some(CommandRecord::running(cmd.name()));
         if cmd == Command::Prepare {
             self.progress.cancel.store(false, Ordering::Relaxed);
         }
@@ -699,7 +721,7 @@ impl Updater {
                 Choice::None(why) => {
                     sh.p.chosen = None;
                     sh.p.state = State::Idle;
-                    return Err(Error::Nothing(format!("no update to prepare: {why}")));
+                    return Err(Error::Missing(format!("no update to prepare: {why}")));
                 }
             }
         };
@@ -756,7 +778,7 @@ impl Updater {
 
     fn activate(&self) -> Result<String, Error> {
         let mut sh = self.lock();
-        let staged = sh.p.staged.clone().ok_or(Error::Nothing("nothing is staged".into()))?;
+        let staged = sh.p.staged.clone().ok_or(Error::Missing("nothing is staged".into()))?;
         let slot = staged.slot;
         // The guard refused this already; a staged slot is never the running one.
         if slot == self.cfg.active {
@@ -794,7 +816,7 @@ impl Updater {
 
     fn deactivate(&self) -> Result<String, Error> {
         let mut sh = self.lock();
-        let a = sh.p.activated.clone().ok_or(Error::Nothing("no update is activated".into()))?;
+        let a = sh.p.activated.clone().ok_or(Error::Missing("no update is activated".into()))?;
         if a.slot == self.cfg.active {
             return Err(Error::Protected(format!("the activated slot {} is the running slot", a.slot)));
         }
@@ -841,30 +863,28 @@ impl Updater {
         Ok(format!("slot {other} ({version}) boots next; reboot to roll back"))
     }
 
-    /// `GET /updates/status`.
+    /// The whole status, whatever is running: Bottlerocket's fields (the shape its update
+    /// operator parses; see docs/compatibility.md) and Berth's beside them. The partitions
+    /// carry `image` and `next_to_boot` as Bottlerocket's do, plus the slot's boot-control
+    /// state; `staging_partition` is the inactive slot, its `image` null until an update is
+    /// staged there. `GET /updates/status` serves it through [`Updater::api_status`].
     pub fn status(&self) -> Value {
         let sh = self.lock();
         let p = &sh.p;
-        let states = self.cfg.disk.boot_control().states();
-        let slot_json = |slot: Slot| {
-            let st = states.as_ref().ok().map(|s| s[slot]);
-            json!({"slot": slot.letter(), "priority": st.map(|s| s.priority),
-                   "tries": st.map(|s| s.tries), "successful": st.map(|s| s.successful),
-                   "bootable": st.map(|s| s.bootable())})
+        let states = self.cfg.disk.boot_control().states().ok();
+        let next = states.as_ref().and_then(|s| bootctl::choose(s[Slot::A], s[Slot::B]));
+        let image =
+            |version: &str| json!({"arch": self.cfg.arch, "version": version, "variant": self.cfg.variant});
+        let partition = |slot: Slot, image: Value| {
+            let st = states.as_ref().map(|s| s[slot]);
+            json!({"image": image, "next_to_boot": next == Some(slot), "slot": slot.letter(),
+                   "priority": st.map(|s| s.priority), "tries": st.map(|s| s.tries),
+                   "successful": st.map(|s| s.successful), "bootable": st.map(|s| s.bootable())})
         };
-        let mut active = slot_json(self.cfg.active);
-        active["version"] = json!(self.cfg.version.to_string());
-        active["variant"] = json!(self.cfg.variant);
-        active["arch"] = json!(self.cfg.arch);
+        let mut active = partition(self.cfg.active, image(&self.cfg.version.to_string()));
         active["on_trial"] = json!(sh.on_trial);
-        let mut staging = slot_json(self.cfg.inactive());
-        staging["version"] = json!(p.staged.as_ref().map(|s| s.version.clone()));
-        let progress = sh.running.filter(|c| *c == Command::Prepare).map(|_| {
-            json!({"phase": self.progress.phase.lock().unwrap_or_else(|e| e.into_inner()).clone(),
-                   "bytes_done": self.progress.done.load(Ordering::Relaxed),
-                   "bytes_total": self.progress.total.load(Ordering::Relaxed),
-                   "cancel_requested": self.progress.cancelled()})
-        });
+        let staged = p.staged.as_ref().map(|s| image(&s.version)).unwrap_or(Value::Null);
+        let staging = partition(self.cfg.inactive(), staged);
         json!({
             "update_state": p.state,
             "available_updates": p.available,
@@ -872,11 +892,43 @@ impl Updater {
             "active_partition": active,
             "staging_partition": staging,
             "most_recent_command": p.most_recent_command,
-            "progress": progress,
             "last_refresh": p.last_refresh,
             "last_update": p.last_update,
             "last_rollback": p.last_rollback,
             "note": p.note,
+        })
+    }
+
+    /// `GET /updates/status`, as Bottlerocket answers it: 423 while a command runs (its record
+    /// is written when it finishes, so a client waits for the lock, then reads the outcome),
+    /// 404 before the first command (`most_recent_command` is never null in an answer).
+    pub fn api_status(&self) -> Result<Value, Error> {
+        {
+            let sh = self.lock();
+            if let Some(cmd) = sh.running {
+                return Err(Error::Busy(cmd));
+            }
+            if sh.p.most_recent_command.is_none() {
+                return Err(Error::Missing(
+                    "update status is not initialized yet: POST /actions/refresh-updates first".into(),
+                ));
+            }
+        }
+        Ok(self.status())
+    }
+
+    /// `GET /updates/progress` (Berth's): the running command, if any, and how far a prepare
+    /// has written.
+    pub fn progress(&self) -> Value {
+        let sh = self.lock();
+        let prepare = sh.running == Some(Command::Prepare);
+        let pr = &self.progress;
+        json!({
+            "running": sh.running.map(Command::name),
+            "phase": if prepare { pr.phase.lock().unwrap_or_else(|e| e.into_inner()).clone() } else { String::new() },
+            "bytes_done": if prepare { pr.done.load(Ordering::Relaxed) } else { 0 },
+            "bytes_total": if prepare { pr.total.load(Ordering::Relaxed) } else { 0 },
+            "cancel_requested": prepare && pr.cancelled(),
         })
     }
 }
@@ -897,30 +949,24 @@ fn check(cmd: Command, state: State) -> Result<(), Error> {
     use Command::*;
     use State::*;
     match (cmd, state) {
-        (Refresh, Idle | Available | Staged)
-        | (Prepare, Available)
+        (Refresh, Idle | Available | Staged | Ready)
+        | (Prepare, Available | Staged)
         | (Activate, Staged)
         | (Deactivate, Ready)
         | (Rollback, Idle | Available | Staged) => Ok(()),
-        (Refresh | Prepare | Activate | Deactivate | Rollback, _) => {
-            Err(Error::NotAllowed(not_allowed(cmd, state)))
-        }
+        (Prepare | Activate | Deactivate | Rollback, _) => Err(Error::NotAllowed(not_allowed(cmd, state))),
     }
 }
 
 fn not_allowed(cmd: Command, state: State) -> String {
     let hint = match (cmd, state) {
         (Command::Prepare, State::Idle) => "; refresh first (no update is chosen)",
-        (Command::Prepare, State::Staged) | (Command::Prepare, State::Ready) => {
-            "; an update is already staged"
-        }
+        (Command::Prepare, State::Ready) => "; an update is already activated (deactivate it first)",
         (Command::Activate, State::Idle) | (Command::Activate, State::Available) => {
             "; prepare an update first"
         }
         (Command::Activate, State::Ready) => "; it is already active",
-        (Command::Refresh, State::Ready) | (Command::Rollback, State::Ready) => {
-            "; deactivate the update first"
-        }
+        (Command::Rollback, State::Ready) => "; deactivate the update first",
         _ => "",
     };
     let allowed: Vec<String> = cmd.allowed_from().iter().map(|s| format!("{s:?}")).collect();

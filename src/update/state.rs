@@ -76,42 +76,52 @@ pub struct Rollback {
     pub automatic: bool,
 }
 
+/// How the most recent command ended, in Bottlerocket's terms. A command that is still
+/// running has no record yet (`GET /updates/status` answers 423 meanwhile), so there is no
+/// "Running": a state file written by an older Berth that says so reads as `Unknown`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CmdStatus {
+    Success,
+    Failed,
+    #[serde(other)]
+    Unknown,
+}
+
+/// `most_recent_command` of `/updates/status`: Bottlerocket's fields (what its update operator
+/// requires, all present and non-null) plus Berth's `message`. Bottlerocket runs a helper
+/// process per command and reports its exit code and stderr; Berth runs commands in its own
+/// thread, so `exit_status` is 0 for Success and 1 otherwise, and `stderr` is the error
+/// message ("" on success).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommandRecord {
     pub cmd_type: String,
-    /// Running, Success or Failed.
-    pub cmd_status: String,
+    pub cmd_status: CmdStatus,
+    /// When the command finished (RFC 3339, UTC).
     pub timestamp: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
+    pub exit_status: u32,
+    /// The error of a failed command ("" otherwise). Older state files call it `error`.
+    #[serde(default, alias = "error")]
+    pub stderr: String,
+    /// What a successful command did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
 }
 
 impl CommandRecord {
-    pub fn running(cmd: &str) -> CommandRecord {
+    pub fn finished(cmd: &str, result: &Result<String, String>) -> CommandRecord {
+        let (cmd_status, exit_status, stderr, message) = match result {
+            Ok(m) => (CmdStatus::Success, 0, String::new(), Some(m.clone())),
+            Err(e) => (CmdStatus::Failed, 1, e.clone(), None),
+        };
         CommandRecord {
             cmd_type: cmd.into(),
-            cmd_status: "Running".into(),
+            cmd_status,
             timestamp: jiff::Timestamp::now().to_string(),
-            message: None,
-            error: None,
+            exit_status,
+            stderr,
+            message,
         }
-    }
-
-    pub fn finished(cmd: &str, result: &Result<String, String>) -> CommandRecord {
-        let mut r = CommandRecord::running(cmd);
-        match result {
-            Ok(m) => {
-                r.cmd_status = "Success".into();
-                r.message = Some(m.clone());
-            }
-            Err(e) => {
-                r.cmd_status = "Failed".into();
-                r.error = Some(e.clone());
-            }
-        }
-        r
     }
 }
 
@@ -187,5 +197,21 @@ mod tests {
         assert!(reset.note.unwrap().contains("unreadable"));
         assert!(dir.join("state.json.corrupt").exists());
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A state file of an older Berth: its record said `Running` and called the error `error`.
+    #[test]
+    fn reads_the_command_record_of_an_older_state_file() {
+        let old = r#"{"state": "Available", "most_recent_command": {"cmd_type": "prepare",
+            "cmd_status": "Running", "timestamp": "2026-01-01T00:00:00Z", "error": "cut"}}"#;
+        let p: Persisted = serde_json::from_str(old).unwrap();
+        let r = p.most_recent_command.unwrap();
+        assert_eq!((r.cmd_status, r.exit_status, r.stderr.as_str()), (CmdStatus::Unknown, 0, "cut"));
+        let done = CommandRecord::finished("refresh", &Err("no repository".into()));
+        let v = serde_json::to_value(&done).unwrap();
+        assert_eq!(v["cmd_status"], "Failed");
+        assert_eq!(v["exit_status"], 1);
+        assert_eq!(v["stderr"], "no repository");
+        assert!(v.get("message").is_none(), "{v}");
     }
 }

@@ -221,7 +221,11 @@ fn settings(port: u16) -> UpdateSettings {
 fn last(u: &Updater) -> (String, String) {
     let st = u.status();
     let rec = &st["most_recent_command"];
-    let text = rec["error"].as_str().or(rec["message"].as_str()).unwrap_or("").to_string();
+    let text = match rec["cmd_status"].as_str() {
+        Some("Success") => rec["message"].as_str().unwrap_or(""),
+        _ => rec["stderr"].as_str().unwrap_or(""),
+    };
+    let text = text.to_string();
     (rec["cmd_status"].as_str().unwrap_or("").to_string(), text)
 }
 
@@ -255,7 +259,9 @@ fn stages_activates_and_deactivates_without_touching_the_active_slot() {
     assert!(u.command(Command::Activate, &s).is_ok());
     assert_eq!(f.slot_state(Slot::B), SlotState { priority: 2, tries: 1, successful: false });
     assert_eq!(state(&u), "Ready");
-    assert_eq!(u.command(Command::Refresh, &s).unwrap_err().status(), 409);
+    // Refresh runs in Ready too (Bottlerocket's update operator refreshes there) and keeps it.
+    u.run(Command::Refresh, &s);
+    assert_eq!((last(&u).0.as_str(), state(&u)), ("Success", Value::from("Ready")));
     u.command(Command::Deactivate, &s).unwrap();
     assert_eq!(f.slot_state(Slot::B).priority, 0);
     assert_eq!(state(&u), "Staged");
@@ -664,7 +670,7 @@ fn a_withdrawn_version_is_dropped_at_refresh_and_never_activated() {
     assert_eq!(st["update_state"], "Idle", "{st}");
     assert!(st["note"].as_str().unwrap().contains("0.2.0 (staged in slot B) was withdrawn"), "{st}");
     assert!(last(&u).1.contains("withdrawn"), "{:?}", last(&u));
-    assert_eq!(st["staging_partition"]["version"], Value::Null);
+    assert_eq!(st["staging_partition"]["image"], Value::Null);
     assert!(!f.slot_state(Slot::B).bootable());
     assert_eq!(u.command(Command::Activate, &s).unwrap_err().status(), 409);
     assert!(!f.slot_state(Slot::B).bootable());
@@ -712,8 +718,8 @@ fn a_running_prepare_can_be_cancelled() {
     u.run(Command::Refresh, &s);
     assert!(u.command(Command::Prepare, &s).unwrap(), "prepare runs in the updater thread");
     let t0 = std::time::Instant::now();
-    while u.status()["progress"]["bytes_done"].as_u64().unwrap_or(0) < 100_000 {
-        assert!(t0.elapsed().as_secs() < 60, "no progress: {}", u.status());
+    while u.progress()["bytes_done"].as_u64().unwrap_or(0) < 100_000 {
+        assert!(t0.elapsed().as_secs() < 60, "no progress: {}", u.progress());
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     assert!(u.cancel(CANCEL_WAIT).unwrap(), "the prepare stopped within {CANCEL_WAIT:?}");
@@ -724,7 +730,7 @@ fn a_running_prepare_can_be_cancelled() {
         (Some("prepare"), Some("Failed")),
         "{st}"
     );
-    assert!(rec["error"].as_str().unwrap().contains("cancelled"), "{st}");
+    assert!(rec["stderr"].as_str().unwrap().contains("cancelled"), "{st}");
     assert!(st["note"].as_str().unwrap().contains("slot B is left unbootable"), "{st}");
     assert_eq!(st["update_state"], "Available");
     assert!(!f.slot_state(Slot::B).bootable());
@@ -736,4 +742,167 @@ fn a_running_prepare_can_be_cancelled() {
     u.run(Command::Prepare, &s);
     assert_eq!(last(&u).0, "Success", "{:?}", last(&u));
     assert_eq!(state(&u), "Staged");
+}
+
+#[path = "../../tests/common/shape.rs"]
+mod shape;
+
+/// `/updates/status` as Bottlerocket's update operator (brupop's agent) parses it: these fields
+/// required with these types, `most_recent_command` never null, versions semver, unknown
+/// fields ignored.
+mod operator {
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    pub enum UpdateState {
+        Idle,
+        Available,
+        Staged,
+        Ready,
+    }
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(rename_all = "lowercase")]
+    pub enum CmdType {
+        Refresh,
+        Prepare,
+        Activate,
+    }
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    pub enum CmdStatus {
+        Success,
+        Failed,
+        Unknown,
+    }
+
+    /// A semver version, as the operator's `semver::Version` takes it (Berth's are X.Y.Z).
+    #[derive(Debug, PartialEq)]
+    pub struct SemVer(pub String);
+
+    impl<'de> Deserialize<'de> for SemVer {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SemVer, D::Error> {
+            let s = String::deserialize(d)?;
+            s.parse::<crate::update::manifest::Version>().map_err(serde::de::Error::custom)?;
+            Ok(SemVer(s))
+        }
+    }
+
+    #[derive(Debug, Deserialize)]
+    pub struct Image {
+        pub arch: String,
+        pub version: SemVer,
+        pub variant: String,
+    }
+
+    #[derive(Debug, Deserialize)]
+    pub struct Partition {
+        pub image: Option<Image>,
+        pub next_to_boot: bool,
+    }
+
+    #[derive(Debug, Deserialize)]
+    pub struct Command {
+        pub cmd_type: CmdType,
+        pub cmd_status: CmdStatus,
+        pub timestamp: String,
+        pub exit_status: u32,
+        pub stderr: String,
+    }
+
+    #[derive(Debug, Deserialize)]
+    pub struct UpdateStatus {
+        pub update_state: UpdateState,
+        pub available_updates: Vec<SemVer>,
+        pub chosen_update: Option<Image>,
+        pub active_partition: Option<Partition>,
+        pub staging_partition: Option<Partition>,
+        pub most_recent_command: Command,
+    }
+}
+
+/// Bottlerocket's contract for `/updates/status` and the updater's refusals: 404 before the
+/// first command; while a prepare runs, the status and every command answer 423 (a second
+/// prepare among them), and how far it is shows in `progress()`; activate from Idle is 409;
+/// after activate the status has the documented shape and parses as the operator parses it.
+#[test]
+fn the_status_and_refusals_follow_bottlerocket() {
+    let f = Fixture::new("contract");
+    f.add(&f.slot("0.2.0", "x86_64", 21), &[]);
+    // 200 kB/s: the images take about 15 s to write, long enough to be seen running.
+    let srv = Server::start_with(&f.repo, &["--rate", "200000"]);
+    let s = settings(srv.1);
+    let u = f.updater();
+    u.spawn().unwrap();
+    let e = u.api_status().unwrap_err();
+    assert_eq!(e.status(), 404, "{e}");
+    assert!(e.to_string().contains("refresh-updates"), "{e}");
+    let e = u.command(Command::Activate, &s).unwrap_err();
+    assert_eq!(e.status(), 409, "activate from Idle: {e}");
+    assert!(e.to_string().contains("state Idle"), "{e}");
+    assert!(u.api_status().is_err(), "a refusal writes no record");
+
+    u.run(Command::Refresh, &s);
+    assert_eq!(u.api_status().unwrap()["update_state"], "Available");
+    assert!(u.command(Command::Prepare, &s).unwrap());
+    assert_eq!(u.progress()["running"], "prepare");
+    for cmd in [Command::Prepare, Command::Refresh, Command::Activate, Command::Deactivate] {
+        let e = u.command(cmd, &s).unwrap_err();
+        assert_eq!(e.status(), 423, "{cmd:?} while a prepare runs: {e}");
+        assert!(e.to_string().contains("prepare is running"), "{e}");
+    }
+    assert_eq!(u.api_status().unwrap_err().status(), 423, "status while a prepare runs");
+    let t0 = std::time::Instant::now();
+    while u.progress()["running"] == "prepare" {
+        assert!(t0.elapsed().as_secs() < 120, "prepare still running: {}", u.progress());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let st = u.api_status().unwrap();
+    assert_eq!(
+        (st["update_state"].as_str(), st["most_recent_command"]["cmd_type"].as_str()),
+        (Some("Staged"), Some("prepare"))
+    );
+    assert_eq!(
+        u.progress(),
+        serde_json::json!({"running": null, "phase": "", "bytes_done": 0, "bytes_total": 0, "cancel_requested": false})
+    );
+    // Prepare again over the staged update, as Bottlerocket allows.
+    u.run(Command::Prepare, &s);
+    assert_eq!((last(&u).0.as_str(), state(&u)), ("Success", Value::from("Staged")), "{:?}", last(&u));
+    assert!(!u.command(Command::Activate, &s).unwrap(), "activate runs before the answer");
+
+    let st = u.api_status().unwrap();
+    let fixture: Value =
+        serde_json::from_str(include_str!("../../tests/data/bottlerocket/update-status.json")).unwrap();
+    let m = shape::mismatches(&fixture, &st, &[]);
+    assert!(m.is_empty(), "{m:?}\n{st:#}");
+    let parsed: operator::UpdateStatus =
+        serde_json::from_value(st.clone()).unwrap_or_else(|e| panic!("{e}: {st:#}"));
+    assert_eq!(parsed.update_state, operator::UpdateState::Ready);
+    assert_eq!(parsed.most_recent_command.cmd_type, operator::CmdType::Activate);
+    assert_eq!(parsed.most_recent_command.cmd_status, operator::CmdStatus::Success);
+    assert_eq!((parsed.most_recent_command.exit_status, parsed.most_recent_command.stderr.as_str()), (0, ""));
+    assert!(parsed.most_recent_command.timestamp.parse::<jiff::Timestamp>().is_ok());
+    assert_eq!(parsed.chosen_update.unwrap().version, operator::SemVer("0.2.0".into()));
+    let (active, staging) = (parsed.active_partition.unwrap(), parsed.staging_partition.unwrap());
+    assert_eq!(active.image.unwrap().version, operator::SemVer("0.1.0".into()));
+    assert!(!active.next_to_boot && staging.next_to_boot, "B boots next after activate");
+    let staged = staging.image.unwrap();
+    assert_eq!(
+        (staged.version.0.as_str(), staged.arch.as_str(), staged.variant.as_str()),
+        ("0.2.0", "x86_64", "qemu")
+    );
+    assert_eq!(parsed.available_updates, [operator::SemVer("0.2.0".into())]);
+    // A failed command is a record the operator parses too: Failed, exit status 1, its error.
+    let e = u.command(Command::Prepare, &s).unwrap_err();
+    assert_eq!(e.status(), 409, "prepare in Ready: {e}");
+    drop(srv);
+    u.run(Command::Refresh, &s);
+    let st = u.api_status().unwrap();
+    let parsed: operator::UpdateStatus =
+        serde_json::from_value(st.clone()).unwrap_or_else(|e| panic!("{e}: {st:#}"));
+    assert_eq!(parsed.most_recent_command.cmd_status, operator::CmdStatus::Failed, "{st:#}");
+    assert_eq!(parsed.most_recent_command.exit_status, 1);
+    assert!(!parsed.most_recent_command.stderr.is_empty());
+    assert_eq!(parsed.update_state, operator::UpdateState::Ready, "a failed refresh keeps Ready");
 }

@@ -245,7 +245,7 @@ impl HttpTransport {
 }
 
 /// The origin-form target and the `Host` value (with the port when it is not the default).
-fn target_and_host(url: &Url) -> (String, String) {
+pub(crate) fn target_and_host(url: &Url) -> (String, String) {
     let target = &url[Position::BeforePath..Position::AfterQuery];
     let target = if target.is_empty() { "/" } else { target };
     let mut host = url.host_str().unwrap_or_default().to_string();
