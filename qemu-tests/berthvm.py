@@ -27,8 +27,9 @@ def kvm_works():
         and os.environ.get("BERTH_NO_KVM") != "1"
 
 
-def arch_paths(arch):
-    d = os.path.join(BUILD, arch)
+def arch_paths(arch, platform="qemu"):
+    """The built image of `arch` for `platform` (scripts/build-image ARCH --platform P)."""
+    d = os.path.join(BUILD, arch if platform == "qemu" else f"{arch}-{platform}")
     return {k: os.path.join(d, f) for k, f in
             [("kernel", "kernel"), ("initrd", "initramfs.cpio"), ("qcow2", "disk.qcow2"),
              ("raw", "disk.img"), ("dir", ".")]}
@@ -43,12 +44,17 @@ FIRMWARE = {
 }
 
 
+DEFAULT_NIC = "user,model=virtio-net-pci"
+
+
 def qemu_argv(arch, disk, disk_format, append, qmp_path, extra=(), api_sock=None, user_data=None,
-              firmware=None, vars_path=None, disk_bus="virtio"):
+              firmware=None, vars_path=None, disk_bus="virtio", nic=DEFAULT_NIC, platform="qemu"):
     """firmware: None (QEMU hands over the kernel, SeaBIOS/no firmware), "uefi" or "secure"
     (the firmware starts the disk's UKI; Secure Boot enforcing with "secure"). The kernel
-    command line of a UEFI boot is the UKI's own, so `append` applies to direct boots only."""
-    p = arch_paths(arch)
+    command line of a UEFI boot is the UKI's own, so `append` applies to direct boots only.
+    On arm64 the firmware describes the machine with ACPI, as servers and EC2 Graviton do (a
+    direct boot gets QEMU's device tree). `nic` is the `-nic` option."""
+    p = arch_paths(arch, platform)
     accel = ["-accel", "kvm", "-cpu", "host"] if kvm_works() and arch == os.uname().machine.replace("aarch64", "arm64") else ["-accel", "tcg"]
     if arch == "x86_64":
         machine = "pc" if not firmware else ("q35,smm=on" if firmware == "secure" else "q35")
@@ -62,9 +68,10 @@ def qemu_argv(arch, disk, disk_format, append, qmp_path, extra=(), api_sock=None
         if accel[1] == "tcg":
             append = f"no_timer_check {append}"
     else:
-        # With UEFI, AAVMF hands the kernel a device tree (acpi=off): the arm64 kernel is built
-        # for DT machines (PLATFORM-NOTES).
-        argv = ["qemu-system-aarch64", "-M", "virt,acpi=off" if firmware else "virt"] + accel
+        # Under UEFI, AAVMF hands the kernel ACPI tables (SPCR, MCFG, GED power button), the
+        # realistic path for arm64 servers and Graviton; with GICv3 and its ITS for MSI-X, as
+        # Graviton has.
+        argv = ["qemu-system-aarch64", "-M", "virt,gic-version=3" if firmware else "virt"] + accel
         if accel[1] == "tcg":
             argv += ["-cpu", "cortex-a72"]
         console = "ttyAMA0"
@@ -83,7 +90,7 @@ def qemu_argv(arch, disk, disk_format, append, qmp_path, extra=(), api_sock=None
     argv += [
         "-drive", f"file={disk},if=none,id=disk0,format={disk_format},cache=unsafe",
         "-device", disk_device,
-        "-nic", "user,model=virtio-net-pci",
+        "-nic", nic,
         "-device", "virtio-rng-pci",
         # A hardware watchdog: armed while a slot is on trial, so a hung boot resets.
         "-device", "i6300esb",
@@ -103,8 +110,10 @@ class VM:
     """One QEMU process. Use as a context manager; the temp dir goes away on exit."""
 
     def __init__(self, arch="x86_64", append="", raw=False, disk_size="2G", reboot=False, extra=(),
-                 user_data=None, firmware=None, disk_bus="virtio"):
+                 user_data=None, firmware=None, disk_bus="virtio", nic=DEFAULT_NIC, platform="qemu"):
+        """platform: which image (build/ARCH or build/ARCH-PLATFORM); nic: the `-nic` option."""
         self.arch = arch
+        self.nic, self.platform = nic, platform
         self.tmp = tempfile.mkdtemp(prefix=f"berth-{arch}-")
         self.firmware, self.disk_bus = firmware, disk_bus
         self.vars = None
@@ -115,7 +124,7 @@ class VM:
             shutil.copyfile(FIRMWARE[arch][1], self.vars)
             if firmware == "secure":
                 enroll_secure_boot(self.vars)
-        p = arch_paths(arch)
+        p = arch_paths(arch, platform)
         if raw:
             self.disk = os.path.join(self.tmp, "disk.img")
             subprocess.run(["cp", "--sparse=always", p["raw"], self.disk], check=True)
@@ -151,7 +160,8 @@ class VM:
     def start(self):
         argv = qemu_argv(self.arch, self.disk, self.format, self.append, self.qmp_path, self.extra,
                          api_sock=self.api_sock, user_data=self.user_data, firmware=self.firmware,
-                         vars_path=self.vars, disk_bus=self.disk_bus)
+                         vars_path=self.vars, disk_bus=self.disk_bus, nic=self.nic,
+                         platform=self.platform)
         if self.reboot:
             argv.remove("-no-reboot")
         self.out = []

@@ -71,6 +71,7 @@ const SETTING_GROUPS: &[&str] = &[
     "host-containers",
     "container-registry",
     "pki",
+    "aws",
 ];
 
 const ROUTES: &[(&str, &[&str])] = &[
@@ -728,6 +729,7 @@ mod tests {
             host_containers: Some(Default::default()),
             container_registry: Some(ContainerRegistry::default()),
             pki: Some(Default::default()),
+            aws: Some(Aws::default()),
         };
         let v = serde_json::to_value(all).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();

@@ -17,6 +17,7 @@
 //! with a notice on the console and in `GET /boot`, because a known-good slot that reboots on
 //! every boot is a brick.
 
+mod ec2;
 mod etc;
 mod grow;
 mod network;
@@ -106,6 +107,10 @@ pub struct Ctx {
     pub updater: Option<Arc<crate::update::Updater>>,
     /// PID 1's own supervised threads.
     pub tasks: tasks::Tasks,
+    /// Whether DMI says this is an EC2 instance (see [`ec2`]).
+    pub ec2: bool,
+    /// Whether the network is up yet (set by the network task).
+    pub network: network::Readiness,
 }
 
 impl Ctx {
@@ -133,6 +138,7 @@ const PHASES: &[Phase] = &[
     ("loopback", network::loopback),
     ("datastore", settings::open_datastore),
     ("user-data", settings::apply_user_data),
+    ("instance", ec2::instance_settings),
     ("settings", settings::apply_settings),
     ("network", network::start),
     ("services", services::declare),
@@ -206,7 +212,12 @@ fn stage2() -> ! {
         supervisor: Arc::new(Mutex::new(Supervisor::new(Vec::new()))),
         updater: None,
         tasks: tasks::Tasks::default(),
+        ec2: crate::userdata::is_ec2(Path::new("/sys")),
+        network: network::Readiness::default(),
     };
+    if ctx.ec2 {
+        info!("EC2 instance (DMI): the network starts before user data; instance settings from IMDS");
+    }
     if ctx.handoff.boot == "uefi" {
         // Every boot-control change from now on (marking the slot good, the updater) also
         // tells the firmware.
@@ -221,7 +232,7 @@ fn stage2() -> ! {
             }
         }
     }
-    for (name, phase) in PHASES {
+    for (name, phase) in ec2::phases(PHASES, ctx.ec2) {
         let (t, start_ms) = (Instant::now(), report::uptime_ms());
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| phase(&mut ctx)))
             .unwrap_or_else(|p| Err(BootError::Panic(tasks::panic_text(p.as_ref()))));

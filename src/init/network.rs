@@ -7,7 +7,8 @@
 //! /etc/ntp.conf (see `crate::time`).
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use log::{error, info};
 
@@ -44,18 +45,71 @@ fn config(ctx: &Ctx) -> NetConfig {
     }
 }
 
+/// How long a boot phase that needs the network (IMDS on EC2) waits for it: DHCP's own budget
+/// (15 s) and the wait for carrier (3 s), with room to spare, and well inside the watchdog's
+/// timeout (the wait feeds it anyway).
+pub const WAIT_LIMIT: Duration = Duration::from_secs(30);
+
+/// The outcome of the network task's latest attempt to bring the interface up: the address it
+/// configured, or why it failed. Phases that need the network wait on it.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<(Mutex<Option<Outcome>>, Condvar)>);
+
+/// An attempt's outcome: the interface and address configured, or why not.
+type Outcome = Result<String, String>;
+
+impl Readiness {
+    fn set(&self, outcome: Outcome) {
+        let (state, cond) = &*self.0;
+        *state.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
+        cond.notify_all();
+    }
+
+    /// Wait up to `limit` for the first attempt's outcome: the configured address, or why the
+    /// interface is not up (the attempt failed, or it did not end in time). Feeds the watchdog
+    /// while it waits.
+    pub fn wait(&self, limit: Duration) -> Outcome {
+        let deadline = Instant::now() + limit;
+        let (state, cond) = &*self.0;
+        let mut guard = state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(outcome) = guard.as_ref() {
+                return outcome.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("the interface was not configured within {limit:?}"));
+            }
+            guard = cond
+                .wait_timeout(guard, left.min(Duration::from_secs(1)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+            crate::boot::watchdog::feed();
+        }
+    }
+}
+
 /// Bring the interface up and keep its lease, as a supervised task: if the thread dies (a
 /// panic, a netlink socket that fails for good), it starts again and configures from scratch.
+/// Each attempt's outcome goes to `ctx.network` ([`Readiness`]).
 pub fn start(ctx: &mut Ctx) -> Result<(), BootError> {
     let cfg = config(ctx);
+    let readiness = ctx.network.clone();
     ctx.tasks.add("network", move || {
-        let cfg = cfg.clone();
+        let (cfg, readiness) = (cfg.clone(), readiness.clone());
         super::tasks::thread("network", 256 * 1024, move || {
-            let up = net::bring_up(&cfg).map_err(|e| e.to_string())?;
+            let up = match net::bring_up(&cfg) {
+                Ok(up) => up,
+                Err(e) => {
+                    readiness.set(Err(e.to_string()));
+                    return Err(e.to_string());
+                }
+            };
             write_resolv_conf(Some(&up));
             let (a, len) = up.address();
             let gw = up.gateway().map_or("none".to_string(), |g| g.to_string());
             info!("network up: {} {a}/{len} gateway {gw}", up.link().name);
+            readiness.set(Ok(format!("{} {a}/{len}", up.link().name)));
             match net::spawn_renewal(&up, write_resolv_conf) {
                 // The lease is kept by the renewal loop, which never returns; if it dies, so
                 // does this task, and the supervisor starts both again.

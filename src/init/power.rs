@@ -1,6 +1,7 @@
-//! The power button: ACPI's button (x86) and gpio-keys (arm64 virt) both reach us as an evdev
-//! KEY_POWER press. A watcher thread per input device turns it into SIGPWR for PID 1, so the
-//! event loop handles it like any other power-off request.
+//! The power button: ACPI's button (x86, and arm64 under UEFI as on Graviton) and gpio-keys
+//! (arm64 `virt` with a device tree) all reach us as an evdev KEY_POWER press. A watcher thread
+//! per input device turns it into SIGPWR for PID 1, so the event loop handles it like any other
+//! power-off request.
 
 use std::fs::File;
 use std::io::Read;

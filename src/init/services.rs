@@ -56,13 +56,22 @@ fn apiflood() -> ServiceSpec {
 
 const HOST_CONTAINER_PREFIX: &str = "host-containers@";
 
-fn host_container(name: &str, source: &str, superpowered: bool, plain_http: bool) -> ServiceSpec {
+fn host_container(
+    name: &str,
+    source: &str,
+    superpowered: bool,
+    plain_http: bool,
+    user_data: Option<&str>,
+) -> ServiceSpec {
     let flag = |b: bool| if b { "1" } else { "0" };
     let mut s = ServiceSpec::new(
         &format!("{HOST_CONTAINER_PREFIX}{name}"),
         &["/usr/bin/berth", "host-container", name, source, flag(superpowered), flag(plain_http)],
     );
     s.deps = vec!["containerd".into()];
+    if let Some(data) = user_data {
+        s.env.push((crate::supervisor::host_container::USER_DATA_ENV.into(), data.into()));
+    }
     s
 }
 
@@ -88,7 +97,13 @@ fn host_containers(settings: &Settings) -> Vec<(ServiceSpec, bool)> {
             let plain_http =
                 insecure_registry(settings, crate::supervisor::host_container::registry_of(source));
             Some((
-                host_container(name, source, hc.superpowered.unwrap_or(false), plain_http),
+                host_container(
+                    name,
+                    source,
+                    hc.superpowered.unwrap_or(false),
+                    plain_http,
+                    hc.user_data.as_deref(),
+                ),
                 hc.enabled.unwrap_or(false),
             ))
         })

@@ -50,11 +50,14 @@ pub fn open_datastore(ctx: &mut Ctx) -> Result<(), BootError> {
     Ok(())
 }
 
-/// Fetch user data from the platform's providers. The slot's BOOT partition is mounted
-/// read-only for the time it takes to look for `user-data.toml` there.
-fn fetch(handoff: &Handoff, parts: &[partitions::PartInfo]) -> Result<Option<userdata::UserData>, String> {
+/// Fetch user data from the platform's providers (IMDS at `imds`, on EC2). The slot's BOOT
+/// partition is mounted read-only for the time it takes to look for `user-data.toml` there.
+fn fetch(
+    handoff: &Handoff,
+    parts: &[partitions::PartInfo],
+    imds: Option<std::net::SocketAddr>,
+) -> Result<Option<userdata::UserData>, String> {
     let sysfs = Path::new("/sys");
-    let imds = userdata::imds_if_ec2(sysfs);
     let with_boot = partitions::by_label(parts, &handoff.slot.label("BOOT"))
         .and_then(|b| partitions::with_boot_mounted(b, |dir| userdata::fetch(sysfs, Some(dir), imds)))
         .map_err(|e| e.to_string());
@@ -74,7 +77,14 @@ pub fn apply_user_data(ctx: &mut Ctx) -> Result<(), BootError> {
         ctx.user_data = serde_json::from_str(&text).unwrap_or(Value::Null);
         return Ok(());
     }
-    let fetched = fetch(&ctx.handoff, &ctx.parts);
+    // On EC2 the network phase ran first; IMDS answers once the interface has its address.
+    let imds = ctx.ec2.then_some(userdata::IMDS_ADDR);
+    if imds.is_some() {
+        if let Err(e) = ctx.network.wait(super::network::WAIT_LIMIT) {
+            warn!("user data: the network is not up ({e}); EC2 IMDS cannot answer");
+        }
+    }
+    let fetched = fetch(&ctx.handoff, &ctx.parts, imds);
     let store = ctx.store.as_mut().ok_or(BootError::Order { needs: "the datastore" })?;
     let outcome = match fetched {
         Ok(None) => json!({"source": null, "applied": false, "message": "no user data"}),

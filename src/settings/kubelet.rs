@@ -72,6 +72,9 @@ pub fn config(k: &Kubernetes) -> Value {
     if let Some(ip) = &k.cluster_dns_ip {
         c["clusterDNS"] = json!([ip]);
     }
+    if let Some(id) = &k.provider_id {
+        c["providerID"] = json!(id);
+    }
     c
 }
 
@@ -98,6 +101,9 @@ pub fn argv(k: &Kubernetes) -> Vec<String> {
         a.push(format!("--kubeconfig={KUBECONFIG}"));
         a.push(format!("--bootstrap-kubeconfig=/etc/{BOOTSTRAP}"));
     }
+    if let Some(ip) = &k.node_ip {
+        a.push(format!("--node-ip={ip}"));
+    }
     if let Some(labels) = &k.node_labels {
         let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         if !l.is_empty() {
@@ -121,7 +127,9 @@ mod tests {
             "node-labels": {"tier": "web", "zone": "a"},
             "node-taints": {"dedicated": ["gpu:NoSchedule", "x:NoExecute"]},
             "max-pods": 42,
-            "cluster-dns-ip": "10.96.0.10"}}))
+            "cluster-dns-ip": "10.96.0.10",
+            "node-ip": "10.0.0.7",
+            "provider-id": "aws:///us-west-2a/i-0123456789abcdef0"}}))
         .unwrap();
         s.kubernetes.unwrap()
     }
@@ -145,6 +153,7 @@ mod tests {
         "staticPodPath",
         "registerWithTaints",
         "volumePluginDir",
+        "providerID",
     ];
 
     #[test]
@@ -158,6 +167,7 @@ mod tests {
         assert_eq!(back["kind"], "KubeletConfiguration");
         assert_eq!(back["maxPods"], 42);
         assert_eq!(back["clusterDNS"], json!(["10.96.0.10"]));
+        assert_eq!(back["providerID"], "aws:///us-west-2a/i-0123456789abcdef0");
         assert_eq!(back["authorization"]["mode"], "Webhook");
         assert_eq!(
             back["registerWithTaints"][1],
@@ -174,6 +184,7 @@ mod tests {
         let a = argv(&k).join(" ");
         assert!(a.contains("--bootstrap-kubeconfig=/etc/kubernetes/bootstrap-kubeconfig"), "{a}");
         assert!(a.contains("--node-labels=tier=web,zone=a"), "{a}");
+        assert!(a.contains("--node-ip=10.0.0.7"), "{a}");
         let mut sa = k.clone();
         sa.standalone_mode = Some(true);
         assert!(!argv(&sa).join(" ").contains("kubeconfig"));

@@ -32,6 +32,18 @@ pub struct Settings {
     /// bundle (see `http::tls`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pki: Option<BTreeMap<String, CertificateBundle>>,
+    /// AWS facts (`settings.aws.region`, generated from IMDS on EC2).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aws: Option<Aws>,
+}
+
+/// `settings.aws`: Bottlerocket's key; only the region so far.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Aws {
+    /// The instance's region (`us-west-2`); on EC2 generated from the identity document.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +145,12 @@ pub struct Kubernetes {
     pub cluster_dns_ip: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub standalone_mode: Option<bool>,
+    /// The node's IP address for kubelet (`--node-ip`); on EC2 generated from IMDS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_ip: Option<String>,
+    /// The node's provider ID (`providerID`), `aws:///ZONE/INSTANCE-ID` on EC2.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,7 +162,17 @@ pub struct HostContainer {
     pub enabled: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub superpowered: Option<bool>,
+    /// Base64 of data given to the container at
+    /// `/.bottlerocket/host-containers/current/user-data` (Bottlerocket's key and place).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
 }
+
+/// The most base64 text `settings.host-containers.NAME.user-data` may hold.
+pub const MAX_HOST_CONTAINER_USER_DATA: usize = 64 * 1024;
+
+/// The longest `settings.kubernetes.provider-id`.
+pub const MAX_PROVIDER_ID: usize = 256;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -336,6 +364,30 @@ impl Settings {
             if k.max_pods.is_some_and(|m| m == 0 || m > 10_000) {
                 return Err(invalid("settings.kubernetes.max-pods", "must be in 1..=10000"));
             }
+            if let Some(ip) = &k.node_ip {
+                if ip.parse::<std::net::IpAddr>().is_err() {
+                    return Err(invalid(
+                        "settings.kubernetes.node-ip",
+                        format!("'{ip}' is not an IP address"),
+                    ));
+                }
+            }
+            if let Some(p) = &k.provider_id {
+                if p.len() > MAX_PROVIDER_ID
+                    || p.chars().any(|c| c.is_whitespace() || c.is_control())
+                    || !p.split_once("://").is_some_and(|(scheme, _)| {
+                        !scheme.is_empty()
+                            && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+                    })
+                {
+                    return Err(invalid(
+                        "settings.kubernetes.provider-id",
+                        format!(
+                            "not a provider ID (SCHEME://..., at most {MAX_PROVIDER_ID} bytes, no spaces)"
+                        ),
+                    ));
+                }
+            }
             if let Some(ip) = &k.cluster_dns_ip {
                 if ip.parse::<std::net::IpAddr>().is_err() {
                     return Err(invalid(
@@ -364,7 +416,12 @@ impl Settings {
                 .ok_or_else(|| invalid(format!("{key}.data"), "not base64 (of PEM certificates)"))?;
             crate::http::tls::check_bundle(&pem).map_err(|e| invalid(format!("{key}.data"), e))?;
         }
-        for name in self.host_containers.iter().flat_map(|m| m.keys()) {
+        if let Some(region) = self.aws.as_ref().and_then(|a| a.region.as_ref()) {
+            if !crate::userdata::ec2::valid_region(region) {
+                return Err(invalid("settings.aws.region", format!("'{region}' is not an AWS region name")));
+            }
+        }
+        for (name, hc) in self.host_containers.iter().flatten() {
             if name.is_empty()
                 || name.len() > 63
                 || !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
@@ -373,6 +430,18 @@ impl Settings {
                     format!("settings.host-containers.{name}"),
                     "name must be 1-63 of [a-z0-9-]",
                 ));
+            }
+            if let Some(data) = &hc.user_data {
+                let key = format!("settings.host-containers.{name}.user-data");
+                if data.len() > MAX_HOST_CONTAINER_USER_DATA {
+                    return Err(invalid(
+                        key,
+                        format!("longer than {} KiB", MAX_HOST_CONTAINER_USER_DATA / 1024),
+                    ));
+                }
+                if super::kubelet::base64_decode(data).is_none() {
+                    return Err(invalid(key, "not base64"));
+                }
             }
         }
         Ok(())
@@ -391,10 +460,12 @@ mod tests {
             "network": {"hostname": "node-1.example"},
             "kernel": {"sysctl": {"net.ipv4.ip_forward": "1"}},
             "updates": {"metadata-base-url": "http://10.0.2.2:8000/metadata", "seed": 2047, "ignore-waves": true},
-            "kubernetes": {"api-server": "https://k8s:6443", "max-pods": 110, "node-taints": {"dedicated": ["gpu:NoSchedule"]}},
-            "host-containers": {"admin": {"enabled": false, "superpowered": true, "source": "r/admin:1"}},
+            "kubernetes": {"api-server": "https://k8s:6443", "max-pods": 110, "node-taints": {"dedicated": ["gpu:NoSchedule"]},
+                "node-ip": "10.0.0.7", "provider-id": "aws:///us-west-2a/i-0123456789abcdef0"},
+            "host-containers": {"admin": {"enabled": false, "superpowered": true, "source": "r/admin:1", "user-data": "e30="}},
             "ntp": {"time-servers": ["pool.ntp.org", "169.254.169.123", "10.0.2.2:1123", "[fd00::1]:123"]},
-            "container-registry": {"mirrors": [{"registry": "docker.io", "endpoint": ["http://10.0.2.2:5000"]}]}
+            "container-registry": {"mirrors": [{"registry": "docker.io", "endpoint": ["http://10.0.2.2:5000"]}]},
+            "aws": {"region": "us-gov-west-1"}
         });
         let s = parse(&v).unwrap();
         assert_eq!(s.network.unwrap().hostname.unwrap(), "node-1.example");
@@ -426,6 +497,25 @@ mod tests {
             (json!({"kubernetes": {"max-pods": 0}}), "settings.kubernetes.max-pods", "1..="),
             (json!({"kubernetes": {"cluster-dns-ip": "10.0.0"}}), "settings.kubernetes.cluster-dns-ip", "IP"),
             (json!({"host-containers": {"Admin": {}}}), "settings.host-containers.Admin", "[a-z0-9-]"),
+            (
+                json!({"host-containers": {"admin": {"user-data": "%%"}}}),
+                "settings.host-containers.admin.user-data",
+                "not base64",
+            ),
+            (
+                json!({"host-containers": {"admin": {"user-data": "QUFB".repeat(MAX_HOST_CONTAINER_USER_DATA / 4 + 1)}}}),
+                "settings.host-containers.admin.user-data",
+                "longer than 64 KiB",
+            ),
+            (json!({"kubernetes": {"node-ip": "10.0.0.300"}}), "settings.kubernetes.node-ip", "not an IP"),
+            (json!({"kubernetes": {"provider-id": "i-123"}}), "settings.kubernetes.provider-id", "SCHEME://"),
+            (
+                json!({"kubernetes": {"provider-id": "aws:///a b"}}),
+                "settings.kubernetes.provider-id",
+                "no spaces",
+            ),
+            (json!({"aws": {"region": "US-WEST-2"}}), "settings.aws.region", "not an AWS region"),
+            (json!({"aws": {"profile": "x"}}), "settings.aws.profile", "unknown field"),
             (
                 json!({"ntp": {"time-servers": ["a b"]}}),
                 "settings.ntp.time-servers",

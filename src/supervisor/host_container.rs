@@ -24,7 +24,18 @@
 //! Registries are HTTPS. Plain HTTP is used only when PLAIN_HTTP is 1: the service sets it when
 //! `settings.container-registry.mirrors` gives the source's registry an `http://` endpoint
 //! (the registry is configured as insecure). A failed HTTPS pull is never retried over HTTP.
+//!
+//! Every host container has a persistent directory on the host, `/local/host-containers/NAME`,
+//! which it sees at `/.bottlerocket/host-containers/current` and
+//! `/.bottlerocket/host-containers/NAME` (Bottlerocket's places, which its admin and control
+//! containers read). Before the container starts, `settings.host-containers.NAME.user-data`
+//! (base64, passed by PID 1 in [`USER_DATA_ENV`]) is decoded into `user-data` there, mode 0600;
+//! without the setting, a `user-data` left from before is removed. On EC2 the admin container's
+//! user data holds the instance's SSH keys (`userdata::ec2`).
 
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -42,6 +53,40 @@ pub const PLAIN_CAPS_DROPPED: &[&str] =
 pub const MEMORY_LIMIT: u64 = 512 << 20;
 /// pids.max of a plain host container.
 pub const PIDS_LIMIT: u32 = 1024;
+
+/// Where each host container's persistent directory is, on the host.
+pub const PERSISTENT: &str = "/local/host-containers";
+/// The environment variable that carries `settings.host-containers.NAME.user-data` (base64).
+pub const USER_DATA_ENV: &str = "BERTH_HOST_CONTAINER_USER_DATA";
+
+/// Make `dir` (mode 0700) and put the decoded user data in `dir/user-data` (mode 0600, written
+/// whole or not at all), or remove it when there is none.
+pub fn write_user_data(dir: &Path, base64: Option<&str>) -> Result<(), String> {
+    let path = dir.join("user-data");
+    // The directory always exists: it is bound into the container whether or not it has user
+    // data. (Under SELinux it is container_file_t: policy/rules.cil names the transition.)
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let Some(text) = base64 else {
+        return match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(format!("{}: {e}", path.display())),
+            _ => Ok(()),
+        };
+    };
+    let data = crate::settings::kubelet::base64_decode(text).ok_or("the user data is not base64")?;
+    let tmp = dir.join(".user-data.tmp");
+    let write = || -> std::io::Result<()> {
+        let mut f =
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(&data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    };
+    write().map_err(|e| format!("{}: {e}", path.display()))
+}
 
 fn ctr(args: &[&str]) -> Command {
     let mut c = Command::new(CTR);
@@ -97,6 +142,14 @@ fn run_args(name: &str, source: &str, superpowered: bool) -> Vec<String> {
     opt("--runc-binary", super::runc::WRAPPER.into());
     opt("--cgroup", format!("{CGROUP_PARENT}/{name}"));
     opt("--mount", "type=bind,src=/run/api.sock,dst=/run/api.sock,options=rbind:rw".into());
+    for dst in ["current", name] {
+        opt(
+            "--mount",
+            format!(
+                "type=bind,src={PERSISTENT}/{name},dst=/.bottlerocket/host-containers/{dst},options=rbind:rw"
+            ),
+        );
+    }
     if superpowered {
         opt("--annotation", format!("{}=super", super::runc::LABEL_ANNOTATION));
         opt("--with-ns", "pid:/proc/1/ns/pid".into());
@@ -132,6 +185,12 @@ pub fn main(args: &[String]) -> i32 {
             return 1;
         }
     };
+    let dir = Path::new(PERSISTENT).join(name);
+    let user_data = std::env::var(USER_DATA_ENV).ok();
+    if let Err(e) = write_user_data(&dir, user_data.as_deref()) {
+        eprintln!("host-container {name}: its user data: {e}");
+        return 1;
+    }
     if let Err(e) = pull(source, plain_http) {
         eprintln!("host-container {name}: {e}");
         return 1;
@@ -219,5 +278,35 @@ mod tests {
         assert!(run_args("containerd", "r/a:1", false)
             .join(" ")
             .contains("--cgroup /host-containers/containerd"));
+        for want in [
+            "src=/local/host-containers/admin,dst=/.bottlerocket/host-containers/current,",
+            "src=/local/host-containers/admin,dst=/.bottlerocket/host-containers/admin,",
+        ] {
+            assert!(plain.contains(want) && sp.contains(want), "{want} missing: {plain}");
+        }
+    }
+
+    #[test]
+    fn user_data_is_written_private_and_removed_when_unset() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("berth-hc-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let hc = dir.join("admin");
+        write_user_data(&hc, Some("eyJzc2giOnt9fQ==")).unwrap();
+        assert_eq!(std::fs::read_to_string(hc.join("user-data")).unwrap(), r#"{"ssh":{}}"#);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode(&hc), mode(&hc.join("user-data"))), (0o700, 0o600));
+        assert!(write_user_data(&hc, Some("%%")).unwrap_err().contains("not base64"));
+        assert!(hc.join("user-data").exists(), "a bad value leaves the old file");
+        write_user_data(&hc, None).unwrap();
+        assert!(!hc.join("user-data").exists());
+        write_user_data(&hc, None).unwrap();
+        let other = dir.join("control");
+        write_user_data(&other, None).unwrap();
+        assert!(
+            other.is_dir() && !other.join("user-data").exists(),
+            "the directory is made without user data too"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

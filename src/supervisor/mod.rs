@@ -397,14 +397,14 @@ impl Supervisor {
             self.services.push(Service::new(spec));
             return;
         };
-        let changed = s.spec.argv != spec.argv;
+        let changed = s.spec.argv != spec.argv || s.spec.env != spec.env;
         s.spec = spec;
         s.delay = MIN_DELAY;
         match (&s.state, s.pid) {
             (ServiceState::Stopped | ServiceState::Exited, None) => s.state = ServiceState::Waiting,
             (ServiceState::Stopped, Some(_)) => {} // still stopping; started again by a later ensure
             (_, Some(pid)) if changed => {
-                info!("restarting service {} for its new command", s.spec.name);
+                info!("restarting service {} for its new command or environment", s.spec.name);
                 let _ = sys::kill(-pid, libc::SIGTERM);
             }
             _ => {}

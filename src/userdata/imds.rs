@@ -1,27 +1,41 @@
-//! A minimal IMDSv2 client: EC2 user data over HTTP/1.1, through the shared HTTP client
-//! (`src/http`).
+//! An IMDSv2 client for EC2's instance metadata service, through the shared HTTP client
+//! (`src/http`): user data, and the instance facts of [`super::ec2`].
 //!
-//! The flow is IMDSv2's: `PUT /latest/api/token` with `X-aws-ec2-metadata-token-ttl-seconds`
-//! gives a session token in the body; `GET /latest/user-data` with `X-aws-ec2-metadata-token`
-//! gives the user data (200), or 404 when the instance has none. Any other status is an error
-//! naming the step.
+//! The flow is IMDSv2's only: `PUT /latest/api/token` with `X-aws-ec2-metadata-token-ttl-seconds`
+//! gives a session token in the body; every `GET` carries it in `X-aws-ec2-metadata-token`. A
+//! `GET` answers 200 with the item, or 404 when the instance has no such item (no user data, no
+//! key pair). Any other status is an error naming the step. Berth never sends an IMDSv1 request
+//! (a `GET` without a token), so instances launched with `HttpTokens=required` work.
 //!
-//! Plain HTTP only: IMDS is a link-local endpoint (169.254.169.254, or `[fd00:ec2::254]`) that
-//! EC2 serves over HTTP alone, reached without leaving the host; TLS would have no certificate
-//! to check. One request per connection (`Connection: close`).
+//! Plain HTTP only: IMDS is a link-local endpoint (169.254.169.254) that EC2 serves over HTTP
+//! alone; TLS would have no certificate to check. One request per connection
+//! (`Connection: close`). No redirects, no proxies.
 //!
-//! Bounds: each request (connect, send, whole response) must finish within the timeout;
-//! response heads are capped by the HTTP module (16 KiB) and bodies at [`MAX_BYTES`]. Failures
-//! to connect, and connections closed before any response byte, are retried (3 attempts in all
-//! by default, with a short linear backoff); timeouts are not retried, since a metadata service
-//! that accepts and stays silent would only cost the timeout again. No redirects, no proxies.
+//! **Hop limit.** IMDS sends its token answer with an IP TTL of the instance's
+//! `HttpPutResponseHopLimit` (1 by default), so the token reaches only callers that many hops
+//! away. Berth asks from the host's own network namespace, one hop, which every setting allows;
+//! it does not try to get around a lower limit. A token answer that never arrives looks like a
+//! silent IMDS: a timeout, whose message names the hop limit.
+//!
+//! **Retries.** IMDS may not answer yet right after the interface came up: failures to connect,
+//! connections closed before any response byte, and the statuses 429, 500, 502, 503 and 504 are
+//! retried with a backoff that doubles from [`Imds::backoff`] up to [`MAX_BACKOFF`], at most
+//! [`Imds::attempts`] times per request. A timeout is not retried: a service that accepts and
+//! stays silent would only cost the timeout again.
+//!
+//! **Bounds.** Each request (connect, send, whole response) must finish within
+//! [`Imds::timeout`]; a [`Session`] (the token and every request made with it) within
+//! [`Imds::budget`], so a broken or hostile IMDS delays the boot by at most that much. Response
+//! heads are capped by the HTTP module (16 KiB); bodies at [`MAX_BYTES`] for user data and
+//! [`MAX_METADATA_BYTES`] for everything else. What the answers *mean* is checked by their
+//! readers (`decode`, [`super::ec2`]), never trusted.
 
 use std::fmt;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use super::{Error, MAX_BYTES};
+use super::MAX_BYTES;
 use crate::http::client::{self, Connection, Options, Request};
 
 /// IMDS's address on EC2.
@@ -30,28 +44,59 @@ pub const IMDS_ADDR: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new
 /// Time allowed for each request (connect to last body byte).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Time allowed for a whole session: the token and every request made with it. Each boot phase
+/// that asks IMDS opens one session, so this bounds how long IMDS can hold up the boot (and
+/// keeps a phase well inside the watchdog's 60 s).
+pub const DEFAULT_BUDGET: Duration = Duration::from_secs(20);
+
+/// The longest wait between two attempts of one request.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(4);
+
+/// The most bytes of a metadata answer other than user data (an identity document is < 1 KiB,
+/// an SSH public key < 4 KiB).
+pub const MAX_METADATA_BYTES: usize = 64 * 1024;
+
 /// Session token lifetime asked for, in seconds (IMDS's maximum, 6 hours).
 const TOKEN_TTL_SECONDS: u32 = 21600;
 
-/// The two requests of the IMDSv2 flow.
+/// A request of the IMDSv2 flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ImdsStep {
+    /// `PUT /latest/api/token`.
     Token,
+    /// `GET /latest/user-data`.
     UserData,
+    /// `GET /latest/meta-data/<path>`.
+    MetaData(&'static str),
+    /// `GET /latest/dynamic/instance-identity/document`.
+    Identity,
+    /// `GET /latest/meta-data/public-keys/<n>/openssh-key`.
+    PublicKey(u16),
 }
 
 impl ImdsStep {
     fn method(self) -> &'static str {
         match self {
             ImdsStep::Token => "PUT",
-            ImdsStep::UserData => "GET",
+            _ => "GET",
         }
     }
 
-    fn path(self) -> &'static str {
+    /// The request target.
+    pub fn path(self) -> String {
         match self {
-            ImdsStep::Token => "/latest/api/token",
-            ImdsStep::UserData => "/latest/user-data",
+            ImdsStep::Token => "/latest/api/token".into(),
+            ImdsStep::UserData => "/latest/user-data".into(),
+            ImdsStep::MetaData(p) => format!("/latest/meta-data/{p}"),
+            ImdsStep::Identity => "/latest/dynamic/instance-identity/document".into(),
+            ImdsStep::PublicKey(n) => format!("/latest/meta-data/public-keys/{n}/openssh-key"),
+        }
+    }
+
+    fn max_body(self) -> usize {
+        match self {
+            ImdsStep::UserData => MAX_BYTES,
+            _ => MAX_METADATA_BYTES,
         }
     }
 }
@@ -62,6 +107,75 @@ impl fmt::Display for ImdsStep {
     }
 }
 
+/// Why an IMDS request failed. The text names the service, its address and the step.
+#[derive(Debug)]
+pub enum ImdsError {
+    /// IMDS could not be reached (connection refused, reset, no route), even after retries.
+    Unreachable { addr: SocketAddr, step: ImdsStep, attempts: u32, cause: io::Error },
+    /// IMDS accepted the connection but did not answer in time.
+    Timeout { addr: SocketAddr, step: ImdsStep, after: Duration },
+    /// The session's time budget ran out before or during this step.
+    OutOfTime { addr: SocketAddr, step: ImdsStep, budget: Duration },
+    /// The connection to IMDS failed partway through a response.
+    Io { addr: SocketAddr, step: ImdsStep, cause: io::Error },
+    /// IMDS answered with a status this step does not accept.
+    Status { addr: SocketAddr, step: ImdsStep, status: u16, reason: String },
+    /// IMDS answered something that is not a usable HTTP response, or a token that is not one.
+    Response { addr: SocketAddr, step: ImdsStep, problem: String },
+}
+
+impl fmt::Display for ImdsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (addr, step) = match self {
+            ImdsError::Unreachable { addr, step, .. }
+            | ImdsError::Timeout { addr, step, .. }
+            | ImdsError::OutOfTime { addr, step, .. }
+            | ImdsError::Io { addr, step, .. }
+            | ImdsError::Status { addr, step, .. }
+            | ImdsError::Response { addr, step, .. } => (addr, step),
+        };
+        write!(f, "EC2 IMDSv2 at {addr}: {step}: ")?;
+        match self {
+            ImdsError::Unreachable { attempts, cause, .. } => {
+                write!(f, "cannot connect after {attempts} attempt(s): {cause}")
+            }
+            ImdsError::Timeout { after, .. } => write!(
+                f,
+                "no complete answer within {after:?}; check that the instance metadata service is \
+                 enabled and its hop limit allows this host"
+            ),
+            ImdsError::OutOfTime { budget, .. } => {
+                write!(f, "IMDS used up the {budget:?} it is given at boot; not asked")
+            }
+            ImdsError::Io { cause, .. } => write!(f, "{cause}"),
+            ImdsError::Status { status, reason, .. } => {
+                write!(f, "HTTP {status}")?;
+                if !reason.is_empty() {
+                    write!(f, " {}", reason.escape_debug())?;
+                }
+                match (step, status) {
+                    (ImdsStep::Token, 403) => {
+                        f.write_str(" (IMDS refused to issue a token; is it disabled?)")
+                    }
+                    (ImdsStep::Token, _) => Ok(()),
+                    (_, 401) => f.write_str(" (the session token was refused)"),
+                    _ => Ok(()),
+                }
+            }
+            ImdsError::Response { problem, .. } => f.write_str(problem),
+        }
+    }
+}
+
+impl std::error::Error for ImdsError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ImdsError::Unreachable { cause, .. } | ImdsError::Io { cause, .. } => Some(cause),
+            _ => None,
+        }
+    }
+}
+
 /// An IMDSv2 client. [`Imds::new`] gives production defaults; the fields are public so tests
 /// (and callers with unusual networks) can shorten the backoff or change the attempts.
 #[derive(Debug, Clone)]
@@ -69,23 +183,25 @@ pub struct Imds {
     pub addr: SocketAddr,
     /// Time allowed for each request, from connect to the last body byte.
     pub timeout: Duration,
-    /// Connection attempts per request (at least 1).
+    /// Attempts per request (at least 1).
     pub attempts: u32,
-    /// Wait before the second attempt; the n-th retry waits n times this.
+    /// Wait before the second attempt; each further wait doubles, up to [`MAX_BACKOFF`].
     pub backoff: Duration,
+    /// Time allowed for a whole [`Session`].
+    pub budget: Duration,
 }
 
 /// Fetch EC2 user data through IMDSv2 at `base` (production: [`IMDS_ADDR`]).
 ///
 /// `Ok(None)` when IMDS answers 404: the instance has no user data.
-pub fn from_imds(base: SocketAddr, timeout: Duration) -> Result<Option<Vec<u8>>, Error> {
+pub fn from_imds(base: SocketAddr, timeout: Duration) -> Result<Option<Vec<u8>>, ImdsError> {
     Imds::new(base, timeout).user_data()
 }
 
 /// A response: status, reason phrase, body.
 #[derive(Debug)]
-struct Response {
-    status: u16,
+pub(super) struct Response {
+    pub(super) status: u16,
     reason: String,
     body: Vec<u8>,
 }
@@ -114,81 +230,131 @@ impl From<client::Error> for Failure {
     }
 }
 
-impl Imds {
-    pub fn new(addr: SocketAddr, timeout: Duration) -> Imds {
-        Imds { addr, timeout, attempts: 3, backoff: Duration::from_millis(100) }
-    }
+/// Statuses that mean "not now": IMDS throttling or still starting.
+fn retryable_status(status: u16) -> bool {
+    matches!(status, 429 | 500 | 502 | 503 | 504)
+}
 
-    /// Get a session token, then the user data with it.
-    pub fn user_data(&self) -> Result<Option<Vec<u8>>, Error> {
-        let token = self.token()?;
-        let step = ImdsStep::UserData;
-        let resp = self.request(step, &[("X-aws-ec2-metadata-token", &token)])?;
+/// A token and the deadline of everything asked with it.
+pub struct Session<'a> {
+    imds: &'a Imds,
+    token: String,
+    deadline: Instant,
+}
+
+impl Session<'_> {
+    /// One item: `Some` on 200, `None` on 404, an error otherwise.
+    pub fn get(&self, step: ImdsStep) -> Result<Option<Vec<u8>>, ImdsError> {
+        let resp = self.imds.request(step, &[("X-aws-ec2-metadata-token", &self.token)], self.deadline)?;
         match resp.status {
             200 => Ok(Some(resp.body)),
             404 => Ok(None),
-            _ => Err(self.status_error(step, resp)),
+            _ => Err(self.imds.status_error(step, resp)),
         }
     }
+}
 
-    fn token(&self) -> Result<String, Error> {
+impl Imds {
+    pub fn new(addr: SocketAddr, timeout: Duration) -> Imds {
+        Imds { addr, timeout, attempts: 6, backoff: Duration::from_millis(250), budget: DEFAULT_BUDGET }
+    }
+
+    /// Get a session token; the session's requests must all end within [`Imds::budget`].
+    pub fn session(&self) -> Result<Session<'_>, ImdsError> {
+        let deadline = Instant::now() + self.budget;
         let step = ImdsStep::Token;
         let ttl = TOKEN_TTL_SECONDS.to_string();
-        let resp = self.request(step, &[("X-aws-ec2-metadata-token-ttl-seconds", &ttl)])?;
+        let resp = self.request(step, &[("X-aws-ec2-metadata-token-ttl-seconds", &ttl)], deadline)?;
         if resp.status != 200 {
             return Err(self.status_error(step, resp));
         }
         let problem = match std::str::from_utf8(&resp.body).map(str::trim) {
             Ok("") => "the token in the response is empty",
-            Ok(t) if t.bytes().all(|b| b.is_ascii_graphic()) => return Ok(t.to_string()),
+            Ok(t) if t.len() > 1024 => "the token is longer than 1024 bytes",
+            Ok(t) if t.bytes().all(|b| b.is_ascii_graphic()) => {
+                return Ok(Session { imds: self, token: t.to_string(), deadline })
+            }
             _ => "the token has characters not allowed in an HTTP header",
         };
-        Err(Error::ImdsResponse { addr: self.addr, step, problem: problem.to_string() })
+        Err(ImdsError::Response { addr: self.addr, step, problem: problem.to_string() })
     }
 
-    fn status_error(&self, step: ImdsStep, resp: Response) -> Error {
-        Error::ImdsStatus { addr: self.addr, step, status: resp.status, reason: resp.reason }
+    /// Get a session token, then the user data with it.
+    pub fn user_data(&self) -> Result<Option<Vec<u8>>, ImdsError> {
+        self.session()?.get(ImdsStep::UserData)
     }
 
-    /// One step's request, retried on connection failures.
-    fn request(&self, step: ImdsStep, headers: &[(&str, &str)]) -> Result<Response, Error> {
+    fn status_error(&self, step: ImdsStep, resp: Response) -> ImdsError {
+        ImdsError::Status { addr: self.addr, step, status: resp.status, reason: resp.reason }
+    }
+
+    /// One step's request, retried while IMDS is not (yet) answering, until `deadline`.
+    fn request(
+        &self,
+        step: ImdsStep,
+        headers: &[(&str, &str)],
+        deadline: Instant,
+    ) -> Result<Response, ImdsError> {
         let attempts = self.attempts.max(1);
+        let mut wait = self.backoff;
         let mut attempt = 1;
-        let failure = loop {
-            match self.once(step, headers) {
-                Ok(resp) => return Ok(resp),
-                Err(Failure::Retryable(e)) if attempt < attempts => {
-                    log::debug!("IMDS {step}: attempt {attempt} of {attempts} failed: {e}");
-                    std::thread::sleep(self.backoff * attempt);
-                    attempt += 1;
-                }
-                Err(failure) => break failure,
+        loop {
+            if Instant::now() >= deadline {
+                return Err(ImdsError::OutOfTime { addr: self.addr, step, budget: self.budget });
             }
-        };
-        let addr = self.addr;
-        Err(match failure {
-            Failure::Retryable(cause) => Error::ImdsUnreachable { addr, step, attempts, cause },
-            Failure::Timeout => Error::ImdsTimeout { addr, step, after: self.timeout },
-            Failure::Io(cause) => Error::ImdsIo { addr, step, cause },
-            Failure::Malformed(problem) => Error::ImdsResponse { addr, step, problem },
-        })
+            let last = match self.once(step, headers, deadline) {
+                Ok(resp) if !retryable_status(resp.status) => return Ok(resp),
+                Ok(resp) => Ok(resp),
+                Err(Failure::Retryable(e)) => Err(Failure::Retryable(e)),
+                Err(f) => return Err(self.failure(step, attempt, f, deadline)),
+            };
+            if attempt >= attempts || Instant::now() + wait >= deadline {
+                // Out of attempts or time: the last answer (a status the caller reports) or
+                // failure stands.
+                return last.map_err(|f| self.failure(step, attempt, f, deadline));
+            }
+            let why = match &last {
+                Ok(resp) => format!("HTTP {}", resp.status),
+                Err(f) => format!("{f:?}"),
+            };
+            log::info!("IMDS {step}: attempt {attempt} of {attempts}: {why}; trying again in {wait:?}");
+            std::thread::sleep(wait);
+            wait = (wait * 2).min(MAX_BACKOFF);
+            attempt += 1;
+        }
     }
 
-    /// One connection: send the request, read one whole response, all before the deadline.
-    fn once(&self, step: ImdsStep, headers: &[(&str, &str)]) -> Result<Response, Failure> {
+    fn failure(&self, step: ImdsStep, attempts: u32, failure: Failure, deadline: Instant) -> ImdsError {
+        let addr = self.addr;
+        match failure {
+            Failure::Retryable(cause) => ImdsError::Unreachable { addr, step, attempts, cause },
+            // The request's time was cut short by the session's.
+            Failure::Timeout if Instant::now() + Duration::from_millis(5) >= deadline => {
+                ImdsError::OutOfTime { addr, step, budget: self.budget }
+            }
+            Failure::Timeout => ImdsError::Timeout { addr, step, after: self.timeout },
+            Failure::Io(cause) => ImdsError::Io { addr, step, cause },
+            Failure::Malformed(problem) => ImdsError::Response { addr, step, problem },
+        }
+    }
+
+    /// One connection: send the request, read one whole response, all before the earlier of
+    /// the request's timeout and the session's deadline.
+    fn once(&self, step: ImdsStep, headers: &[(&str, &str)], deadline: Instant) -> Result<Response, Failure> {
         let opts = Options {
             connect_timeout: self.timeout,
             io_timeout: self.timeout,
-            deadline: Some(Instant::now() + self.timeout),
+            deadline: Some((Instant::now() + self.timeout).min(deadline)),
             trust_bundle: None,
         };
         let mut conn = Connection::tcp(self.addr, &opts)?;
         let host = self.addr.to_string();
         let fields: Vec<(&str, &str)> =
             std::iter::once(("Connection", "close")).chain(headers.iter().copied()).collect();
+        let target = step.path();
         let req =
-            Request { method: step.method(), target: step.path(), host: &host, headers: &fields, body: b"" };
-        let (head, body) = conn.exchange(&req, MAX_BYTES)?;
+            Request { method: step.method(), target: &target, host: &host, headers: &fields, body: b"" };
+        let (head, body) = conn.exchange(&req, step.max_body())?;
         Ok(Response { status: head.status, reason: head.reason, body })
     }
 }
@@ -197,7 +363,7 @@ impl Imds {
 mod tests {
     use super::*;
     use crate::userdata::tests::TempDir;
-    use crate::userdata::{fetch, Source};
+    use crate::userdata::{fetch, Error, Source};
     use std::io::{BufRead, BufReader, Read, Write};
     use std::net::{TcpListener, TcpStream};
     use std::sync::{Arc, Mutex};
@@ -372,7 +538,8 @@ mod tests {
             (&[("X-aws-ec2-metadata-token", TOKEN)], 200),
         ];
         for (headers, want) in cases {
-            let resp = client.request(ImdsStep::UserData, headers).expect("an HTTP answer");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let resp = client.request(ImdsStep::UserData, headers, deadline).expect("an HTTP answer");
             assert_eq!(resp.status, want, "{headers:?}");
         }
     }
@@ -463,7 +630,7 @@ mod tests {
                 Err(e) => e,
             };
             let msg = err.to_string();
-            assert!(msg.starts_with("user data from EC2 IMDSv2 at 127.0.0.1:"), "{name}: {msg}");
+            assert!(msg.starts_with("EC2 IMDSv2 at 127.0.0.1:"), "{name}: {msg}");
             assert!(msg.contains(&step.to_string()), "{name}: {msg} lacks step {step}");
             assert!(msg.contains(want), "{name}: {msg:?} lacks {want:?}");
         }
@@ -486,7 +653,7 @@ mod tests {
             let server = serve(handler);
             let err = server.client(200).user_data().expect_err("must time out");
             match &err {
-                Error::ImdsTimeout { step, after, .. } => {
+                ImdsError::Timeout { step, after, .. } => {
                     assert_eq!((*step, *after), (want_step, Duration::from_millis(200)), "{name}")
                 }
                 other => panic!("{name}: want a timeout, got {other:?}"),
@@ -511,8 +678,53 @@ mod tests {
         // Always closed: give up after the configured attempts.
         let server = serve(|_, _| Reply::Close);
         let err = server.client(2000).user_data().expect_err("never answers");
-        assert!(matches!(err, Error::ImdsUnreachable { step: ImdsStep::Token, attempts: 3, .. }), "{err:?}");
-        assert_eq!(server.seen().len(), 3);
+        assert!(matches!(err, ImdsError::Unreachable { step: ImdsStep::Token, attempts: 6, .. }), "{err:?}");
+        assert_eq!(server.seen().len(), 6);
+    }
+
+    #[test]
+    fn not_ready_statuses_are_retried_with_backoff_and_others_are_not() {
+        // IMDS still starting: 503 twice, then the real answers.
+        let server = serve(|i, req| match i {
+            0 | 1 => respond(503, "Service Unavailable", b""),
+            _ => imds_flow(req, TOKEN, Some(USER_DATA)),
+        });
+        let client = Imds { backoff: Duration::from_millis(20), ..server.client(2000) };
+        let t = Instant::now();
+        assert_eq!(client.user_data().expect("third attempt works").as_deref(), Some(USER_DATA));
+        assert!(t.elapsed() >= Duration::from_millis(60), "waited 20 ms, then 40 ms");
+        assert_eq!(server.seen().len(), 4);
+
+        // A 404 on the token, a 401, a 400: answers, not "not yet".
+        for status in [400, 401, 403, 404] {
+            let server = serve(move |_, _| respond(status, "", b""));
+            let err = server.client(2000).user_data().expect_err("an error status");
+            assert!(matches!(err, ImdsError::Status { status: s, .. } if s == status), "{err:?}");
+            assert_eq!(server.seen().len(), 1, "HTTP {status} is not retried");
+        }
+    }
+
+    #[test]
+    fn a_session_is_bounded_in_time_and_reuses_its_token() {
+        // Every GET is slow (150 ms); a budget of 400 ms allows two, then refuses to ask.
+        let server = serve(|_, req| {
+            if req.method == "GET" {
+                std::thread::sleep(Duration::from_millis(150));
+            }
+            imds_flow(req, TOKEN, Some(USER_DATA))
+        });
+        let client = Imds { budget: Duration::from_millis(400), ..server.client(2000) };
+        let session = client.session().expect("a token");
+        let mut outcomes = Vec::new();
+        for _ in 0..4 {
+            outcomes.push(session.get(ImdsStep::UserData));
+        }
+        assert!(outcomes[0].is_ok() && outcomes[1].is_ok(), "{outcomes:?}");
+        let err = outcomes.pop().unwrap().expect_err("out of time");
+        assert!(matches!(err, ImdsError::OutOfTime { .. }), "{err:?}");
+        assert!(err.to_string().contains("IMDS used up the 400ms it is given at boot"), "{err}");
+        let puts = server.seen().iter().filter(|r| r.method == "PUT").count();
+        assert_eq!(puts, 1, "one token for the session");
     }
 
     #[test]
@@ -528,7 +740,7 @@ mod tests {
         };
         let err = client.user_data().expect_err("nothing listens");
         match &err {
-            Error::ImdsUnreachable { step: ImdsStep::Token, attempts: 2, cause, .. } => {
+            ImdsError::Unreachable { step: ImdsStep::Token, attempts: 2, cause, .. } => {
                 assert_eq!(cause.kind(), io::ErrorKind::ConnectionRefused)
             }
             other => panic!("want unreachable, got {other:?}"),
@@ -587,7 +799,8 @@ mod tests {
 
         // An IMDS failure is an error, not "no user data".
         let err =
-            fetch(&sys.0, None, Some(serve(|_, _| respond(500, "", b"")).addr)).expect_err("500 is an error");
-        assert!(matches!(err, Error::ImdsStatus { status: 500, .. }), "{err:?}");
+            fetch(&sys.0, None, Some(serve(|_, _| respond(403, "", b"")).addr)).expect_err("403 is an error");
+        assert!(matches!(err, Error::Imds(ImdsError::Status { status: 403, .. })), "{err:?}");
+        assert!(err.to_string().starts_with("user data from EC2 IMDSv2 at 127.0.0.1:"), "{err}");
     }
 }

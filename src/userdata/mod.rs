@@ -14,7 +14,11 @@
 //!    which the caller has mounted (how a bare-metal or image-flashing user supplies it).
 //! 3. [`Source::Imds`]: EC2's instance metadata service, IMDSv2 (token first), only when the
 //!    caller passes its address; PID 1 does so only when [`is_ec2`] says so, because elsewhere
-//!    169.254.169.254 answers nothing and would cost the whole timeout.
+//!    169.254.169.254 answers nothing and would cost the whole timeout. On EC2, PID 1 brings
+//!    the network up before it asks (`init::ec2`).
+//!
+//! On EC2 the instance's own settings (host name, Kubernetes node IP and provider ID, region,
+//! SSH keys for the admin container) also come from IMDS, when unset: see [`ec2`].
 //!
 //! A provider that is present but fails (unreadable file, IMDS error, bad TOML) is an error,
 //! not a reason to fall through to the next: applying a different provider's settings than
@@ -22,10 +26,11 @@
 //! means "no settings".
 //!
 //! Limits: user data is at most [`MAX_BYTES`] (1 MiB) as read and after decompression
-//! (EC2 itself caps it at 16 KiB). The IMDS client speaks just enough HTTP/1.1 for IMDS
-//! (see [`imds`]) and needs no TLS: IMDS is link-local plain HTTP.
+//! (EC2 itself caps it at 16 KiB). The IMDS client ([`imds`]) uses the shared HTTP client and
+//! needs no TLS: IMDS is link-local plain HTTP; its time is bounded per request and per session.
 
 mod decode;
+pub mod ec2;
 pub mod imds;
 
 use std::fmt;
@@ -35,7 +40,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 pub use decode::{decode, DecodeError};
-pub use imds::{from_imds, ImdsStep, DEFAULT_TIMEOUT, IMDS_ADDR};
+pub use imds::{from_imds, Imds, ImdsError, DEFAULT_TIMEOUT, IMDS_ADDR};
 
 /// The most user data Berth accepts, compressed or not.
 pub const MAX_BYTES: usize = 1 << 20;
@@ -81,23 +86,14 @@ pub enum Error {
     Read { source: Source, path: PathBuf, cause: io::Error },
     /// A provider's file is larger than [`MAX_BYTES`].
     TooLarge { source: Source, path: PathBuf, limit: usize },
-    /// IMDS could not be reached (connection refused, reset, no route), even after retries.
-    ImdsUnreachable { addr: SocketAddr, step: ImdsStep, attempts: u32, cause: io::Error },
-    /// IMDS accepted the connection but did not answer in time.
-    ImdsTimeout { addr: SocketAddr, step: ImdsStep, after: std::time::Duration },
-    /// The connection to IMDS failed partway through a response.
-    ImdsIo { addr: SocketAddr, step: ImdsStep, cause: io::Error },
-    /// IMDS answered with a status this step does not accept.
-    ImdsStatus { addr: SocketAddr, step: ImdsStep, status: u16, reason: String },
-    /// IMDS answered something that is not a usable HTTP response.
-    ImdsResponse { addr: SocketAddr, step: ImdsStep, problem: String },
+    /// IMDS failed to give the user data (unreachable, silent, an error status, garbage).
+    Imds(ImdsError),
     /// The data was fetched but is not valid user data.
     Decode { source: Source, cause: DecodeError },
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let imds = Source::Imds;
         match self {
             Error::Read { source, path, cause } => {
                 write!(f, "user data from {source}: reading {}: {cause}", path.display())
@@ -107,36 +103,7 @@ impl fmt::Display for Error {
                 "user data from {source}: {} is larger than {limit} bytes; compress it with gzip",
                 path.display()
             ),
-            Error::ImdsUnreachable { addr, step, attempts, cause } => write!(
-                f,
-                "user data from {imds} at {addr}: {step}: cannot connect after {attempts} \
-                 attempt(s): {cause}"
-            ),
-            Error::ImdsTimeout { addr, step, after } => write!(
-                f,
-                "user data from {imds} at {addr}: {step}: no complete answer within {after:?}; \
-                 check that the instance metadata service is enabled and its hop limit allows \
-                 this host"
-            ),
-            Error::ImdsIo { addr, step, cause } => {
-                write!(f, "user data from {imds} at {addr}: {step}: {cause}")
-            }
-            Error::ImdsStatus { addr, step, status, reason } => {
-                write!(f, "user data from {imds} at {addr}: {step}: HTTP {status}")?;
-                if !reason.is_empty() {
-                    write!(f, " {reason}")?;
-                }
-                match (step, status) {
-                    (ImdsStep::UserData, 401) => f.write_str(" (the session token was refused)"),
-                    (ImdsStep::Token, 403) => {
-                        f.write_str(" (IMDS refused to issue a token; is it disabled?)")
-                    }
-                    _ => Ok(()),
-                }
-            }
-            Error::ImdsResponse { addr, step, problem } => {
-                write!(f, "user data from {imds} at {addr}: {step}: {problem}")
-            }
+            Error::Imds(e) => write!(f, "user data from {e}"),
             Error::Decode { source, cause } => write!(f, "user data from {source}: {cause}"),
         }
     }
@@ -145,9 +112,8 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::Read { cause, .. }
-            | Error::ImdsUnreachable { cause, .. }
-            | Error::ImdsIo { cause, .. } => Some(cause),
+            Error::Read { cause, .. } => Some(cause),
+            Error::Imds(e) => Some(e),
             Error::Decode { cause, .. } => Some(cause),
             _ => None,
         }
@@ -211,15 +177,10 @@ pub fn is_ec2(sysfs_root: &Path) -> bool {
         .any(|(file, marker)| std::fs::read_to_string(dmi.join(file)).is_ok_and(|text| text.contains(marker)))
 }
 
-/// IMDS's address if this machine is on EC2 (see [`is_ec2`]): the `imds` argument of [`fetch`].
-pub fn imds_if_ec2(sysfs_root: &Path) -> Option<SocketAddr> {
-    is_ec2(sysfs_root).then_some(IMDS_ADDR)
-}
-
 /// Fetch and decode user data from the first provider that has some (see the module docs).
 ///
 /// `boot_dir` is the mounted BOOT partition, if there is one; `imds` is IMDS's address
-/// ([`IMDS_ADDR`]) when IMDS should be asked, which is only on EC2 (see [`imds_if_ec2`]).
+/// ([`IMDS_ADDR`]) when IMDS should be asked, which is only on EC2 (see [`is_ec2`]).
 /// `Ok(None)` means no provider had user data.
 pub fn fetch(
     sysfs_root: &Path,
@@ -230,10 +191,12 @@ pub fn fetch(
         Some(data) => Some((Source::FwCfg, data)),
         None => match boot_dir.map(from_boot_partition).transpose()?.flatten() {
             Some(data) => Some((Source::BootPartition, data)),
-            None => match imds.map(|addr| from_imds(addr, DEFAULT_TIMEOUT)).transpose()? {
-                Some(Some(data)) => Some((Source::Imds, data)),
-                _ => None,
-            },
+            None => {
+                match imds.map(|addr| from_imds(addr, DEFAULT_TIMEOUT)).transpose().map_err(Error::Imds)? {
+                    Some(Some(data)) => Some((Source::Imds, data)),
+                    _ => None,
+                }
+            }
         },
     };
     let Some((source, data)) = found else {
@@ -352,7 +315,6 @@ mod tests {
                 sys.write(&format!("class/dmi/id/{name}"), text.as_bytes());
             }
             assert_eq!(is_ec2(&sys.0), *want, "case {i}: {files:?}");
-            assert_eq!(imds_if_ec2(&sys.0), want.then_some(IMDS_ADDR), "case {i}");
         }
     }
 
