@@ -24,7 +24,8 @@ ctr images pull --plain-http IMAGE >/dev/null || echo "pull failed"
 ctr run -d --runc-binary /usr/libexec/berth/runc IMAGE a \
   sh -c 'echo s3cret > /secret; cat /proc/self/attr/current > /label; sleep 3600' >/dev/null
 A=/run/containerd/io.containerd.runtime.v2.task/probe/a/rootfs
-for i in $(seq 1 30); do [ -e $R$A/label ] && break; sleep 1; done
+# -s: the shell makes /label before cat writes into it.
+for i in $(seq 1 30); do [ -s $R$A/label ] && break; sleep 1; done
 echo "a-label=$(cat $R$A/label)"
 ctr run --rm --runc-binary /usr/libexec/berth/runc \
   --mount type=bind,src=/local,dst=/h/local,options=rbind:rw \
