@@ -96,10 +96,23 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
 
 /// Write `data` to `path` atomically (temp file, fsync, rename, fsync of the directory).
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
+    write_atomic_mode(path, data, 0o666)
+}
+
+/// [`write_atomic`] with the file created with `mode` (less the umask), e.g. 0o600 for a file
+/// only its owner may read.
+pub fn write_atomic_mode(path: &Path, data: &[u8], mode: u32) -> Result<(), Error> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
     f.write_all(data).map_err(io_err(&tmp))?;
     f.sync_all().map_err(io_err(&tmp))?;
     drop(f);

@@ -33,8 +33,7 @@
 //! without the setting, a `user-data` left from before is removed. On EC2 the admin container's
 //! user data holds the instance's SSH keys (`userdata::ec2`).
 
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -77,15 +76,7 @@ pub fn write_user_data(dir: &Path, base64: Option<&str>) -> Result<(), String> {
         };
     };
     let data = crate::settings::kubelet::base64_decode(text).ok_or("the user data is not base64")?;
-    let tmp = dir.join(".user-data.tmp");
-    let write = || -> std::io::Result<()> {
-        let mut f =
-            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-        f.write_all(&data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)
-    };
-    write().map_err(|e| format!("{}: {e}", path.display()))
+    crate::settings::store::write_atomic_mode(&path, &data, 0o600).map_err(|e| e.to_string())
 }
 
 fn ctr(args: &[&str]) -> Command {
