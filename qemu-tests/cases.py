@@ -566,3 +566,4 @@ def ntp_sets_a_far_off_clock(arch):
 import update_cases  # noqa: E402,F401
 import fault_cases  # noqa: E402,F401
 import uefi_cases  # noqa: E402,F401
+import rpi_cases  # noqa: E402,F401
