@@ -458,7 +458,8 @@ mod tests {
         let new = Autoboot::for_slots(committed, BOOT).render();
         assert_ne!(old, new);
         let tmp = format!(".{AUTOBOOT}.tmp");
-        let cuts: [(&str, &dyn Fn(&Path)); 5] = [
+        type Cut<'a> = (&'a str, &'a dyn Fn(&Path));
+        let cuts: [Cut; 5] = [
             ("before the temporary file", &|_| {}),
             ("temporary file empty", &|d| fs::write(d.join(&tmp), "").unwrap()),
             ("temporary file in part", &|d| fs::write(d.join(&tmp), &new[..new.len() / 2]).unwrap()),
