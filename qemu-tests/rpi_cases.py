@@ -200,7 +200,10 @@ def raspi4b_boots_the_sd_card_image(arch):
             c = vm.console()
             assert c.index("service containerd is ready") < c.index("berth: ready"), "ready before containerd"
             vm.wait_for(r"berth: api bridge")
-            st, body = vm.api("GET", "/os", timeout=120)
+            try:
+                st, body = vm.api("GET", "/os", timeout=120)
+            except OSError as e:
+                raise AssertionError(f"the API over the mini UART: {e}\n" + vm.tail(400)) from e
             assert st == 200 and body.get("variant_id", body.get("variant")) == "rpi", (st, body)
             st, svc = vm.api("GET", "/services/containerd", timeout=120)
             assert st == 200 and svc["state"] == "running" and svc["ready"] is True, svc
