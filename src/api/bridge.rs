@@ -2,9 +2,10 @@
 //! `-device virtserialport,name=org.berth.api,chardev=...` with a Unix socket chardev) is
 //! bridged to /run/api.sock inside, as the QEMU guest agent uses such a port. vhost-vsock is
 //! not available everywhere; a serial port is. A machine with no virtio at all (QEMU's
-//! `raspi4b`) names a plain serial port instead, `berth.api-serial=ttyS1` on the kernel command
-//! line; it is put in raw mode (no echo, no line editing, no CR/LF translation) and bridged
-//! the same way.
+//! `raspi4b`) names a plain serial port instead, `berth.api-serial=ttyS1` (or `ttyUSB0`, a USB
+//! serial adapter such as QEMU's `usb-serial`) on the kernel command line; the bridge waits for
+//! its node to appear, puts it in raw mode (no echo, no line editing, no CR/LF translation) and
+//! bridges it the same way.
 //!
 //! The port is one byte stream with no reliable connection boundaries: the guest learns of a
 //! host disconnect through a control message that can arrive after the next client's first
@@ -62,8 +63,26 @@ fn forward(request: &[u8], socket: &Path, port: &mut File) -> std::io::Result<()
     port.write_all(&answer)
 }
 
+/// Open the port, waiting for its node: a USB serial adapter (`ttyUSB0`) appears only once USB
+/// has enumerated it, which can be after the bridge starts.
+fn open_port(dev: &Path) -> std::io::Result<File> {
+    let mut waited = false;
+    loop {
+        match OpenOptions::new().read(true).write(true).open(dev) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if !waited {
+                    info!("api bridge: waiting for {}", dev.display());
+                    waited = true;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            r => return r,
+        }
+    }
+}
+
 fn run(dev: PathBuf, socket: PathBuf) {
-    let mut port = match OpenOptions::new().read(true).write(true).open(&dev) {
+    let mut port = match open_port(&dev) {
         Ok(p) => p,
         Err(e) => return warn!("api bridge: {}: {e}", dev.display()),
     };
