@@ -10,7 +10,10 @@ port in host mode (QEMU's usb-net hangs off it), `clk_ignore_unused` on the comm
 also adds what the firmware would have reported, `/chosen/bootloader/partition` and `tryboot`,
 so stage 1 takes the Raspberry Pi boot-control path as on a Pi. QEMU's raspi4b has no PCIe,
 no GENET and no virtio: the network is `-device usb-net` (cdc_ether), and the API is bridged
-over the second UART (the mini UART, ttyS1; `berth.api-serial=ttyS1`). The bcm2835 watchdog
+over `-device usb-serial` (an FTDI FT232BM, ttyUSB0; `berth.api-serial=ttyUSB0`), plugged
+always (`always-plugged=on`; else QEMU attaches it only while a host client is connected). Not
+over the mini UART (ttyS1): QEMU's bcm2835_aux has no divisor latch, so Linux's baud-rate
+writes land in its data and interrupt-enable registers. The bcm2835 watchdog
 resets the VM as soon as it is opened, so the case boots with `berth.watchdog=off`.
 """
 
@@ -114,7 +117,8 @@ class Raspi4b(VM):
                 "-netdev", "user,id=net0", "-device", "usb-net,netdev=net0",
                 "-display", "none", "-monitor", "none", "-no-reboot",
                 "-serial", "stdio",
-                "-serial", f"unix:{self.api_sock},server=on,wait=off",
+                "-chardev", f"socket,id=bridge,path={self.api_sock},server=on,wait=off",
+                "-device", "usb-serial,chardev=bridge,always-plugged=on",
                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
         self.out, self.times, self.since = [], [], 0
         self.started_at = time.monotonic()
@@ -188,7 +192,7 @@ def raspi4b_boots_the_sd_card_image(arch):
         dtb = os.path.join(tmp, "qemu.dtb")
         qemu_dtb(got["bcm2711-rpi-4-b.dtb"], dtb, boot_a)
         append = ("console=ttyAMA0,115200 clk_ignore_unused panic=-1 berth.watchdog=off "
-                  "berth.api-serial=ttyS1 berth.rootwait=60")
+                  "berth.api-serial=ttyUSB0 berth.rootwait=60")
         with Raspi4b(arch, got["Image"], dtb, got["initramfs.gz"], append) as vm:
             vm.start()
             vm.wait_for(r"Raspberry Pi firmware booted partition %d \(slot A\)" % boot_a, timeout=300)
@@ -203,7 +207,7 @@ def raspi4b_boots_the_sd_card_image(arch):
             try:
                 st, body = vm.api("GET", "/os", timeout=120)
             except OSError as e:
-                raise AssertionError(f"the API over the mini UART: {e}\n" + vm.tail(400)) from e
+                raise AssertionError(f"the API over usb-serial: {e}\n" + vm.tail(400)) from e
             assert st == 200 and body.get("variant_id", body.get("variant")) == "rpi", (st, body)
             st, svc = vm.api("GET", "/services/containerd", timeout=120)
             assert st == 200 and svc["state"] == "running" and svc["ready"] is True, svc
@@ -242,10 +246,12 @@ def main(argv):
         argv = ["qemu-system-aarch64", "-M", "raspi4b", "-accel", "tcg", "-kernel", got["Image"],
                 "-dtb", dtb, "-initrd", got["initramfs.gz"],
                 "-append", "console=ttyAMA0,115200 clk_ignore_unused panic=5 berth.watchdog=off "
-                           "berth.api-serial=ttyS1 berth.rootwait=60",
+                           "berth.api-serial=ttyUSB0 berth.rootwait=60",
                 "-drive", f"file={card},if=sd,format=qcow2",
                 "-netdev", "user,id=net0", "-device", "usb-net,netdev=net0",
-                "-nographic", "-serial", "mon:stdio", "-serial", f"unix:{api_sock},server=on,wait=off"]
+                "-chardev", f"socket,id=bridge,path={api_sock},server=on,wait=off",
+                "-device", "usb-serial,chardev=bridge,always-plugged=on",
+                "-nographic", "-serial", "mon:stdio"]
         print(f"berth: QEMU raspi4b (TCG); SD card {card}; quit with Ctrl-A X\n"
               f"berth: the VM's API from this host: curl --unix-socket {api_sock} http://localhost/settings",
               file=sys.stderr, flush=True)
