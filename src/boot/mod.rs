@@ -582,6 +582,7 @@ mod tests {
                 error: Some("the kernel refused the policy".into()),
             },
             notices: vec!["SELinux: the kernel refused the policy; permissive".into()],
+            autoboot: None,
         };
         let back: Handoff = toml::from_str(&toml::to_string(&h).unwrap()).unwrap();
         assert_eq!(back.selinux, h.selinux);
