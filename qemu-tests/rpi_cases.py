@@ -180,7 +180,8 @@ def raspi4b_boots_the_sd_card_image(arch):
     """The rpi image is what a Pi 4 boots (GPT, FAT autoboot.txt first, firmware and config.txt
     on BOOT-A, a kernel with the tryboot patch), and on QEMU raspi4b its kernel, initramfs and
     (QEMU-adjusted) device tree boot it from the SD card to ready: the Raspberry Pi boot
-    control path, containerd, DHCP over usb-net, the API from the host."""
+    control path, containerd, DHCP over usb-net, the API from the host, SELinux enforcing with no
+    denial."""
     d = rpi_dir(arch)
     disk = os.path.join(d, "disk.img")
     boot_a = check_image(disk, os.path.join(d, "kernel"))
@@ -215,6 +216,11 @@ def raspi4b_boots_the_sd_card_image(arch):
             assert st == 200, (st, report)
             fw = report.get("firmware") or {}
             assert fw.get("autoboot") == {"boot_partition": boot_a, "tryboot_partition": boot_a}, report
+            # SELinux enforcing on the Pi too, with no denial on this path (the BERTH-AUTOBOOT
+            # partition, the usb-serial bridge, GENET/cdc_ether, the SD card).
+            st, sel = vm.api("GET", "/selinux", timeout=120)
+            assert st == 200 and sel["mode"] == "enforcing" and sel["enforcing"] is True, sel
+            assert sel["denials"] == 0 and sel["suppressed"] == 0, sel["recent_denials"]
             vm.kill()
 
 
