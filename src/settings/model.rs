@@ -1350,7 +1350,11 @@ mod tests {
                 "longer than",
             ),
             (json!([1, 2]), "settings", "wrong shape"),
-            (json!({"network": [null, null, null, null, null, null, null]}), "settings.network", "wrong shape"),
+            (
+                json!({"network": [null, null, null, null, null, null, null]}),
+                "settings.network",
+                "wrong shape",
+            ),
         ];
         for (v, key, needle) in cases {
             let e = parse(&v).unwrap_err();

@@ -598,6 +598,105 @@ mod tests {
         assert_eq!(cri["enable_selinux"].as_bool(), Some(true));
     }
 
+    /// The files rendered for a realistic EKS node's user data (tests/data/settings/eks-node.toml)
+    /// are exactly the fixtures under tests/data/settings/rendered/. BERTH_UPDATE_FIXTURES=1
+    /// rewrites them (to be read and committed deliberately).
+    #[test]
+    fn eks_node_user_data_renders_the_fixtures() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/settings");
+        let bytes = fs::read(dir.join("eks-node.toml")).unwrap();
+        let v = crate::userdata::decode(&bytes).unwrap();
+        let s = crate::settings::model::parse_for(&v, Some("aws")).unwrap();
+        let net = "# Written by berth from the DHCP lease of eth0 (server 10.0.2.2)\nsearch lan\nnameserver 10.0.2.3\n";
+        let files = [
+            ("kubelet-config", kubelet::config(s.kubernetes.as_ref().unwrap()).to_string()),
+            ("kubelet-argv", kubelet::argv(s.kubernetes.as_ref().unwrap()).join("\n") + "\n"),
+            ("kubelet-credential-providers", render_file("kubelet-credential-providers", &s)),
+            ("containerd", render_file("containerd", &s)),
+            ("cri-base", render_file("cri-base", &s)),
+            ("proxy-env", render_file("proxy-env", &s)),
+            ("resolv-conf", resolv_conf(net, s.dns.as_ref())),
+            ("aws-config", render_file("aws-config", &s)),
+        ];
+        let update = std::env::var_os("BERTH_UPDATE_FIXTURES").is_some();
+        for (name, text) in files {
+            let path = dir.join("rendered").join(name);
+            if update {
+                fs::create_dir_all(path.parent().unwrap()).unwrap();
+                fs::write(&path, &text).unwrap();
+            }
+            let want = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_eq!(text, want, "{name} differs from {}", path.display());
+        }
+        // And what each means to its reader.
+        let k = kubelet::config(s.kubernetes.as_ref().unwrap());
+        assert_eq!(k["evictionHard"]["memory.available"], "200Mi");
+        assert_eq!(k["kubeReserved"]["memory"], "893Mi");
+        assert_eq!(k["kubeAPIQPS"], 30);
+        assert_eq!(k["imageGCHighThresholdPercent"], 85);
+        let c: toml::Value = toml::from_str(&render_file("containerd", &s)).expect("valid TOML");
+        let cri = &c["plugins"]["io.containerd.grpc.v1.cri"];
+        assert_eq!(cri["max_concurrent_downloads"].as_integer(), Some(4));
+        assert_eq!(cri["enable_unprivileged_icmp"].as_bool(), Some(true));
+        assert_eq!(
+            cri["sandbox_image"].as_str(),
+            Some("602401143452.dkr.ecr.us-west-2.amazonaws.com/eks/pause:3.5")
+        );
+        assert_eq!(
+            cri["registry"]["mirrors"]["ghcr.io"]["endpoint"][0].as_str(),
+            Some("https://ghcr-mirror.example.com")
+        );
+        assert_eq!(
+            cri["registry"]["configs"]["registry-1.docker.io"]["auth"]["password"].as_str(),
+            Some("s3cret")
+        );
+        assert_eq!(
+            cri["containerd"]["runtimes"]["runc"]["base_runtime_spec"].as_str(),
+            Some("/etc/containerd/cri-base.json")
+        );
+        let spec = cri_base_spec(&s);
+        let caps = spec["process"]["capabilities"]["bounding"].as_array().unwrap();
+        assert!(caps.contains(&json!("CAP_NET_ADMIN")) && !caps.contains(&json!("CAP_MKNOD")), "{caps:?}");
+        assert_eq!(caps.len(), 14, "{caps:?}");
+        assert!(spec["process"]["rlimits"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"type": "RLIMIT_CORE", "hard": u64::MAX, "soft": u64::MAX})));
+    }
+
+    #[test]
+    fn resolv_conf_takes_dns_settings_over_the_network() {
+        let base = "# from DHCP\nsearch lan\nnameserver 10.0.2.3\nnameserver 10.0.2.4\n";
+        assert_eq!(resolv_conf(base, None), base);
+        let only_servers =
+            crate::settings::model::Dns { name_servers: Some(vec!["1.1.1.1".into()]), search_list: None };
+        assert_eq!(
+            resolv_conf(base, Some(&only_servers)),
+            "# settings.dns applied by berth over the network's own servers\n# from DHCP\nsearch lan\nnameserver 1.1.1.1\n"
+        );
+        let only_search = crate::settings::model::Dns {
+            name_servers: None,
+            search_list: Some(vec!["a.example".into(), "b".into()]),
+        };
+        assert_eq!(
+            resolv_conf(base, Some(&only_search)),
+            "# settings.dns applied by berth over the network's own servers\nsearch a.example b\n# from DHCP\nnameserver 10.0.2.3\nnameserver 10.0.2.4\n"
+        );
+    }
+
+    #[test]
+    fn proxy_env_names_the_cluster_hosts() {
+        let s = parse(&json!({"network": {"https-proxy": "http://p:3128", "no-proxy": ["10.0.0.0/8"]},
+            "kubernetes": {"api-server": "https://api.example:6443/x", "cluster-domain": "c.example"}}))
+        .unwrap();
+        let env = proxy_env(&s);
+        assert_eq!(env[0], ("HTTPS_PROXY".to_string(), "http://p:3128".to_string()));
+        assert_eq!(env[2].1, "10.0.0.0/8,localhost,127.0.0.1,api.example,.c.example");
+        assert!(proxy_env(&parse(&json!({"network": {"no-proxy": ["x"]}})).unwrap()).is_empty());
+        let v6 = parse(&json!({"network": {"https-proxy": "p:1"}, "kubernetes": {"api-server": "https://[fd00::1]:6443"}})).unwrap();
+        assert!(proxy_env(&v6)[2].1.contains(",fd00::1,"), "{:?}", proxy_env(&v6));
+    }
+
     #[test]
     fn sysctl_paths() {
         assert_eq!(sysctl_path("net.ipv4.ip_forward"), PathBuf::from("/proc/sys/net/ipv4/ip_forward"));

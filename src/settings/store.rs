@@ -670,7 +670,8 @@ mod tests {
         let mut s = Datastore::open(&d).unwrap();
         assert_eq!(s.live(), &json!({"motd": "hello", "kubernetes": {"cluster-name": "c"}, "network": {}}));
         let notes = s.notices().join("\n");
-        for key in ["settings.future-group", "settings.kubernetes.memory-swap-behavior", "settings.network.hostname"]
+        for key in
+            ["settings.future-group", "settings.kubernetes.memory-swap-behavior", "settings.network.hostname"]
         {
             assert!(notes.contains(key), "{key} not reported in {notes}");
         }
