@@ -244,7 +244,10 @@ fn check_format(dir: &Path, notices: &mut Vec<String>) -> Result<u64, Error> {
     }
     let record = serde_json::json!({"format": FORMAT, "written-by": crate::VERSION});
     if found.map(|(_, v)| v) != Some(record.clone()) {
-        write_atomic(&path, record.to_string().as_bytes())?;
+        // Not fatal: the settings are still readable; the next open tries again.
+        if let Err(e) = write_atomic(&path, record.to_string().as_bytes()) {
+            notices.push(format!("recording the datastore's format: {e}"));
+        }
     }
     Ok(format)
 }
