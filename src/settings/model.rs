@@ -1,6 +1,9 @@
 //! The typed settings model. Key names follow Bottlerocket's where the meaning is the same
 //! (kebab-case; `settings.network.hostname`, `settings.kernel.sysctl`, ...). Unknown keys are
-//! rejected, and [`parse`] names the full path of whatever is wrong.
+//! rejected, and [`parse`] names the full path of whatever is wrong. Bottlerocket keys that
+//! mean nothing on Berth are refused with the reason ([`super::refused`]); `settings.aws` only
+//! on the aws variant ([`set_variant`]). Growing the model follows the rule in
+//! `super::store` (a key is never removed or narrowed).
 //! Every setting is documented in docs/settings.md.
 
 use std::collections::BTreeMap;

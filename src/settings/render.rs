@@ -1,6 +1,13 @@
 //! Turning settings into effects: configuration files rendered under /etc (a tmpfs, rendered
 //! anew on every boot), the hostname, and sysctls written to /proc/sys.
 //!
+//! The files, as Bottlerocket's settings mean them (docs/settings.md): containerd's config
+//! (CRI options, `sandbox_image`, registry mirrors and credentials) and its base OCI spec
+//! for `settings.oci-defaults` ([`cri_base_spec`]), kubelet's configuration
+//! ([`kubelet`]), resolv.conf (the network's with `settings.dns` on top, [`resolv_conf`]), the
+//! proxy environment ([`proxy_env`], also given to the services through their specs), the AWS
+//! files, the trust bundle. Files holding secrets are written mode 0600.
+//!
 //! The effects on the running kernel go through [`Host`], so dev mode (`berth serve`) can
 //! render the same files into its state directory while never changing the machine it runs on.
 
