@@ -622,7 +622,8 @@ def eks_node_user_data_accepted_and_effective(arch):
     which only the aws variant takes) is accepted as a whole at first boot, and each effect is
     there as the host has it: kubelet's KubeletConfiguration, containerd's config (whose CRI
     plugin loads with it) and base OCI spec, resolv.conf, containerd's proxy environment, the
-    CA in the trust bundle, the lockdown mode in securityfs, a sysctl, the user-data file."""
+    CA in the trust bundle, the lockdown mode in securityfs, a sysctl, the user-data file; no
+    SELinux denial on the way."""
     import base64
     import json
     import tomllib
@@ -703,6 +704,7 @@ def eks_node_user_data_accepted_and_effective(arch):
             assert "lockdown=none [integrity] confidentiality" in out, out
             assert "somaxconn=1024" in out, out
             assert sec["user-data"].strip() == '{"probe": true}', sec["user-data"]
+            assert_no_avc_denials(vm)
 
 
 # The A/B update cases and the fault cases register themselves with `case` too.
