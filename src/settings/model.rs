@@ -530,6 +530,11 @@ pub fn set_variant(variant: &str) {
     let _ = VARIANT.set(variant.to_string());
 }
 
+/// Whether this variant takes `settings.aws` (the aws variant; any when unset).
+pub fn aws_settings_allowed() -> bool {
+    VARIANT.get().is_none_or(|v| v == "aws")
+}
+
 /// Deserialize and validate settings from JSON, naming the failing key (`settings.x.y`).
 pub fn parse(value: &Value) -> Result<Settings, Invalid> {
     parse_for(value, VARIANT.get().map(String::as_str))
