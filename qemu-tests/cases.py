@@ -579,6 +579,134 @@ def ntp_sets_a_far_off_clock(arch):
             assert st == 400 and "settings.ntp.time-servers" in body["error"], (st, body)
 
 
+# The superpowered probe of eks_node_user_data_accepted_and_effective: prints each effect as
+# the host has it, between @@NAME and @@end lines.
+EKS_PROBE = r"""
+R=/.berth/rootfs
+show() { echo "@@$1"; cat "$2" 2>&1; echo; echo "@@end"; }
+show kubelet-config $R/etc/kubernetes/kubelet/config.json
+show containerd $R/etc/containerd/config.toml
+show cri-base $R/etc/containerd/cri-base.json
+show resolv $R/etc/resolv.conf
+grep -qF CALINE $R/etc/pki/tls/certs/ca-bundle.crt && echo ca=trusted || echo ca=absent
+show user-data /.bottlerocket/host-containers/current/user-data
+set -- $(pidof containerd)
+echo "@@containerd-env"; tr '\0' '\n' < /proc/$1/environ; echo "@@end"
+echo "lockdown=$(cat $R/sys/kernel/security/lockdown)"
+echo "somaxconn=$(cat /proc/sys/net/core/somaxconn)"
+echo "cri=$(chroot $R /usr/bin/ctr plugins ls | grep -E 'grpc[.]v1 +cri ' | grep -oE '(ok|error|skip) *$')"
+echo probe-done
+sleep 3600
+"""
+
+
+def _sections(text):
+    """{NAME: text} of the @@NAME ... @@end blocks of the probe's output."""
+    out, name, lines = {}, None, []
+    for line in text.splitlines():
+        if line.startswith("@@") and line != "@@end":
+            name, lines = line[2:], []
+        elif line == "@@end" and name:
+            out[name] = "\n".join(lines)
+            name = None
+        elif name:
+            lines.append(line)
+    return out
+
+
+@case(arches=("x86_64",))
+def eks_node_user_data_accepted_and_effective(arch):
+    """A realistic EKS node's user data (tests/data/settings/eks-node.toml: kubernetes tuning,
+    host container user-data, sysctls, lockdown, registry mirrors in table form and
+    credentials, proxy, DNS, pki, oci-defaults, container-runtime; without [settings.aws],
+    which only the aws variant takes) is accepted as a whole at first boot, and each effect is
+    there as the host has it: kubelet's KubeletConfiguration, containerd's config (whose CRI
+    plugin loads with it) and base OCI spec, resolv.conf, containerd's proxy environment, the
+    CA in the trust bundle, the lockdown mode in securityfs, a sysctl, the user-data file; no
+    SELinux denial on the way."""
+    import base64
+    import json
+    import tomllib
+    from registry import Registry
+    with open(os.path.join(ROOT, "tests/data/settings/eks-node.toml")) as f:
+        ud = f.read()
+    ud = ud[:ud.index("[settings.aws]")]
+    with open(os.path.join(ROOT, "tests/data/settings/ca.pem")) as f:
+        ca_line = f.read().splitlines()[2]  # a line of the certificate's own base64
+    probe_ud = base64.b64encode(b'{"probe": true}').decode()
+    with Registry() as reg:
+        ref = reg.push_busybox_cmd(arch, ["/bin/sh", "-c", EKS_PROBE.replace("CALINE", ca_line)], "eksprobe")
+        ud = ud.replace('[settings.container-registry.mirrors]\n',
+                        f'[settings.container-registry.mirrors]\n"{reg.guest_address}" = '
+                        f'["http://{reg.guest_address}"]\n')
+        ud += (f'\n[settings.host-containers.probe]\nsource = "{ref}"\nenabled = true\n'
+               f'superpowered = true\nuser-data = "{probe_ud}"\n')
+        want = tomllib.loads(ud)["settings"]
+        with VM(arch, user_data=ud) as vm:
+            vm.start()
+            vm.wait_ready(timeout=300)
+            vm.wait_for(r"berth: api bridge")
+            st, body = vm.api("GET", "/user-data")
+            assert st == 200 and body["applied"] is True, body
+            st, got = vm.api("GET", "/settings")
+            assert got["kubernetes"]["eviction-hard"] == want["kubernetes"]["eviction-hard"], got
+            assert got["container-registry"]["mirrors"] == want["container-registry"]["mirrors"], got
+
+            def probed():
+                st, text = vm.api("GET", "/logs?service=host-containers@probe")
+                text = text if st == 200 and isinstance(text, str) else ""
+                return ("probe-done" in text, text)
+            _, out = _poll(probed, 400)
+            sec = _sections(out)
+            assert {"kubelet-config", "containerd", "cri-base", "resolv", "user-data",
+                    "containerd-env"} <= set(sec), out[-6000:]
+            # kubelet reads its configuration as KubeletConfiguration JSON.
+            k = json.loads(sec["kubelet-config"])
+            assert k["kind"] == "KubeletConfiguration", k
+            assert k["evictionHard"] == {"memory.available": "200Mi", "nodefs.available": "10%"}, k
+            assert k["kubeReserved"] == {"cpu": "70m", "memory": "893Mi", "ephemeral-storage": "1Gi"}, k
+            assert k["systemReserved"] == {"cpu": "100m", "memory": "256Mi"}, k
+            assert (k["registryPullQPS"], k["registryBurst"], k["eventRecordQPS"], k["eventBurst"],
+                    k["kubeAPIQPS"], k["kubeAPIBurst"]) == (20, 40, 10, 20, 30, 60), k
+            assert k["cpuManagerPolicy"] == "static" and k["topologyManagerScope"] == "pod", k
+            assert k["imageGCHighThresholdPercent"] == 85 and k["imageGCLowThresholdPercent"] == 80, k
+            assert k["allowedUnsafeSysctls"] == ["net.core.somaxconn", "net.ipv4.ip_local_port_range"], k
+            assert k["shutdownGracePeriod"] == "30s" and k["seccompDefault"] is True, k
+            # containerd: mirrors, credentials and runtime values, and its CRI plugin loads them.
+            c = tomllib.loads(sec["containerd"])
+            cri = c["plugins"]["io.containerd.grpc.v1.cri"]
+            assert cri["registry"]["mirrors"]["docker.io"]["endpoint"] == [
+                "https://mirror.example.com", "http://10.0.2.2:5000"], cri
+            assert cri["registry"]["configs"]["registry-1.docker.io"]["auth"] == {
+                "username": "berth", "password": "s3cret"}, cri
+            assert cri["registry"]["configs"]["registry.example.com"]["auth"] == {"auth": "YmVydGg6czNjcmV0"}
+            assert cri["max_concurrent_downloads"] == 4 and cri["max_container_log_line_size"] == 32768, cri
+            assert cri["enable_unprivileged_ports"] is True and cri["enable_unprivileged_icmp"] is True, cri
+            assert cri["sandbox_image"].endswith("/eks/pause:3.5"), cri
+            assert cri["containerd"]["runtimes"]["runc"]["base_runtime_spec"] == "/etc/containerd/cri-base.json"
+            assert "cri=ok" in out, out
+            # The base OCI spec: oci-defaults' capabilities and rlimits.
+            spec = json.loads(sec["cri-base"])
+            caps = spec["process"]["capabilities"]["bounding"]
+            assert "CAP_NET_ADMIN" in caps and "CAP_MKNOD" not in caps and len(caps) == 14, caps
+            assert {"type": "RLIMIT_NOFILE", "hard": 65536, "soft": 32768} in spec["process"]["rlimits"], spec
+            assert {"type": "RLIMIT_CORE", "hard": 2**64 - 1, "soft": 2**64 - 1} in spec["process"]["rlimits"], spec
+            # resolv.conf: settings.dns over DHCP's.
+            r = sec["resolv"].splitlines()
+            assert "search us-west-2.compute.internal example.com" in r, r
+            assert [x for x in r if x.startswith("nameserver")] == ["nameserver 10.0.2.3", "nameserver 1.1.1.1"], r
+            # containerd's environment: the proxy.
+            env = dict(line.split("=", 1) for line in sec["containerd-env"].splitlines() if "=" in line)
+            assert env.get("HTTPS_PROXY") == "http://10.0.2.2:3128", env
+            assert env.get("NO_PROXY", "").startswith("10.0.0.0/8,.internal.example,localhost,127.0.0.1,"), env
+            # The CA in the trust bundle, lockdown, a sysctl, the host container's user data.
+            assert "ca=trusted" in out, out
+            assert "lockdown=none [integrity] confidentiality" in out, out
+            assert "somaxconn=1024" in out, out
+            assert sec["user-data"].strip() == '{"probe": true}', sec["user-data"]
+            assert_no_avc_denials(vm)
+
+
 # The A/B update cases and the fault cases register themselves with `case` too.
 import update_cases  # noqa: E402,F401
 import fault_cases  # noqa: E402,F401

@@ -22,8 +22,17 @@ pub fn loopback(_: &mut Ctx) -> Result<(), BootError> {
     net::loopback().map_err(BootError::Network)
 }
 
+/// The network's resolv.conf is kept in `render::NETWORK_RESOLV_CONF`; /etc/resolv.conf is it
+/// with `settings.dns` on top (see `settings::render::resolv_conf`).
 fn write_resolv_conf(up: Option<&net::Configured>) {
-    let text = up.map(net::resolv_conf).unwrap_or_default();
+    use crate::settings::render;
+    let base = up.map(net::resolv_conf).unwrap_or_default();
+    let path = Path::new(render::NETWORK_RESOLV_CONF);
+    let _ = path.parent().map(std::fs::create_dir_all);
+    if let Err(e) = crate::settings::store::write_atomic(path, base.as_bytes()) {
+        error!("{}: {e}", path.display());
+    }
+    let text = render::resolv_conf_for_network(&base);
     if let Err(e) = crate::settings::store::write_atomic(RESOLV_CONF.as_ref(), text.as_bytes()) {
         error!("{RESOLV_CONF}: {e}");
     }

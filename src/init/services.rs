@@ -7,17 +7,19 @@ use std::sync::{Arc, Mutex};
 
 use super::Ctx;
 use crate::settings::model::Settings;
+use crate::settings::render;
 use crate::supervisor::{Ready, Restart, ServiceSpec, Supervisor};
 use crate::sys::CapabilitySet;
 
 pub const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
 
-fn containerd() -> ServiceSpec {
+fn containerd(settings: &Settings) -> ServiceSpec {
     let mut s =
         ServiceSpec::new("containerd", &["/usr/bin/containerd", "--config", "/etc/containerd/config.toml"]);
     s.ready = Ready::Socket(CONTAINERD_SOCKET.into());
     // The trust bundle rendered in /etc from the image's CAs and settings.pki.
     s.env.push(("SSL_CERT_FILE".into(), crate::http::tls::TRUST_BUNDLE.into()));
+    s.env.extend(render::proxy_env(settings));
     s
 }
 
@@ -62,6 +64,7 @@ fn host_container(
     superpowered: bool,
     plain_http: bool,
     user_data: Option<&str>,
+    env: Vec<(String, String)>,
 ) -> ServiceSpec {
     let flag = |b: bool| if b { "1" } else { "0" };
     let mut s = ServiceSpec::new(
@@ -69,6 +72,7 @@ fn host_container(
         &["/usr/bin/berth", "host-container", name, source, flag(superpowered), flag(plain_http)],
     );
     s.deps = vec!["containerd".into()];
+    s.env.extend(env);
     if let Some(data) = user_data {
         s.env.push((crate::supervisor::host_container::USER_DATA_ENV.into(), data.into()));
     }
@@ -78,10 +82,9 @@ fn host_container(
 /// Whether `settings.container-registry.mirrors` configures `registry` as insecure: one of its
 /// endpoints is plain `http://`.
 fn insecure_registry(settings: &Settings, registry: &str) -> bool {
-    let mirrors = settings.container_registry.as_ref().and_then(|c| c.mirrors.as_ref());
+    let mirrors = settings.container_registry.as_ref().map(|c| c.mirror_list()).unwrap_or_default();
     mirrors
-        .into_iter()
-        .flatten()
+        .iter()
         .filter(|m| m.registry == registry)
         .any(|m| m.endpoint.iter().any(|e| e.starts_with("http://")))
 }
@@ -103,6 +106,7 @@ fn host_containers(settings: &Settings) -> Vec<(ServiceSpec, bool)> {
                     hc.superpowered.unwrap_or(false),
                     plain_http,
                     hc.user_data.as_deref(),
+                    [render::proxy_env(settings), render::aws_env(settings)].concat(),
                 ),
                 hc.enabled.unwrap_or(false),
             ))
@@ -117,6 +121,8 @@ fn kubelet(settings: &Settings) -> Option<ServiceSpec> {
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let mut s = ServiceSpec::new("kubelet", &argv);
     s.deps = vec!["containerd".into()];
+    s.env.extend(render::proxy_env(settings));
+    s.env.extend(render::aws_env(settings));
     Some(s)
 }
 
@@ -126,17 +132,30 @@ pub fn on_settings_applied(sup: &Mutex<Supervisor>, settings: &Settings, changed
         changed.is_none_or(|c| c.iter().any(|k| k == group || k.starts_with(&format!("{group}."))))
     };
     let mut sup = sup.lock().unwrap_or_else(|p| p.into_inner());
-    // containerd reads its trust bundle (settings.pki) once, at start.
-    if touched("container-registry") || touched("pki") {
+    // containerd reads its configuration and trust bundle (settings.pki) once, at start; a
+    // new environment (the proxy) restarts it through `ensure`.
+    if touched("network") {
+        sup.ensure(containerd(settings));
+    }
+    if [
+        "container-registry",
+        "pki",
+        "container-runtime",
+        "oci-defaults",
+        "kubernetes.pod-infra-container-image",
+    ]
+    .iter()
+    .any(|g| touched(g))
+    {
         sup.restart("containerd");
     }
-    if touched("kubernetes") {
+    if touched("kubernetes") || touched("network") || touched("aws") {
         match kubelet(settings) {
             Some(spec) => sup.ensure(spec),
             None => sup.disable("kubelet"),
         }
     }
-    if touched("host-containers") || touched("container-registry") {
+    if touched("host-containers") || touched("container-registry") || touched("network") || touched("aws") {
         let wanted = host_containers(settings);
         // Removed from settings (or left without a source): stopped like a disabled one.
         for name in sup.names() {
@@ -155,9 +174,9 @@ pub fn on_settings_applied(sup: &Mutex<Supervisor>, settings: &Settings, changed
 }
 
 pub fn declare(ctx: &mut Ctx) -> Result<(), crate::boot::BootError> {
-    let mut specs = vec![containerd()];
-    if let Some(store) = &ctx.store {
-        let settings = store.settings();
+    let settings = ctx.store.as_ref().map(|s| s.settings()).unwrap_or_default();
+    let mut specs = vec![containerd(&settings)];
+    if ctx.store.is_some() {
         specs.extend(kubelet(&settings));
         specs.extend(host_containers(&settings).into_iter().filter(|(_, on)| *on).map(|(s, _)| s));
     }

@@ -33,6 +33,8 @@ const FALLBACK_DATASTORE: &str = "/run/berth/datastore";
 /// Open the datastore. What it had to set aside is noticed; a datastore that cannot be opened
 /// at all is fatal on trial and replaced by one in memory on a known-good slot.
 pub fn open_datastore(ctx: &mut Ctx) -> Result<(), BootError> {
+    // Variant-only settings (settings.aws) are accepted on their variant only.
+    crate::settings::model::set_variant(&ctx.handoff.variant);
     let store = match Datastore::open(&datastore_dir()) {
         Ok(s) => s,
         Err(e) => {

@@ -16,6 +16,11 @@ pub const CA: &str = "kubernetes/pki/ca.crt";
 pub const BOOTSTRAP: &str = "kubernetes/bootstrap-kubeconfig";
 pub const KUBECONFIG: &str = "/var/lib/kubelet/kubeconfig";
 pub const BINARY: &str = "/usr/bin/kubelet";
+/// The CredentialProviderConfig (`settings.kubernetes.credential-providers`), under /etc.
+pub const CREDENTIAL_PROVIDER_CONFIG: &str = "kubernetes/kubelet/credential-provider-config.json";
+/// Where kubelet looks for credential provider plugins (Bottlerocket's directory); the image
+/// must ship each enabled provider's binary there.
+pub const CREDENTIAL_PROVIDER_BIN_DIR: &str = "/usr/libexec/kubernetes/kubelet/plugins";
 
 pub fn configured(s: &Settings) -> Option<&Kubernetes> {
     s.kubernetes.as_ref().filter(|k| k.api_server.is_some() || k.standalone_mode == Some(true))
@@ -75,7 +80,81 @@ pub fn config(k: &Kubernetes) -> Value {
     if let Some(id) = &k.provider_id {
         c["providerID"] = json!(id);
     }
+    tuning(k, &mut c);
     c
+}
+
+/// The Bottlerocket tuning keys, each to its KubeletConfiguration field (written only when
+/// set, so kubelet's defaults stay kubelet's).
+fn tuning(k: &Kubernetes, c: &mut Value) {
+    let mut set = |field: &str, v: Option<Value>| {
+        if let Some(v) = v {
+            c[field] = v;
+        }
+    };
+    set("clusterDomain", k.cluster_domain.as_ref().map(|d| json!(d)));
+    set("evictionHard", k.eviction_hard.as_ref().map(|m| json!(m)));
+    set("evictionSoft", k.eviction_soft.as_ref().map(|m| json!(m)));
+    set("evictionSoftGracePeriod", k.eviction_soft_grace_period.as_ref().map(|m| json!(m)));
+    set("evictionMaxPodGracePeriod", k.eviction_max_pod_grace_period.map(|n| json!(n)));
+    set("kubeReserved", k.kube_reserved.as_ref().map(|m| json!(m)));
+    set("systemReserved", k.system_reserved.as_ref().map(|m| json!(m)));
+    set("allowedUnsafeSysctls", k.allowed_unsafe_sysctls.as_ref().map(|l| json!(l)));
+    set("registryPullQPS", k.registry_qps.map(|n| json!(n)));
+    set("registryBurst", k.registry_burst.map(|n| json!(n)));
+    set("eventRecordQPS", k.event_qps.map(|n| json!(n)));
+    set("eventBurst", k.event_burst.map(|n| json!(n)));
+    set("kubeAPIQPS", k.kube_api_qps.map(|n| json!(n)));
+    set("kubeAPIBurst", k.kube_api_burst.map(|n| json!(n)));
+    set("containerLogMaxSize", k.container_log_max_size.as_ref().map(|q| json!(q)));
+    set("containerLogMaxFiles", k.container_log_max_files.map(|n| json!(n)));
+    set("cpuCFSQuota", k.cpu_cfs_quota_enforced.map(|b| json!(b)));
+    // kubelet takes the policy names in lowercase; Bottlerocket also accepts them capitalised.
+    set("cpuManagerPolicy", k.cpu_manager_policy.as_ref().map(|p| json!(p.to_lowercase())));
+    set("cpuManagerReconcilePeriod", k.cpu_manager_reconcile_period.as_ref().map(|d| json!(d)));
+    set("topologyManagerScope", k.topology_manager_scope.as_ref().map(|v| json!(v)));
+    set("topologyManagerPolicy", k.topology_manager_policy.as_ref().map(|v| json!(v)));
+    set("podPidsLimit", k.pod_pids_limit.map(|n| json!(n)));
+    let gc = |v: &Option<Value>| v.as_ref().and_then(super::model::gc_percent).map(|n| json!(n));
+    set("imageGCHighThresholdPercent", gc(&k.image_gc_high_threshold_percent));
+    set("imageGCLowThresholdPercent", gc(&k.image_gc_low_threshold_percent));
+    if !standalone(k) {
+        set("serverTLSBootstrap", k.server_tls_bootstrap.map(|b| json!(b)));
+    }
+    set("shutdownGracePeriod", k.shutdown_grace_period.as_ref().map(|d| json!(d)));
+    set(
+        "shutdownGracePeriodCriticalPods",
+        k.shutdown_grace_period_for_critical_pods.as_ref().map(|d| json!(d)),
+    );
+    set("seccompDefault", k.seccomp_default.map(|b| json!(b)));
+}
+
+/// The enabled credential providers, by name.
+fn enabled_providers(k: &Kubernetes) -> impl Iterator<Item = (&String, &super::model::CredentialProvider)> {
+    k.credential_providers.iter().flatten().filter(|(_, p)| p.enabled == Some(true))
+}
+
+/// The CredentialProviderConfig (`kubelet.config.k8s.io/v1`) for the enabled providers;
+/// empty when none is.
+pub fn credential_provider_config(k: &Kubernetes) -> String {
+    let providers: Vec<Value> = enabled_providers(k)
+        .map(|(name, p)| {
+            let env: Vec<Value> =
+                p.environment.iter().flatten().map(|(n, v)| json!({"name": n, "value": v})).collect();
+            json!({
+                "name": name,
+                "apiVersion": "credentialprovider.kubelet.k8s.io/v1",
+                "matchImages": p.image_patterns.clone().unwrap_or_default(),
+                "defaultCacheDuration": p.cache_duration.clone().unwrap_or_else(|| "12h".into()),
+                "env": env,
+            })
+        })
+        .collect();
+    if providers.is_empty() {
+        return String::new();
+    }
+    let v = json!({"apiVersion": "kubelet.config.k8s.io/v1", "kind": "CredentialProviderConfig", "providers": providers});
+    serde_json::to_string_pretty(&v).expect("JSON serializes")
 }
 
 /// The bootstrap kubeconfig (kubelet exchanges the token for a client certificate).
@@ -103,6 +182,19 @@ pub fn argv(k: &Kubernetes) -> Vec<String> {
     }
     if let Some(ip) = &k.node_ip {
         a.push(format!("--node-ip={ip}"));
+    }
+    if let Some(h) = &k.hostname_override {
+        a.push(format!("--hostname-override={h}"));
+    }
+    if let Some(p) = &k.cloud_provider {
+        a.push(format!("--cloud-provider={p}"));
+    }
+    if let Some(v) = k.log_level {
+        a.push(format!("-v={v}"));
+    }
+    if enabled_providers(k).next().is_some() {
+        a.push(format!("--image-credential-provider-config=/etc/{CREDENTIAL_PROVIDER_CONFIG}"));
+        a.push(format!("--image-credential-provider-bin-dir={CREDENTIAL_PROVIDER_BIN_DIR}"));
     }
     if let Some(labels) = &k.node_labels {
         let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -154,6 +246,32 @@ mod tests {
         "registerWithTaints",
         "volumePluginDir",
         "providerID",
+        "evictionHard",
+        "evictionSoft",
+        "evictionSoftGracePeriod",
+        "evictionMaxPodGracePeriod",
+        "kubeReserved",
+        "systemReserved",
+        "allowedUnsafeSysctls",
+        "registryPullQPS",
+        "registryBurst",
+        "eventRecordQPS",
+        "eventBurst",
+        "kubeAPIQPS",
+        "kubeAPIBurst",
+        "containerLogMaxSize",
+        "containerLogMaxFiles",
+        "cpuCFSQuota",
+        "cpuManagerPolicy",
+        "cpuManagerReconcilePeriod",
+        "topologyManagerScope",
+        "topologyManagerPolicy",
+        "podPidsLimit",
+        "imageGCHighThresholdPercent",
+        "imageGCLowThresholdPercent",
+        "shutdownGracePeriod",
+        "shutdownGracePeriodCriticalPods",
+        "seccompDefault",
     ];
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod kubelet;
 pub mod model;
+pub mod refused;
 pub mod render;
 pub mod store;
 

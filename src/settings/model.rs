@@ -1,6 +1,9 @@
 //! The typed settings model. Key names follow Bottlerocket's where the meaning is the same
 //! (kebab-case; `settings.network.hostname`, `settings.kernel.sysctl`, ...). Unknown keys are
-//! rejected, and [`parse`] names the full path of whatever is wrong.
+//! rejected, and [`parse`] names the full path of whatever is wrong. Bottlerocket keys that
+//! mean nothing on Berth are refused with the reason ([`super::refused`]); `settings.aws` only
+//! on the aws variant ([`set_variant`]). Growing the model follows the rule in
+//! `super::store` (a key is never removed or narrowed).
 //! Every setting is documented in docs/settings.md.
 
 use std::collections::BTreeMap;
@@ -24,6 +27,18 @@ pub struct Settings {
     pub updates: Option<Updates>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<Kubernetes>,
+    /// `settings.dns`: name servers and search list for /etc/resolv.conf (Bottlerocket's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns: Option<Dns>,
+    /// `settings.oci-defaults`: the base OCI spec of every container containerd's CRI starts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oci_defaults: Option<OciDefaults>,
+    /// `settings.container-runtime`: containerd's CRI plugin options.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_runtime: Option<ContainerRuntime>,
+    /// `settings.metrics`: Berth sends no metrics; only `send-metrics = false` is accepted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Metrics>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host_containers: Option<BTreeMap<String, HostContainer>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -37,13 +52,156 @@ pub struct Settings {
     pub aws: Option<Aws>,
 }
 
-/// `settings.aws`: Bottlerocket's key; only the region so far.
+/// `settings.aws`: Bottlerocket's keys, accepted on the `aws` variant only.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Aws {
     /// The instance's region (`us-west-2`); on EC2 generated from the identity document.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
+    /// Base64 of an AWS config file, written to `/root/.aws/config`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
+    /// Base64 of an AWS credentials file, written to `/root/.aws/credentials` (mode 0600).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<String>,
+    /// The profile of those files to use (`AWS_PROFILE`), default `default`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+}
+
+/// `settings.dns` (Bottlerocket's): they win over DHCP's and `network.name-servers`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Dns {
+    /// IPv4 or IPv6 addresses, at most [`MAX_NAME_SERVERS`] (what the C libraries read).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name_servers: Option<Vec<String>>,
+    /// Domains for the `search` line, at most [`MAX_SEARCH_DOMAINS`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub search_list: Option<Vec<String>>,
+}
+
+pub const MAX_NAME_SERVERS: usize = 3;
+/// glibc reads at most 6 search domains (musl 6 as well).
+pub const MAX_SEARCH_DOMAINS: usize = 6;
+
+/// `settings.oci-defaults` (Bottlerocket's).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct OciDefaults {
+    /// Capability (kebab-case, without `CAP_`) → granted; unnamed ones keep their default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<BTreeMap<String, bool>>,
+    /// Limit name (`max-open-files`, ...) → its soft and hard values.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resource_limits: Option<BTreeMap<String, ResourceLimit>>,
+}
+
+/// One rlimit: each value a non-negative integer, `-1` or `"unlimited"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ResourceLimit {
+    pub hard_limit: Value,
+    pub soft_limit: Value,
+}
+
+/// The value of an rlimit ([`ResourceLimit`]): `u64::MAX` is unlimited (RLIM_INFINITY).
+pub fn rlimit_value(v: &Value) -> Option<u64> {
+    match v {
+        Value::Number(n) if n.as_i64() == Some(-1) => Some(u64::MAX),
+        Value::Number(n) => n.as_i64().filter(|&i| i >= 0).map(|i| i as u64),
+        Value::String(s) if s == "unlimited" => Some(u64::MAX),
+        _ => None,
+    }
+}
+
+/// Bottlerocket's capability names and what the kernel calls them.
+pub const CAPABILITIES: &[&str] = &[
+    "audit-control",
+    "audit-read",
+    "audit-write",
+    "block-suspend",
+    "bpf",
+    "checkpoint-restore",
+    "chown",
+    "dac-override",
+    "dac-read-search",
+    "fowner",
+    "fsetid",
+    "ipc-lock",
+    "ipc-owner",
+    "kill",
+    "lease",
+    "linux-immutable",
+    "mac-admin",
+    "mac-override",
+    "mknod",
+    "net-admin",
+    "net-bind-service",
+    "net-broadcast",
+    "net-raw",
+    "perfmon",
+    "setfcap",
+    "setgid",
+    "setpcap",
+    "setuid",
+    "sys-admin",
+    "sys-boot",
+    "sys-chroot",
+    "sys-module",
+    "sys-nice",
+    "sys-pacct",
+    "sys-ptrace",
+    "sys-rawio",
+    "sys-resource",
+    "sys-time",
+    "sys-tty-config",
+    "syslog",
+    "wake-alarm",
+];
+
+/// Bottlerocket's rlimit names and the kernel's.
+pub const RESOURCE_LIMITS: &[(&str, &str)] = &[
+    ("max-address-space", "RLIMIT_AS"),
+    ("max-core-file-size", "RLIMIT_CORE"),
+    ("max-cpu-time", "RLIMIT_CPU"),
+    ("max-data-size", "RLIMIT_DATA"),
+    ("max-file-locks", "RLIMIT_LOCKS"),
+    ("max-file-size", "RLIMIT_FSIZE"),
+    ("max-locked-memory", "RLIMIT_MEMLOCK"),
+    ("max-msgqueue-size", "RLIMIT_MSGQUEUE"),
+    ("max-nice-priority", "RLIMIT_NICE"),
+    ("max-open-files", "RLIMIT_NOFILE"),
+    ("max-pending-signals", "RLIMIT_SIGPENDING"),
+    ("max-processes", "RLIMIT_NPROC"),
+    ("max-realtime-priority", "RLIMIT_RTPRIO"),
+    ("max-realtime-timeout", "RLIMIT_RTTIME"),
+    ("max-resident-set", "RLIMIT_RSS"),
+    ("max-stack-size", "RLIMIT_STACK"),
+];
+
+/// `settings.container-runtime` (Bottlerocket's): containerd's CRI options.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ContainerRuntime {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_downloads: Option<i32>,
+    /// Bytes; -1 is no limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_container_log_line_size: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enable_unprivileged_ports: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enable_unprivileged_icmp: Option<bool>,
+}
+
+/// `settings.metrics`: Berth sends nothing; see [`Settings::validate`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Metrics {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub send_metrics: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +221,12 @@ pub struct Network {
     /// DNS servers with a static address.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name_servers: Option<Vec<String>>,
+    /// The HTTPS proxy (`HTTPS_PROXY`) of containerd, kubelet and host container pulls.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub https_proxy: Option<String>,
+    /// Hosts not to reach through the proxy (`NO_PROXY`), added to Berth's own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub no_proxy: Option<Vec<String>>,
 }
 
 /// Parse `a.b.c.d/len`.
@@ -145,12 +309,101 @@ pub struct Kubernetes {
     pub cluster_dns_ip: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub standalone_mode: Option<bool>,
+    // Bottlerocket's kubelet tuning keys (issue 18); each renders one KubeletConfiguration
+    // field or kubelet flag (src/settings/kubelet.rs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_domain: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eviction_hard: Option<BTreeMap<String, String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eviction_soft: Option<BTreeMap<String, String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eviction_soft_grace_period: Option<BTreeMap<String, String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eviction_max_pod_grace_period: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kube_reserved: Option<BTreeMap<String, String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system_reserved: Option<BTreeMap<String, String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_unsafe_sysctls: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub registry_qps: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub registry_burst: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_qps: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_burst: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kube_api_qps: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kube_api_burst: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_log_max_size: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_log_max_files: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_cfs_quota_enforced: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_manager_policy: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_manager_reconcile_period: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topology_manager_scope: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topology_manager_policy: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_pids_limit: Option<i64>,
+    /// A number or a string of one (Bottlerocket takes both and gives back the form given).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_gc_high_threshold_percent: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_gc_low_threshold_percent: Option<Value>,
+    /// The pause image: containerd's `sandbox_image` on Berth.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_infra_container_image: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_tls_bootstrap: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_grace_period: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_grace_period_for_critical_pods: Option<String>,
+    /// `tls` only (there is no aws-iam-authenticator on Berth).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authentication_mode: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential_providers: Option<BTreeMap<String, CredentialProvider>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seccomp_default: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname_override: Option<String>,
+    /// `external` or empty.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cloud_provider: Option<String>,
+    /// kubelet's `-v`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<u8>,
     /// The node's IP address for kubelet (`--node-ip`); on EC2 generated from IMDS.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_ip: Option<String>,
     /// The node's provider ID (`providerID`), `aws:///ZONE/INSTANCE-ID` on EC2.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub provider_id: Option<String>,
+}
+
+/// `settings.kubernetes.credential-providers.NAME`: a kubelet image credential provider.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct CredentialProvider {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_patterns: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_duration: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub environment: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,7 +431,52 @@ pub const MAX_PROVIDER_ID: usize = 256;
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ContainerRegistry {
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub mirrors: Option<Vec<Mirror>>,
+    pub mirrors: Option<Mirrors>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<Vec<RegistryCredential>>,
+}
+
+/// `settings.container-registry.mirrors` in either of Bottlerocket's forms, kept as given:
+/// a list of `{registry, endpoint}` tables, or a table `registry = [endpoints]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Mirrors {
+    List(Vec<Mirror>),
+    Table(BTreeMap<String, Vec<String>>),
+}
+
+impl Mirrors {
+    /// The mirrors as a list, whichever form they were given in.
+    pub fn list(&self) -> Vec<Mirror> {
+        match self {
+            Mirrors::List(l) => l.clone(),
+            Mirrors::Table(t) => {
+                t.iter().map(|(r, e)| Mirror { registry: r.clone(), endpoint: e.clone() }).collect()
+            }
+        }
+    }
+}
+
+impl ContainerRegistry {
+    pub fn mirror_list(&self) -> Vec<Mirror> {
+        self.mirrors.as_ref().map(Mirrors::list).unwrap_or_default()
+    }
+}
+
+/// `settings.container-registry.credentials[]`: a registry's login for containerd's pulls.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RegistryCredential {
+    pub registry: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Base64 of `username:password`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identitytoken: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -223,10 +521,32 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> Invalid {
     Invalid { key: key.into(), message: message.into() }
 }
 
+/// The variant this program runs as (the slot's `variant`), set once by PID 1 before the
+/// datastore is opened. Unset (dev mode, host tools, unit tests) means any variant: keys of
+/// every variant are accepted.
+static VARIANT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+pub fn set_variant(variant: &str) {
+    let _ = VARIANT.set(variant.to_string());
+}
+
+/// Whether this variant takes `settings.aws` (the aws variant; any when unset).
+pub fn aws_settings_allowed() -> bool {
+    VARIANT.get().is_none_or(|v| v == "aws")
+}
+
 /// Deserialize and validate settings from JSON, naming the failing key (`settings.x.y`).
 pub fn parse(value: &Value) -> Result<Settings, Invalid> {
+    parse_for(value, VARIANT.get().map(String::as_str))
+}
+
+/// [`parse`] for `variant` (None: any).
+pub fn parse_for(value: &Value, variant: Option<&str>) -> Result<Settings, Invalid> {
     if !value.is_object() {
         return Err(invalid("settings", "wrong shape: expected an object of settings"));
+    }
+    if let Some((key, why)) = super::refused::check(value, variant) {
+        return Err(invalid(key, why));
     }
     let settings: Settings = serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
@@ -294,8 +614,509 @@ fn check_url(key: &str, url: &Option<String>) -> Result<(), Invalid> {
     }
 }
 
+/// One line of at most `max` bytes (Bottlerocket's SingleLineString, bounded).
+fn single_line(s: &str, max: usize) -> bool {
+    s.len() <= max && !s.contains(['\n', '\r', '\u{b}', '\u{c}', '\u{85}', '\u{2028}', '\u{2029}', '\0'])
+}
+
+/// A decimal number: digits with an optional fraction.
+fn decimal(s: &str) -> bool {
+    let (i, f) = s.split_once('.').unwrap_or((s, "0"));
+    !i.is_empty()
+        && !f.is_empty()
+        && i.bytes().all(|c| c.is_ascii_digit())
+        && f.bytes().all(|c| c.is_ascii_digit())
+}
+
+/// A Kubernetes quantity as Bottlerocket accepts it: `128974848`, `129e6`, `129M`, `123Mi`,
+/// `100m`.
+pub fn valid_quantity(q: &str) -> bool {
+    const SUFFIXES: &[&str] =
+        &["Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "n", "u", "m", "k", "K", "M", "G", "T", "P", "E"];
+    if q.is_empty() || q.len() > 64 {
+        return false;
+    }
+    if let Some((m, e)) = q.split_once('e') {
+        return decimal(m) && !e.is_empty() && e.bytes().all(|c| c.is_ascii_digit());
+    }
+    let num = SUFFIXES.iter().find_map(|s| q.strip_suffix(s)).unwrap_or(q);
+    decimal(num)
+}
+
+/// An eviction threshold: a quantity, or a percentage below 100 (`10%`, `7.5%`).
+pub fn valid_threshold(t: &str) -> bool {
+    match t.strip_suffix('%') {
+        Some(p) => decimal(p) && p.parse::<f64>().is_ok_and(|p| p < 100.0),
+        None => valid_quantity(t),
+    }
+}
+
+/// A duration as Bottlerocket accepts it: parts `<n>h`, `<n>m`, `<n>s`, `<n>ms`, each at most
+/// once and in that order (`1h30m`, `90s`, `0.5s`).
+pub fn valid_duration(d: &str) -> bool {
+    const UNITS: &[&str] = &["h", "m", "s", "ms"];
+    if d.is_empty() || d.len() > 32 {
+        return false;
+    }
+    let mut rest = d;
+    let mut next = 0;
+    while !rest.is_empty() {
+        let n = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        if !decimal(&rest[..n]) {
+            return false;
+        }
+        rest = &rest[n..];
+        let unit = if rest.starts_with("ms") { "ms" } else { &rest[..rest.len().min(1)] };
+        match UNITS.iter().position(|u| *u == unit) {
+            Some(i) if i >= next => next = i + 1,
+            _ => return false,
+        }
+        rest = &rest[unit.len()..];
+    }
+    true
+}
+
+/// The signals kubelet's eviction thresholds take.
+pub const EVICTION_SIGNALS: &[&str] = &[
+    "memory.available",
+    "nodefs.available",
+    "nodefs.inodesFree",
+    "imagefs.available",
+    "imagefs.inodesFree",
+    "pid.available",
+];
+
+/// The resources kube-reserved and system-reserved take.
+pub const RESERVED_RESOURCES: &[&str] = &["cpu", "memory", "ephemeral-storage", "pid"];
+
+/// An image GC threshold: 0–100, as a number or a string of one.
+pub fn gc_percent(v: &Value) -> Option<u8> {
+    let n = match v {
+        Value::Number(n) => n.as_u64()?,
+        Value::String(s) => s.parse().ok()?,
+        _ => return None,
+    };
+    u8::try_from(n).ok().filter(|&n| n <= 100)
+}
+
+fn check_map(
+    key: &str,
+    map: &Option<BTreeMap<String, String>>,
+    names: &[&str],
+    ok: fn(&str) -> bool,
+    what: &str,
+) -> Result<(), Invalid> {
+    for (k, v) in map.iter().flatten() {
+        if !names.contains(&k.as_str()) {
+            return Err(invalid(format!("{key}.{k}"), format!("not one of {}", names.join(", "))));
+        }
+        if !ok(v) {
+            return Err(invalid(format!("{key}.{k}"), format!("'{v}' is not {what}")));
+        }
+    }
+    Ok(())
+}
+
+fn check_one_of(key: &str, v: &Option<String>, allowed: &[&str]) -> Result<(), Invalid> {
+    match v {
+        Some(v) if !allowed.contains(&v.as_str()) => {
+            Err(invalid(key, format!("'{v}' is not one of {}", allowed.join(", "))))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn check_non_negative(key: &str, v: Option<i32>) -> Result<(), Invalid> {
+    if v.is_some_and(|v| v < 0) {
+        return Err(invalid(key, "must not be negative"));
+    }
+    Ok(())
+}
+
+/// An identifier as Bottlerocket has it (credential provider names): `[A-Za-z0-9-]{1,76}`.
+fn identifier(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 76 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+impl Kubernetes {
+    /// The issue-18 keys (tuning kubelet); the older ones are checked in [`Settings::validate`].
+    fn validate_tuning(&self) -> Result<(), Invalid> {
+        const K: &str = "settings.kubernetes";
+        if let Some(d) = &self.cluster_domain {
+            if !valid_hostname(d) || d.parse::<std::net::IpAddr>().is_ok() {
+                return Err(invalid(format!("{K}.cluster-domain"), format!("'{d}' is not a DNS domain")));
+            }
+        }
+        check_map(
+            &format!("{K}.eviction-hard"),
+            &self.eviction_hard,
+            EVICTION_SIGNALS,
+            valid_threshold,
+            "a quantity or a percentage below 100%",
+        )?;
+        check_map(
+            &format!("{K}.eviction-soft"),
+            &self.eviction_soft,
+            EVICTION_SIGNALS,
+            valid_threshold,
+            "a quantity or a percentage below 100%",
+        )?;
+        check_map(
+            &format!("{K}.eviction-soft-grace-period"),
+            &self.eviction_soft_grace_period,
+            EVICTION_SIGNALS,
+            valid_duration,
+            "a duration (1h2m3s4ms)",
+        )?;
+        check_map(
+            &format!("{K}.kube-reserved"),
+            &self.kube_reserved,
+            RESERVED_RESOURCES,
+            valid_quantity,
+            "a quantity",
+        )?;
+        check_map(
+            &format!("{K}.system-reserved"),
+            &self.system_reserved,
+            RESERVED_RESOURCES,
+            valid_quantity,
+            "a quantity",
+        )?;
+        check_non_negative(
+            &format!("{K}.eviction-max-pod-grace-period"),
+            self.eviction_max_pod_grace_period,
+        )?;
+        for (name, v) in [
+            ("registry-qps", self.registry_qps),
+            ("registry-burst", self.registry_burst),
+            ("event-qps", self.event_qps),
+            ("event-burst", self.event_burst),
+            ("kube-api-qps", self.kube_api_qps),
+            ("kube-api-burst", self.kube_api_burst),
+        ] {
+            check_non_negative(&format!("{K}.{name}"), v)?;
+        }
+        let sysctls = self.allowed_unsafe_sysctls.as_deref().unwrap_or_default();
+        if sysctls.len() > 64 {
+            return Err(invalid(format!("{K}.allowed-unsafe-sysctls"), "more than 64 entries"));
+        }
+        if let Some(s) = sysctls.iter().find(|s| {
+            let name = s.strip_suffix('*').unwrap_or(s);
+            !(name.is_empty() && s.as_str() == "*" || valid_sysctl_key(name.trim_end_matches('.')))
+        }) {
+            return Err(invalid(
+                format!("{K}.allowed-unsafe-sysctls"),
+                format!("'{s}' is not a sysctl name or pattern (net.core.*)"),
+            ));
+        }
+        if let Some(q) = &self.container_log_max_size {
+            if !valid_quantity(q) {
+                return Err(invalid(
+                    format!("{K}.container-log-max-size"),
+                    format!("'{q}' is not a quantity (10Mi)"),
+                ));
+            }
+        }
+        if self.container_log_max_files.is_some_and(|n| n < 2) {
+            return Err(invalid(
+                format!("{K}.container-log-max-files"),
+                "must be at least 2 (kubelet's rule)",
+            ));
+        }
+        check_one_of(
+            &format!("{K}.cpu-manager-policy"),
+            &self.cpu_manager_policy,
+            &["none", "static", "None", "Static"],
+        )?;
+        check_one_of(
+            &format!("{K}.topology-manager-scope"),
+            &self.topology_manager_scope,
+            &["container", "pod"],
+        )?;
+        check_one_of(
+            &format!("{K}.topology-manager-policy"),
+            &self.topology_manager_policy,
+            &["none", "restricted", "best-effort", "single-numa-node"],
+        )?;
+        check_one_of(&format!("{K}.authentication-mode"), &self.authentication_mode, &["tls"])?;
+        check_one_of(&format!("{K}.cloud-provider"), &self.cloud_provider, &["external", ""])?;
+        for (name, d) in [
+            ("cpu-manager-reconcile-period", &self.cpu_manager_reconcile_period),
+            ("shutdown-grace-period", &self.shutdown_grace_period),
+            ("shutdown-grace-period-for-critical-pods", &self.shutdown_grace_period_for_critical_pods),
+        ] {
+            if let Some(d) = d {
+                if !valid_duration(d) {
+                    return Err(invalid(
+                        format!("{K}.{name}"),
+                        format!("'{d}' is not a duration (1h2m3s4ms)"),
+                    ));
+                }
+            }
+        }
+        if self.pod_pids_limit.is_some_and(|n| n < -1) {
+            return Err(invalid(format!("{K}.pod-pids-limit"), "must be -1 (no limit) or more"));
+        }
+        let high = self.image_gc_high_threshold_percent.as_ref();
+        let low = self.image_gc_low_threshold_percent.as_ref();
+        for (name, v) in [("image-gc-high-threshold-percent", high), ("image-gc-low-threshold-percent", low)]
+        {
+            if v.is_some_and(|v| gc_percent(v).is_none()) {
+                return Err(invalid(format!("{K}.{name}"), "must be 0-100 (a number or a string of one)"));
+            }
+        }
+        if let (Some(h), Some(l)) = (high.and_then(gc_percent), low.and_then(gc_percent)) {
+            if l > h {
+                return Err(invalid(
+                    format!("{K}.image-gc-low-threshold-percent"),
+                    "must not be above image-gc-high-threshold-percent (kubelet's rule)",
+                ));
+            }
+        }
+        if let Some(i) = &self.pod_infra_container_image {
+            if i.is_empty() || !single_line(i, 512) || i.contains(char::is_whitespace) {
+                return Err(invalid(
+                    format!("{K}.pod-infra-container-image"),
+                    "not an image reference (one word, at most 512 bytes)",
+                ));
+            }
+        }
+        if let Some(h) = &self.hostname_override {
+            if !valid_hostname(h) || h.chars().any(|c| c.is_ascii_uppercase()) {
+                return Err(invalid(
+                    format!("{K}.hostname-override"),
+                    format!("'{h}' is not a lowercase host name"),
+                ));
+            }
+        }
+        if self.log_level.is_some_and(|l| l > 10) {
+            return Err(invalid(format!("{K}.log-level"), "must be 0-10"));
+        }
+        let providers = self.credential_providers.iter().flatten();
+        if self.credential_providers.as_ref().is_some_and(|p| p.len() > 16) {
+            return Err(invalid(format!("{K}.credential-providers"), "more than 16 providers"));
+        }
+        for (name, p) in providers {
+            let key = format!("{K}.credential-providers.{name}");
+            if !identifier(name) {
+                return Err(invalid(key, "name must be 1-76 of [A-Za-z0-9-] (the plugin's file name)"));
+            }
+            let patterns = p.image_patterns.as_deref().unwrap_or_default();
+            if patterns.len() > 64
+                || patterns.iter().any(|i| i.is_empty() || !single_line(i, 256) || i.contains(' '))
+            {
+                return Err(invalid(
+                    format!("{key}.image-patterns"),
+                    "at most 64 patterns, each one word of at most 256 bytes",
+                ));
+            }
+            if p.enabled == Some(true) && patterns.is_empty() {
+                return Err(invalid(
+                    format!("{key}.image-patterns"),
+                    "an enabled provider needs at least one pattern",
+                ));
+            }
+            if let Some(d) = &p.cache_duration {
+                if !valid_duration(d) {
+                    return Err(invalid(
+                        format!("{key}.cache-duration"),
+                        format!("'{d}' is not a duration (1h2m3s4ms)"),
+                    ));
+                }
+            }
+            for (k, v) in p.environment.iter().flatten() {
+                let ok_name = !k.is_empty()
+                    && k.len() <= 128
+                    && !k.starts_with(|c: char| c.is_ascii_digit())
+                    && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if !ok_name || !single_line(v, 4096) {
+                    return Err(invalid(
+                        format!("{key}.environment.{k}"),
+                        "a variable name of [A-Za-z0-9_] and a value of one line",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Settings {
+    /// The issue-18 groups: dns, proxy, oci-defaults, container-runtime, registry credentials,
+    /// aws files.
+    fn validate_more(&self) -> Result<(), Invalid> {
+        if let Some(n) = &self.network {
+            if let Some(p) = &n.https_proxy {
+                // Bottlerocket's Url: a URL, or one once http:// is put in front (host:port).
+                let rest = p.strip_prefix("http://").or_else(|| p.strip_prefix("https://")).unwrap_or(p);
+                if rest.is_empty()
+                    || !single_line(p, 2048)
+                    || p.contains(char::is_whitespace)
+                    || rest.contains("://")
+                {
+                    return Err(invalid(
+                        "settings.network.https-proxy",
+                        format!("'{p}' is not a proxy URL (http://HOST:PORT or HOST:PORT)"),
+                    ));
+                }
+            }
+            let np = n.no_proxy.as_deref().unwrap_or_default();
+            if np.len() > 256
+                || np.iter().any(|h| h.is_empty() || !single_line(h, 253) || h.contains([' ', ',']))
+            {
+                return Err(invalid(
+                    "settings.network.no-proxy",
+                    "at most 256 entries, each a host, domain or CIDR without spaces or commas",
+                ));
+            }
+        }
+        if let Some(d) = &self.dns {
+            let ns = d.name_servers.as_deref().unwrap_or_default();
+            if ns.len() > MAX_NAME_SERVERS {
+                return Err(invalid(
+                    "settings.dns.name-servers",
+                    format!("more than {MAX_NAME_SERVERS} (the C libraries read no more)"),
+                ));
+            }
+            if let Some(bad) = ns.iter().find(|a| a.parse::<std::net::IpAddr>().is_err()) {
+                return Err(invalid("settings.dns.name-servers", format!("'{bad}' is not an IP address")));
+            }
+            let sl = d.search_list.as_deref().unwrap_or_default();
+            if sl.len() > MAX_SEARCH_DOMAINS {
+                return Err(invalid(
+                    "settings.dns.search-list",
+                    format!("more than {MAX_SEARCH_DOMAINS} domains (the C libraries read no more)"),
+                ));
+            }
+            if let Some(bad) =
+                sl.iter().find(|h| !valid_hostname(h) || h.chars().any(|c| c.is_ascii_uppercase()))
+            {
+                return Err(invalid(
+                    "settings.dns.search-list",
+                    format!("'{bad}' is not a lowercase domain name"),
+                ));
+            }
+        }
+        if let Some(o) = &self.oci_defaults {
+            for cap in o.capabilities.iter().flatten().map(|(c, _)| c) {
+                if !CAPABILITIES.contains(&cap.as_str()) {
+                    return Err(invalid(
+                        format!("settings.oci-defaults.capabilities.{cap}"),
+                        "not a capability (kebab-case, without CAP_: net-admin)",
+                    ));
+                }
+            }
+            for (name, l) in o.resource_limits.iter().flatten() {
+                let key = format!("settings.oci-defaults.resource-limits.{name}");
+                if !RESOURCE_LIMITS.iter().any(|(n, _)| n == name) {
+                    return Err(invalid(key, "not a resource limit (max-open-files, max-processes, ...)"));
+                }
+                let (Some(hard), Some(soft)) = (rlimit_value(&l.hard_limit), rlimit_value(&l.soft_limit))
+                else {
+                    return Err(invalid(
+                        key,
+                        "each limit must be a non-negative integer, -1 or \"unlimited\"",
+                    ));
+                };
+                if soft > hard {
+                    return Err(invalid(format!("{key}.soft-limit"), "must not be above hard-limit"));
+                }
+            }
+        }
+        if let Some(r) = &self.container_runtime {
+            check_non_negative(
+                "settings.container-runtime.max-concurrent-downloads",
+                r.max_concurrent_downloads,
+            )?;
+            if r.max_container_log_line_size.is_some_and(|n| n < -1) {
+                return Err(invalid(
+                    "settings.container-runtime.max-container-log-line-size",
+                    "must be -1 (no limit) or more",
+                ));
+            }
+        }
+        if let Some(c) = &self.container_registry {
+            let mirrors = c.mirror_list();
+            if mirrors.len() > 64 {
+                return Err(invalid("settings.container-registry.mirrors", "more than 64 registries"));
+            }
+            for m in &mirrors {
+                let key = format!("settings.container-registry.mirrors.{}", m.registry);
+                if m.registry.is_empty()
+                    || !single_line(&m.registry, 253)
+                    || m.registry.contains(['"', '\\', ' '])
+                {
+                    return Err(invalid(key, "not a registry name"));
+                }
+                if m.endpoint.len() > 16 {
+                    return Err(invalid(key, "more than 16 endpoints"));
+                }
+                for e in &m.endpoint {
+                    check_url(&key, &Some(e.clone()))?;
+                    if e.contains(['"', '\\']) {
+                        return Err(invalid(key, format!("'{e}' is not a URL")));
+                    }
+                }
+            }
+            let creds = c.credentials.as_deref().unwrap_or_default();
+            if creds.len() > 64 {
+                return Err(invalid("settings.container-registry.credentials", "more than 64 registries"));
+            }
+            for (i, cr) in creds.iter().enumerate() {
+                let key = format!("settings.container-registry.credentials[{i}]");
+                if cr.registry.is_empty()
+                    || !single_line(&cr.registry, 253)
+                    || cr.registry.contains(['"', '\\', ' '])
+                {
+                    return Err(invalid(format!("{key}.registry"), "not a registry name"));
+                }
+                for (f, v) in [
+                    ("username", &cr.username),
+                    ("password", &cr.password),
+                    ("auth", &cr.auth),
+                    ("identitytoken", &cr.identitytoken),
+                ] {
+                    if v.as_ref().is_some_and(|v| !single_line(v, 8192)) {
+                        return Err(invalid(format!("{key}.{f}"), "must be one line of at most 8 KiB"));
+                    }
+                }
+                if cr.auth.as_ref().is_some_and(|a| super::kubelet::base64_decode(a).is_none()) {
+                    return Err(invalid(format!("{key}.auth"), "not base64 (of username:password)"));
+                }
+                if cr.username.is_some() != cr.password.is_some() {
+                    return Err(invalid(key, "username and password go together"));
+                }
+            }
+        }
+        if let Some(a) = &self.aws {
+            for (f, v) in [("config", &a.config), ("credentials", &a.credentials)] {
+                let Some(v) = v else { continue };
+                if v.len() > 64 * 1024 {
+                    return Err(invalid(format!("settings.aws.{f}"), "longer than 64 KiB"));
+                }
+                if super::kubelet::base64_decode(v).is_none() {
+                    return Err(invalid(format!("settings.aws.{f}"), "not base64"));
+                }
+            }
+            if let Some(p) = &a.profile {
+                if p.is_empty() || !single_line(p, 128) || p.contains(char::is_whitespace) {
+                    return Err(invalid(
+                        "settings.aws.profile",
+                        "a profile name: one word of at most 128 bytes",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Settings {
     pub fn validate(&self) -> Result<(), Invalid> {
+        self.validate_more()?;
+        if let Some(k) = &self.kubernetes {
+            k.validate_tuning()?;
+        }
         if let Some(m) = &self.motd {
             if m.len() > 16 * 1024 {
                 return Err(invalid("settings.motd", "longer than 16 KiB"));
@@ -515,7 +1336,7 @@ mod tests {
                 "no spaces",
             ),
             (json!({"aws": {"region": "US-WEST-2"}}), "settings.aws.region", "not an AWS region"),
-            (json!({"aws": {"profile": "x"}}), "settings.aws.profile", "unknown field"),
+            (json!({"aws": {"profil": "x"}}), "settings.aws.profil", "unknown field"),
             (
                 json!({"ntp": {"time-servers": ["a b"]}}),
                 "settings.ntp.time-servers",
@@ -537,12 +1358,409 @@ mod tests {
                 "longer than",
             ),
             (json!([1, 2]), "settings", "wrong shape"),
-            (json!({"network": [null, null, null, null, null]}), "settings.network", "wrong shape"),
+            (
+                json!({"network": [null, null, null, null, null, null, null]}),
+                "settings.network",
+                "wrong shape",
+            ),
         ];
         for (v, key, needle) in cases {
             let e = parse(&v).unwrap_err();
             assert_eq!(e.key, key, "{v}: {e}");
             assert!(e.message.contains(needle), "{v}: {e}");
+        }
+    }
+
+    /// Every issue-18 key: a good value is accepted (and round-trips), a bad one is refused
+    /// naming the key.
+    #[test]
+    fn bottlerocket_keys_good_and_bad() {
+        let mut kube = json!({
+            "api-server": "https://k8s:6443", "cluster-domain": "cluster.example",
+            "eviction-hard": {"memory.available": "100Mi", "nodefs.available": "10%"},
+            "eviction-soft": {"imagefs.inodesFree": "5%"},
+            "eviction-soft-grace-period": {"imagefs.inodesFree": "1m30s"},
+            "eviction-max-pod-grace-period": 30,
+            "kube-reserved": {"cpu": "100m", "memory": "512Mi", "ephemeral-storage": "1Gi"},
+            "system-reserved": {"cpu": "0.5", "memory": "1e9"},
+            "allowed-unsafe-sysctls": ["net.core.somaxconn", "net.ipv4.*"],
+            "registry-qps": 20, "registry-burst": 40, "event-qps": 0, "event-burst": 50,
+            "kube-api-qps": 30, "kube-api-burst": 60
+        });
+        let more = json!({
+            "container-log-max-size": "50Mi", "container-log-max-files": 4,
+            "cpu-cfs-quota-enforced": false, "cpu-manager-policy": "Static",
+            "cpu-manager-reconcile-period": "10s", "topology-manager-scope": "pod",
+            "topology-manager-policy": "best-effort", "pod-pids-limit": 4096,
+            "image-gc-high-threshold-percent": "85", "image-gc-low-threshold-percent": 80,
+            "pod-infra-container-image": "registry.example/pause:3.9",
+            "server-tls-bootstrap": false, "shutdown-grace-period": "30s",
+            "shutdown-grace-period-for-critical-pods": "10s", "authentication-mode": "tls",
+            "seccomp-default": true, "hostname-override": "node-1", "cloud-provider": "external",
+            "log-level": 4,
+            "credential-providers": {"ecr-credential-provider": {"enabled": true,
+                "image-patterns": ["*.dkr.ecr.*.amazonaws.com"], "cache-duration": "12h",
+                "environment": {"AWS_REGION": "us-west-2"}}}
+        });
+        crate::settings::store::merge(&mut kube, &more);
+        let good = json!({
+            "kubernetes": kube,
+            "network": {"https-proxy": "http://proxy.example:3128", "no-proxy": ["10.0.0.0/8", ".internal"]},
+            "dns": {"name-servers": ["10.0.2.3", "fd00::53"], "search-list": ["corp.example", "example"]},
+            "oci-defaults": {
+                "capabilities": {"net-admin": true, "mknod": false},
+                "resource-limits": {"max-open-files": {"hard-limit": 4096, "soft-limit": 2048},
+                    "max-core-file-size": {"hard-limit": "unlimited", "soft-limit": -1}}
+            },
+            "container-runtime": {"max-concurrent-downloads": 4, "max-container-log-line-size": -1,
+                "enable-unprivileged-ports": true, "enable-unprivileged-icmp": false},
+            "container-registry": {
+                "mirrors": {"docker.io": ["https://mirror.example"], "*": ["http://10.0.2.2:5000"]},
+                "credentials": [{"registry": "docker.io", "username": "u", "password": "p"},
+                    {"registry": "r.example", "auth": "dTpw"}, {"registry": "q.example", "identitytoken": "t"}]
+            },
+            "metrics": {"send-metrics": false},
+            "aws": {"region": "us-west-2", "config": "W2RlZmF1bHRdCg==", "credentials": "W2RlZmF1bHRdCg==", "profile": "default"}
+        });
+        let s = parse_for(&good, Some("aws")).unwrap();
+        assert_eq!(serde_json::to_value(&s).unwrap(), good, "round trip");
+        assert_eq!(s.container_registry.unwrap().mirror_list().len(), 2);
+
+        let k = |v: Value| json!({"kubernetes": v});
+        let bad = [
+            (k(json!({"cluster-domain": "10.0.0.1"})), "settings.kubernetes.cluster-domain", "DNS domain"),
+            (k(json!({"cluster-domain": ".x"})), "settings.kubernetes.cluster-domain", "DNS domain"),
+            (
+                k(json!({"eviction-hard": {"memory.free": "1Gi"}})),
+                "settings.kubernetes.eviction-hard.memory.free",
+                "not one of",
+            ),
+            (
+                k(json!({"eviction-hard": {"memory.available": "100%"}})),
+                "settings.kubernetes.eviction-hard.memory.available",
+                "percentage below 100%",
+            ),
+            (
+                k(json!({"eviction-soft": {"nodefs.available": "lots"}})),
+                "settings.kubernetes.eviction-soft.nodefs.available",
+                "quantity",
+            ),
+            (
+                k(json!({"eviction-soft-grace-period": {"memory.available": "30"}})),
+                "settings.kubernetes.eviction-soft-grace-period.memory.available",
+                "duration",
+            ),
+            (
+                k(json!({"eviction-soft-grace-period": {"memory.available": "1s1m"}})),
+                "settings.kubernetes.eviction-soft-grace-period.memory.available",
+                "duration",
+            ),
+            (
+                k(json!({"eviction-max-pod-grace-period": -1})),
+                "settings.kubernetes.eviction-max-pod-grace-period",
+                "negative",
+            ),
+            (
+                k(json!({"kube-reserved": {"gpu": "1"}})),
+                "settings.kubernetes.kube-reserved.gpu",
+                "not one of",
+            ),
+            (
+                k(json!({"system-reserved": {"memory": "1 Gi"}})),
+                "settings.kubernetes.system-reserved.memory",
+                "quantity",
+            ),
+            (
+                k(json!({"allowed-unsafe-sysctls": ["net..x"]})),
+                "settings.kubernetes.allowed-unsafe-sysctls",
+                "sysctl",
+            ),
+            (k(json!({"registry-qps": -5})), "settings.kubernetes.registry-qps", "negative"),
+            (k(json!({"kube-api-burst": "ten"})), "settings.kubernetes.kube-api-burst", "i32"),
+            (
+                k(json!({"container-log-max-size": "10MB"})),
+                "settings.kubernetes.container-log-max-size",
+                "quantity",
+            ),
+            (
+                k(json!({"container-log-max-files": 1})),
+                "settings.kubernetes.container-log-max-files",
+                "at least 2",
+            ),
+            (
+                k(json!({"cpu-manager-policy": "dynamic"})),
+                "settings.kubernetes.cpu-manager-policy",
+                "not one of",
+            ),
+            (
+                k(json!({"cpu-manager-reconcile-period": "soon"})),
+                "settings.kubernetes.cpu-manager-reconcile-period",
+                "duration",
+            ),
+            (
+                k(json!({"topology-manager-scope": "node"})),
+                "settings.kubernetes.topology-manager-scope",
+                "not one of",
+            ),
+            (
+                k(json!({"topology-manager-policy": "best"})),
+                "settings.kubernetes.topology-manager-policy",
+                "not one of",
+            ),
+            (k(json!({"pod-pids-limit": -2})), "settings.kubernetes.pod-pids-limit", "-1"),
+            (
+                k(json!({"image-gc-high-threshold-percent": 101})),
+                "settings.kubernetes.image-gc-high-threshold-percent",
+                "0-100",
+            ),
+            (
+                k(json!({"image-gc-low-threshold-percent": "x"})),
+                "settings.kubernetes.image-gc-low-threshold-percent",
+                "0-100",
+            ),
+            (
+                k(json!({"image-gc-high-threshold-percent": 50, "image-gc-low-threshold-percent": 60})),
+                "settings.kubernetes.image-gc-low-threshold-percent",
+                "not be above",
+            ),
+            (
+                k(json!({"pod-infra-container-image": "a b"})),
+                "settings.kubernetes.pod-infra-container-image",
+                "image reference",
+            ),
+            (
+                k(json!({"server-tls-bootstrap": "yes"})),
+                "settings.kubernetes.server-tls-bootstrap",
+                "boolean",
+            ),
+            (
+                k(json!({"shutdown-grace-period": "-1s"})),
+                "settings.kubernetes.shutdown-grace-period",
+                "duration",
+            ),
+            (
+                k(json!({"shutdown-grace-period-for-critical-pods": "1d"})),
+                "settings.kubernetes.shutdown-grace-period-for-critical-pods",
+                "duration",
+            ),
+            (k(json!({"seccomp-default": 1})), "settings.kubernetes.seccomp-default", "boolean"),
+            (k(json!({"hostname-override": "Node_1"})), "settings.kubernetes.hostname-override", "host name"),
+            (k(json!({"cloud-provider": "aws"})), "settings.kubernetes.cloud-provider", "not one of"),
+            (k(json!({"log-level": 11})), "settings.kubernetes.log-level", "0-10"),
+            (
+                k(json!({"credential-providers": {"a b": {}}})),
+                "settings.kubernetes.credential-providers.a b",
+                "name",
+            ),
+            (
+                k(json!({"credential-providers": {"ecr": {"enabled": true}}})),
+                "settings.kubernetes.credential-providers.ecr.image-patterns",
+                "at least one",
+            ),
+            (
+                k(json!({"credential-providers": {"ecr": {"cache-duration": "1 day"}}})),
+                "settings.kubernetes.credential-providers.ecr.cache-duration",
+                "duration",
+            ),
+            (
+                k(json!({"credential-providers": {"ecr": {"environment": {"A-B": "x"}}}})),
+                "settings.kubernetes.credential-providers.ecr.environment.A-B",
+                "variable name",
+            ),
+            (json!({"network": {"https-proxy": "http://"}}), "settings.network.https-proxy", "proxy URL"),
+            (
+                json!({"network": {"https-proxy": "socks5://p:1080"}}),
+                "settings.network.https-proxy",
+                "proxy URL",
+            ),
+            (json!({"network": {"no-proxy": ["a,b"]}}), "settings.network.no-proxy", "commas"),
+            (
+                json!({"dns": {"name-servers": ["8.8.8.8", "1.1.1.1", "9.9.9.9", "8.8.4.4"]}}),
+                "settings.dns.name-servers",
+                "more than 3",
+            ),
+            (json!({"dns": {"name-servers": ["dns.example"]}}), "settings.dns.name-servers", "not an IP"),
+            (json!({"dns": {"search-list": ["a..b"]}}), "settings.dns.search-list", "domain"),
+            (
+                json!({"dns": {"search-list": ["a", "b", "c", "d", "e", "f", "g"]}}),
+                "settings.dns.search-list",
+                "more than 6",
+            ),
+            (json!({"dns": {"servers": []}}), "settings.dns.servers", "unknown field"),
+            (
+                json!({"oci-defaults": {"capabilities": {"CAP_NET_ADMIN": true}}}),
+                "settings.oci-defaults.capabilities.CAP_NET_ADMIN",
+                "not a capability",
+            ),
+            (
+                json!({"oci-defaults": {"capabilities": {"net-admin": "yes"}}}),
+                "settings.oci-defaults.capabilities.net-admin",
+                "boolean",
+            ),
+            (
+                json!({"oci-defaults": {"resource-limits": {"max-files": {"hard-limit": 1, "soft-limit": 1}}}}),
+                "settings.oci-defaults.resource-limits.max-files",
+                "not a resource limit",
+            ),
+            (
+                json!({"oci-defaults": {"resource-limits": {"max-open-files": {"hard-limit": 1}}}}),
+                "settings.oci-defaults.resource-limits.max-open-files",
+                "soft-limit",
+            ),
+            (
+                json!({"oci-defaults": {"resource-limits": {"max-open-files": {"hard-limit": -2, "soft-limit": 1}}}}),
+                "settings.oci-defaults.resource-limits.max-open-files",
+                "non-negative",
+            ),
+            (
+                json!({"oci-defaults": {"resource-limits": {"max-open-files": {"hard-limit": 10, "soft-limit": "unlimited"}}}}),
+                "settings.oci-defaults.resource-limits.max-open-files.soft-limit",
+                "hard-limit",
+            ),
+            (
+                json!({"container-runtime": {"max-concurrent-downloads": -1}}),
+                "settings.container-runtime.max-concurrent-downloads",
+                "negative",
+            ),
+            (
+                json!({"container-runtime": {"max-container-log-line-size": -2}}),
+                "settings.container-runtime.max-container-log-line-size",
+                "-1",
+            ),
+            (
+                json!({"container-runtime": {"snapshotter": "x"}}),
+                "settings.container-runtime.snapshotter",
+                "unknown field",
+            ),
+            (
+                json!({"container-registry": {"mirrors": {"docker.io": ["ftp://m"]}}}),
+                "settings.container-registry.mirrors.docker.io",
+                "URL",
+            ),
+            (
+                json!({"container-registry": {"mirrors": {"docker.io": "https://m"}}}),
+                "settings.container-registry.mirrors",
+                "did not match",
+            ),
+            (
+                json!({"container-registry": {"credentials": [{"registry": "r", "username": "u"}]}}),
+                "settings.container-registry.credentials[0]",
+                "go together",
+            ),
+            (
+                json!({"container-registry": {"credentials": [{"registry": "r", "auth": "%%"}]}}),
+                "settings.container-registry.credentials[0].auth",
+                "base64",
+            ),
+            (
+                json!({"container-registry": {"credentials": [{"registry": "r", "password": "a\nb", "username": "u"}]}}),
+                "settings.container-registry.credentials[0].password",
+                "one line",
+            ),
+            (json!({"aws": {"config": "%%"}}), "settings.aws.config", "not base64"),
+            (json!({"aws": {"profile": "a b"}}), "settings.aws.profile", "one word"),
+        ];
+        for (v, key, needle) in bad {
+            let e = parse_for(&v, Some("aws")).unwrap_err();
+            assert_eq!(e.key, key, "{v}: {e}");
+            assert!(e.message.contains(needle), "{v}: {e}");
+        }
+    }
+
+    /// Bottlerocket keys with no meaning on Berth: refused with the reason and the
+    /// alternative, whatever their value; aws keys only on the aws variant.
+    #[test]
+    fn bottlerocket_keys_refused_with_reasons() {
+        let cases = [
+            (json!({"boot": {"reboot-to-reconcile": true}}), "settings.boot", "signed UKI"),
+            (
+                json!({"boot": {"kernel-parameters": {"console": ["tty0"]}}}),
+                "settings.boot",
+                "BERTH_CMDLINE_EXTRA",
+            ),
+            (json!({"metrics": {"send-metrics": true}}), "settings.metrics.send-metrics", "sends no metrics"),
+            (
+                json!({"metrics": {"metrics-url": "https://m"}}),
+                "settings.metrics.metrics-url",
+                "GET /services",
+            ),
+            (
+                json!({"metrics": {"service-checks": ["kubelet"]}}),
+                "settings.metrics.service-checks",
+                "sends no metrics",
+            ),
+            (json!({"ecs": {"cluster": "c"}}), "settings.ecs", "no ECS variant"),
+            (json!({"autoscaling": {"should-wait": true}}), "settings.autoscaling", "lifecycle hooks"),
+            (json!({"cloudformation": {"should-signal": true}}), "settings.cloudformation", "CloudFormation"),
+            (json!({"oci-hooks": {"log4j-hotpatch-enabled": false}}), "settings.oci-hooks", "remove the key"),
+            (json!({"nvidia-container-runtime": {}}), "settings.nvidia-container-runtime", "NVIDIA"),
+            (json!({"kubelet-device-plugins": {}}), "settings.kubelet-device-plugins", "NVIDIA"),
+            (
+                json!({"kernel": {"modules": {"sctp": {"allowed": false}}}}),
+                "settings.kernel.modules",
+                "built in",
+            ),
+            (
+                json!({"kubernetes": {"hostname-override-source": "instance-id"}}),
+                "settings.kubernetes.hostname-override-source",
+                "hostname-override",
+            ),
+            (
+                json!({"kubernetes": {"authentication-mode": "aws"}}),
+                "settings.kubernetes.authentication-mode",
+                "aws-iam-authenticator",
+            ),
+        ];
+        for (v, key, needle) in cases {
+            for variant in [None, Some("aws"), Some("qemu")] {
+                let e = parse_for(&v, variant).unwrap_err();
+                assert_eq!(e.key, key, "{v}: {e}");
+                assert!(e.message.contains(needle), "{v}: {e}");
+            }
+        }
+        let aws = json!({"aws": {"region": "us-west-2", "profile": "p"}});
+        assert!(parse_for(&aws, Some("aws")).is_ok());
+        assert!(parse_for(&aws, None).is_ok(), "host tools and dev mode take every variant's keys");
+        let e = parse_for(&aws, Some("qemu")).unwrap_err();
+        assert_eq!(e.key, "settings.aws");
+        assert!(e.message.contains("only on the aws variant (this is the qemu variant)"), "{e}");
+        // Unknown keys stay unknown.
+        let e = parse_for(&json!({"kubernetes": {"no-such-key": 1}}), Some("aws")).unwrap_err();
+        assert!(e.message.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn quantities_thresholds_durations() {
+        for (q, ok) in [
+            ("100m", true),
+            ("1Gi", true),
+            ("1.5", true),
+            ("129e6", true),
+            ("1G", true),
+            ("", false),
+            ("1GB", false),
+            ("-1", false),
+            ("1.", false),
+            ("e5", false),
+        ] {
+            assert_eq!(valid_quantity(q), ok, "{q}");
+        }
+        for (t, ok) in [("10%", true), ("99.9%", true), ("100%", false), ("x%", false), ("1Gi", true)] {
+            assert_eq!(valid_threshold(t), ok, "{t}");
+        }
+        for (d, ok) in [
+            ("1h", true),
+            ("1h2m3s4ms", true),
+            ("0.5s", true),
+            ("90m", true),
+            ("1m1h", false),
+            ("1s1s", false),
+            ("", false),
+            ("5", false),
+            ("1d", false),
+            ("ms", false),
+        ] {
+            assert_eq!(valid_duration(d), ok, "{d}");
         }
     }
 

@@ -1,6 +1,13 @@
 //! Turning settings into effects: configuration files rendered under /etc (a tmpfs, rendered
 //! anew on every boot), the hostname, and sysctls written to /proc/sys.
 //!
+//! The files, as Bottlerocket's settings mean them (docs/settings.md): containerd's config
+//! (CRI options, `sandbox_image`, registry mirrors and credentials) and its base OCI spec
+//! for `settings.oci-defaults` ([`cri_base_spec`]), kubelet's configuration
+//! ([`kubelet`]), resolv.conf (the network's with `settings.dns` on top, [`resolv_conf`]), the
+//! proxy environment ([`proxy_env`], also given to the services through their specs), the AWS
+//! files, the trust bundle. Files holding secrets are written mode 0600.
+//!
 //! The effects on the running kernel go through [`Host`], so dev mode (`berth serve`) can
 //! render the same files into its state directory while never changing the machine it runs on.
 
@@ -10,9 +17,10 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
+use serde_json::{json, Value};
 
 use super::kubelet;
-use super::model::Settings;
+use super::model::{Dns, Settings};
 use crate::http::tls;
 
 /// What a setting group changes on the running system.
@@ -112,7 +120,22 @@ pub const CONFIG_FILES: &[(&str, ConfigFile)] = &[
     ("hosts", ConfigFile { path: "hosts", settings: &["network"] }),
     ("sysctl", ConfigFile { path: "sysctl.d/90-berth.conf", settings: &["kernel"] }),
     ("ntp", ConfigFile { path: "ntp.conf", settings: &["ntp"] }),
-    ("containerd", ConfigFile { path: "containerd/config.toml", settings: &["container-registry"] }),
+    (
+        "containerd",
+        ConfigFile {
+            path: "containerd/config.toml",
+            settings: &["container-registry", "container-runtime", "oci-defaults", "kubernetes"],
+        },
+    ),
+    ("cri-base", ConfigFile { path: CRI_BASE, settings: &["oci-defaults"] }),
+    ("proxy-env", ConfigFile { path: "network/proxy.env", settings: &["network", "kubernetes"] }),
+    ("resolv-conf", ConfigFile { path: "resolv.conf", settings: &["dns"] }),
+    ("aws-config", ConfigFile { path: AWS_CONFIG, settings: &["aws"] }),
+    ("aws-credentials", ConfigFile { path: AWS_CREDENTIALS, settings: &["aws"] }),
+    (
+        "kubelet-credential-providers",
+        ConfigFile { path: kubelet::CREDENTIAL_PROVIDER_CONFIG, settings: &["kubernetes"] },
+    ),
     ("kubelet-config", ConfigFile { path: kubelet::CONFIG, settings: &["kubernetes"] }),
     ("kubelet-ca", ConfigFile { path: kubelet::CA, settings: &["kubernetes"] }),
     ("kubelet-bootstrap", ConfigFile { path: kubelet::BOOTSTRAP, settings: &["kubernetes"] }),
@@ -120,7 +143,250 @@ pub const CONFIG_FILES: &[(&str, ConfigFile)] = &[
 ];
 
 /// The sandbox (pause) image kubelet's pods use; containerd pulls it on first use.
+/// `settings.kubernetes.pod-infra-container-image` replaces it.
 pub const SANDBOX_IMAGE: &str = "registry.k8s.io/pause:3.9";
+
+/// containerd's base OCI spec for CRI containers (`settings.oci-defaults`), under /etc.
+pub const CRI_BASE: &str = "containerd/cri-base.json";
+/// The AWS config and credentials files (`settings.aws.config`, `.credentials`), under /etc;
+/// given to kubelet (its credential providers) and host containers as `AWS_CONFIG_FILE` and
+/// `AWS_SHARED_CREDENTIALS_FILE`.
+pub const AWS_CONFIG: &str = "aws/config";
+pub const AWS_CREDENTIALS: &str = "aws/credentials";
+/// Rendered files that hold secrets: mode 0600.
+const SECRET_FILES: &[&str] = &["aws-credentials", "containerd", "kubelet-bootstrap"];
+
+/// The keys of containerd's CRI plugin table from settings (`sandbox_image`,
+/// `settings.container-runtime.*`). Like Bottlerocket, a container-runtime key that is 0 or
+/// false is left out (containerd's default).
+fn cri_keys(s: &Settings) -> String {
+    let image =
+        s.kubernetes.as_ref().and_then(|k| k.pod_infra_container_image.as_deref()).unwrap_or(SANDBOX_IMAGE);
+    let mut out = format!("sandbox_image = {image:?}\n");
+    let r = s.container_runtime.clone().unwrap_or_default();
+    if let Some(n) = r.max_concurrent_downloads.filter(|&n| n != 0) {
+        out.push_str(&format!("max_concurrent_downloads = {n}\n"));
+    }
+    if let Some(n) = r.max_container_log_line_size.filter(|&n| n != 0) {
+        out.push_str(&format!("max_container_log_line_size = {n}\n"));
+    }
+    if r.enable_unprivileged_ports == Some(true) {
+        out.push_str("enable_unprivileged_ports = true\n");
+    }
+    if r.enable_unprivileged_icmp == Some(true) {
+        out.push_str("enable_unprivileged_icmp = true\n");
+    }
+    out
+}
+
+/// `settings.container-registry`: mirrors and credentials as CRI registry tables.
+fn registry_tables(s: &Settings) -> String {
+    let mut out = String::new();
+    let Some(c) = &s.container_registry else { return out };
+    for m in c.mirror_list() {
+        let endpoints: Vec<String> = m.endpoint.iter().map(|e| toml_str(e)).collect();
+        out.push_str(&format!(
+            "\n[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.{}]\nendpoint = [{}]\n",
+            toml_str(&m.registry),
+            endpoints.join(", ")
+        ));
+    }
+    for cr in c.credentials.iter().flatten() {
+        // Docker Hub's images are fetched from registry-1.docker.io, whose name containerd
+        // looks the login up by (as Bottlerocket does).
+        let host = if cr.registry == "docker.io" { "registry-1.docker.io" } else { &cr.registry };
+        out.push_str(&format!(
+            "\n[plugins.\"io.containerd.grpc.v1.cri\".registry.configs.{}.auth]\n",
+            toml_str(host)
+        ));
+        for (k, v) in [
+            ("username", &cr.username),
+            ("password", &cr.password),
+            ("auth", &cr.auth),
+            ("identitytoken", &cr.identitytoken),
+        ] {
+            if let Some(v) = v {
+                out.push_str(&format!("{k} = {}\n", toml_str(v)));
+            }
+        }
+    }
+    out
+}
+
+/// `v` as a TOML string (quoted and escaped).
+fn toml_str(v: &str) -> String {
+    toml::Value::String(v.to_string()).to_string()
+}
+
+/// The capabilities every CRI container gets by default: containerd's and Bottlerocket's.
+pub const DEFAULT_CAPABILITIES: &[&str] = &[
+    "audit-write",
+    "chown",
+    "dac-override",
+    "fowner",
+    "fsetid",
+    "kill",
+    "mknod",
+    "net-bind-service",
+    "net-raw",
+    "setfcap",
+    "setgid",
+    "setpcap",
+    "setuid",
+    "sys-chroot",
+];
+
+/// The base OCI spec containerd's CRI plugin starts every container from
+/// (`base_runtime_spec`), with `settings.oci-defaults`: containerd's own default spec for
+/// Linux, whose capabilities are the defaults above changed by
+/// `settings.oci-defaults.capabilities`, and whose rlimits are Bottlerocket's default
+/// (`max-open-files` 65536/1048576) changed by `settings.oci-defaults.resource-limits`. CRI
+/// then adds what each pod asks for on top (its capabilities, mounts, namespaces).
+pub fn cri_base_spec(s: &Settings) -> Value {
+    use super::model::{rlimit_value, CAPABILITIES, RESOURCE_LIMITS};
+    let o = s.oci_defaults.clone().unwrap_or_default();
+    let given = o.capabilities.unwrap_or_default();
+    let caps: Vec<String> = CAPABILITIES
+        .iter()
+        .filter(|c| given.get(**c).copied().unwrap_or(DEFAULT_CAPABILITIES.contains(c)))
+        .map(|c| format!("CAP_{}", c.to_uppercase().replace('-', "_")))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut limits: BTreeMap<&str, (u64, u64)> = BTreeMap::from([("RLIMIT_NOFILE", (1_048_576, 65_536))]);
+    for (name, l) in o.resource_limits.iter().flatten() {
+        let Some((_, kernel)) = RESOURCE_LIMITS.iter().find(|(n, _)| n == name) else { continue };
+        if let (Some(h), Some(soft)) = (rlimit_value(&l.hard_limit), rlimit_value(&l.soft_limit)) {
+            limits.insert(kernel, (h, soft));
+        }
+    }
+    let rlimits: Vec<Value> =
+        limits.iter().map(|(t, (hard, soft))| json!({"type": t, "hard": hard, "soft": soft})).collect();
+    json!({
+        "ociVersion": "1.1.0",
+        "process": {
+            "user": {"uid": 0, "gid": 0},
+            "cwd": "/",
+            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+            "rlimits": rlimits,
+            "noNewPrivileges": true
+        },
+        "root": {"path": "rootfs"},
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}
+        ],
+        "linux": {
+            "resources": {"devices": [{"allow": false, "access": "rwm"}]},
+            "cgroupsPath": "/default",
+            "namespaces": [
+                {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}
+            ],
+            "maskedPaths": [
+                "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware",
+                "/sys/devices/virtual/powercap", "/proc/scsi"
+            ],
+            "readonlyPaths": [
+                "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"
+            ]
+        }
+    })
+}
+
+/// The proxy environment (`settings.network.https-proxy`, `no-proxy`) of containerd, kubelet
+/// and host containers (whose image pulls `ctr` makes): `HTTPS_PROXY` and `NO_PROXY`, each
+/// also in lowercase. `NO_PROXY` is the given hosts plus, as on Bottlerocket, localhost, the
+/// Kubernetes API server's host and `.` + the cluster domain. Empty without a proxy.
+pub fn proxy_env(s: &Settings) -> Vec<(String, String)> {
+    let Some(n) = &s.network else { return Vec::new() };
+    let Some(proxy) = &n.https_proxy else { return Vec::new() };
+    let mut no_proxy: Vec<String> = n.no_proxy.clone().unwrap_or_default();
+    no_proxy.extend(["localhost".to_string(), "127.0.0.1".to_string()]);
+    if let Some(k) = &s.kubernetes {
+        let host = k.api_server.as_deref().and_then(|u| u.split_once("://")).map(|(_, rest)| {
+            let authority = rest.split('/').next().unwrap_or(rest);
+            match authority.strip_prefix('[') {
+                Some(v6) => v6.split(']').next().unwrap_or(v6).to_string(),
+                None => authority.rsplit_once(':').map_or(authority, |(h, _)| h).to_string(),
+            }
+        });
+        no_proxy.extend(host);
+        no_proxy.push(format!(".{}", k.cluster_domain.as_deref().unwrap_or("cluster.local")));
+    }
+    let no_proxy = no_proxy.join(",");
+    vec![
+        ("HTTPS_PROXY".into(), proxy.clone()),
+        ("https_proxy".into(), proxy.clone()),
+        ("NO_PROXY".into(), no_proxy.clone()),
+        ("no_proxy".into(), no_proxy),
+    ]
+}
+
+/// The environment that points AWS SDKs at `settings.aws` (kubelet's credential providers,
+/// host containers): only for what is set.
+pub fn aws_env(s: &Settings) -> Vec<(String, String)> {
+    let Some(a) = &s.aws else { return Vec::new() };
+    let mut env = Vec::new();
+    if a.config.is_some() {
+        env.push(("AWS_CONFIG_FILE".into(), format!("/etc/{AWS_CONFIG}")));
+    }
+    if a.credentials.is_some() {
+        env.push(("AWS_SHARED_CREDENTIALS_FILE".into(), format!("/etc/{AWS_CREDENTIALS}")));
+    }
+    if a.config.is_some() || a.credentials.is_some() || a.profile.is_some() {
+        env.push(("AWS_PROFILE".into(), a.profile.clone().unwrap_or_else(|| "default".into())));
+    }
+    if let Some(r) = &a.region {
+        env.push(("AWS_REGION".into(), r.clone()));
+    }
+    env
+}
+
+/// What the network task wrote from DHCP or the static settings (its resolv.conf before
+/// `settings.dns`); the rendered /etc/resolv.conf is this with `settings.dns` on top.
+pub const NETWORK_RESOLV_CONF: &str = "/run/berth/resolv.conf.network";
+
+/// `settings.dns` as last applied, for the network task's rewrites on lease renewal.
+static APPLIED_DNS: std::sync::Mutex<Option<Dns>> = std::sync::Mutex::new(None);
+
+/// resolv.conf: `base` (the network's) with `settings.dns` on top: its name servers replace
+/// the network's `nameserver` lines, its search list the `search` line; each falls back to
+/// the network's when unset (as on Bottlerocket).
+pub fn resolv_conf(base: &str, dns: Option<&Dns>) -> String {
+    let servers = dns.and_then(|d| d.name_servers.as_ref()).filter(|l| !l.is_empty());
+    let search = dns.and_then(|d| d.search_list.as_ref()).filter(|l| !l.is_empty());
+    let mut out = String::new();
+    if dns.is_some() {
+        out.push_str("# settings.dns applied by berth over the network's own servers\n");
+    }
+    if let Some(search) = search {
+        out.push_str(&format!("search {}\n", search.join(" ")));
+    }
+    for line in base.lines() {
+        let word = line.split_whitespace().next().unwrap_or("");
+        let replaced = (word == "nameserver" && servers.is_some()) || (word == "search" && search.is_some());
+        if !replaced {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    for ns in servers.into_iter().flatten() {
+        out.push_str(&format!("nameserver {ns}\n"));
+    }
+    out
+}
+
+/// The resolv.conf for the network task's `base`, with the `settings.dns` last applied.
+pub fn resolv_conf_for_network(base: &str) -> String {
+    let dns = APPLIED_DNS.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    resolv_conf(base, dns.as_ref())
+}
 
 fn containerd_config(s: &Settings) -> String {
     let mut out = String::from(
@@ -132,29 +398,26 @@ fn containerd_config(s: &Settings) -> String {
          address = \"/run/containerd/containerd.sock\"\n\n\
          [plugins.\"io.containerd.grpc.v1.cri\"]\n",
     );
-    out.push_str(&format!("sandbox_image = \"{SANDBOX_IMAGE}\"\n"));
+    out.push_str(&cri_keys(s));
     // Pods get container_t with two random categories (from /etc/selinux's lxc_contexts).
     out.push_str("enable_selinux = true\n\n");
     out.push_str(
         "[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n\
          default_runtime_name = \"runc\"\n\n\
          [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n\
-         runtime_type = \"io.containerd.runc.v2\"\n\n\
-         [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc.options]\n\
+         runtime_type = \"io.containerd.runc.v2\"\n",
+    );
+    if s.oci_defaults.is_some() {
+        out.push_str(&format!("base_runtime_spec = \"/etc/{CRI_BASE}\"\n"));
+    }
+    out.push_str(
+        "\n[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc.options]\n\
          BinaryName = \"/usr/sbin/runc\"\n\n\
          [plugins.\"io.containerd.grpc.v1.cri\".cni]\n\
          bin_dir = \"/usr/libexec/cni\"\n\
          conf_dir = \"/etc/cni/net.d\"\n",
     );
-    let mirrors = s.container_registry.as_ref().and_then(|c| c.mirrors.clone()).unwrap_or_default();
-    for m in mirrors {
-        let endpoints: Vec<String> = m.endpoint.iter().map(|e| format!("{e:?}")).collect();
-        out.push_str(&format!(
-            "\n[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.{:?}]\nendpoint = [{}]\n",
-            m.registry,
-            endpoints.join(", ")
-        ));
-    }
+    out.push_str(&registry_tables(s));
     out
 }
 
@@ -179,6 +442,23 @@ pub fn render_file(name: &str, s: &Settings) -> String {
         }
         "sysctl" => sysctls(s).iter().map(|(k, v)| format!("{k} = {v}\n")).collect(),
         "containerd" => containerd_config(s),
+        "cri-base" => {
+            if s.oci_defaults.is_some() {
+                serde_json::to_string_pretty(&cri_base_spec(s)).expect("JSON serializes") + "\n"
+            } else {
+                String::new()
+            }
+        }
+        "proxy-env" => proxy_env(s).iter().map(|(k, v)| format!("{k}={v}\n")).collect(),
+        "resolv-conf" => {
+            *APPLIED_DNS.lock().unwrap_or_else(|p| p.into_inner()) = s.dns.clone();
+            resolv_conf(&fs::read_to_string(NETWORK_RESOLV_CONF).unwrap_or_default(), s.dns.as_ref())
+        }
+        "aws-config" => aws_file(s.aws.as_ref().and_then(|a| a.config.as_deref())),
+        "aws-credentials" => aws_file(s.aws.as_ref().and_then(|a| a.credentials.as_deref())),
+        "kubelet-credential-providers" => {
+            kubelet::configured(s).map(kubelet::credential_provider_config).unwrap_or_default()
+        }
         // Empty while kubelet is not configured.
         "kubelet-config" => kubelet::configured(s)
             .map(|k| serde_json::to_string_pretty(&kubelet::config(k)).expect("JSON serializes"))
@@ -196,6 +476,10 @@ pub fn render_file(name: &str, s: &Settings) -> String {
         }
         _ => String::new(),
     }
+}
+
+fn aws_file(b64: Option<&str>) -> String {
+    b64.and_then(kubelet::base64_decode).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
 }
 
 /// The trust bundle: the image's CAs (`image`, PEM) and `settings.pki`.
@@ -240,7 +524,10 @@ pub fn apply(
         }
         let path = etc.join(file.path);
         let text = render_file(name, s);
-        let r = path.parent().map_or(Ok(()), fs::create_dir_all).and_then(|_| fs::write(&path, text));
+        let mode = if SECRET_FILES.contains(name) { 0o600 } else { 0o644 };
+        let r = path.parent().map_or(Ok(()), fs::create_dir_all).map_err(|e| e.to_string()).and_then(|_| {
+            crate::settings::store::write_atomic_mode(&path, text.as_bytes(), mode).map_err(|e| e.to_string())
+        });
         match r {
             Ok(()) => done.push(format!("rendered {}", path.display())),
             Err(e) => errors.push(format!("{}: {e}", path.display())),
@@ -316,6 +603,105 @@ mod tests {
         );
         assert_eq!(cri["sandbox_image"].as_str(), Some(SANDBOX_IMAGE));
         assert_eq!(cri["enable_selinux"].as_bool(), Some(true));
+    }
+
+    /// The files rendered for a realistic EKS node's user data (tests/data/settings/eks-node.toml)
+    /// are exactly the fixtures under tests/data/settings/rendered/. BERTH_UPDATE_FIXTURES=1
+    /// rewrites them (to be read and committed deliberately).
+    #[test]
+    fn eks_node_user_data_renders_the_fixtures() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/settings");
+        let bytes = fs::read(dir.join("eks-node.toml")).unwrap();
+        let v = crate::userdata::decode(&bytes).unwrap();
+        let s = crate::settings::model::parse_for(&v, Some("aws")).unwrap();
+        let net = "# Written by berth from the DHCP lease of eth0 (server 10.0.2.2)\nsearch lan\nnameserver 10.0.2.3\n";
+        let files = [
+            ("kubelet-config", kubelet::config(s.kubernetes.as_ref().unwrap()).to_string()),
+            ("kubelet-argv", kubelet::argv(s.kubernetes.as_ref().unwrap()).join("\n") + "\n"),
+            ("kubelet-credential-providers", render_file("kubelet-credential-providers", &s)),
+            ("containerd", render_file("containerd", &s)),
+            ("cri-base", render_file("cri-base", &s)),
+            ("proxy-env", render_file("proxy-env", &s)),
+            ("resolv-conf", resolv_conf(net, s.dns.as_ref())),
+            ("aws-config", render_file("aws-config", &s)),
+        ];
+        let update = std::env::var_os("BERTH_UPDATE_FIXTURES").is_some();
+        for (name, text) in files {
+            let path = dir.join("rendered").join(name);
+            if update {
+                fs::create_dir_all(path.parent().unwrap()).unwrap();
+                fs::write(&path, &text).unwrap();
+            }
+            let want = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_eq!(text, want, "{name} differs from {}", path.display());
+        }
+        // And what each means to its reader.
+        let k = kubelet::config(s.kubernetes.as_ref().unwrap());
+        assert_eq!(k["evictionHard"]["memory.available"], "200Mi");
+        assert_eq!(k["kubeReserved"]["memory"], "893Mi");
+        assert_eq!(k["kubeAPIQPS"], 30);
+        assert_eq!(k["imageGCHighThresholdPercent"], 85);
+        let c: toml::Value = toml::from_str(&render_file("containerd", &s)).expect("valid TOML");
+        let cri = &c["plugins"]["io.containerd.grpc.v1.cri"];
+        assert_eq!(cri["max_concurrent_downloads"].as_integer(), Some(4));
+        assert_eq!(cri["enable_unprivileged_icmp"].as_bool(), Some(true));
+        assert_eq!(
+            cri["sandbox_image"].as_str(),
+            Some("602401143452.dkr.ecr.us-west-2.amazonaws.com/eks/pause:3.5")
+        );
+        assert_eq!(
+            cri["registry"]["mirrors"]["ghcr.io"]["endpoint"][0].as_str(),
+            Some("https://ghcr-mirror.example.com")
+        );
+        assert_eq!(
+            cri["registry"]["configs"]["registry-1.docker.io"]["auth"]["password"].as_str(),
+            Some("s3cret")
+        );
+        assert_eq!(
+            cri["containerd"]["runtimes"]["runc"]["base_runtime_spec"].as_str(),
+            Some("/etc/containerd/cri-base.json")
+        );
+        let spec = cri_base_spec(&s);
+        let caps = spec["process"]["capabilities"]["bounding"].as_array().unwrap();
+        assert!(caps.contains(&json!("CAP_NET_ADMIN")) && !caps.contains(&json!("CAP_MKNOD")), "{caps:?}");
+        assert_eq!(caps.len(), 14, "{caps:?}");
+        assert!(spec["process"]["rlimits"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"type": "RLIMIT_CORE", "hard": u64::MAX, "soft": u64::MAX})));
+    }
+
+    #[test]
+    fn resolv_conf_takes_dns_settings_over_the_network() {
+        let base = "# from DHCP\nsearch lan\nnameserver 10.0.2.3\nnameserver 10.0.2.4\n";
+        assert_eq!(resolv_conf(base, None), base);
+        let only_servers =
+            crate::settings::model::Dns { name_servers: Some(vec!["1.1.1.1".into()]), search_list: None };
+        assert_eq!(
+            resolv_conf(base, Some(&only_servers)),
+            "# settings.dns applied by berth over the network's own servers\n# from DHCP\nsearch lan\nnameserver 1.1.1.1\n"
+        );
+        let only_search = crate::settings::model::Dns {
+            name_servers: None,
+            search_list: Some(vec!["a.example".into(), "b".into()]),
+        };
+        assert_eq!(
+            resolv_conf(base, Some(&only_search)),
+            "# settings.dns applied by berth over the network's own servers\nsearch a.example b\n# from DHCP\nnameserver 10.0.2.3\nnameserver 10.0.2.4\n"
+        );
+    }
+
+    #[test]
+    fn proxy_env_names_the_cluster_hosts() {
+        let s = parse(&json!({"network": {"https-proxy": "http://p:3128", "no-proxy": ["10.0.0.0/8"]},
+            "kubernetes": {"api-server": "https://api.example:6443/x", "cluster-domain": "c.example"}}))
+        .unwrap();
+        let env = proxy_env(&s);
+        assert_eq!(env[0], ("HTTPS_PROXY".to_string(), "http://p:3128".to_string()));
+        assert_eq!(env[2].1, "10.0.0.0/8,localhost,127.0.0.1,api.example,.c.example");
+        assert!(proxy_env(&parse(&json!({"network": {"no-proxy": ["x"]}})).unwrap()).is_empty());
+        let v6 = parse(&json!({"network": {"https-proxy": "p:1"}, "kubernetes": {"api-server": "https://[fd00::1]:6443"}})).unwrap();
+        assert!(proxy_env(&v6)[2].1.contains(",fd00::1,"), "{:?}", proxy_env(&v6));
     }
 
     #[test]

@@ -19,6 +19,18 @@
 //!
 //! What was set aside is in [`Datastore::notices`] (console, `GET /boot`).
 //!
+//! **Versions.** `format.json` records the datastore's layout version ([`FORMAT`]) and the
+//! Berth version that last opened it for writing. The rule between versions:
+//! - the *model* grows without a format change: a key once accepted is never removed or
+//!   narrowed by a later version (a changed meaning gets a new key name), so a newer version
+//!   reads an older datastore as it is, and an older version reads a newer one tolerantly
+//!   (above) — no migration runs in either direction, and a rollback keeps every setting;
+//! - the *layout* (file names, the shape of `live.json` and `tx/`) changes only with a new
+//!   [`FORMAT`]. A version meeting a newer format reads what it can but writes nothing
+//!   (commits fail with [`Error::NewerFormat`]), so a rollback never damages a layout it does
+//!   not know; a newer version converts an older format when it opens it (none exists yet:
+//!   format 1 is the first). A datastore without `format.json` is format 1.
+//!
 //! Bounds: at most [`MAX_PENDING`] pending transactions, and all files together at most
 //! [`QUOTA_BYTES`], so the API can never fill PRIVATE (which also holds the update state).
 
@@ -38,6 +50,9 @@ pub const MAX_PENDING: usize = 64;
 /// The datastore's files together at most (PRIVATE is 16 MiB and holds the update state too).
 pub const QUOTA_BYTES: u64 = 4 << 20;
 const LIVE: &str = "live.json";
+/// The datastore layout this version reads and writes (see the module docs).
+pub const FORMAT: u64 = 1;
+const FORMAT_FILE: &str = "format.json";
 
 #[derive(Debug)]
 pub enum Error {
@@ -53,6 +68,8 @@ pub enum Error {
     BadTxName(String),
     NotAnObject,
     EmptyCommit(String),
+    /// The datastore's layout is newer than this version's [`FORMAT`]: read-only here.
+    NewerFormat(u64),
     /// Creating another pending transaction would exceed [`MAX_PENDING`].
     TooManyTransactions(usize),
     /// The write would take the datastore over [`QUOTA_BYTES`].
@@ -75,6 +92,11 @@ impl fmt::Display for Error {
             Error::EmptyCommit(tx) => {
                 write!(f, "transaction '{tx}' has no pending changes to commit")
             }
+            Error::NewerFormat(n) => write!(
+                f,
+                "the settings datastore has format {n}, newer than this version's {FORMAT} (written \
+                 by a newer Berth before a rollback); it is read-only here, update to change settings"
+            ),
             Error::TooManyTransactions(n) => write!(
                 f,
                 "{n} transactions are already pending (the limit); commit or delete one first (GET /tx/list)"
@@ -193,6 +215,41 @@ pub struct Datastore {
     aside: Vec<(Vec<String>, Value)>,
     /// What had to be set aside when the datastore was opened.
     notices: Vec<String>,
+    /// Set when the datastore's format is newer than [`FORMAT`]: nothing is written.
+    newer_format: Option<u64>,
+}
+
+/// Read `format.json` (format 1 when absent), and record this version as its writer when the
+/// format is this version's. Returns the format found.
+fn check_format(dir: &Path, notices: &mut Vec<String>) -> Result<u64, Error> {
+    let path = dir.join(FORMAT_FILE);
+    let found = match fs::read(&path) {
+        Ok(bytes) => match serde_json::from_slice::<Value>(&bytes).ok().and_then(|v| v["format"].as_u64()) {
+            Some(n) => Some((n, serde_json::from_slice::<Value>(&bytes).unwrap_or_default())),
+            None => {
+                notices.push(format!("{} is unreadable; taken as format {FORMAT}", path.display()));
+                None
+            }
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(Error::Io { path, error: e }),
+    };
+    let format = found.as_ref().map_or(FORMAT, |(n, _)| *n);
+    if format > FORMAT {
+        notices.push(format!(
+            "the settings datastore has format {format}, newer than this version's {FORMAT}: \
+             its settings are read where they can be and nothing is written"
+        ));
+        return Ok(format);
+    }
+    let record = serde_json::json!({"format": FORMAT, "written-by": crate::VERSION});
+    if found.map(|(_, v)| v) != Some(record.clone()) {
+        // Not fatal: the settings are still readable; the next open tries again.
+        if let Err(e) = write_atomic(&path, record.to_string().as_bytes()) {
+            notices.push(format!("recording the datastore's format: {e}"));
+        }
+    }
+    Ok(format)
 }
 
 /// Split stored settings into what the model accepts and what it does not, at two levels
@@ -260,6 +317,8 @@ impl Datastore {
         }
         let path = dir.join(LIVE);
         let mut notices = Vec::new();
+        let format = check_format(dir, &mut notices)?;
+        let newer_format = Some(format).filter(|&f| f > FORMAT);
         let stored = match fs::read(&path) {
             Ok(bytes) => match serde_json::from_slice::<Value>(&bytes) {
                 Ok(v) => v,
@@ -295,7 +354,7 @@ impl Datastore {
                 (key, value)
             })
             .collect();
-        Ok(Datastore { dir: dir.to_path_buf(), live, aside, notices })
+        Ok(Datastore { dir: dir.to_path_buf(), live, aside, notices, newer_format })
     }
 
     /// What had to be set aside when the datastore was opened (empty when all was well).
@@ -389,6 +448,9 @@ impl Datastore {
     /// Commit `tx`: the live settings become live + pending, atomically. Returns the keys that
     /// changed (possibly none, when the pending changes equal what is live).
     pub fn commit(&mut self, tx: &str) -> Result<Vec<String>, Error> {
+        if let Some(f) = self.newer_format {
+            return Err(Error::NewerFormat(f));
+        }
         let path = self.tx_path(tx)?;
         let pending = self.pending(tx)?;
         if pending.as_object().is_some_and(|m| m.is_empty()) {
@@ -571,6 +633,31 @@ mod tests {
     }
 
     #[test]
+    fn the_format_is_recorded_and_a_newer_one_is_never_written() {
+        let d = tmp("format");
+        let mut s = Datastore::open(&d).unwrap();
+        let f: Value = serde_json::from_slice(&fs::read(d.join("format.json")).unwrap()).unwrap();
+        assert_eq!(f, json!({"format": FORMAT, "written-by": crate::VERSION}));
+        s.patch("default", &json!({"motd": "old"})).unwrap();
+        s.commit("default").unwrap();
+        // A newer version changed the layout; this one reads what it can and writes nothing.
+        fs::write(d.join("format.json"), json!({"format": FORMAT + 1, "written-by": "9.9.9"}).to_string())
+            .unwrap();
+        let mut s = Datastore::open(&d).unwrap();
+        assert_eq!(s.live()["motd"], "old");
+        assert!(s.notices().iter().any(|n| n.contains("newer than this version's")), "{:?}", s.notices());
+        s.patch("default", &json!({"motd": "new"})).unwrap();
+        let e = s.commit("default").unwrap_err();
+        assert!(matches!(e, Error::NewerFormat(2)), "{e}");
+        assert!(e.to_string().contains("read-only here"), "{e}");
+        let live: Value = serde_json::from_slice(&fs::read(d.join("live.json")).unwrap()).unwrap();
+        assert_eq!(live["motd"], "old");
+        let f: Value = serde_json::from_slice(&fs::read(d.join("format.json")).unwrap()).unwrap();
+        assert_eq!(f["written-by"], "9.9.9", "not rewritten");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
     fn settings_of_a_newer_version_are_kept_aside_and_survive_commits() {
         let d = tmp("newer");
         fs::create_dir_all(&d).unwrap();
@@ -579,14 +666,15 @@ mod tests {
         let stored = json!({
             "motd": "hello",
             "future-group": {"x": 1},
-            "kubernetes": {"cluster-name": "c", "eviction-hard": {"memory.available": "10%"}},
+            "kubernetes": {"cluster-name": "c", "memory-swap-behavior": "LimitedSwap"},
             "network": {"hostname": 5}
         });
         fs::write(d.join("live.json"), stored.to_string()).unwrap();
         let mut s = Datastore::open(&d).unwrap();
         assert_eq!(s.live(), &json!({"motd": "hello", "kubernetes": {"cluster-name": "c"}, "network": {}}));
         let notes = s.notices().join("\n");
-        for key in ["settings.future-group", "settings.kubernetes.eviction-hard", "settings.network.hostname"]
+        for key in
+            ["settings.future-group", "settings.kubernetes.memory-swap-behavior", "settings.network.hostname"]
         {
             assert!(notes.contains(key), "{key} not reported in {notes}");
         }
@@ -595,7 +683,7 @@ mod tests {
         s.commit("default").unwrap();
         let on_disk: Value = serde_json::from_slice(&fs::read(d.join("live.json")).unwrap()).unwrap();
         assert_eq!(on_disk["future-group"], json!({"x": 1}));
-        assert_eq!(on_disk["kubernetes"]["eviction-hard"], json!({"memory.available": "10%"}));
+        assert_eq!(on_disk["kubernetes"]["memory-swap-behavior"], "LimitedSwap");
         assert_eq!(on_disk["motd"], "changed");
         assert_eq!(on_disk["network"]["hostname"], "h", "the commit's own value replaces the kept-aside one");
         // Reopened, the same split happens again, minus what the commit replaced.

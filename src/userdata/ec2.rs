@@ -78,7 +78,9 @@ impl Wanted {
             hostname: s.network.as_ref().and_then(|n| n.hostname.as_ref()).is_none(),
             node_ip: k8s.and_then(|k| k.node_ip.as_ref()).is_none(),
             provider_id: k8s.and_then(|k| k.provider_id.as_ref()).is_none(),
-            region: s.aws.as_ref().and_then(|a| a.region.as_ref()).is_none(),
+            // settings.aws is the aws variant's alone (another variant on EC2 refuses it).
+            region: crate::settings::model::aws_settings_allowed()
+                && s.aws.as_ref().and_then(|a| a.region.as_ref()).is_none(),
             admin_keys: s
                 .host_containers
                 .as_ref()
