@@ -89,6 +89,20 @@ fn insecure_registry(settings: &Settings, registry: &str) -> bool {
         .any(|m| m.endpoint.iter().any(|e| e.starts_with("http://")))
 }
 
+/// The login `settings.container-registry.credentials` gives `registry` (`user:password`, from
+/// `username` and `password` or from `auth`), for a host container's pull. `docker.io` names
+/// Docker Hub under either of its names.
+fn registry_login(settings: &Settings, registry: &str) -> Option<String> {
+    let hub = |r: &str| if r == "registry-1.docker.io" { "docker.io" } else { r }.to_string();
+    let creds = settings.container_registry.as_ref()?.credentials.as_ref()?;
+    let c = creds.iter().find(|c| hub(&c.registry) == hub(registry))?;
+    match (&c.username, &c.password, &c.auth) {
+        (Some(u), Some(p), _) => Some(format!("{u}:{p}")),
+        (_, _, Some(a)) => crate::settings::kubelet::base64_decode(a).and_then(|b| String::from_utf8(b).ok()),
+        _ => None,
+    }
+}
+
 /// Host containers as settings describe them: (spec, enabled) for each one with a source.
 fn host_containers(settings: &Settings) -> Vec<(ServiceSpec, bool)> {
     settings
@@ -97,8 +111,12 @@ fn host_containers(settings: &Settings) -> Vec<(ServiceSpec, bool)> {
         .flatten()
         .filter_map(|(name, hc)| {
             let source = hc.source.as_deref()?;
-            let plain_http =
-                insecure_registry(settings, crate::supervisor::host_container::registry_of(source));
+            let registry = crate::supervisor::host_container::registry_of(source);
+            let plain_http = insecure_registry(settings, registry);
+            let mut env = [render::proxy_env(settings), render::aws_env(settings)].concat();
+            if let Some(login) = registry_login(settings, registry) {
+                env.push((crate::supervisor::host_container::PULL_LOGIN_ENV.into(), login));
+            }
             Some((
                 host_container(
                     name,
@@ -106,7 +124,7 @@ fn host_containers(settings: &Settings) -> Vec<(ServiceSpec, bool)> {
                     hc.superpowered.unwrap_or(false),
                     plain_http,
                     hc.user_data.as_deref(),
-                    [render::proxy_env(settings), render::aws_env(settings)].concat(),
+                    env,
                 ),
                 hc.enabled.unwrap_or(false),
             ))
@@ -189,4 +207,44 @@ pub fn declare(ctx: &mut Ctx) -> Result<(), crate::boot::BootError> {
     }
     ctx.supervisor = Arc::new(Mutex::new(Supervisor::new(specs)));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(v: serde_json::Value) -> Settings {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn a_host_container_pull_presents_its_registrys_login() {
+        let s = settings(serde_json::json!({
+            "container-registry": {"credentials": [
+                {"registry": "r.example:5000", "username": "u", "password": "p:w"},
+                {"registry": "docker.io", "auth": "aHViOnNlY3JldA=="},
+                {"registry": "token.example", "identitytoken": "t"},
+            ]},
+            "host-containers": {
+                "a": {"source": "r.example:5000/admin:1", "enabled": true},
+                "b": {"source": "registry-1.docker.io/library/busybox:1", "enabled": true},
+                "c": {"source": "token.example/x:1", "enabled": true},
+                "d": {"source": "other.example/x:1", "enabled": true},
+            },
+        }));
+        let login = |name: &str| {
+            let (spec, _) = host_containers(&s)
+                .into_iter()
+                .find(|(spec, _)| spec.name == format!("host-containers@{name}"))
+                .unwrap();
+            spec.env
+                .iter()
+                .find(|(k, _)| k == crate::supervisor::host_container::PULL_LOGIN_ENV)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(login("a").as_deref(), Some("u:p:w"));
+        assert_eq!(login("b").as_deref(), Some("hub:secret"));
+        assert_eq!(login("c"), None, "an identity token is not a login ctr can present");
+        assert_eq!(login("d"), None);
+    }
 }

@@ -24,6 +24,9 @@
 //! Registries are HTTPS. Plain HTTP is used only when PLAIN_HTTP is 1: the service sets it when
 //! `settings.container-registry.mirrors` gives the source's registry an `http://` endpoint
 //! (the registry is configured as insecure). A failed HTTPS pull is never retried over HTTP.
+//! When `settings.container-registry.credentials` has a login for the source's registry, PID 1
+//! passes it in [`PULL_LOGIN_ENV`] and the pull presents it (`ctr images pull --user`); an
+//! `identitytoken` alone is for containerd's CRI pulls, not for host containers.
 //!
 //! Every host container has a persistent directory on the host, `/local/host-containers/NAME`,
 //! which it sees at `/.bottlerocket/host-containers/current` and
@@ -57,6 +60,9 @@ pub const PIDS_LIMIT: u32 = 1024;
 pub const PERSISTENT: &str = "/local/host-containers";
 /// The environment variable that carries `settings.host-containers.NAME.user-data` (base64).
 pub const USER_DATA_ENV: &str = "BERTH_HOST_CONTAINER_USER_DATA";
+/// The environment variable through which PID 1 passes the login
+/// `settings.container-registry.credentials` gives the source's registry (`user:password`).
+pub const PULL_LOGIN_ENV: &str = "BERTH_HOST_CONTAINER_PULL_LOGIN";
 
 /// Make `dir` (mode 0700) and put the decoded user data in `dir/user-data` (mode 0600, written
 /// whole or not at all), or remove it when there is none.
@@ -90,10 +96,13 @@ pub fn registry_of(source: &str) -> &str {
     source.split('/').next().unwrap_or("")
 }
 
-fn pull_args(source: &str, plain_http: bool) -> Vec<&str> {
+fn pull_args<'a>(source: &'a str, plain_http: bool, login: Option<&'a str>) -> Vec<&'a str> {
     let mut args = vec!["images", "pull"];
     if plain_http {
         args.push("--plain-http");
+    }
+    if let Some(login) = login {
+        args.extend(["--user", login]);
     }
     args.push(source);
     args
@@ -102,7 +111,8 @@ fn pull_args(source: &str, plain_http: bool) -> Vec<&str> {
 /// Pull over HTTPS, or over plain HTTP when the registry is configured as insecure; never
 /// the one after the other.
 fn pull(source: &str, plain_http: bool) -> Result<(), String> {
-    let out = ctr(&pull_args(source, plain_http))
+    let login = std::env::var(PULL_LOGIN_ENV).ok();
+    let out = ctr(&pull_args(source, plain_http, login.as_deref()))
         .stdout(Stdio::null())
         .output()
         .map_err(|e| format!("{CTR}: {e}"))?;
@@ -227,10 +237,14 @@ mod tests {
 
     #[test]
     fn plain_http_only_when_configured_and_never_as_a_retry() {
-        assert_eq!(pull_args("10.0.2.2:5000/x:1", false), ["images", "pull", "10.0.2.2:5000/x:1"]);
+        assert_eq!(pull_args("10.0.2.2:5000/x:1", false, None), ["images", "pull", "10.0.2.2:5000/x:1"]);
         assert_eq!(
-            pull_args("10.0.2.2:5000/x:1", true),
+            pull_args("10.0.2.2:5000/x:1", true, None),
             ["images", "pull", "--plain-http", "10.0.2.2:5000/x:1"]
+        );
+        assert_eq!(
+            pull_args("r.example/x:1", false, Some("u:p")),
+            ["images", "pull", "--user", "u:p", "r.example/x:1"]
         );
         assert_eq!(registry_of("10.0.2.2:5000/berth-test/busybox:1"), "10.0.2.2:5000");
         assert_eq!(registry_of("public.ecr.aws/bottlerocket/admin:v1"), "public.ecr.aws");
