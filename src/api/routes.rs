@@ -72,6 +72,8 @@ const SETTING_GROUPS: &[&str] = &[
     "container-registry",
     "pki",
     "aws",
+    "bootstrap-commands",
+    "bootstrap-containers",
 ];
 
 const ROUTES: &[(&str, &[&str])] = &[
@@ -730,6 +732,8 @@ mod tests {
             container_registry: Some(ContainerRegistry::default()),
             pki: Some(Default::default()),
             aws: Some(Aws::default()),
+            bootstrap_commands: Some(Default::default()),
+            bootstrap_containers: Some(Default::default()),
         };
         let v = serde_json::to_value(all).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
