@@ -14,6 +14,7 @@ def _b64(text):
 
 
 def _bootstrap_user_data(reg, refs):
+    pod_web, pod_off = _b64("apiVersion: v1\nkind: Pod\n"), _b64("kind: Pod\n")
     ud = f'''
 [settings.bootstrap-commands.z-last]
 commands = [["apiclient", "set", "motd=z"]]
@@ -38,6 +39,14 @@ source = "{refs['fails']}"
 mode = "always"
 essential = true
 
+[settings.kubernetes.static-pods.web]
+manifest = "{pod_web}"
+enabled = true
+
+[settings.kubernetes.static-pods.off]
+manifest = "{pod_off}"
+enabled = false
+
 [[settings.container-registry.mirrors]]
 registry = "{reg.guest_address}"
 endpoint = ["http://{reg.guest_address}"]
@@ -45,16 +54,40 @@ endpoint = ["http://{reg.guest_address}"]
     return ud
 
 
+def _cis_flips_with_a_weakened_sysctl(vm):
+    """`GET /report/cis`: every check has a result read from the system; verity, SELinux and
+    ASLR pass; setting kernel.randomize_va_space to 0 flips the ASLR check."""
+    def report():
+        st, r = vm.api("GET", "/report/cis?format=json&level=2")
+        assert st == 200, r
+        return {c["id"]: c for c in r["results"]}, r
+    checks, r = report()
+    assert r["total"] == len(checks) >= 15 and r["skipped"] == 0, r
+    for cid in ("1.3.1", "1.4.1", "1.5.1"):
+        assert checks[cid]["status"] == "PASS", checks[cid]
+    st, _ = vm.api("PATCH", "/settings", {"kernel": {"sysctl": {"kernel.randomize_va_space": "0"}}})
+    assert st == 204
+    st, _ = vm.api("POST", "/tx/commit_and_apply")
+    assert st == 200
+    checks, r = report()
+    assert checks["1.4.1"]["status"] == "FAIL", checks["1.4.1"]
+    assert "kernel.randomize_va_space=0 (want 2)" in checks["1.4.1"]["detail"], checks["1.4.1"]
+    assert r["failed"] >= 1 and r["status"] == "FAIL", r
+
+
 @case(arches=("x86_64",))
 def bootstrap_commands_and_containers(arch):
     """Bootstrap commands run in name order, then bootstrap containers, all before the boot is
     ready; a container writes on /local (kept across boots); `once` ones turn themselves off and
     do not run at the next boot; an essential one that fails is a notice on the known-good slot
-    and rolls a slot on trial back to it."""
+    and rolls a slot on trial back to it. In the same boots: an enabled static pod's manifest is
+    in kubelet's directory and a disabled one's is not; `report cis` reads the system (a
+    weakened sysctl flips its check)."""
     from registry import Registry
     root = "/.berth/rootfs/local"
     scripts = {
-        "always": (f"echo boot >> {root}/bootstrap-always; "
+        "always": ("echo static: $(ls /.berth/rootfs/etc/kubernetes/static-pods); "
+                   f"echo boot >> {root}/bootstrap-always; "
                    f"echo \"always: runs=$(wc -l < {root}/bootstrap-always) "
                    f"once=$(cat {root}/bootstrap-once 2>/dev/null | wc -l)\""),
         "once": (f"cat /.bottlerocket/bootstrap-containers/current/user-data >> {root}/bootstrap-once; "
@@ -72,7 +105,7 @@ def bootstrap_commands_and_containers(arch):
             st, svc = vm.api("GET", "/services/bootstrap")
             assert svc["state"] == "exited" and svc["last_exit"]["code"] == 1, svc
             st, logs = vm.api("GET", "/logs?service=bootstrap")
-            for want in ["always: runs=1 once=0", "once ran",
+            for want in ["always: runs=1 once=0", "once ran", "static: web\n",
                          "essential bootstrap container zz-fails failed"]:
                 assert want in logs, logs
             # Commands before containers, in name order: a-first then z-last.
@@ -85,6 +118,7 @@ def bootstrap_commands_and_containers(arch):
             assert s["bootstrap-containers"]["once"]["mode"] == "off", s["bootstrap-containers"]
             st, boot = vm.api("GET", "/boot")
             assert "essential bootstrap step failed" in str(boot), boot
+            _cis_flips_with_a_weakened_sysctl(vm)
             vm.qmp("system_powerdown")
             vm.wait_for(r"reboot: Power down|Power down", timeout=90)
             vm.kill()

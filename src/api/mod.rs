@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod bridge;
 pub mod keys;
+pub mod report;
 pub mod routes;
 
 use std::fs;
