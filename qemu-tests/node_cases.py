@@ -105,7 +105,7 @@ def bootstrap_commands_and_containers(arch):
             st, svc = vm.api("GET", "/services/bootstrap")
             assert svc["state"] == "exited" and svc["last_exit"]["code"] == 1, svc
             st, logs = vm.api("GET", "/logs?service=bootstrap")
-            for want in ["always: runs=1 once=0", "once ran", "static: web\n",
+            for want in ["always: runs=1 once=0", "once ran", "static: web",
                          "essential bootstrap container zz-fails failed"]:
                 assert want in logs, logs
             # Commands before containers, in name order: a-first then z-last.

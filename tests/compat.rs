@@ -220,7 +220,6 @@ fn bottlerocket_routes_berth_lacks_say_so() {
         ("GET", "/metadata/affected-services?keys=settings.motd", "not supported on Berth"),
         ("GET", "/metadata/setting-generators", "not supported on Berth"),
         ("GET", "/metadata/templates?keys=settings.motd", "not supported on Berth"),
-        ("GET", "/exec", "not supported yet"),
         ("GET", "/report/fips", "not supported on Berth"),
         ("POST", "/actions/ephemeral-storage/init", "not supported yet"),
         ("GET", "/actions/ephemeral-storage/list-disks", "not supported yet"),
@@ -349,11 +348,18 @@ fn apiclient_usage_errors_exit_2_and_failures_exit_1_with_status_lines() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("cannot connect to /nonexistent/api.sock"), "{}", stderr(&o));
     // `exec` and the others Berth has no routes for yet.
-    for sub in ["exec", "ephemeral-storage"] {
-        let o = run(&server, &[sub, "x"], None);
-        assert_eq!(o.status.code(), Some(1), "{sub}");
-        assert!(stderr(&o).contains("not supported yet"), "{sub}: {}", stderr(&o));
-    }
+    let o = run(&server, &["ephemeral-storage", "x"], None);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("not supported yet"), "{}", stderr(&o));
+    // exec into a host container that is not running (dev mode runs none): the API's refusal.
+    let o = run(&server, &["exec", "admin", "sh", "-c", "exit 3"], None);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("Status 404 when POSTing /exec") && stderr(&o).contains("not running"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(run(&server, &["exec", "admin"], None).status.code(), Some(2));
     assert_eq!(server.get("/tx/list"), json!([]), "refused commands leave no transaction");
 }
 

@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod bridge;
+pub mod exec;
 pub mod keys;
 pub mod report;
 pub mod routes;

@@ -93,6 +93,7 @@ const ROUTES: &[(&str, &[&str])] = &[
     ("/user-data", &["GET"]),
     ("/boot", &["GET"]),
     ("/report", &["GET"]),
+    ("/exec", &["POST"]),
     ("/report/cis", &["GET"]),
     ("/selinux", &["GET"]),
     ("/system/state", &["GET"]),
@@ -127,7 +128,6 @@ pub const NOT_SUPPORTED: &[(&str, &str)] = &[
         "not supported on Berth: settings carry no metadata; configuration files are rendered \
          by Berth's code, not from templates",
     ),
-    ("/exec", "not supported yet: Berth has no exec into host containers yet"),
     ("/report/", "not supported on Berth: the only report is /report/cis (no FIPS report)"),
     ("/actions/ephemeral-storage/", "not supported yet: Berth has no ephemeral-storage actions yet"),
     ("/ephemeral-storage/", "not supported yet: Berth has no ephemeral-storage actions yet"),
@@ -645,6 +645,10 @@ impl Api {
                 &json!([{"name": "cis", "description": "CIS Bottlerocket Benchmark (the items that apply to Berth)"}]),
             ),
             ("GET", "/report/cis") => cis_report(req),
+            ("POST", "/exec") => super::exec::handle(&req.body, &|name| {
+                let svc = format!("host-containers@{name}");
+                self.supervisor().and_then(|s| s.report_one(&svc)).is_some_and(|r| r["state"] == "running")
+            }),
             ("GET", "/selinux") => Response::json(200, &crate::init::selinux::status()),
             ("GET", "/system/time") => match crate::time::status() {
                 Some(v) => Response::json(200, &v),
@@ -730,10 +734,10 @@ mod tests {
 
     #[test]
     fn not_supported_routes_are_named() {
-        for p in ["/exec", "/report/fips", "/actions/ephemeral-storage/init", "/metadata/templates"] {
+        for p in ["/report/fips", "/actions/ephemeral-storage/init", "/metadata/templates"] {
             assert!(not_supported(p).is_some(), "{p}");
         }
-        for p in ["/execute", "/reports", "/metadata", "/actions/reboot"] {
+        for p in ["/exec", "/execute", "/reports", "/metadata", "/actions/reboot"] {
             assert!(not_supported(p).is_none(), "{p}");
         }
     }

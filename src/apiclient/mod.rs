@@ -23,6 +23,7 @@
 //! Requests go through the shared HTTP client (`src/http`); every answer is bounded (64 MiB)
 //! and every wait has a timeout (60 s per read or write).
 
+mod exec;
 mod get;
 mod set;
 mod update;
@@ -56,6 +57,8 @@ const USAGE: &str = "usage: apiclient [-s SOCKET] [-v | --log-level LEVEL] SUBCO
                                       from stdin (none or -), file:///PATH, PATH, http(s)://URL,
                                       in one transaction
   reboot
+  exec [-t | -T] NAME CMD [ARG...]    run CMD in host container NAME (-t: with a TTY, the
+                                      default when stdin is a terminal); exits with its status
   report cis [-l 1|2] [-f text|json] the CIS checks that apply to Berth, read from the system
   update check                        refresh the list of updates; the status as JSON
   update apply [--check] [--reboot]   prepare and activate the chosen update (--check: refresh
@@ -312,6 +315,10 @@ fn run(args: &[String]) -> Result<()> {
         "reboot" => reboot(&client, args),
         "update" => update::run(&client, args),
         "report" => report(&client, args),
+        "exec" => {
+            let code = exec::run(&line.socket, args)?;
+            std::process::exit(code)
+        }
         other => Err(Error::Failed(format!(
             "apiclient {other}: not supported yet on Berth (the API has no such routes yet; see docs/compatibility.md)"
         ))),

@@ -177,7 +177,6 @@ impl Response {
     }
 
     /// `101 Switching Protocols` to `protocol`; the connection then belongs to `take`.
-    #[allow(dead_code)] // `POST /exec` is its first user (in progress)
     pub fn upgrade(protocol: &'static str, take: Arc<dyn Fn(UnixStream, Vec<u8>) + Send + Sync>) -> Response {
         Response {
             status: 101,
