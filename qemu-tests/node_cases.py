@@ -47,6 +47,15 @@ enabled = true
 manifest = "{pod_off}"
 enabled = false
 
+[settings.host-containers.admin]
+source = "{refs['admin']}"
+enabled = true
+
+[settings.host-containers.execer]
+source = "{refs['execer']}"
+enabled = true
+superpowered = true
+
 [[settings.container-registry.mirrors]]
 registry = "{reg.guest_address}"
 endpoint = ["http://{reg.guest_address}"]
@@ -93,6 +102,15 @@ def bootstrap_commands_and_containers(arch):
         "once": (f"cat /.bottlerocket/bootstrap-containers/current/user-data >> {root}/bootstrap-once; "
                  f"echo >> {root}/bootstrap-once; echo once ran"),
         "fails": "echo failing on purpose; exit 7",
+        "admin": "sleep 3600",
+        # apiclient is the host's berth binary run by that name.
+        "execer": ("mkdir -p /tmp; cp /.berth/rootfs/sbin/init /tmp/apiclient; A=/tmp/apiclient; "
+                   "for i in $(seq 1 90); do $A exec -T admin true 2>/dev/null && break; sleep 2; done; "
+                   "$A exec admin sh -c 'echo ok; exit 3'; echo \"exec status=$?\"; "
+                   "LINES=33 COLUMNS=111 $A exec -t admin stty size; echo \"tty status=$?\"; "
+                   "(sleep 3; printf '\\003') | $A exec -t admin sh -c "
+                   "'trap \"echo got INT; exit 5\" INT; sleep 30 & wait'; echo \"int status=$?\"; "
+                   "sleep 3600"),
     }
     with Registry() as reg:
         refs = {k: reg.push_busybox_cmd(arch, ["/bin/sh", "-c", s], tag=k) for k, s in scripts.items()}
@@ -119,6 +137,15 @@ def bootstrap_commands_and_containers(arch):
             st, boot = vm.api("GET", "/boot")
             assert "essential bootstrap step failed" in str(boot), boot
             _cis_flips_with_a_weakened_sysctl(vm)
+
+            # apiclient exec, run inside the guest by the superpowered host container "execer".
+            def exec_done():
+                st, text = vm.api("GET", "/logs?service=host-containers@execer")
+                return ("int status=" in (text or ""), text)
+            _, text = _poll(exec_done, 300)
+            assert "\nok\nexec status=3" in text, text
+            assert "33 111" in text and "tty status=0" in text, text
+            assert "got INT" in text and "int status=5" in text, text
             vm.qmp("system_powerdown")
             vm.wait_for(r"reboot: Power down|Power down", timeout=90)
             vm.kill()
