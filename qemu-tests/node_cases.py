@@ -109,7 +109,7 @@ def bootstrap_commands_and_containers(arch):
                    "for i in $(seq 1 90); do $A exec -T admin true 2>/dev/null && break; sleep 2; done; "
                    "$A exec admin sh -c 'echo ok; exit 3'; echo \"exec status=$?\"; "
                    "LINES=33 COLUMNS=111 $A exec -t admin stty size; echo \"tty status=$?\"; "
-                   "(sleep 3; printf '\\003') | $A exec -t admin sh -c "
+                   "(sleep 8; printf '\\003') | $A exec -t admin sh -c "
                    "'trap \"echo got INT; exit 5\" INT; sleep 30 & wait'; echo \"int status=$?\"; "
                    "sleep 3600"),
     }
