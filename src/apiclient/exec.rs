@@ -89,7 +89,7 @@ fn upgrade(stream: &mut UnixStream, body: &str) -> Result<()> {
 /// Run the session; returns the command's exit status.
 pub fn run(socket: &str, args: &[String]) -> Result<i32> {
     let line = parse(args)?;
-    let tty = line.tty.unwrap_or_else(|| crate::sys::pty::is_terminal(io::stdin()));
+    let tty = line.tty.unwrap_or_else(|| crate::sys::is_tty(&io::stdin()));
     let (rows, cols) = match size() {
         Some((r, c)) if tty => (Some(r), Some(c)),
         _ => (None, None),
@@ -102,7 +102,7 @@ pub fn run(socket: &str, args: &[String]) -> Result<i32> {
         UnixStream::connect(socket).map_err(|e| Error::Failed(format!("cannot connect to {socket}: {e}")))?;
     upgrade(&mut stream, &body.to_string())?;
     let writer = Arc::new(Mutex::new(stream.try_clone().map_err(|e| Error::Failed(e.to_string()))?));
-    let raw = if tty && crate::sys::pty::is_terminal(io::stdin()) {
+    let raw = if tty && crate::sys::is_tty(&io::stdin()) {
         crate::sys::pty::make_raw(io::stdin()).ok()
     } else {
         None

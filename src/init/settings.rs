@@ -51,14 +51,20 @@ pub fn open_datastore(ctx: &mut Ctx) -> Result<(), BootError> {
 }
 
 /// Fetch user data from the platform's providers (IMDS at `imds`, on EC2). The slot's BOOT
-/// partition is mounted read-only for the time it takes to look for `user-data.toml` there.
+/// partition (on a Raspberry Pi the first partition, `BERTH-AUTOBOOT`, the one a desktop shows
+/// when the SD card is plugged in) is mounted read-only for the time it takes to look for
+/// `user-data.toml` there.
 fn fetch(
     handoff: &Handoff,
     parts: &[partitions::PartInfo],
     imds: Option<std::net::SocketAddr>,
 ) -> Result<Option<userdata::UserData>, String> {
     let sysfs = Path::new("/sys");
-    let with_boot = partitions::by_label(parts, &handoff.slot.label("BOOT"))
+    let label = match handoff.boot.as_str() {
+        "rpi" => crate::bootctl::rpi::LABEL.to_string(),
+        _ => handoff.slot.label("BOOT"),
+    };
+    let with_boot = partitions::by_label(parts, &label)
         .and_then(|b| partitions::with_boot_mounted(b, |dir| userdata::fetch(sysfs, Some(dir), imds)))
         .map_err(|e| e.to_string());
     match with_boot {

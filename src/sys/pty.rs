@@ -33,10 +33,6 @@ pub fn size(fd: impl AsFd) -> Option<(u16, u16)> {
     rustix::termios::tcgetwinsize(fd).ok().map(|w| (w.ws_row, w.ws_col))
 }
 
-pub fn is_terminal(fd: impl AsFd) -> bool {
-    rustix::termios::isatty(fd)
-}
-
 /// Put a terminal in raw mode; returns the settings to restore.
 pub fn make_raw(fd: impl AsFd) -> io::Result<Termios> {
     let saved = rustix::termios::tcgetattr(&fd)?;
