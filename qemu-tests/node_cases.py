@@ -108,7 +108,7 @@ def bootstrap_commands_and_containers(arch):
         "execer": ("mkdir -p /tmp; cp /.berth/rootfs/sbin/init /tmp/apiclient; A=/tmp/apiclient; "
                    "for i in $(seq 1 90); do $A exec -T admin true 2>/dev/null && break; sleep 2; done; "
                    "$A exec admin sh -c 'echo ok; exit 3'; echo \"exec status=$?\"; "
-                   "LINES=33 COLUMNS=111 $A exec -t admin stty size; echo \"tty status=$?\"; "
+                   "LINES=33 COLUMNS=111 $A exec -t admin busybox stty size; echo \"tty status=$?\"; "
                    "(sleep 8; printf '\\003') | $A exec -t admin sh -c "
                    "'trap \"echo got INT; exit 5\" INT; sleep 30 & wait'; echo \"int status=$?\"; "
                    "sleep 3600"),
@@ -144,7 +144,7 @@ def bootstrap_commands_and_containers(arch):
                 st, text = vm.api("GET", "/logs?service=host-containers@execer")
                 return ("int status=" in (text or ""), text)
             _, text = _poll(exec_done, 300)
-            assert "\nok\nexec status=3" in text, text
+            assert ("\n" + text).find("\nok\nexec status=3") >= 0, text
             assert "33 111" in text and "tty status=0" in text, text
             assert "got INT" in text and "int status=5" in text, text
             vm.qmp("system_powerdown")
