@@ -104,11 +104,12 @@ def bootstrap_commands_and_containers(arch):
                  f"echo >> {root}/bootstrap-once; echo once ran"),
         "fails": "echo failing on purpose; exit 7",
         "admin": "sleep 3600",
-        # apiclient is the host's berth binary run by that name.
+        # apiclient is the host's berth binary run by that name. ctr sizes the container's
+        # terminal just after it starts the command: stty waits a moment.
         "execer": ("mkdir -p /tmp; cp /.berth/rootfs/sbin/init /tmp/apiclient; A=/tmp/apiclient; "
                    "for i in $(seq 1 90); do $A exec -T admin true 2>/dev/null && break; sleep 2; done; "
                    "$A exec admin sh -c 'echo ok; exit 3'; echo \"exec status=$?\"; "
-                   "LINES=33 COLUMNS=111 $A exec -t admin busybox stty size; echo \"tty status=$?\"; "
+                   "LINES=33 COLUMNS=111 $A exec -t admin sh -c 'sleep 2; busybox stty size'; echo \"tty status=$?\"; "
                    "(sleep 8; printf '\\003') | $A exec -t admin sh -c "
                    "'trap \"echo got INT; exit 5\" INT; sleep 30 & wait'; echo \"int status=$?\"; "
                    "sleep 3600"),
