@@ -714,3 +714,4 @@ import uefi_cases  # noqa: E402,F401
 import selinux_cases  # noqa: E402,F401
 import ec2_cases  # noqa: E402,F401
 import rpi_cases  # noqa: E402,F401
+import node_cases  # noqa: E402,F401

@@ -37,6 +37,9 @@ usage:
   berth bootctl set DISK A|B PRIO TRIES OK set a slot's boot-control state
   berth bootctl autoboot DISK              the autoboot.txt for a disk's state (Raspberry Pi)
   berth host-container NAME SOURCE 0|1     run a host container (as a supervised service)
+  berth exec-session TTY ROWS COLS NAME -- CMD...
+                                           one `apiclient exec` session (started by the API)
+  berth bootstrap                          run the bootstrap commands and containers (a service)
   berth selftest NAME                      run a PID 1 self-test (inside Berth)
   berth update-repo keygen|add|sign|set-max-version ...
                                            build and sign an update repository (host side)
@@ -72,6 +75,8 @@ fn main() {
         Some("mkroot") => image::mkroot(rest),
         Some("bootctl") => image::bootctl(rest),
         Some("update-repo") => update::repo::main(rest),
+        Some("exec-session") => std::process::exit(api::exec::session_main(rest)),
+        Some("bootstrap") => std::process::exit(init::bootstrap::main()),
         Some("selftest") => std::process::exit(init::selftest::run(rest.first().map_or("", |s| s))),
         Some("help") | Some("--help") | Some("-h") => {
             println!("{USAGE}");

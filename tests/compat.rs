@@ -220,10 +220,7 @@ fn bottlerocket_routes_berth_lacks_say_so() {
         ("GET", "/metadata/affected-services?keys=settings.motd", "not supported on Berth"),
         ("GET", "/metadata/setting-generators", "not supported on Berth"),
         ("GET", "/metadata/templates?keys=settings.motd", "not supported on Berth"),
-        ("GET", "/exec", "not supported yet"),
-        ("GET", "/report", "not supported yet"),
-        ("GET", "/report/cis?type=bottlerocket", "not supported yet"),
-        ("GET", "/report/fips", "not supported yet"),
+        ("GET", "/report/fips", "not supported on Berth"),
         ("POST", "/actions/ephemeral-storage/init", "not supported yet"),
         ("GET", "/actions/ephemeral-storage/list-disks", "not supported yet"),
     ] {
@@ -231,6 +228,31 @@ fn bottlerocket_routes_berth_lacks_say_so() {
         server.request(method, path, "").assert_error(404, &[path_only, why, "docs/compatibility.md"]);
     }
     server.request("GET", "/no/such/route", "").assert_error(404, &["no route /no/such/route"]);
+}
+
+#[test]
+fn cis_report_has_a_result_for_every_check_in_both_formats() {
+    let dir = TempDir::new("cis");
+    let server = Server::start(&dir);
+    let out = run(&server, &["report", "cis", "--format", "json", "--level", "2"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let results = v["results"].as_array().unwrap();
+    assert!(results.len() >= 15, "{v}");
+    let n = |k: &str| v[k].as_u64().unwrap();
+    assert_eq!(n("passed") + n("failed") + n("skipped"), n("total"));
+    assert!(results.iter().all(|r| ["PASS", "FAIL", "SKIP"].contains(&r["status"].as_str().unwrap())));
+    assert!(results
+        .iter()
+        .any(|r| r["id"] == "3.1.1" && r["detail"].as_str().unwrap().contains("send_redirects")));
+    let out = run(&server, &["report", "cis"], None);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("Total checks:") && text.contains("] 1.4.1 "), "{text}");
+    let out = run(&server, &["report", "cis", "-f", "yaml"], None);
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("the formats are text and json")
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -326,11 +348,18 @@ fn apiclient_usage_errors_exit_2_and_failures_exit_1_with_status_lines() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("cannot connect to /nonexistent/api.sock"), "{}", stderr(&o));
     // `exec` and the others Berth has no routes for yet.
-    for sub in ["exec", "report", "ephemeral-storage"] {
-        let o = run(&server, &[sub, "x"], None);
-        assert_eq!(o.status.code(), Some(1), "{sub}");
-        assert!(stderr(&o).contains("not supported yet"), "{sub}: {}", stderr(&o));
-    }
+    let o = run(&server, &["ephemeral-storage", "x"], None);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("not supported yet"), "{}", stderr(&o));
+    // exec into a host container that is not running (dev mode runs none): the API's refusal.
+    let o = run(&server, &["exec", "admin", "sh", "-c", "exit 3"], None);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("Status 404 when POSTing /exec") && stderr(&o).contains("not running"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(run(&server, &["exec", "admin"], None).status.code(), Some(2));
     assert_eq!(server.get("/tx/list"), json!([]), "refused commands leave no transaction");
 }
 

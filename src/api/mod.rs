@@ -8,7 +8,9 @@
 
 pub mod bench;
 pub mod bridge;
+pub mod exec;
 pub mod keys;
+pub mod report;
 pub mod routes;
 
 use std::fs;

@@ -76,6 +76,8 @@ const SETTING_GROUPS: &[&str] = &[
     "container-registry",
     "pki",
     "aws",
+    "bootstrap-commands",
+    "bootstrap-containers",
 ];
 
 const ROUTES: &[(&str, &[&str])] = &[
@@ -94,6 +96,9 @@ const ROUTES: &[(&str, &[&str])] = &[
     ("/logs", &["GET"]),
     ("/user-data", &["GET"]),
     ("/boot", &["GET"]),
+    ("/report", &["GET"]),
+    ("/exec", &["POST"]),
+    ("/report/cis", &["GET"]),
     ("/selinux", &["GET"]),
     ("/system/state", &["GET"]),
     ("/system/time", &["GET"]),
@@ -127,12 +132,25 @@ pub const NOT_SUPPORTED: &[(&str, &str)] = &[
         "not supported on Berth: settings carry no metadata; configuration files are rendered \
          by Berth's code, not from templates",
     ),
-    ("/exec", "not supported yet: Berth has no exec into host containers yet"),
-    ("/report", "not supported yet: Berth has no compliance reports yet"),
-    ("/report/", "not supported yet: Berth has no compliance reports yet"),
+    ("/report/", "not supported on Berth: the only report is /report/cis (no FIPS report)"),
     ("/actions/ephemeral-storage/", "not supported yet: Berth has no ephemeral-storage actions yet"),
     ("/ephemeral-storage/", "not supported yet: Berth has no ephemeral-storage actions yet"),
 ];
+
+/// `GET /report/cis[?format=text|json][&level=1|2]` (see [`super::report`]).
+fn cis_report(req: &Request) -> Response {
+    let level = match req.query_get("level").unwrap_or("1") {
+        "1" => 1,
+        "2" => 2,
+        other => return Response::error(400, &format!("level '{other}': the levels are 1 and 2")),
+    };
+    let results = super::report::cis(&super::report::System { root: "/".into() }, level);
+    match req.query_get("format").unwrap_or("text") {
+        "text" => Response::text(200, super::report::text(&results, level)),
+        "json" => Response::json(200, &super::report::json(&results, level)),
+        other => Response::error(400, &format!("format '{other}': the formats are text and json")),
+    }
+}
 
 fn not_supported(path: &str) -> Option<&'static str> {
     NOT_SUPPORTED
@@ -627,6 +645,15 @@ impl Api {
                 v["firmware"] = crate::bootctl::firmware_report().unwrap_or(Value::Null);
                 Response::json(200, &v)
             }
+            ("GET", "/report") => Response::json(
+                200,
+                &json!([{"name": "cis", "description": "CIS Bottlerocket Benchmark (the items that apply to Berth)"}]),
+            ),
+            ("GET", "/report/cis") => cis_report(req),
+            ("POST", "/exec") => super::exec::handle(&req.body, &|name| {
+                let svc = format!("host-containers@{name}");
+                self.supervisor().and_then(|s| s.report_one(&svc)).is_some_and(|r| r["state"] == "running")
+            }),
             ("GET", "/selinux") => Response::json(200, &crate::init::selinux::status()),
             ("GET", "/system/time") => match crate::time::status() {
                 Some(v) => Response::json(200, &v),
@@ -712,11 +739,10 @@ mod tests {
 
     #[test]
     fn not_supported_routes_are_named() {
-        for p in ["/exec", "/report", "/report/cis", "/actions/ephemeral-storage/init", "/metadata/templates"]
-        {
+        for p in ["/report/fips", "/actions/ephemeral-storage/init", "/metadata/templates"] {
             assert!(not_supported(p).is_some(), "{p}");
         }
-        for p in ["/execute", "/reports", "/metadata", "/actions/reboot"] {
+        for p in ["/exec", "/execute", "/reports", "/metadata", "/actions/reboot"] {
             assert!(not_supported(p).is_none(), "{p}");
         }
     }
@@ -739,6 +765,8 @@ mod tests {
             container_registry: Some(ContainerRegistry::default()),
             pki: Some(Default::default()),
             aws: Some(Aws::default()),
+            bootstrap_commands: Some(Default::default()),
+            bootstrap_containers: Some(Default::default()),
         };
         let v = serde_json::to_value(all).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();

@@ -23,6 +23,7 @@
 //! Requests go through the shared HTTP client (`src/http`); every answer is bounded (64 MiB)
 //! and every wait has a timeout (60 s per read or write).
 
+mod exec;
 mod get;
 mod set;
 mod update;
@@ -56,6 +57,9 @@ const USAGE: &str = "usage: apiclient [-s SOCKET] [-v | --log-level LEVEL] SUBCO
                                       from stdin (none or -), file:///PATH, PATH, http(s)://URL,
                                       in one transaction
   reboot
+  exec [-t | -T] NAME CMD [ARG...]    run CMD in host container NAME (-t: with a TTY, the
+                                      default when stdin is a terminal); exits with its status
+  report cis [-l 1|2] [-f text|json] the CIS checks that apply to Berth, read from the system
   update check                        refresh the list of updates; the status as JSON
   update apply [--check] [--reboot]   prepare and activate the chosen update (--check: refresh
                                       first and stop if there is none; --reboot: then reboot)
@@ -310,10 +314,41 @@ fn run(args: &[String]) -> Result<()> {
         "apply" => set::apply(&client, args),
         "reboot" => reboot(&client, args),
         "update" => update::run(&client, args),
+        "report" => report(&client, args),
+        "exec" => {
+            let code = exec::run(&line.socket, args)?;
+            std::process::exit(code)
+        }
         other => Err(Error::Failed(format!(
             "apiclient {other}: not supported yet on Berth (the API has no such routes yet; see docs/compatibility.md)"
         ))),
     }
+}
+
+/// `report cis [-l|--level 1|2] [-f|--format text|json]`: the CIS report, as the API writes it.
+fn report(client: &Client, args: &[String]) -> Result<()> {
+    let mut it = args.iter();
+    match it.next().map(String::as_str) {
+        Some("cis") => {}
+        Some(other) => return usage(format!("report: unknown report '{other}' (Berth has: cis)")),
+        None => return usage("report: which report? (cis)"),
+    }
+    let (mut level, mut format) = ("1".to_string(), "text".to_string());
+    while let Some(o) = it.next() {
+        let mut value = || it.next().cloned().ok_or_else(|| Error::Usage(format!("{o} needs a value")));
+        match o.as_str() {
+            "-l" | "--level" => level = value()?,
+            "-f" | "--format" => format = value()?,
+            other => return usage(format!("report cis: unexpected argument '{other}'")),
+        }
+    }
+    let uri = format!("/report/cis?level={level}&format={format}");
+    let body = client.call("GET", &uri, None).map_err(|e| Error::Failed(e.to_string()))?;
+    print!("{body}");
+    if format == "json" {
+        println!();
+    }
+    Ok(())
 }
 
 fn raw(client: &Client, args: &[String]) -> Result<()> {

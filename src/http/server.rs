@@ -133,13 +133,39 @@ pub struct Response {
     pub status: u16,
     pub content_type: &'static str,
     pub body: Vec<u8>,
+    /// Set only by [`Response::upgrade`].
+    pub upgrade: Option<Upgrade>,
 }
+
+/// A hand-over of the connection after a `101 Switching Protocols` answer (`apiclient exec`):
+/// the function gets the socket, its timeouts cleared, and whatever the client sent after its
+/// request. It runs on the connection's thread, whose slot is freed when it returns: it should
+/// hand the socket on (to a process of its own) rather than serve it there.
+#[derive(Clone)]
+pub struct Upgrade {
+    pub protocol: &'static str,
+    pub take: Arc<dyn Fn(UnixStream, Vec<u8>) + Send + Sync>,
+}
+
+impl std::fmt::Debug for Upgrade {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Upgrade({})", self.protocol)
+    }
+}
+
+impl PartialEq for Upgrade {
+    fn eq(&self, other: &Upgrade) -> bool {
+        Arc::ptr_eq(&self.take, &other.take)
+    }
+}
+
+impl Eq for Upgrade {}
 
 impl Response {
     /// A JSON document.
     pub fn json(status: u16, value: &serde_json::Value) -> Response {
         match serde_json::to_vec(value) {
-            Ok(body) => Response { status, content_type: "application/json", body },
+            Ok(body) => Response { status, content_type: "application/json", body, upgrade: None },
             // A `Value` always serializes; this only keeps the server from trusting that.
             Err(e) => Response::error(500, &format!("cannot serialize the response: {e}")),
         }
@@ -147,12 +173,22 @@ impl Response {
 
     /// No body at all (for 204, or an empty answer with any other status).
     pub fn empty(status: u16) -> Response {
-        Response { status, content_type: "", body: Vec::new() }
+        Response { status, content_type: "", body: Vec::new(), upgrade: None }
+    }
+
+    /// `101 Switching Protocols` to `protocol`; the connection then belongs to `take`.
+    pub fn upgrade(protocol: &'static str, take: Arc<dyn Fn(UnixStream, Vec<u8>) + Send + Sync>) -> Response {
+        Response {
+            status: 101,
+            content_type: "",
+            body: Vec::new(),
+            upgrade: Some(Upgrade { protocol, take }),
+        }
     }
 
     /// Plain UTF-8 text.
     pub fn text(status: u16, body: String) -> Response {
-        Response { status, content_type: "text/plain; charset=utf-8", body: body.into_bytes() }
+        Response { status, content_type: "text/plain; charset=utf-8", body: body.into_bytes(), upgrade: None }
     }
 
     /// The API's error document: `{"status": <status>, "error": "<message>"}`.
@@ -491,6 +527,16 @@ impl<'a> Conn<'a> {
                 log::debug!("api: cannot write a response: {e}");
                 return;
             }
+            if let Some(up) = response.upgrade {
+                let leftover = self.io.buffer().to_vec();
+                let stream = self.io.get_ref().get_ref().try_clone();
+                match stream.and_then(|s| s.set_read_timeout(None).and(s.set_write_timeout(None)).map(|_| s))
+                {
+                    Ok(s) => (up.take)(s, leftover),
+                    Err(e) => log::warn!("api: cannot hand the connection over to {}: {e}", up.protocol),
+                }
+                return;
+            }
             if self.out.capacity() > KEEP_OUT_BUFFER {
                 self.out = Vec::new();
             }
@@ -602,6 +648,7 @@ impl<'a> Conn<'a> {
 fn call_handler(handler: &Handler, request: &Request) -> Response {
     match panic::catch_unwind(AssertUnwindSafe(|| handler(request))) {
         Ok(response) if (200..=599).contains(&response.status) => response,
+        Ok(response) if response.status == 101 && response.upgrade.is_some() => response,
         Ok(response) => {
             log::error!(
                 "api: handler answered {} {} with invalid status {}",
@@ -636,6 +683,10 @@ fn encode_response(out: &mut Vec<u8>, response: &Response, head_only: bool, conn
         }
         let _ = write!(out, "Content-Length: {}\r\n", response.body.len());
     }
+    if let Some(up) = &response.upgrade {
+        let _ = write!(out, "Connection: Upgrade\r\nUpgrade: {}\r\n\r\n", up.protocol);
+        return;
+    }
     match connection {
         ConnectionHeader::None => {}
         ConnectionHeader::Close => out.extend_from_slice(b"Connection: close\r\n"),
@@ -649,6 +700,7 @@ fn encode_response(out: &mut Vec<u8>, response: &Response, head_only: bool, conn
 
 fn reason(status: u16) -> &'static str {
     match status {
+        101 => "Switching Protocols",
         100 => "Continue",
         200 => "OK",
         201 => "Created",
@@ -801,9 +853,12 @@ mod tests {
     fn test_handler(request: &Request) -> Response {
         match request.path.as_str() {
             "/panic" => panic!("test handler panics on purpose"),
-            "/echo" => {
-                Response { status: 200, content_type: "application/octet-stream", body: request.body.clone() }
-            }
+            "/echo" => Response {
+                status: 200,
+                content_type: "application/octet-stream",
+                body: request.body.clone(),
+                upgrade: None,
+            },
             "/nested" => match serde_json::from_slice::<serde_json::Value>(&request.body) {
                 Ok(_) => Response::empty(204),
                 Err(e) => Response::error(400, &e.to_string()),

@@ -17,6 +17,7 @@
 //! with a notice on the console and in `GET /boot`, because a known-good slot that reboots on
 //! every boot is a brick.
 
+pub mod bootstrap;
 mod ec2;
 mod etc;
 mod grow;
@@ -393,7 +394,7 @@ fn turn(ctx: &mut Ctx, ready_at: &mut Option<Instant>, idle_reported: &mut bool,
     lock(&sup).tick();
     ctx.tasks.check();
     match *ready_at {
-        None if lock(&sup).healthy(HEALTH_SERVICES) => {
+        None if healthy(ctx, &sup) => {
             mark_ready(ctx);
             *ready_at = Some(Instant::now());
             if ctx.cmdline.get("fault") == Some("hang-after-ready") {
@@ -421,6 +422,12 @@ fn turn(ctx: &mut Ctx, ready_at: &mut Option<Instant>, idle_reported: &mut bool,
         }
         _ => {}
     }
+}
+
+/// Whether the boot is healthy: its services are ready and the bootstrap is done.
+fn healthy(ctx: &Ctx, sup: &Mutex<Supervisor>) -> bool {
+    let sup = lock(sup);
+    sup.healthy(HEALTH_SERVICES) && bootstrap::gate(ctx, &sup)
 }
 
 pub(crate) fn lock(sup: &Mutex<Supervisor>) -> std::sync::MutexGuard<'_, Supervisor> {

@@ -81,7 +81,7 @@ fn host_container(
 
 /// Whether `settings.container-registry.mirrors` configures `registry` as insecure: one of its
 /// endpoints is plain `http://`.
-fn insecure_registry(settings: &Settings, registry: &str) -> bool {
+pub(super) fn insecure_registry(settings: &Settings, registry: &str) -> bool {
     let mirrors = settings.container_registry.as_ref().map(|c| c.mirror_list()).unwrap_or_default();
     mirrors
         .iter()
@@ -197,6 +197,7 @@ pub fn declare(ctx: &mut Ctx) -> Result<(), crate::boot::BootError> {
     if ctx.store.is_some() {
         specs.extend(kubelet(&settings));
         specs.extend(host_containers(&settings).into_iter().filter(|(_, on)| *on).map(|(s, _)| s));
+        specs.extend(super::bootstrap::service(&settings));
     }
     match ctx.cmdline.get("selftest") {
         Some("crashloop") => specs.push(crashloop()),

@@ -50,6 +50,12 @@ pub struct Settings {
     /// AWS facts (`settings.aws.region`, generated from IMDS on EC2).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub aws: Option<Aws>,
+    /// `settings.bootstrap-commands.NAME` (see [`super::bootstrap`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bootstrap_commands: Option<BTreeMap<String, super::bootstrap::BootstrapCommand>>,
+    /// `settings.bootstrap-containers.NAME` (see [`super::bootstrap`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bootstrap_containers: Option<BTreeMap<String, super::bootstrap::BootstrapContainer>>,
 }
 
 /// `settings.aws`: Bottlerocket's keys, accepted on the `aws` variant only.
@@ -384,6 +390,9 @@ pub struct Kubernetes {
     /// kubelet's `-v`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_level: Option<u8>,
+    /// `settings.kubernetes.static-pods.NAME` (see [`super::static_pods`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub static_pods: Option<BTreeMap<String, super::static_pods::StaticPod>>,
     /// The node's IP address for kubelet (`--node-ip`); on EC2 generated from IMDS.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_ip: Option<String>,
@@ -1242,6 +1251,8 @@ impl Settings {
                 return Err(invalid("settings.aws.region", format!("'{region}' is not an AWS region name")));
             }
         }
+        super::bootstrap::validate(self)?;
+        super::static_pods::validate(self)?;
         for (name, hc) in self.host_containers.iter().flatten() {
             if name.is_empty()
                 || name.len() > 63

@@ -533,6 +533,12 @@ pub fn apply(
             Err(e) => errors.push(format!("{}: {e}", path.display())),
         }
     }
+    if touched("kubernetes") {
+        match super::static_pods::sync(s, &etc.join(super::static_pods::DIR)) {
+            Ok(d) => done.extend(d),
+            Err(e) => errors.push(format!("static pods: {e}")),
+        }
+    }
     if touched("network") {
         match host.set_hostname(hostname(s)) {
             Ok(()) => done.push(format!("hostname {}", hostname(s))),

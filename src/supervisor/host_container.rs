@@ -45,8 +45,6 @@ use crate::sys::SignalFd;
 
 const CTR: &str = "/usr/bin/ctr";
 const NAMESPACE: &str = "berth";
-/// The parent cgroup of every host container (relative to /sys/fs/cgroup).
-pub const CGROUP_PARENT: &str = "/host-containers";
 /// Capabilities a plain host container does not get from containerd's default set (it keeps
 /// CHOWN, DAC_OVERRIDE, FOWNER, FSETID, KILL, SETGID, SETUID, SETPCAP, NET_BIND_SERVICE).
 pub const PLAIN_CAPS_DROPPED: &[&str] =
@@ -56,8 +54,6 @@ pub const MEMORY_LIMIT: u64 = 512 << 20;
 /// pids.max of a plain host container.
 pub const PIDS_LIMIT: u32 = 1024;
 
-/// Where each host container's persistent directory is, on the host.
-pub const PERSISTENT: &str = "/local/host-containers";
 /// The environment variable that carries `settings.host-containers.NAME.user-data` (base64).
 pub const USER_DATA_ENV: &str = "BERTH_HOST_CONTAINER_USER_DATA";
 /// The environment variable through which PID 1 passes the login
@@ -134,22 +130,54 @@ fn clean(name: &str) {
     }
 }
 
-fn run_args(name: &str, source: &str, superpowered: bool) -> Vec<String> {
+/// What a container run by this module is: a host container (`settings.host-containers`) or a
+/// bootstrap container (`settings.bootstrap-containers`, run to completion before the boot is
+/// ready; see `init::bootstrap`). Each kind has its own containerd IDs, cgroups and persistent
+/// directories, so a bootstrap container may share its name with a host container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Host,
+    Bootstrap,
+}
+
+impl Kind {
+    /// The settings group, which also names the cgroup parent and the persistent directories.
+    pub fn group(self) -> &'static str {
+        match self {
+            Kind::Host => "host-containers",
+            Kind::Bootstrap => "bootstrap-containers",
+        }
+    }
+
+    /// The containerd container ID (a host container's is its name, as before; a bootstrap
+    /// container's has a dot, which no host container name has).
+    pub fn id(self, name: &str) -> String {
+        match self {
+            Kind::Host => name.to_string(),
+            Kind::Bootstrap => format!("bootstrap.{name}"),
+        }
+    }
+
+    /// The container's persistent directory on the host.
+    pub fn persistent(self, name: &str) -> std::path::PathBuf {
+        Path::new("/local").join(self.group()).join(name)
+    }
+}
+
+fn run_args(kind: Kind, name: &str, source: &str, superpowered: bool) -> Vec<String> {
+    let (group, id) = (kind.group(), kind.id(name));
+    let src = kind.persistent(name);
+    let src = src.display();
     let mut a: Vec<String> = ["run", "--rm", "--net-host"].iter().map(|s| s.to_string()).collect();
     let mut opt = |k: &str, v: String| {
         a.push(k.into());
         a.push(v);
     };
     opt("--runc-binary", super::runc::WRAPPER.into());
-    opt("--cgroup", format!("{CGROUP_PARENT}/{name}"));
+    opt("--cgroup", format!("/{group}/{name}"));
     opt("--mount", "type=bind,src=/run/api.sock,dst=/run/api.sock,options=rbind:rw".into());
     for dst in ["current", name] {
-        opt(
-            "--mount",
-            format!(
-                "type=bind,src={PERSISTENT}/{name},dst=/.bottlerocket/host-containers/{dst},options=rbind:rw"
-            ),
-        );
+        opt("--mount", format!("type=bind,src={src},dst=/.bottlerocket/{group}/{dst},options=rbind:rw"));
     }
     if superpowered {
         opt("--annotation", format!("{}=super", super::runc::LABEL_ANNOTATION));
@@ -166,7 +194,7 @@ fn run_args(name: &str, source: &str, superpowered: bool) -> Vec<String> {
         a.push("--seccomp".into());
     }
     a.push(source.into());
-    a.push(name.into());
+    a.push(id);
     a
 }
 
@@ -179,6 +207,20 @@ pub fn main(args: &[String]) -> i32 {
             return 2;
         }
     };
+    let user_data = std::env::var(USER_DATA_ENV).ok();
+    run(Kind::Host, name, source, superpowered == "1", plain_http, user_data.as_deref())
+}
+
+/// Pull `source` and run it as container `name` of `kind` in the foreground until it exits
+/// (or SIGTERM/SIGINT stops it); returns its exit status.
+pub fn run(
+    kind: Kind,
+    name: &str,
+    source: &str,
+    superpowered: bool,
+    plain_http: bool,
+    user_data: Option<&str>,
+) -> i32 {
     let signals = match SignalFd::new(&[libc::SIGTERM, libc::SIGINT]) {
         Ok(s) => s,
         Err(e) => {
@@ -186,9 +228,9 @@ pub fn main(args: &[String]) -> i32 {
             return 1;
         }
     };
-    let dir = Path::new(PERSISTENT).join(name);
-    let user_data = std::env::var(USER_DATA_ENV).ok();
-    if let Err(e) = write_user_data(&dir, user_data.as_deref()) {
+    let dir = kind.persistent(name);
+    let id = kind.id(name);
+    if let Err(e) = write_user_data(&dir, user_data) {
         eprintln!("host-container {name}: its user data: {e}");
         return 1;
     }
@@ -196,8 +238,8 @@ pub fn main(args: &[String]) -> i32 {
         eprintln!("host-container {name}: {e}");
         return 1;
     }
-    clean(name);
-    let args = run_args(name, source, superpowered == "1");
+    clean(&id);
+    let args = run_args(kind, name, source, superpowered);
     let mut child = match ctr(&args.iter().map(String::as_str).collect::<Vec<_>>()).spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -216,7 +258,7 @@ pub fn main(args: &[String]) -> i32 {
         }
         if let Ok(Some(sig)) = signals.wait(200) {
             eprintln!("host-container {name}: signal {sig}: stopping the container");
-            clean(name);
+            clean(&id);
             // `ctr run --rm` returns once the task is gone.
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             while std::time::Instant::now() < deadline {
@@ -252,7 +294,7 @@ mod tests {
 
     #[test]
     fn superpowered_containers_get_the_host_and_plain_ones_are_confined() {
-        let plain = run_args("admin", "r/a:1", false).join(" ");
+        let plain = run_args(Kind::Host, "admin", "r/a:1", false).join(" ");
         assert!(plain.contains("dst=/run/api.sock") && !plain.contains("--privileged"), "{plain}");
         assert!(!plain.contains("pid:/proc/1/ns/pid"));
         for want in [
@@ -266,7 +308,7 @@ mod tests {
         ] {
             assert!(plain.contains(want), "{want} missing: {plain}");
         }
-        let sp = run_args("admin", "r/a:1", true).join(" ");
+        let sp = run_args(Kind::Host, "admin", "r/a:1", true).join(" ");
         for want in [
             "--privileged",
             "pid:/proc/1/ns/pid",
@@ -280,7 +322,7 @@ mod tests {
         assert!(!sp.contains("--seccomp") && !sp.contains("--cap-drop"), "{sp}");
         assert!(sp.ends_with("r/a:1 admin"));
         // A host container named like a service gets its own cgroup, not the service's.
-        assert!(run_args("containerd", "r/a:1", false)
+        assert!(run_args(Kind::Host, "containerd", "r/a:1", false)
             .join(" ")
             .contains("--cgroup /host-containers/containerd"));
         for want in [
@@ -289,6 +331,16 @@ mod tests {
         ] {
             assert!(plain.contains(want) && sp.contains(want), "{want} missing: {plain}");
         }
+        // A bootstrap container named like a host container shares nothing with it.
+        let b = run_args(Kind::Bootstrap, "admin", "r/a:1", true).join(" ");
+        for want in [
+            "--cgroup /bootstrap-containers/admin",
+            "src=/local/bootstrap-containers/admin,dst=/.bottlerocket/bootstrap-containers/current,",
+            "dst=/.berth/rootfs",
+        ] {
+            assert!(b.contains(want), "{want} missing: {b}");
+        }
+        assert!(b.ends_with("r/a:1 bootstrap.admin") && !b.contains("host-containers"), "{b}");
     }
 
     #[test]

@@ -41,6 +41,7 @@ pub mod dm;
 mod ioctl;
 pub mod net;
 mod process;
+pub mod pty;
 pub mod time;
 
 use std::ffi::CString;
