@@ -620,6 +620,7 @@ impl Api {
                 let mut v = crate::boot::report::snapshot();
                 v["watchdog"] = json!(if crate::boot::watchdog::armed() { "armed" } else { "off" });
                 v["firmware"] = crate::bootctl::uefi_report().unwrap_or(Value::Null);
+                v["services"] = self.supervisor().map(|s| s.timeline()).unwrap_or_else(|| json!([]));
                 Response::json(200, &v)
             }
             ("GET", "/selinux") => Response::json(200, &crate::init::selinux::status()),

@@ -140,6 +140,7 @@ const PHASES: &[Phase] = &[
     ("user-data", settings::apply_user_data),
     ("instance", ec2::instance_settings),
     ("settings", settings::apply_settings),
+    ("containerd", services::start_containerd),
     ("network", network::start),
     ("services", services::declare),
     ("updater", updates::start),

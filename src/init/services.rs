@@ -15,7 +15,7 @@ pub const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
 fn containerd() -> ServiceSpec {
     let mut s =
         ServiceSpec::new("containerd", &["/usr/bin/containerd", "--config", "/etc/containerd/config.toml"]);
-    s.ready = Ready::Socket(CONTAINERD_SOCKET.into());
+    s.ready = Ready::ContainerdVersion(CONTAINERD_SOCKET.into());
     // The trust bundle rendered in /etc from the image's CAs and settings.pki.
     s.env.push(("SSL_CERT_FILE".into(), crate::http::tls::TRUST_BUNDLE.into()));
     s
@@ -154,8 +154,18 @@ pub fn on_settings_applied(sup: &Mutex<Supervisor>, settings: &Settings, changed
     }
 }
 
+/// Start containerd as soon as its inputs are there (its configuration, rendered from settings;
+/// DATA for /var/lib/containerd; the SELinux policy): before the network, the updater and the
+/// API, which it does not need. The other services are declared later ([`declare`]).
+pub fn start_containerd(ctx: &mut Ctx) -> Result<(), crate::boot::BootError> {
+    let sup = Supervisor::new(vec![containerd()]);
+    ctx.supervisor = Arc::new(Mutex::new(sup));
+    super::lock(&ctx.supervisor).tick();
+    Ok(())
+}
+
 pub fn declare(ctx: &mut Ctx) -> Result<(), crate::boot::BootError> {
-    let mut specs = vec![containerd()];
+    let mut specs = Vec::new();
     if let Some(store) = &ctx.store {
         let settings = store.settings();
         specs.extend(kubelet(&settings));
@@ -168,6 +178,9 @@ pub fn declare(ctx: &mut Ctx) -> Result<(), crate::boot::BootError> {
         Some("apiflood") => specs.push(apiflood()),
         _ => {}
     }
-    ctx.supervisor = Arc::new(Mutex::new(Supervisor::new(specs)));
+    let mut sup = super::lock(&ctx.supervisor);
+    for spec in specs {
+        sup.ensure(spec);
+    }
     Ok(())
 }
