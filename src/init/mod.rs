@@ -185,6 +185,7 @@ fn stage2() -> ! {
     }
     crate::klog::reopen_kmsg();
     console_stdio();
+    services::prefetch_containerd();
     let _ = sys::disable_cad();
     std::panic::set_hook(Box::new(|p| error!("panic: {p}")));
 

@@ -13,8 +13,7 @@ use crate::sys::CapabilitySet;
 pub const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
 
 fn containerd() -> ServiceSpec {
-    let mut s =
-        ServiceSpec::new("containerd", &["/usr/bin/containerd", "--config", "/etc/containerd/config.toml"]);
+    let mut s = ServiceSpec::new("containerd", &[CONTAINERD, "--config", "/etc/containerd/config.toml"]);
     s.ready = Ready::ContainerdVersion(CONTAINERD_SOCKET.into());
     // The trust bundle rendered in /etc from the image's CAs and settings.pki.
     s.env.push(("SSL_CERT_FILE".into(), crate::http::tls::TRUST_BUNDLE.into()));
@@ -151,6 +150,28 @@ pub fn on_settings_applied(sup: &Mutex<Supervisor>, settings: &Settings, changed
                 sup.disable(&spec.name);
             }
         }
+    }
+}
+
+const CONTAINERD: &str = "/usr/bin/containerd";
+
+/// Read containerd's program into the page cache in a thread, at the start of stage 2: its
+/// pages come through dm-verity and EROFS's lz4 (CPU work, a large Go binary), which then
+/// happens beside Berth's own phases on another CPU instead of after `exec`.
+pub fn prefetch_containerd() {
+    let spawned = std::thread::Builder::new().name("prefetch".into()).stack_size(64 * 1024).spawn(|| {
+        let t = std::time::Instant::now();
+        let read =
+            std::fs::File::open(CONTAINERD).and_then(|mut f| std::io::copy(&mut f, &mut std::io::sink()));
+        match read {
+            Ok(n) => {
+                log::info!("prefetched {CONTAINERD} ({} KiB) in {} ms", n / 1024, t.elapsed().as_millis())
+            }
+            Err(e) => log::info!("prefetching {CONTAINERD}: {e}"),
+        }
+    });
+    if let Err(e) = spawned {
+        log::warn!("no thread to prefetch {CONTAINERD}: {e}");
     }
 }
 

@@ -162,9 +162,10 @@ fn containerd_config(s: &Settings) -> String {
 /// its plugins one after another before it serves) and some memory. What stays: the metadata,
 /// content, image, container, task and lease services `ctr` and CRI use, the overlayfs
 /// snapshotter, the walking differ, runtime v2 with runc, GC, events, introspection and CRI.
-/// Off: the other snapshotters (Berth's DATA is ext4: overlayfs is the only one used), the
-/// legacy v1 runtime (`io.containerd.runtime.v1.linux`, shims v1), tracing export, the restart
-/// monitor (Berth supervises its own services), `opt` (installs into /opt, read-only here).
+/// Off: the other snapshotters (Berth's DATA is ext4: overlayfs is the only one used; aufs's
+/// also runs modprobe), tracing export, the restart monitor (Berth supervises its own
+/// services), `opt` (installs into /opt, read-only here). The legacy v1 runtime stays: in 1.6
+/// the tasks service will not load without it (and CRI not without the tasks service).
 /// Names that a containerd version does not have are ignored by it. See docs/performance.md.
 pub const CONTAINERD_DISABLED_PLUGINS: &[&str] = &[
     "io.containerd.snapshotter.v1.aufs",
@@ -173,7 +174,6 @@ pub const CONTAINERD_DISABLED_PLUGINS: &[&str] = &[
     "io.containerd.snapshotter.v1.native",
     "io.containerd.snapshotter.v1.zfs",
     "io.containerd.snapshotter.v1.blockfile",
-    "io.containerd.runtime.v1.linux",
     "io.containerd.tracing.processor.v1.otlp",
     "io.containerd.internal.v1.tracing",
     "io.containerd.internal.v1.restart",
@@ -400,6 +400,8 @@ mod tests {
             "io.containerd.grpc.v1.cri",
             "io.containerd.snapshotter.v1.overlayfs",
             "io.containerd.runtime.v2.task",
+            "io.containerd.runtime.v1.linux",
+            "io.containerd.service.v1.tasks-service",
             "io.containerd.differ.v1.walking",
             "io.containerd.metadata.v1.bolt",
             "io.containerd.gc.v1.scheduler",
