@@ -315,7 +315,8 @@ def crash_looping_service_backs_off(arch):
 @case(arches=("x86_64", "arm64"))
 def containerd_becomes_ready(arch):
     """containerd from the root filesystem starts under the supervisor with its rendered
-    config, answers on its socket (ready), and the boot is marked good only after that."""
+    config, answers its version call (ready), and the boot is marked good only after that;
+    no plugin fails to load; GET /boot and `apiclient boot [--svg]` show the timeline."""
     with VM(arch) as vm:
         vm.start()
         vm.wait_for(r"berth: service containerd is ready", timeout=240)
@@ -328,7 +329,28 @@ def containerd_becomes_ready(arch):
         assert svc["restarts"] == 0, svc
         st, logs = vm.api("GET", "/logs?service=containerd")
         assert "containerd successfully booted" in logs, logs[-2000:]
+        # The plugins Berth leaves out (disabled_plugins) are none that another one needs.
+        assert "failed to load plugin" not in logs, logs[-4000:]
         assert r["slot"] == "A"
+        # The boot timeline: both stages' phases and containerd's start and ready times, kernel-
+        # relative; `apiclient boot` (run here against the guest's API) prints it as a table
+        # and draws it as an SVG that an XML parser accepts.
+        st, boot = vm.api("GET", "/boot")
+        assert st == 200, boot
+        phases = {(p["stage"], p["name"]) for p in boot["phases"]}
+        assert (1, "verity") in phases and (2, "containerd") in phases, phases
+        ctd = [s for s in boot["services"] if s["name"] == "containerd"]
+        assert ctd and 0 < ctd[0]["start-ms"] <= ctd[0]["ready-ms"] <= r["boot_ms"] + 1000, boot["services"]
+        client = [host_berth(), "apiclient", "-s", vm.api_sock, "boot"]
+        table = subprocess.run(client, check=True, capture_output=True, text=True).stdout
+        assert "service containerd" in table and "stage 2: containerd" in table, table
+        import xml.etree.ElementTree as ET
+        svg = os.path.join(vm.tmp, "boot.svg")
+        subprocess.run(client + ["--svg", svg], check=True)
+        root = ET.parse(svg).getroot()
+        assert root.tag == "{http://www.w3.org/2000/svg}svg", root.tag
+        bars = root.findall("{http://www.w3.org/2000/svg}rect")
+        assert len(bars) == 1 + len(boot["phases"]) + len(boot["services"]), len(bars)
 
 
 @case(arches=("x86_64", "arm64"))

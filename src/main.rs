@@ -30,6 +30,9 @@ usage:
   berth serve --state-dir DIR --socket P   settings + API in dev mode (no PID 1 duties)
   berth bench-api SOCKET get|commit N SECS load generator for scripts/bench api
   berth bench-api SOCKET burst N SHAPE     N concurrent 1 MiB PATCH bodies (string|array|object)
+  berth containerd-probe SOCKET            scripts/bench compare's probe: log when SOCKET answers
+                                           containerd's version call, then the idle memory
+  berth containerd-config                  the containerd configuration of default settings
   berth verity-format DATA HASH [SALT]     build a dm-verity hash tree; prints its parameters
   berth mkcpio MANIFEST OUT [NAME=VALUE..] build a newc cpio archive (initramfs)
   berth mkroot MANIFEST DIR [NAME=VALUE..] create a manifest's tree in DIR (root filesystem)
@@ -69,6 +72,11 @@ fn main() {
         Some("apiclient") => std::process::exit(apiclient::main(rest)),
         Some("serve") => api::serve_dev(rest),
         Some("bench-api") => api::bench::run(rest),
+        Some("containerd-probe") => supervisor::probe::probe_main(rest),
+        Some("containerd-config") => {
+            print!("{}", settings::render::render_file("containerd", &Default::default()));
+            Ok(())
+        }
         Some("host-container") => std::process::exit(supervisor::host_container::main(rest)),
         Some("verity-format") => image::verity_format(rest),
         Some("mkcpio") => image::mkcpio(rest),

@@ -643,6 +643,7 @@ impl Api {
                 let mut v = crate::boot::report::snapshot();
                 v["watchdog"] = json!(if crate::boot::watchdog::armed() { "armed" } else { "off" });
                 v["firmware"] = crate::bootctl::firmware_report().unwrap_or(Value::Null);
+                v["services"] = self.supervisor().map(|s| s.timeline()).unwrap_or_else(|| json!([]));
                 Response::json(200, &v)
             }
             ("GET", "/report") => Response::json(

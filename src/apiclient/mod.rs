@@ -12,7 +12,8 @@
 //! - `set KEY=VALUE...` | `set --json JSON`, `apply [URI...]`: settings changed in a
 //!   transaction of their own, committed and applied ([`set`]);
 //! - `reboot`;
-//! - `update check | apply [--check] [--reboot] | cancel` ([`update`]).
+//! - `update check | apply [--check] [--reboot] | cancel` ([`update`]);
+//! - `boot [--svg FILE]`: this boot's timeline, a table or a drawing ([`boot`]; Berth's own).
 //!
 //! Global options, anywhere on the line: `-s/--socket-path PATH`, `-v/--verbose` (debug),
 //! `--log-level error|warn|info|debug|trace`, `-h/--help`. Logs go to stderr; stdout carries
@@ -23,6 +24,7 @@
 //! Requests go through the shared HTTP client (`src/http`); every answer is bounded (64 MiB)
 //! and every wait has a timeout (60 s per read or write).
 
+mod boot;
 mod exec;
 mod get;
 mod set;
@@ -64,6 +66,8 @@ const USAGE: &str = "usage: apiclient [-s SOCKET] [-v | --log-level LEVEL] SUBCO
   update apply [--check] [--reboot]   prepare and activate the chosen update (--check: refresh
                                       first and stop if there is none; --reboot: then reboot)
   update cancel                       stop a running prepare, or deactivate an activated update
+  boot [--svg FILE]                   this boot's phases and services, longest first (like
+                                      systemd-analyze blame); --svg: a timeline drawing (- stdout)
 
 global options: -s/--socket-path PATH (default /run/api.sock), -v/--verbose,
   --log-level error|warn|info|debug|trace (default info), -h/--help
@@ -212,10 +216,11 @@ fn rebooting(method: &str, uri: &str, e: &CallError) -> bool {
 
 /// The subcommands, as Bottlerocket's apiclient names them.
 const SUBCOMMANDS: &[&str] =
-    &["raw", "apply", "exec", "get", "reboot", "report", "set", "update", "ephemeral-storage"];
+    &["raw", "apply", "exec", "get", "reboot", "report", "set", "update", "ephemeral-storage", "boot"];
 /// Subcommand options followed by a value (which is never taken for a global option).
 const VALUE_OPTIONS: &[&str] = &[
-    "-u", "--uri", "-m", "-X", "--method", "-d", "--data", "-j", "--json", "-f", "--format", "-l", "--level",
+    "-u", "--uri", "--svg", "-m", "-X", "--method", "-d", "--data", "-j", "--json", "-f", "--format", "-l",
+    "--level",
 ];
 
 /// A command line, global options taken out.
@@ -319,6 +324,7 @@ fn run(args: &[String]) -> Result<()> {
             let code = exec::run(&line.socket, args)?;
             std::process::exit(code)
         }
+        "boot" => boot::run(&client, args),
         other => Err(Error::Failed(format!(
             "apiclient {other}: not supported yet on Berth (the API has no such routes yet; see docs/compatibility.md)"
         ))),

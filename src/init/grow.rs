@@ -1,8 +1,9 @@
 //! The writable partitions: DATA at /local (with /var bound from /local/var) and PRIVATE at
 //! /var/lib/berth. On first boot DATA grows to the end of the disk: the GPT's backup moves to
 //! the disk's end, DATA's entry is extended, the kernel is told (BLKPG), and the mounted ext4
-//! is resized online. Each step checks the current state first, so a power cut half-way is
-//! finished on the next boot.
+//! is resized online, in a thread beside the rest of the boot (off the path to containerd: the
+//! filesystem is usable at its old size meanwhile). Each step checks the current state first, so
+//! a power cut half-way is finished on the next boot.
 //!
 //! Growing is never fatal: a disk whose layout does not allow it (a partition after DATA) or a
 //! step that fails leaves DATA at its size, with a notice. A partition that cannot be mounted
@@ -133,8 +134,20 @@ pub fn mount_data(ctx: &mut Ctx) -> Result<(), BootError> {
         report::notice(format!("growing BERTH-DATA: {e}; it keeps its size"));
     }
     if mount_or_memory(ctx, &data, LOCAL, "mode=0755,size=50%")? {
-        if let Err(e) = grow_filesystem(&data, LOCAL) {
-            report::notice(format!("growing the filesystem on BERTH-DATA: {e}; it keeps its size"));
+        // The online resize (first boot: new block groups written) runs beside the boot, off
+        // the path to containerd: the filesystem is usable at its old size meanwhile.
+        let spawned =
+            std::thread::Builder::new().name("grow-data".into()).stack_size(64 * 1024).spawn(move || {
+                let t = std::time::Instant::now();
+                if let Err(e) = grow_filesystem(&data, LOCAL) {
+                    report::notice(format!("growing the filesystem on BERTH-DATA: {e}; it keeps its size"));
+                }
+                info!("grow-data done in {} ms", t.elapsed().as_millis());
+            });
+        if let Err(e) = spawned {
+            report::notice(format!(
+                "growing the filesystem on BERTH-DATA: no thread ({e}); it keeps its size"
+            ));
         }
     }
     let var = Path::new(LOCAL).join("var");

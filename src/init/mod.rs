@@ -141,6 +141,7 @@ const PHASES: &[Phase] = &[
     ("user-data", settings::apply_user_data),
     ("instance", ec2::instance_settings),
     ("settings", settings::apply_settings),
+    ("containerd", services::start_containerd),
     ("network", network::start),
     ("services", services::declare),
     ("updater", updates::start),
@@ -185,6 +186,7 @@ fn stage2() -> ! {
     }
     crate::klog::reopen_kmsg();
     console_stdio();
+    services::prefetch_containerd();
     let _ = sys::disable_cad();
     std::panic::set_hook(Box::new(|p| error!("panic: {p}")));
 

@@ -14,9 +14,8 @@ use crate::sys::CapabilitySet;
 pub const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
 
 fn containerd(settings: &Settings) -> ServiceSpec {
-    let mut s =
-        ServiceSpec::new("containerd", &["/usr/bin/containerd", "--config", "/etc/containerd/config.toml"]);
-    s.ready = Ready::Socket(CONTAINERD_SOCKET.into());
+    let mut s = ServiceSpec::new("containerd", &[CONTAINERD, "--config", "/etc/containerd/config.toml"]);
+    s.ready = Ready::ContainerdVersion(CONTAINERD_SOCKET.into());
     // The trust bundle rendered in /etc from the image's CAs and settings.pki.
     s.env.push(("SSL_CERT_FILE".into(), crate::http::tls::TRUST_BUNDLE.into()));
     s.env.extend(render::proxy_env(settings));
@@ -191,10 +190,43 @@ pub fn on_settings_applied(sup: &Mutex<Supervisor>, settings: &Settings, changed
     }
 }
 
-pub fn declare(ctx: &mut Ctx) -> Result<(), crate::boot::BootError> {
+const CONTAINERD: &str = "/usr/bin/containerd";
+
+/// Read containerd's program into the page cache in a thread, at the start of stage 2: its
+/// pages come through dm-verity and EROFS's lz4 (CPU work, a large Go binary), which then
+/// happens beside Berth's own phases on another CPU instead of after `exec`.
+pub fn prefetch_containerd() {
+    let spawned = std::thread::Builder::new().name("prefetch".into()).stack_size(64 * 1024).spawn(|| {
+        let t = std::time::Instant::now();
+        let read =
+            std::fs::File::open(CONTAINERD).and_then(|mut f| std::io::copy(&mut f, &mut std::io::sink()));
+        match read {
+            Ok(n) => {
+                log::info!("prefetched {CONTAINERD} ({} KiB) in {} ms", n / 1024, t.elapsed().as_millis())
+            }
+            Err(e) => log::info!("prefetching {CONTAINERD}: {e}"),
+        }
+    });
+    if let Err(e) = spawned {
+        log::warn!("no thread to prefetch {CONTAINERD}: {e}");
+    }
+}
+
+/// Start containerd as soon as its inputs are there (its configuration, rendered from settings;
+/// DATA for /var/lib/containerd; the SELinux policy): before the network, the updater and the
+/// API, which it does not need. The other services are declared later ([`declare`]).
+pub fn start_containerd(ctx: &mut Ctx) -> Result<(), crate::boot::BootError> {
     let settings = ctx.store.as_ref().map(|s| s.settings()).unwrap_or_default();
-    let mut specs = vec![containerd(&settings)];
-    if ctx.store.is_some() {
+    let sup = Supervisor::new(vec![containerd(&settings)]);
+    ctx.supervisor = Arc::new(Mutex::new(sup));
+    super::lock(&ctx.supervisor).tick();
+    Ok(())
+}
+
+pub fn declare(ctx: &mut Ctx) -> Result<(), crate::boot::BootError> {
+    let mut specs = Vec::new();
+    if let Some(store) = &ctx.store {
+        let settings = store.settings();
         specs.extend(kubelet(&settings));
         specs.extend(host_containers(&settings).into_iter().filter(|(_, on)| *on).map(|(s, _)| s));
         specs.extend(super::bootstrap::service(&settings));
@@ -206,7 +238,10 @@ pub fn declare(ctx: &mut Ctx) -> Result<(), crate::boot::BootError> {
         Some("apiflood") => specs.push(apiflood()),
         _ => {}
     }
-    ctx.supervisor = Arc::new(Mutex::new(Supervisor::new(specs)));
+    let mut sup = super::lock(&ctx.supervisor);
+    for spec in specs {
+        sup.ensure(spec);
+    }
     Ok(())
 }
 

@@ -421,6 +421,38 @@ fn containerd_config(s: &Settings) -> String {
     out
 }
 
+/// containerd plugins Berth never uses, left unloaded: each costs start time (containerd loads
+/// its plugins one after another before it serves) and some memory. What stays: the metadata,
+/// content, image, container, task and lease services `ctr` and CRI use, the overlayfs
+/// snapshotter, the walking differ, runtime v2 with runc, GC, events, introspection and CRI.
+/// Off: the other snapshotters (Berth's DATA is ext4: overlayfs is the only one used; aufs's
+/// also runs modprobe), tracing export, the restart monitor (Berth supervises its own
+/// services), `opt` (installs into /opt, read-only here). The legacy v1 runtime stays: in 1.6
+/// the tasks service will not load without it (and CRI not without the tasks service).
+/// Names that a containerd version does not have are ignored by it. See docs/performance.md.
+pub const CONTAINERD_DISABLED_PLUGINS: &[&str] = &[
+    "io.containerd.snapshotter.v1.aufs",
+    "io.containerd.snapshotter.v1.btrfs",
+    "io.containerd.snapshotter.v1.devmapper",
+    "io.containerd.snapshotter.v1.native",
+    "io.containerd.snapshotter.v1.zfs",
+    "io.containerd.snapshotter.v1.blockfile",
+    "io.containerd.tracing.processor.v1.otlp",
+    "io.containerd.internal.v1.tracing",
+    "io.containerd.internal.v1.restart",
+    "io.containerd.internal.v1.opt",
+];
+
+/// The top of containerd's configuration: the plugins it does not load (a root-table key, so
+/// it comes before every table of [`containerd_config`]).
+fn containerd_plugins() -> String {
+    let names: Vec<String> = CONTAINERD_DISABLED_PLUGINS.iter().map(|n| format!("{n:?}")).collect();
+    format!(
+        "# Plugins Berth does not use (src/settings/render.rs).\ndisabled_plugins = [{}]\n",
+        names.join(", ")
+    )
+}
+
 pub const DEFAULT_HOSTNAME: &str = "berth";
 
 fn hostname(s: &Settings) -> &str {
@@ -441,7 +473,7 @@ pub fn render_file(name: &str, s: &Settings) -> String {
             format!("127.0.0.1 localhost\n::1 localhost\n127.0.1.1 {h}\n")
         }
         "sysctl" => sysctls(s).iter().map(|(k, v)| format!("{k} = {v}\n")).collect(),
-        "containerd" => containerd_config(s),
+        "containerd" => containerd_plugins() + &containerd_config(s),
         "cri-base" => {
             if s.oci_defaults.is_some() {
                 serde_json::to_string_pretty(&cri_base_spec(s)).expect("JSON serializes") + "\n"
@@ -746,5 +778,28 @@ mod tests {
         assert!(e.contains("hostname berth: nope") && e.contains("sysctl vm.a: read-only"), "{e}");
         assert_eq!(fs::read_to_string(d.join("motd")).unwrap(), "m\n", "files still rendered");
         fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn containerd_leaves_out_only_plugins_berth_does_not_use() {
+        let v: toml::Value =
+            toml::from_str(&render_file("containerd", &Settings::default())).expect("valid TOML");
+        let off: Vec<&str> =
+            v["disabled_plugins"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+        assert_eq!(off, CONTAINERD_DISABLED_PLUGINS);
+        // What Berth's services, ctr (host containers) and CRI (kubelet) need stays loaded.
+        for used in [
+            "io.containerd.grpc.v1.cri",
+            "io.containerd.snapshotter.v1.overlayfs",
+            "io.containerd.runtime.v2.task",
+            "io.containerd.runtime.v1.linux",
+            "io.containerd.service.v1.tasks-service",
+            "io.containerd.differ.v1.walking",
+            "io.containerd.metadata.v1.bolt",
+            "io.containerd.gc.v1.scheduler",
+        ] {
+            assert!(!off.iter().any(|p| p == &used), "{used} is disabled");
+        }
+        assert_eq!(v["version"].as_integer(), Some(2), "the rest of the file is still there");
     }
 }

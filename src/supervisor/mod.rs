@@ -15,14 +15,15 @@
 
 pub mod host_container;
 mod logbuf;
+pub mod probe;
 pub mod runc;
 
 use std::fs::{self, File};
 use std::io::Read;
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -48,8 +49,24 @@ const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 pub enum Ready {
     /// As soon as it is started.
     Started,
-    /// When a connection to this Unix socket succeeds.
-    Socket(PathBuf),
+    /// When this Unix socket answers containerd's version call (see [`probe`]). A thread per
+    /// start waits for it (inotify, no polling interval) and wakes PID 1's event loop with a
+    /// SIGCHLD to itself when it answers.
+    ContainerdVersion(PathBuf),
+}
+
+/// How long one start's readiness thread waits before giving up (the service then stays
+/// "starting"; the boot's health deadline is shorter).
+const READY_WAIT: Duration = Duration::from_secs(24 * 3600);
+
+/// Between a start's readiness thread and the supervisor.
+#[derive(Default)]
+struct Readiness {
+    /// When the answer came (uptime, ms).
+    at_ms: std::sync::atomic::AtomicU64,
+    ready: AtomicBool,
+    /// The process it waits for exited or was stopped: the thread gives up.
+    cancelled: AtomicBool,
 }
 
 /// What happens when a service exits.
@@ -138,6 +155,11 @@ struct Service {
     starts: Vec<SystemTime>,
     last_exit: Option<(Exit, SystemTime)>,
     started_at: Option<Instant>,
+    /// Kernel-relative times (CLOCK_BOOTTIME, ms) of the last start and when it became ready,
+    /// for the boot timeline (`GET /boot`).
+    started_uptime_ms: Option<u64>,
+    ready_uptime_ms: Option<u64>,
+    readiness: Option<Arc<Readiness>>,
     delay: Duration,
     log: Arc<Mutex<LogBuf>>,
 }
@@ -159,6 +181,9 @@ impl Service {
             starts: Vec::new(),
             last_exit: None,
             started_at: None,
+            started_uptime_ms: None,
+            ready_uptime_ms: None,
+            readiness: None,
             delay: MIN_DELAY,
             log: Arc::new(Mutex::new(LogBuf::new(LOG_BYTES))),
         }
@@ -182,6 +207,8 @@ impl Service {
             "recent_starts_ms": self.starts.iter().map(|t| epoch_ms(*t)).collect::<Vec<_>>(),
             "argv": self.spec.argv,
             "deps": self.spec.deps,
+            "started_uptime_ms": self.started_uptime_ms,
+            "ready_uptime_ms": self.ready_uptime_ms,
         });
         if let ServiceState::Absent(why) = &self.state {
             v["reason"] = json!(why);
@@ -196,6 +223,32 @@ impl Service {
 pub struct Supervisor {
     services: Vec<Service>,
     cgroups: bool,
+}
+
+/// A thread that waits for a start of `name` to answer on `socket` (see [`Ready`]).
+fn wait_ready(name: &str, socket: PathBuf) -> Arc<Readiness> {
+    let r = Arc::new(Readiness::default());
+    let theirs = r.clone();
+    let who = name.to_string();
+    let spawned =
+        std::thread::Builder::new().name(format!("ready-{name}")).stack_size(128 * 1024).spawn(move || {
+            match probe::wait_answering(&socket, READY_WAIT, &|| theirs.cancelled.load(Ordering::Relaxed)) {
+                Ok(v) => {
+                    // Logged here, when it is true (the console line's timestamp is the moment).
+                    info!("service {who} is ready (version {v})");
+                    theirs.at_ms.store(crate::boot::report::uptime_ms(), Ordering::Relaxed);
+                    theirs.ready.store(true, Ordering::Release);
+                    // Wake PID 1's event loop (its signalfd takes SIGCHLD) to mark it ready now.
+                    let _ = sys::kill(sys::getpid(), libc::SIGCHLD);
+                }
+                Err(e) if !theirs.cancelled.load(Ordering::Relaxed) => warn!("service {who}: not ready: {e}"),
+                Err(_) => {}
+            }
+        });
+    if let Err(e) = spawned {
+        warn!("service {name}: no thread to wait for its readiness: {e}");
+    }
+    r
 }
 
 /// Copy one output stream of a service into its log buffer, line by line, through a bounded
@@ -270,6 +323,8 @@ impl Supervisor {
         }
         let now = Instant::now();
         s.started_at = Some(now);
+        s.started_uptime_ms = Some(crate::boot::report::uptime_ms());
+        s.ready_uptime_ms = None;
         s.starts.push(SystemTime::now());
         if s.starts.len() > 10 {
             s.starts.remove(0);
@@ -286,10 +341,18 @@ impl Supervisor {
                 // The reaper collects the exit; the Child handle is not waited on.
                 drop(child);
                 s.pid = Some(pid);
-                s.state = if s.spec.ready == Ready::Started {
-                    ServiceState::Running
-                } else {
-                    ServiceState::Starting
+                if let Some(r) = s.readiness.take() {
+                    r.cancelled.store(true, Ordering::Relaxed);
+                }
+                s.state = match &s.spec.ready {
+                    Ready::Started => {
+                        s.ready_uptime_ms = s.started_uptime_ms;
+                        ServiceState::Running
+                    }
+                    Ready::ContainerdVersion(path) => {
+                        s.readiness = Some(wait_ready(&name, path.clone()));
+                        ServiceState::Starting
+                    }
                 };
                 info!("service {name} started (pid {pid})");
             }
@@ -322,11 +385,10 @@ impl Supervisor {
                 ServiceState::Waiting => self.services[i].spec.deps.iter().all(|d| self.is_ready(d)),
                 ServiceState::Backoff { until } => now >= *until,
                 ServiceState::Starting => {
-                    if let Ready::Socket(p) = &self.services[i].spec.ready {
-                        if UnixStream::connect(p).is_ok() {
-                            self.services[i].state = ServiceState::Running;
-                            info!("service {} is ready", self.services[i].spec.name);
-                        }
+                    let s = &mut self.services[i];
+                    if let Some(r) = s.readiness.as_ref().filter(|r| r.ready.load(Ordering::Acquire)) {
+                        s.state = ServiceState::Running;
+                        s.ready_uptime_ms = Some(r.at_ms.load(Ordering::Relaxed));
                     }
                     false
                 }
@@ -345,6 +407,9 @@ impl Supervisor {
         };
         let now = Instant::now();
         s.pid = None;
+        if let Some(r) = s.readiness.take() {
+            r.cancelled.store(true, Ordering::Relaxed);
+        }
         s.last_exit = Some((exit, SystemTime::now()));
         info!("service {} exited ({exit})", s.spec.name);
         let again = match (s.spec.restart, exit) {
@@ -454,6 +519,18 @@ impl Supervisor {
         Value::Object(self.services.iter().map(|s| (s.spec.name.clone(), s.report())).collect())
     }
 
+    /// Each service's last start and when it became ready (kernel-relative ms; null if not
+    /// yet), in start order, for the boot timeline (`GET /boot`).
+    pub fn timeline(&self) -> Value {
+        let mut started: Vec<&Service> =
+            self.services.iter().filter(|s| s.started_uptime_ms.is_some()).collect();
+        started.sort_by_key(|s| s.started_uptime_ms);
+        started
+            .iter()
+            .map(|s| json!({"name": s.spec.name, "start-ms": s.started_uptime_ms, "ready-ms": s.ready_uptime_ms}))
+            .collect()
+    }
+
     pub fn report_one(&self, name: &str) -> Option<Value> {
         self.services.iter().find(|s| s.spec.name == name).map(Service::report)
     }
@@ -483,6 +560,55 @@ mod tests {
         let r = sup.report();
         assert_eq!(r["kubelet"]["state"], "absent");
         assert!(r["kubelet"]["reason"].as_str().unwrap().contains("not in this image"));
+    }
+
+    #[test]
+    fn a_service_is_ready_when_its_socket_answers_the_version_call_and_dependents_wait() {
+        use std::io::{Read, Write};
+        let dir = std::env::temp_dir().join(format!("berth-ready-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let sock = dir.join("run/containerd.sock");
+        let mut c = ServiceSpec::new("containerd", &["/bin/sleep", "30"]);
+        c.ready = Ready::ContainerdVersion(sock.clone());
+        let mut sup = Supervisor::new(vec![spec("after", &["containerd"]), c]);
+        sup.tick();
+        assert_eq!(sup.report_one("containerd").unwrap()["state"], "starting");
+        // Nothing answers yet: still starting, the dependent waits.
+        std::thread::sleep(Duration::from_millis(200));
+        sup.tick();
+        assert_eq!(sup.report_one("containerd").unwrap()["state"], "starting");
+        assert_eq!(sup.report_one("after").unwrap()["state"], "waiting");
+        // A stand-in for containerd: the socket appears and answers (the thread sees it through
+        // inotify, not by polling).
+        let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = l.accept().unwrap();
+            let mut buf = vec![0u8; probe::request().len()];
+            conn.read_exact(&mut buf).unwrap();
+            assert_eq!(buf, probe::request());
+            let msg = [0u8, 0, 0, 0, 7, 0x0a, 5, b'1', b'.', b'6', b'.', b'9'];
+            let mut answer = vec![0, 0, 0, 4, 0, 0, 0, 0, 0]; // SETTINGS
+            answer.extend_from_slice(&[0, 0, msg.len() as u8, 0, 0, 0, 0, 0, 1]);
+            answer.extend_from_slice(&msg);
+            conn.write_all(&answer).unwrap();
+            let _ = conn.read(&mut [0u8; 64]); // the client's SETTINGS ACK, then it closes
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while sup.report_one("containerd").unwrap()["state"] != "running" {
+            assert!(Instant::now() < deadline, "{}", sup.report());
+            std::thread::sleep(Duration::from_millis(20));
+            sup.tick();
+        }
+        server.join().unwrap();
+        sup.tick();
+        assert_eq!(sup.report_one("after").unwrap()["state"], "running", "started once containerd is ready");
+        let t = sup.timeline();
+        assert_eq!(t[0]["name"], "containerd");
+        assert!(t[0]["ready-ms"].as_u64().unwrap() >= t[0]["start-ms"].as_u64().unwrap(), "{t}");
+        for (_, pid) in sup.stop_order() {
+            let _ = sys::kill(pid, libc::SIGKILL);
+        }
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
