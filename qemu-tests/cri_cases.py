@@ -3,6 +3,7 @@ crate, static, not part of berth) runs inside the VM as a superpowered host cont
 one pod through the calls kubelet makes to containerd's CRI, checking each (see its main.rs).
 """
 
+import re
 import subprocess
 
 from berthvm import VM, ROOT
@@ -27,7 +28,10 @@ def cri_pod_lifecycle(arch):
     settings.kubernetes.pod-infra-container-image names (from the tests' registry), CNI gives
     the pod an IP on a bridge, the container starts, its status and CRI-format log file are
     right, ExecSync returns output and exit status, the pod answers at its IP from the host's
-    network, and stop and remove leave nothing (IP released). No SELinux denial on the way."""
+    network, and stop and remove leave nothing (IP released). No SELinux denial on the way.
+    The host has an IPv6 address by SLAAC from QEMU's user network.
+    The network comes from the kernel command line's netdog.default-interface (DHCPv4; its
+    optional dhcp6 is logged as not applied yet)."""
     from registry import Registry
     client = cri_client(arch)
     with Registry() as reg:
@@ -41,9 +45,13 @@ def cri_pod_lifecycle(arch):
         assert runner == own, (runner, own)
         ud = _host_container_user_data("cri", runner, True, reg)
         ud += f'[settings.kubernetes]\npod-infra-container-image = "{pause}"\n'
-        with VM(arch, user_data=ud) as vm:
+        # The network as Bottlerocket's cloud images give it, on the kernel command line.
+        with VM(arch, user_data=ud, append="netdog.default-interface=eth0:dhcp4,dhcp6?") as vm:
             vm.start()
             vm.wait_ready(timeout=240)
+            c = vm.console()
+            assert "network: configured from netdog.default-interface" in c, vm.tail()
+            assert "not applied (not supported yet): eth0: dhcp6" in c, vm.tail()
             vm.wait_for(r"berth: api bridge")
 
             def done():
@@ -55,4 +63,9 @@ def cri_pod_lifecycle(arch):
             for s in STEPS:
                 assert f"cri: {s} ok" in text, (s, text[-4000:])
             assert f"sandbox image {pause}" in text, text[-4000:]
+            # IPv6 SLAAC on QEMU's user network (prefix fec0::/64 by default): the kernel's
+            # autoconfiguration from slirp's router advertisements, on the host's eth0.
+            v6 = re.search(r"cri: host ipv6: (.*)", text).group(1)
+            # (fec0::/10 is site-local: scope 0x40 in /proc/net/if_inet6.)
+            assert re.search(r"eth0 fec0::[0-9a-f:]+/64 ", v6 + " "), v6
             assert_no_avc_denials(vm)

@@ -126,8 +126,13 @@ pub fn on_settings_applied(sup: &Mutex<Supervisor>, settings: &Settings, changed
         changed.is_none_or(|c| c.iter().any(|k| k == group || k.starts_with(&format!("{group}."))))
     };
     let mut sup = sup.lock().unwrap_or_else(|p| p.into_inner());
-    // containerd reads its trust bundle (settings.pki) once, at start.
-    if touched("container-registry") || touched("pki") {
+    // containerd reads its trust bundle (settings.pki) and its config (sandbox image) once, at start.
+    let sandbox_image = "kubernetes.pod-infra-container-image";
+    let sandbox_touched = changed.is_none_or(|c| {
+        c.iter()
+            .any(|k| k == sandbox_image || k == "kubernetes" || k.starts_with(&format!("{sandbox_image}.")))
+    });
+    if touched("container-registry") || touched("pki") || sandbox_touched {
         sup.restart("containerd");
     }
     if touched("kubernetes") {

@@ -151,6 +151,9 @@ pub struct Kubernetes {
     /// The node's provider ID (`providerID`), `aws:///ZONE/INSTANCE-ID` on EC2.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub provider_id: Option<String>,
+    /// The pod sandbox ("pause") image: containerd's `sandbox_image` (Bottlerocket's key).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_infra_container_image: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -294,6 +297,14 @@ fn check_url(key: &str, url: &Option<String>) -> Result<(), Invalid> {
     }
 }
 
+/// An image reference as containerd takes it: 1..=512 bytes of `[A-Za-z0-9._:/@-]`, not
+/// starting with `-` or `/` (the grammar's characters; containerd checks the rest when it pulls).
+pub fn valid_image_ref(r: &str) -> bool {
+    (1..=512).contains(&r.len())
+        && !r.starts_with(['-', '/'])
+        && r.chars().all(|c| c.is_ascii_alphanumeric() || "._:/@-".contains(c))
+}
+
 impl Settings {
     pub fn validate(&self) -> Result<(), Invalid> {
         if let Some(m) = &self.motd {
@@ -385,6 +396,14 @@ impl Settings {
                         format!(
                             "not a provider ID (SCHEME://..., at most {MAX_PROVIDER_ID} bytes, no spaces)"
                         ),
+                    ));
+                }
+            }
+            if let Some(i) = &k.pod_infra_container_image {
+                if !valid_image_ref(i) {
+                    return Err(invalid(
+                        "settings.kubernetes.pod-infra-container-image",
+                        format!("'{i}' is not an image reference"),
                     ));
                 }
             }

@@ -112,14 +112,18 @@ pub const CONFIG_FILES: &[(&str, ConfigFile)] = &[
     ("hosts", ConfigFile { path: "hosts", settings: &["network"] }),
     ("sysctl", ConfigFile { path: "sysctl.d/90-berth.conf", settings: &["kernel"] }),
     ("ntp", ConfigFile { path: "ntp.conf", settings: &["ntp"] }),
-    ("containerd", ConfigFile { path: "containerd/config.toml", settings: &["container-registry"] }),
+    (
+        "containerd",
+        ConfigFile { path: "containerd/config.toml", settings: &["container-registry", "kubernetes"] },
+    ),
     ("kubelet-config", ConfigFile { path: kubelet::CONFIG, settings: &["kubernetes"] }),
     ("kubelet-ca", ConfigFile { path: kubelet::CA, settings: &["kubernetes"] }),
     ("kubelet-bootstrap", ConfigFile { path: kubelet::BOOTSTRAP, settings: &["kubernetes"] }),
     ("ca-bundle", ConfigFile { path: tls::TRUST_BUNDLE_IN_ETC, settings: &["pki"] }),
 ];
 
-/// The sandbox (pause) image kubelet's pods use; containerd pulls it on first use.
+/// The sandbox (pause) image kubelet's pods use unless
+/// `settings.kubernetes.pod-infra-container-image` names another; containerd pulls it on first use.
 pub const SANDBOX_IMAGE: &str = "registry.k8s.io/pause:3.9";
 
 fn containerd_config(s: &Settings) -> String {
@@ -132,7 +136,8 @@ fn containerd_config(s: &Settings) -> String {
          address = \"/run/containerd/containerd.sock\"\n\n\
          [plugins.\"io.containerd.grpc.v1.cri\"]\n",
     );
-    out.push_str(&format!("sandbox_image = \"{SANDBOX_IMAGE}\"\n"));
+    let sandbox = s.kubernetes.as_ref().and_then(|k| k.pod_infra_container_image.as_deref());
+    out.push_str(&format!("sandbox_image = {:?}\n", sandbox.unwrap_or(SANDBOX_IMAGE)));
     // Pods get container_t with two random categories (from /etc/selinux's lxc_contexts).
     out.push_str("enable_selinux = true\n\n");
     out.push_str(
@@ -316,6 +321,13 @@ mod tests {
         );
         assert_eq!(cri["sandbox_image"].as_str(), Some(SANDBOX_IMAGE));
         assert_eq!(cri["enable_selinux"].as_bool(), Some(true));
+        let s =
+            parse(&json!({"kubernetes": {"pod-infra-container-image": "10.0.2.2:5000/t/pause:1"}})).unwrap();
+        let v: toml::Value = toml::from_str(&render_file("containerd", &s)).expect("valid TOML");
+        assert_eq!(
+            v["plugins"]["io.containerd.grpc.v1.cri"]["sandbox_image"].as_str(),
+            Some("10.0.2.2:5000/t/pause:1")
+        );
     }
 
     #[test]

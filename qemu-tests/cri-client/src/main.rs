@@ -54,7 +54,11 @@ fn main() {
         ["serve", port] => serve(port),
         ["lifecycle", sandbox, image] => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            match rt.block_on(lifecycle(sandbox, image)) {
+            let outcome = rt.block_on(lifecycle(sandbox, image));
+            // Not part of the CRI: the host's IPv6 addresses, which the QEMU case checks for
+            // SLAAC (printed last, when the boot is long past).
+            println!("cri: host ipv6: {}", host_ipv6().join(", "));
+            match outcome {
                 Ok(()) => println!("cri: lifecycle ok"),
                 Err(e) => println!("cri: FAILED {e}"),
             }
@@ -166,6 +170,28 @@ fn sandbox_config() -> cri::PodSandboxConfig {
         }),
         ..Default::default()
     }
+}
+
+/// The host's IPv6 addresses, as `IFACE ADDR/PREFIX SCOPE`
+/// (from /proc/net/if_inet6 of the host's network, which a superpowered container shares).
+fn host_ipv6() -> Vec<String> {
+    let text = std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (hex, prefix, scope, name) = (f.first()?, f.get(2)?, f.get(3)?, f.get(5)?);
+            let bytes: Vec<u16> =
+                (0..8).filter_map(|i| u16::from_str_radix(hex.get(i * 4..i * 4 + 4)?, 16).ok()).collect();
+            let a = std::net::Ipv6Addr::from(<[u16; 8]>::try_from(bytes).ok()?);
+            let scope = match *scope {
+                "00" => "global",
+                "20" => "link",
+                "10" => "host",
+                other => other,
+            };
+            Some(format!("{name} {a}/{} {scope}", u8::from_str_radix(prefix, 16).unwrap_or(0)))
+        })
+        .collect()
 }
 
 async fn lifecycle(sandbox_image: &str, image: &str) -> Res<()> {
