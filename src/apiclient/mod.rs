@@ -23,6 +23,7 @@
 //! Requests go through the shared HTTP client (`src/http`); every answer is bounded (64 MiB)
 //! and every wait has a timeout (60 s per read or write).
 
+mod ephemeral;
 mod get;
 mod set;
 mod update;
@@ -60,6 +61,11 @@ const USAGE: &str = "usage: apiclient [-s SOCKET] [-v | --log-level LEVEL] SUBCO
   update apply [--check] [--reboot]   prepare and activate the chosen update (--check: refresh
                                       first and stop if there is none; --reboot: then reboot)
   update cancel                       stop a running prepare, or deactivate an activated update
+  ephemeral-storage init [-t ext4|xfs] [--disks DISK...]
+                                      format spare local disks (striped when several)
+  ephemeral-storage bind --dirs DIR...
+                                      bind that storage over containerd's or kubelet's dirs
+  ephemeral-storage list-disks|list-dirs [-f text|json]
 
 global options: -s/--socket-path PATH (default /run/api.sock), -v/--verbose,
   --log-level error|warn|info|debug|trace (default info), -h/--help
@@ -310,6 +316,7 @@ fn run(args: &[String]) -> Result<()> {
         "apply" => set::apply(&client, args),
         "reboot" => reboot(&client, args),
         "update" => update::run(&client, args),
+        "ephemeral-storage" => ephemeral::run(&client, args),
         other => Err(Error::Failed(format!(
             "apiclient {other}: not supported yet on Berth (the API has no such routes yet; see docs/compatibility.md)"
         ))),

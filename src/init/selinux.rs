@@ -147,7 +147,8 @@ pub fn get_label(path: &Path) -> Option<String> {
     Some(s)
 }
 
-fn set_label(path: &Path, context: &str) -> std::io::Result<()> {
+/// Set `security.selinux` of `path` (not following a symlink) unless it has that label.
+pub fn set_label(path: &Path, context: &str) -> std::io::Result<()> {
     if get_label(path).as_deref() == Some(context) {
         return Ok(());
     }
