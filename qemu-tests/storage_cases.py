@@ -64,7 +64,7 @@ def metal_node_net_toml_and_ephemeral_storage(arch):
     by MAC with a static address and default route: the network comes up with them, and the
     devices Berth cannot set up yet are logged as not applied. Two spare virtio disks (serial eph0, eph1) are listed and the OS disk is not; bad input
     is refused (400: unknown disk, unknown filesystem, a directory not allowed); init formats
-    one disk, then both striped (dm `striped`); bind covers /var/lib/containerd and
+    one disk (xfs, the default, then ext4), then both striped (dm `striped`); bind covers /var/lib/containerd and
     /var/log/pods; a changed layout while bound is refused (409). containerd, restarted on the
     new storage, pulls and runs a host container there: after shutdown the host reassembles
     the stripe from the two disk files and finds containerd's content store in the ext4
@@ -109,6 +109,9 @@ def metal_node_net_toml_and_ephemeral_storage(arch):
             st, body = vm.api("POST", f"{base}/bind", {"targets": ["/etc"]})
             assert st == 400 and "/etc" in body["error"], (st, body)
 
+            # xfs by default (Bottlerocket's), made by the image's mkfs.xfs.
+            st, body = vm.api("POST", f"{base}/init", {"disks": ["/dev/vdb"]}, timeout=300)
+            assert st == 204, (st, body)
             st, body = vm.api("POST", f"{base}/init", {"filesystem": "Ext4", "disks": ["/dev/vdb"]},
                               timeout=300)
             assert st == 204, (st, body)

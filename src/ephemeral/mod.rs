@@ -441,6 +441,28 @@ pub fn format_list(items: &[String], format: Option<&str>) -> Option<(String, &'
 mod tests {
     use super::*;
 
+    /// A fresh directory for one test, removed when dropped.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> TempDir {
+            let dir = std::env::temp_dir().join(format!("berth-ephemeral-{}-{name}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).expect("create temp dir");
+            TempDir(dir)
+        }
+
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
     fn fake_disk(sys: &Path, name: &str, serial: Option<&str>, size: u64, parts: &[&str]) {
         let d = sys.join(name);
         fs::create_dir_all(&d).unwrap();
@@ -469,7 +491,7 @@ mod tests {
 
     #[test]
     fn only_spare_disks_by_bottlerocket_rule_are_listed() {
-        let t = tempfile::tempdir().unwrap();
+        let t = TempDir::new("list");
         let sys = t.path().join("sys");
         fake_disk(&sys, "vda", None, 1 << 22, &["BERTH-BOOT-A", "BERTH-DATA"]);
         fake_disk(&sys, "vdc", Some("eph1"), 1 << 21, &[]);
@@ -488,7 +510,7 @@ mod tests {
 
     #[test]
     fn init_refuses_unknown_disks_and_does_nothing_without_disks() {
-        let t = tempfile::tempdir().unwrap();
+        let t = TempDir::new("refuse");
         fake_disk(&t.path().join("sys"), "vdb", Some("eph0"), 1 << 21, &[]);
         fs::write(t.path().join("mountinfo"), "").unwrap();
         let p = paths(t.path());
@@ -509,7 +531,7 @@ mod tests {
             return crate::testing::cannot_run("init_of_one_disk_formats_it_and_a_second_init_keeps_it", why);
         }
         // A file stands in for the disk: mke2fs formats files too.
-        let t = tempfile::tempdir().unwrap();
+        let t = TempDir::new("one-disk");
         fake_disk(&t.path().join("sys"), "vdb", Some("eph0"), 1 << 15, &[]);
         fs::write(t.path().join("mountinfo"), "").unwrap();
         fs::create_dir_all(t.path().join("dev")).unwrap();
