@@ -36,6 +36,7 @@ usage:
   berth mkroot MANIFEST DIR [NAME=VALUE..] create a manifest's tree in DIR (root filesystem)
   berth bootctl show DISK                  A/B boot-control state of a disk image
   berth bootctl set DISK A|B PRIO TRIES OK set a slot's boot-control state
+  berth bootctl autoboot DISK              the autoboot.txt for a disk's state (Raspberry Pi)
   berth host-container NAME SOURCE 0|1     run a host container (as a supervised service)
   berth selftest NAME                      run a PID 1 self-test (inside Berth)
   berth update-repo keygen|add|sign|set-max-version ...

@@ -1,7 +1,11 @@
 //! Reaching the API from the host of a VM: a virtio-serial port named `org.berth.api` (QEMU:
 //! `-device virtserialport,name=org.berth.api,chardev=...` with a Unix socket chardev) is
 //! bridged to /run/api.sock inside, as the QEMU guest agent uses such a port. vhost-vsock is
-//! not available everywhere; a serial port is.
+//! not available everywhere; a serial port is. A machine with no virtio at all (QEMU's
+//! `raspi4b`) names a plain serial port instead, `berth.api-serial=ttyS1` (or `ttyUSB0`, a USB
+//! serial adapter such as QEMU's `usb-serial`) on the kernel command line; the bridge waits for
+//! its node to appear, puts it in raw mode (no echo, no line editing, no CR/LF translation) and
+//! bridges it the same way.
 //!
 //! The port is one byte stream with no reliable connection boundaries: the guest learns of a
 //! host disconnect through a control message that can arrive after the next client's first
@@ -59,11 +63,34 @@ fn forward(request: &[u8], socket: &Path, port: &mut File) -> std::io::Result<()
     port.write_all(&answer)
 }
 
+/// Open the port, waiting for its node: a USB serial adapter (`ttyUSB0`) appears only once USB
+/// has enumerated it, which can be after the bridge starts.
+fn open_port(dev: &Path) -> std::io::Result<File> {
+    let mut waited = false;
+    loop {
+        match OpenOptions::new().read(true).write(true).open(dev) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if !waited {
+                    info!("api bridge: waiting for {}", dev.display());
+                    waited = true;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            r => return r,
+        }
+    }
+}
+
 fn run(dev: PathBuf, socket: PathBuf) {
-    let mut port = match OpenOptions::new().read(true).write(true).open(&dev) {
+    let mut port = match open_port(&dev) {
         Ok(p) => p,
         Err(e) => return warn!("api bridge: {}: {e}", dev.display()),
     };
+    if crate::sys::is_tty(&port) {
+        if let Err(e) = crate::sys::make_raw(&port) {
+            return warn!("api bridge: raw mode on {}: {e}", dev.display());
+        }
+    }
     info!("api bridge: {} <-> {}", dev.display(), socket.display());
     let limits = Limits::default();
     let mut pending: Vec<u8> = Vec::new();
@@ -97,15 +124,30 @@ fn run(dev: PathBuf, socket: PathBuf) {
     }
 }
 
-/// Start the bridge if the VM has the port; returns whether it did.
+/// The serial port `berth.api-serial=NAME` names (a /dev node without slashes), if any.
+fn serial_port() -> Option<PathBuf> {
+    let cmdline = crate::boot::cmdline::Cmdline::read();
+    let name = cmdline.get("api-serial")?;
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        warn!("api bridge: berth.api-serial={name} is not a device name (like ttyS1)");
+        return None;
+    }
+    Some(Path::new("/dev").join(name))
+}
+
+/// The bridge's port: the virtio-serial port, else the serial port the command line names.
+fn port() -> Option<PathBuf> {
+    find_port(PORT_NAME).or_else(serial_port)
+}
+
 /// Whether the machine has the host bridge's port.
 pub fn available() -> bool {
-    find_port(PORT_NAME).is_some()
+    port().is_some()
 }
 
 /// Run the bridge to `socket` in a thread named `api-bridge` (PID 1 supervises it).
 pub fn spawn(socket: PathBuf) -> std::io::Result<std::thread::JoinHandle<Result<(), String>>> {
-    let dev = find_port(PORT_NAME)
+    let dev = port()
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("no port {PORT_NAME}")))?;
     std::thread::Builder::new().name("api-bridge".into()).stack_size(256 * 1024).spawn(move || {
         run(dev, socket);

@@ -698,7 +698,7 @@ impl Api {
             ("GET", "/boot") => {
                 let mut v = crate::boot::report::snapshot();
                 v["watchdog"] = json!(if crate::boot::watchdog::armed() { "armed" } else { "off" });
-                v["firmware"] = crate::bootctl::uefi_report().unwrap_or(Value::Null);
+                v["firmware"] = crate::bootctl::firmware_report().unwrap_or(Value::Null);
                 Response::json(200, &v)
             }
             ("GET", "/selinux") => Response::json(200, &crate::init::selinux::status()),

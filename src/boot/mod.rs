@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use log::{error, info, warn};
 use serde::{Deserialize, Serialize};
 
+use crate::bootctl::rpi::{self, Bootloader};
 use crate::bootctl::{self, BootAttempt, BootControl, GptBootControl, Slot, SlotMeta};
 use crate::sys::{self, dm};
 use cmdline::Cmdline;
@@ -65,6 +66,9 @@ pub struct Handoff {
     /// for `GET /boot`.
     #[serde(default)]
     pub notices: Vec<String>,
+    /// The `BERTH-AUTOBOOT` partition (Raspberry Pi boots: `boot = "rpi"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoboot: Option<PathBuf>,
 }
 
 type Phase = (&'static str, fn(&mut Ctx) -> Result<(), BootError>);
@@ -83,6 +87,8 @@ struct Ctx {
     /// The firmware booted with Secure Boot on (UEFI only).
     secure_boot: bool,
     selinux: selinux::State,
+    /// The partition holding `autoboot.txt` (Raspberry Pi only).
+    autoboot: Option<PathBuf>,
 }
 
 impl Ctx {
@@ -131,6 +137,7 @@ pub fn stage1() -> Failure {
         watchdog: None,
         secure_boot: false,
         selinux: selinux::State::off("not loaded yet"),
+        autoboot: None,
     };
     for (name, phase) in PHASES {
         let (t, start_ms) = (Instant::now(), report::uptime_ms());
@@ -191,22 +198,31 @@ fn choose_slot(ctx: &mut Ctx) -> Result<(), BootError> {
     };
     let mut bc = GptBootControl::new(&ctx.disk, ctx.sector);
     let uefi = booted_as_uki()?;
+    let pi = if uefi {
+        None
+    } else {
+        Bootloader::read(Path::new(rpi::BOOTLOADER_DT)).map_err(bootctl::Error::Rpi)?
+    };
     if uefi {
         firmware_chose(ctx, &mut bc, forced)?;
     }
+    let forced = match pi {
+        Some(bl) => Some(pi_firmware_chose(ctx, &mut bc, bl, forced)?),
+        None => forced,
+    };
     let a = bc.begin_boot(forced)?;
     info!(
         "boot control: slot {} (on trial: {}, tries left: {}{})",
         a.slot,
         a.on_trial,
         a.tries_left,
-        match (uefi, forced.is_some()) {
+        match (uefi || pi.is_some(), forced.is_some()) {
             (true, _) => ", started by the firmware",
             (false, true) => ", forced by berth.slot",
             (false, false) => "",
         }
     );
-    if uefi {
+    if uefi || pi.is_some() {
         // Entries missing (first boot, NVRAM cleared) or a change cut short: fixed now. Not
         // fatal: this boot is under way; the next one tries again.
         if let Err(e) = bc.sync_firmware() {
@@ -270,14 +286,58 @@ fn firmware_chose(ctx: &mut Ctx, bc: &mut GptBootControl, named: Option<Slot>) -
             // The firmware started a slot boot control gave up on (its variables were not
             // updated, or were lost): tell it, then restart into the right one. Only when that
             // changed the firmware's variables, so this can never loop.
-            let applied = bc.sync_firmware()?;
-            if applied.is_some_and(|a| !a.written.is_empty()) {
+            if bc.sync_firmware()? == Some(true) {
                 return Err(BootError::WrongSlot { started: slot, boots: other });
             }
             error!("the firmware started slot {slot}, which boot control gave up on; booting it anyway");
         }
     }
     Ok(())
+}
+
+/// The Raspberry Pi firmware booted the partition `autoboot.txt` named (`[tryboot]`'s once
+/// after a tryboot restart): that slot runs. Rewrites go to `autoboot.txt` from now on. When
+/// boot control has given up on the slot (a tryboot restart by hand, a record that reached
+/// the disk and not `autoboot.txt`), `autoboot.txt` is made right and the machine restarts
+/// into the right slot: a plain restart boots `[all]`, the known-good slot, so this cannot
+/// loop.
+fn pi_firmware_chose(
+    ctx: &mut Ctx,
+    bc: &mut GptBootControl,
+    bl: Bootloader,
+    named: Option<Slot>,
+) -> Result<Slot, BootError> {
+    let part = partitions::by_label(&ctx.parts, rpi::LABEL)?;
+    ctx.autoboot = Some(part.path());
+    let boot = bootctl::install_rpi(&ctx.disk, ctx.sector, rpi::Location::Partition(part.path()))?;
+    let slot = bl.slot(boot).ok_or_else(|| {
+        bootctl::Error::Rpi(rpi::Error::Invalid(
+            rpi::BOOTLOADER_DT.into(),
+            format!(
+                "the firmware booted partition {}, which is neither BERTH-BOOT-A ({}) nor BERTH-BOOT-B ({})",
+                bl.partition, boot[0], boot[1]
+            ),
+        ))
+    })?;
+    info!(
+        "Raspberry Pi firmware booted partition {} (slot {slot}){}",
+        bl.partition,
+        if bl.tryboot { " on a tryboot" } else { "" }
+    );
+    if let Some(named) = named.filter(|n| *n != slot) {
+        warn!("berth.slot={named} ignored: the firmware started slot {slot}");
+    }
+    let states = bc.states()?;
+    if !states[slot].bootable() {
+        if let Some(other) = bootctl::choose(states.a, states.b) {
+            let changed = bc.sync_firmware()? == Some(true);
+            if changed || bl.tryboot {
+                return Err(BootError::WrongSlot { started: slot, boots: other });
+            }
+            error!("the firmware started slot {slot}, which boot control gave up on; booting it anyway");
+        }
+    }
+    Ok(slot)
 }
 
 /// Secure Boot is on: the kernel runs locked down (integrity). x86_64 kernels do it
@@ -384,10 +444,18 @@ fn write_handoff(ctx: &mut Ctx) -> Result<(), BootError> {
         root_hash: meta.verity.root_hash.clone(),
         stage1_ms: ctx.started.elapsed().as_millis() as u64,
         phases: report::phases(),
-        boot: if bootctl::uefi_installed() { "uefi" } else { "direct" }.into(),
+        boot: if bootctl::uefi_installed() {
+            "uefi"
+        } else if bootctl::rpi_installed() {
+            "rpi"
+        } else {
+            "direct"
+        }
+        .into(),
         secure_boot: ctx.secure_boot,
         selinux: ctx.selinux.clone(),
         notices: report::notices(),
+        autoboot: ctx.autoboot.clone(),
     };
     let text =
         toml::to_string(&h).map_err(|e| BootError::Handoff { path: HANDOFF.into(), error: e.to_string() })?;
@@ -459,7 +527,17 @@ pub fn bounded_sync(bound: Duration) -> bool {
 /// reboot(2) in `mode`; if the kernel refuses, PID 1 exits: the kernel panics ("Attempted to
 /// kill init") and reboots after `panic=N` seconds (set here if the command line left it 0).
 pub fn reboot_or_panic(mode: sys::RebootMode) -> ! {
-    let e = sys::reboot(mode);
+    let arg = match mode {
+        sys::RebootMode::Restart => bootctl::restart_argument(),
+        _ => None,
+    };
+    let e = match arg {
+        Some(arg) => {
+            info!("restarting with \"{arg}\": the firmware tries the slot on trial once");
+            sys::restart_with(arg)
+        }
+        None => sys::reboot(mode),
+    };
     error!("reboot({mode:?}) failed: {e}; exiting PID 1 so that the kernel panics and reboots");
     if fs::read_to_string("/proc/sys/kernel/panic").is_ok_and(|v| v.trim() == "0") {
         let _ = fs::write("/proc/sys/kernel/panic", PANIC_REBOOT_SECS);
@@ -504,6 +582,7 @@ mod tests {
                 error: Some("the kernel refused the policy".into()),
             },
             notices: vec!["SELinux: the kernel refused the policy; permissive".into()],
+            autoboot: None,
         };
         let back: Handoff = toml::from_str(&toml::to_string(&h).unwrap()).unwrap();
         assert_eq!(back.selinux, h.selinux);

@@ -24,7 +24,13 @@
 //! for a slot on trial). It is installed once per boot ([`install_uefi`]); a transaction whose
 //! firmware update fails is undone, so the GPT record and the firmware never disagree for
 //! long, and stage 1 makes them agree again at every boot ([`GptBootControl::sync_firmware`]).
+//!
+//! On a Raspberry Pi the firmware boots the partition `autoboot.txt` names, or once its
+//! `[tryboot]` partition after a `reboot "0 tryboot"`: [`rpi`] rewrites `autoboot.txt` after
+//! every transaction the same way ([`install_rpi`]), and [`restart_argument`] makes every
+//! restart of PID 1 a tryboot restart while the record's choice is a slot on trial.
 
+pub mod rpi;
 pub mod uefi;
 
 use std::fmt;
@@ -165,6 +171,8 @@ pub enum Error {
     },
     /// The firmware's boot variables could not be read or written (UEFI backend).
     Firmware(uefi::Error),
+    /// `autoboot.txt` or the firmware's report could not be read or written (Raspberry Pi).
+    Rpi(rpi::Error),
 }
 
 impl fmt::Display for Error {
@@ -177,6 +185,7 @@ impl fmt::Display for Error {
                 write!(f, "no bootable slot (A: {a:?}, B: {b:?}); reinstall or repair the disk")
             }
             Error::Firmware(e) => write!(f, "firmware boot variables: {e}"),
+            Error::Rpi(e) => write!(f, "Raspberry Pi firmware: {e}"),
         }
     }
 }
@@ -249,10 +258,27 @@ pub trait BootControl {
 /// The one lock every GPT boot-control read and transaction in this process holds.
 static LOCK: Mutex<()> = Mutex::new(());
 
-/// The firmware to tell after each transaction, when this boot came through UEFI.
-static FIRMWARE: Mutex<Option<uefi::UefiFirmware>> = Mutex::new(None);
+/// The firmware that picks the slot, told after each transaction: UEFI or the Pi's.
+enum Firmware {
+    Uefi(uefi::UefiFirmware),
+    /// With the disk whose record it follows (for [`restart_argument`]).
+    Rpi(rpi::RpiFirmware, PathBuf, u64),
+}
 
-fn firmware() -> std::sync::MutexGuard<'static, Option<uefi::UefiFirmware>> {
+impl Firmware {
+    /// Tell the firmware what `slots` means. Returns whether anything was written.
+    fn apply(&self, slots: Slots) -> Result<bool, Error> {
+        match self {
+            Firmware::Uefi(fw) => fw.apply(slots).map(|a| !a.written.is_empty()).map_err(Error::Firmware),
+            Firmware::Rpi(fw, ..) => fw.apply(slots).map_err(Error::Rpi),
+        }
+    }
+}
+
+/// The firmware to tell after each transaction, when it (not stage 1) picks the slot.
+static FIRMWARE: Mutex<Option<Firmware>> = Mutex::new(None);
+
+fn firmware() -> std::sync::MutexGuard<'static, Option<Firmware>> {
     FIRMWARE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -266,29 +292,74 @@ pub fn install_uefi(disk: &Path, sector: u64, efivars: &Path) -> Result<(), Erro
         gpt.by_name(&label).map(|p| uefi::Hd::of(&p)).ok_or(Error::MissingPartition(label))
     };
     let fw = uefi::UefiFirmware { vars: uefi::Vars::new(efivars), boot: [hd(Slot::A)?, hd(Slot::B)?] };
-    *firmware() = Some(fw);
+    *firmware() = Some(Firmware::Uefi(fw));
     Ok(())
 }
 
 /// Whether the UEFI backend is in use.
 pub fn uefi_installed() -> bool {
-    firmware().is_some()
+    matches!(*firmware(), Some(Firmware::Uefi(_)))
 }
 
 /// How this boot was started, for `GET /os`: the boot-control backend (`uefi` when the
 /// firmware chose the slot, `gpt` when the GPT's priority flags did) and whether UEFI Secure
 /// Boot is on (always false without UEFI).
 pub fn os_summary() -> serde_json::Value {
-    let fw = firmware();
-    let secure = fw.as_ref().is_some_and(|f| f.vars.secure_boot());
-    serde_json::json!({"backend": if fw.is_some() { "uefi" } else { "gpt" }, "secure_boot": secure})
+    let (backend, secure) = match firmware().as_ref() {
+        Some(Firmware::Uefi(f)) => ("uefi", f.vars.secure_boot()),
+        Some(Firmware::Rpi(..)) => ("rpi", false),
+        None => ("gpt", false),
+    };
+    serde_json::json!({"backend": backend, "secure_boot": secure})
 }
 
-/// What the firmware says now (UEFI backend only), for `GET /boot`: `BootCurrent`,
-/// `BootOrder`, `BootNext`, the numbers of Berth's entries, Secure Boot.
-pub fn uefi_report() -> Option<serde_json::Value> {
+/// Use the Raspberry Pi backend from now on, for `disk`'s slots, with `autoboot.txt` at `at`
+/// (the `BERTH-AUTOBOOT` partition). Returns the partition numbers of BOOT-A and BOOT-B.
+pub fn install_rpi(disk: &Path, sector: u64, at: rpi::Location) -> Result<[u32; 2], Error> {
+    let _held = lock();
+    let mut f = File::open(disk).map_err(|e| Error::Open(disk.to_path_buf(), e))?;
+    let gpt = Gpt::read(&mut f, sector).map_err(|e| Error::Gpt(disk.to_path_buf(), e))?;
+    let number = |slot: Slot| {
+        let label = slot.label("BOOT");
+        gpt.by_name(&label).map(|p| p.number).ok_or(Error::MissingPartition(label))
+    };
+    let boot = [number(Slot::A)?, number(Slot::B)?];
+    *firmware() = Some(Firmware::Rpi(rpi::RpiFirmware { at, boot }, disk.to_path_buf(), sector));
+    Ok(boot)
+}
+
+/// Whether the Raspberry Pi backend is in use.
+pub fn rpi_installed() -> bool {
+    matches!(*firmware(), Some(Firmware::Rpi(..)))
+}
+
+/// The argument a restart must pass to reboot(2), if any: `"0 tryboot"` on a Raspberry Pi
+/// while the record chooses a slot on trial (the firmware then boots it once). Reading the
+/// record failing means a plain restart, which boots the known-good slot.
+pub fn restart_argument() -> Option<&'static str> {
+    let (disk, sector) = match firmware().as_ref()? {
+        Firmware::Rpi(_, disk, sector) => (disk.clone(), *sector),
+        Firmware::Uefi(_) => return None,
+    };
+    let slots = GptBootControl::new(&disk, sector).states().ok()?;
+    rpi::tryboot_pending(slots).then_some(rpi::TRYBOOT_ARG)
+}
+
+/// What the firmware says now, for `GET /boot`. UEFI: `BootCurrent`, `BootOrder`,
+/// `BootNext`, the numbers of Berth's entries, Secure Boot. Raspberry Pi: the partitions
+/// `autoboot.txt` names, and the slots' BOOT partition numbers.
+pub fn firmware_report() -> Option<serde_json::Value> {
     let fw = firmware();
-    let fw = fw.as_ref()?;
+    let fw = match fw.as_ref()? {
+        Firmware::Uefi(fw) => fw,
+        Firmware::Rpi(fw, ..) => {
+            return Some(serde_json::json!({
+                "autoboot": fw.read().ok().map(|a| serde_json::json!({
+                    "boot_partition": a.default, "tryboot_partition": a.tryboot})),
+                "boot_partitions": {"A": fw.boot[0], "B": fw.boot[1]},
+            }))
+        }
+    };
     let hex = |l: Vec<u16>| l.into_iter().map(|n| format!("{n:04X}")).collect::<Vec<_>>();
     let get = |name: &str| fw.vars.get_u16s(name).map(hex).unwrap_or_default();
     Some(serde_json::json!({
@@ -303,7 +374,10 @@ pub fn uefi_report() -> Option<serde_json::Value> {
 
 /// The slot the running UKI was loaded from, as the firmware says (UEFI backend only).
 pub fn uefi_loaded_from() -> Option<Slot> {
-    firmware().as_ref().and_then(|f| f.loaded_from())
+    match firmware().as_ref()? {
+        Firmware::Uefi(f) => f.loaded_from(),
+        Firmware::Rpi(..) => None,
+    }
 }
 
 /// Boot control kept in the GPT of `disk` (a block device or an image file).
@@ -356,14 +430,15 @@ impl GptBootControl {
 
     /// Tell the firmware what the state is now, whether or not it changed (stage 1, every
     /// boot: entries missing after NVRAM was cleared, a transaction cut short between the GPT
-    /// and the firmware). Returns what was written, or None without the UEFI backend.
-    pub fn sync_firmware(&mut self) -> Result<Option<uefi::Applied>, Error> {
+    /// and the firmware). Returns whether anything was written, or None without a firmware
+    /// backend.
+    pub fn sync_firmware(&mut self) -> Result<Option<bool>, Error> {
         let _held = lock();
         let fw = firmware();
         let Some(fw) = fw.as_ref() else { return Ok(None) };
         let mut f = self.open(false)?;
         let (gpt, numbers) = self.read(&mut f)?;
-        fw.apply(Self::slots(&gpt, numbers)).map(Some).map_err(Error::Firmware)
+        fw.apply(Self::slots(&gpt, numbers)).map(Some)
     }
 
     fn slots(gpt: &Gpt, numbers: [u32; 2]) -> Slots {
@@ -402,7 +477,7 @@ impl BootControl for GptBootControl {
                 if let Err(e) = fw.apply(after) {
                     self.write_states(&mut f, &mut gpt, numbers, before)?;
                     let _ = fw.apply(before);
-                    return Err(Error::Firmware(e).into());
+                    return Err(e.into());
                 }
             }
         }

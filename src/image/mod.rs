@@ -80,7 +80,8 @@ fn parse_vars(vars: &[String]) -> Result<HashMap<String, String>, String> {
         .collect()
 }
 
-/// `berth bootctl show DISK` | `berth bootctl set DISK SLOT PRIORITY TRIES SUCCESSFUL`
+/// `berth bootctl show DISK` | `berth bootctl set DISK SLOT PRIORITY TRIES SUCCESSFUL` |
+/// `berth bootctl autoboot DISK` (the `autoboot.txt` a Raspberry Pi image must carry)
 pub fn bootctl(args: &[String]) -> Result<(), String> {
     match args {
         [cmd, disk] if cmd == "show" => {
@@ -111,6 +112,21 @@ pub fn bootctl(args: &[String]) -> Result<(), String> {
                 crate::bootctl::SlotState { priority: num(prio)?, tries: num(tries)?, successful: ok == "1" };
             GptBootControl::new(Path::new(disk), 512).set_state(slot, state).map_err(|e| e.to_string())
         }
-        _ => Err("usage: berth bootctl show DISK | berth bootctl set DISK A|B PRIORITY TRIES 0|1".into()),
+        [cmd, disk] if cmd == "autoboot" => {
+            // What autoboot.txt must say for the disk's record (Raspberry Pi images).
+            let mut f = File::open(disk).map_err(|e| format!("{disk}: {e}"))?;
+            let gpt = Gpt::read(&mut f, 512).map_err(|e| format!("{disk}: {e}"))?;
+            let number = |slot: Slot| {
+                gpt.by_name(&slot.label("BOOT")).map(|p| p.number).ok_or(format!("{disk}: no {}", slot.label("BOOT")))
+            };
+            let boot = [number(Slot::A)?, number(Slot::B)?];
+            let slots = GptBootControl::new(Path::new(disk), 512).states().map_err(|e| e.to_string())?;
+            print!("{}", crate::bootctl::rpi::Autoboot::for_slots(slots, boot).render());
+            Ok(())
+        }
+        _ => Err(
+            "usage: berth bootctl show DISK | berth bootctl set DISK A|B PRIORITY TRIES 0|1 | berth bootctl autoboot DISK"
+                .into(),
+        ),
     }
 }

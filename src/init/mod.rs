@@ -232,6 +232,21 @@ fn stage2() -> ! {
             }
         }
     }
+    if let (true, Some(part)) = (ctx.handoff.boot == "rpi", ctx.handoff.autoboot.clone()) {
+        // Every boot-control change from now on rewrites autoboot.txt, and restarts are
+        // tryboot restarts while a slot is on trial.
+        let (disk, sector) = (ctx.handoff.disk.clone(), ctx.handoff.sector_size);
+        if let Err(e) =
+            crate::bootctl::install_rpi(&disk, sector, crate::bootctl::rpi::Location::Partition(part))
+        {
+            if let Err(error) = ctx.degrade(
+                BootError::BootControl(e),
+                "boot-control changes will reach autoboot.txt only at the next boot",
+            ) {
+                boot::fail_and_reboot(&Failure { stage: 2, phase: "boot-control", error });
+            }
+        }
+    }
     for (name, phase) in ec2::phases(PHASES, ctx.ec2) {
         let (t, start_ms) = (Instant::now(), report::uptime_ms());
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| phase(&mut ctx)))

@@ -73,14 +73,20 @@ fn keep_net_toml(boot: &Path) {
 }
 
 /// Fetch user data from the platform's providers (IMDS at `imds`, on EC2). The slot's BOOT
-/// partition is mounted read-only for the time it takes to look for `user-data.toml` there.
+/// partition (on a Raspberry Pi the first partition, `BERTH-AUTOBOOT`, the one a desktop shows
+/// when the SD card is plugged in) is mounted read-only for the time it takes to look for
+/// `user-data.toml` there.
 fn fetch(
     handoff: &Handoff,
     parts: &[partitions::PartInfo],
     imds: Option<std::net::SocketAddr>,
 ) -> Result<Option<userdata::UserData>, String> {
     let sysfs = Path::new("/sys");
-    let with_boot = partitions::by_label(parts, &handoff.slot.label("BOOT"))
+    let label = match handoff.boot.as_str() {
+        "rpi" => crate::bootctl::rpi::LABEL.to_string(),
+        _ => handoff.slot.label("BOOT"),
+    };
+    let with_boot = partitions::by_label(parts, &label)
         .and_then(|b| {
             partitions::with_boot_mounted(b, |dir| {
                 keep_net_toml(dir);

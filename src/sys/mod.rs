@@ -17,6 +17,8 @@
 //! - **fork(2) and _exit(2)** ([`fork`], [`exit_now`], for the PID 1 self-tests): rustix keeps
 //!   these in the same `runtime` module; libc's fork also runs musl's atfork handlers, which
 //!   keep its own locks usable in the child.
+//! - **reboot(2) with an argument** ([`restart_with`], the Raspberry Pi's `"0 tryboot"`):
+//!   rustix's reboot takes no argument (LINUX_REBOOT_CMD_RESTART2).
 //! - **kill(-1, sig)** (every process but us, at shutdown): rustix's kill functions take a
 //!   process or group id, never -1.
 //! - **setsockopt for SO_BINDTODEVICE, NETLINK_EXT_ACK and NETLINK_CAP_ACK** ([`net`]): rustix
@@ -146,6 +148,48 @@ pub fn reboot(mode: RebootMode) -> io::Error {
         Err(e) => e.into(),
         Ok(()) => io::Error::other("reboot(2) returned"),
     }
+}
+
+/// reboot(2) with LINUX_REBOOT_CMD_RESTART2 and `arg` (the kernel passes it to the reboot
+/// notifiers and the restart handler). Returns only on failure.
+pub fn restart_with(arg: &str) -> io::Error {
+    let arg = match CString::new(arg) {
+        Ok(a) => a,
+        Err(e) => return invalid(format!("restart argument: {e}")),
+    };
+    // SAFETY: reboot(2) with the magic numbers and a command that reads `arg` as a
+    // NUL-terminated string, which the CString keeps alive for the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_reboot,
+            libc::LINUX_REBOOT_MAGIC1,
+            libc::LINUX_REBOOT_MAGIC2,
+            libc::LINUX_REBOOT_CMD_RESTART2,
+            arg.as_ptr(),
+        )
+    };
+    if r < 0 {
+        io::Error::last_os_error()
+    } else {
+        io::Error::other("reboot(2) returned")
+    }
+}
+
+/// Whether `f` is a terminal.
+pub fn is_tty(f: &impl std::os::fd::AsFd) -> bool {
+    rustix::termios::isatty(f)
+}
+
+/// Put the terminal `f` in raw mode (cfmakeraw): bytes pass unchanged, nothing is echoed. A
+/// read returns what has arrived, or nothing (0) after a second without bytes, as a
+/// virtio-serial port with no host connected does.
+pub fn make_raw(f: &impl std::os::fd::AsFd) -> io::Result<()> {
+    use rustix::termios::SpecialCodeIndex;
+    let mut t = rustix::termios::tcgetattr(f)?;
+    t.make_raw();
+    t.special_codes[SpecialCodeIndex::VMIN] = 0;
+    t.special_codes[SpecialCodeIndex::VTIME] = 10;
+    Ok(rustix::termios::tcsetattr(f, rustix::termios::OptionalActions::Now, &t)?)
 }
 
 /// Make Ctrl-Alt-Del send SIGINT to PID 1 instead of restarting at once.
