@@ -291,19 +291,7 @@ impl Paths {
         if !(same && has_fs(Path::new(&dev), want.filesystem)) {
             // Forget the old layout first: a mkfs cut short must not look like a kept one.
             let _ = fs::remove_file(&self.state);
-            let out = want
-                .filesystem
-                .mkfs(&dev)
-                .output()
-                .map_err(failed(format!("run mkfs.{}", want.filesystem.name())))?;
-            if !out.status.success() {
-                return Err(Error::Failed(format!(
-                    "mkfs.{} {dev}: {}: {}",
-                    want.filesystem.name(),
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )));
-            }
+            run_mkfs(want.filesystem, &dev)?;
         }
         self.save(&want)?;
         Ok(Some(want))
@@ -361,6 +349,28 @@ impl Paths {
             bound.push(d.clone());
         }
         Ok(bound)
+    }
+}
+
+/// Run mkfs for `fs` on `dev`: its exit through `sys::wait_awaited` (PID 1's reaper takes
+/// every child), its stderr (the first 64 KiB) in the error.
+fn run_mkfs(fs: Fs, dev: &str) -> Result<(), Error> {
+    let mut cmd = fs.mkfs(dev);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = sys::spawn_awaited(&mut cmd).map_err(failed(format!("run mkfs.{}", fs.name())))?;
+    let mut err = Vec::new();
+    if let Some(e) = child.stderr.take() {
+        let _ = e.take(64 * 1024).read_to_end(&mut err);
+    }
+    match sys::wait_awaited(child.id()).map_err(failed(format!("wait for mkfs.{}", fs.name())))? {
+        sys::Exit::Code(0) => Ok(()),
+        exit => Err(Error::Failed(format!(
+            "mkfs.{} {dev}: {exit}: {}",
+            fs.name(),
+            String::from_utf8_lossy(&err).trim()
+        ))),
     }
 }
 
