@@ -10,7 +10,7 @@ import tempfile
 from berthvm import VM, gpt_partitions
 from cases import case, _poll, assert_no_avc_denials
 
-DISK_MB = 96
+DISK_MB = 320  # mkfs.xfs (xfsprogs 6.1) makes no filesystem under 300 MB
 CHUNK = 256 * 1024
 
 
