@@ -737,3 +737,5 @@ import selinux_cases  # noqa: E402,F401
 import ec2_cases  # noqa: E402,F401
 import rpi_cases  # noqa: E402,F401
 import node_cases  # noqa: E402,F401
+import cri_cases  # noqa: E402,F401
+import storage_cases  # noqa: E402,F401

@@ -6,6 +6,7 @@ mod apiclient;
 mod boot;
 mod bootctl;
 mod disk;
+mod ephemeral;
 mod http;
 mod image;
 mod init;

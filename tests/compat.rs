@@ -221,12 +221,19 @@ fn bottlerocket_routes_berth_lacks_say_so() {
         ("GET", "/metadata/setting-generators", "not supported on Berth"),
         ("GET", "/metadata/templates?keys=settings.motd", "not supported on Berth"),
         ("GET", "/report/fips", "not supported on Berth"),
-        ("POST", "/actions/ephemeral-storage/init", "not supported yet"),
-        ("GET", "/actions/ephemeral-storage/list-disks", "not supported yet"),
     ] {
         let path_only = path.split('?').next().unwrap();
         server.request(method, path, "").assert_error(404, &[path_only, why, "docs/compatibility.md"]);
     }
+    // Ephemeral storage exists, at both of Bottlerocket's paths, but dev mode touches no disks.
+    for (method, path) in [
+        ("POST", "/actions/ephemeral-storage/init"),
+        ("GET", "/actions/ephemeral-storage/list-disks"),
+        ("GET", "/ephemeral-storage/list-dirs"),
+    ] {
+        server.request(method, path, "").assert_error(503, &["dev mode"]);
+    }
+    server.request("GET", "/actions/ephemeral-storage/init", "").assert_error(405, &["POST"]);
     server.request("GET", "/no/such/route", "").assert_error(404, &["no route /no/such/route"]);
 }
 
@@ -348,9 +355,6 @@ fn apiclient_usage_errors_exit_2_and_failures_exit_1_with_status_lines() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("cannot connect to /nonexistent/api.sock"), "{}", stderr(&o));
     // `exec` and the others Berth has no routes for yet.
-    let o = run(&server, &["ephemeral-storage", "x"], None);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("not supported yet"), "{}", stderr(&o));
     // exec into a host container that is not running (dev mode runs none): the API's refusal.
     let o = run(&server, &["exec", "admin", "sh", "-c", "exit 3"], None);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
@@ -360,6 +364,18 @@ fn apiclient_usage_errors_exit_2_and_failures_exit_1_with_status_lines() {
         stderr(&o)
     );
     assert_eq!(run(&server, &["exec", "admin"], None).status.code(), Some(2));
+    // ephemeral-storage: its usage errors (2), and the dev server's 503 passed on (1).
+    for args in [
+        &["ephemeral-storage"][..],
+        &["ephemeral-storage", "bind"],
+        &["ephemeral-storage", "init", "-t", "btrfs"],
+    ] {
+        let o = run(&server, args, None);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+    }
+    let o = run(&server, &["ephemeral-storage", "list-disks", "-f", "json"], None);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("Status 503"), "{}", stderr(&o));
     assert_eq!(server.get("/tx/list"), json!([]), "refused commands leave no transaction");
 }
 

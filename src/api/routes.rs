@@ -112,6 +112,10 @@ const ROUTES: &[(&str, &[&str])] = &[
     ("/actions/deactivate-update", &["POST"]),
     ("/actions/cancel-update", &["POST"]),
     ("/actions/rollback", &["POST"]),
+    ("/actions/ephemeral-storage/init", &["POST"]),
+    ("/actions/ephemeral-storage/bind", &["POST"]),
+    ("/actions/ephemeral-storage/list-disks", &["GET"]),
+    ("/actions/ephemeral-storage/list-dirs", &["GET"]),
 ];
 
 /// Bottlerocket's routes that Berth does not serve, with why: any method gets a 404 that says
@@ -133,8 +137,6 @@ pub const NOT_SUPPORTED: &[(&str, &str)] = &[
          by Berth's code, not from templates",
     ),
     ("/report/", "not supported on Berth: the only report is /report/cis (no FIPS report)"),
-    ("/actions/ephemeral-storage/", "not supported yet: Berth has no ephemeral-storage actions yet"),
-    ("/ephemeral-storage/", "not supported yet: Berth has no ephemeral-storage actions yet"),
 ];
 
 /// `GET /report/cis[?format=text|json][&level=1|2]` (see [`super::report`]).
@@ -177,6 +179,78 @@ fn store_error(e: store::Error) -> Response {
 /// times the bytes of its text (a 1 MiB array of numbers is 16 MiB as a `Value`), so the body
 /// is counted first, without building anything, and refused before the tree is built.
 const MAX_JSON_VALUES: usize = 10_000;
+
+/// `/actions/ephemeral-storage/*` (`crate::ephemeral`): init and bind take Bottlerocket's
+/// bodies (`{"filesystem": "Xfs"|"Ext4"|null, "disks": [...]|null}`, `{"targets": [...]}`);
+/// the lists take `?format=text|json`.
+fn ephemeral_storage(req: &Request, route: &str) -> Response {
+    use crate::ephemeral::{self, Error as E};
+    let Some(es) = ephemeral::get() else {
+        return Response::error(503, "no ephemeral storage here (dev mode touches no disks)");
+    };
+    let fail = |e: E| match e {
+        E::BadInput(m) => Response::error(400, &m),
+        E::InUse(m) => Response::error(409, &m),
+        E::Failed(m) => Response::error(500, &m),
+    };
+    let list = |items: Vec<String>| match ephemeral::format_list(&items, req.query_get("format")) {
+        Some((body, kind)) => {
+            Response { status: 200, content_type: kind, body: body.into_bytes(), upgrade: None }
+        }
+        None => Response::error(400, "unsupported format (text or json)"),
+    };
+    let strings = |v: &Value, key: &str| -> Result<Option<Vec<String>>, Response> {
+        match v.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Array(a)) if a.iter().all(Value::is_string) => {
+                Ok(Some(a.iter().filter_map(|s| s.as_str().map(String::from)).collect()))
+            }
+            Some(_) => Err(Response::error(400, &format!("'{key}' must be a list of strings"))),
+        }
+    };
+    match route {
+        "/actions/ephemeral-storage/list-disks" => list(es.list_disks()),
+        "/actions/ephemeral-storage/list-dirs" => list(es.list_dirs()),
+        "/actions/ephemeral-storage/init" => {
+            let v = if req.body.is_empty() {
+                json!({})
+            } else {
+                match json_body(req) {
+                    Ok(v) => v,
+                    Err(r) => return r,
+                }
+            };
+            let fs = match v.get("filesystem") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(f)) => match ephemeral::Fs::parse(f) {
+                    Some(f) => Some(f),
+                    None => return Response::error(400, &format!("unknown filesystem '{f}' (Xfs or Ext4)")),
+                },
+                Some(_) => return Response::error(400, "'filesystem' must be a string"),
+            };
+            let disks = match strings(&v, "disks") {
+                Ok(d) => d,
+                Err(r) => return r,
+            };
+            match es.init(fs, disks) {
+                Ok(_) => Response::empty(204),
+                Err(e) => fail(e),
+            }
+        }
+        "/actions/ephemeral-storage/bind" => {
+            let targets = match json_body(req).and_then(|v| strings(&v, "targets")) {
+                Ok(Some(t)) => t,
+                Ok(None) => return Response::error(400, "missing 'targets'"),
+                Err(r) => return r,
+            };
+            match es.bind(&targets) {
+                Ok(_) => Response::empty(204),
+                Err(e) => fail(e),
+            }
+        }
+        _ => Response::error(404, &format!("no route {route}")),
+    }
+}
 
 fn json_body(req: &Request) -> Result<Value, Response> {
     if req.body.is_empty() {
@@ -561,7 +635,13 @@ impl Api {
     }
 
     pub fn handle(&self, req: &Request) -> Response {
-        let route = if req.path.starts_with("/services/") { "/services/NAME" } else { req.path.as_str() };
+        // Bottlerocket's openapi.yaml names the ephemeral-storage routes without `/actions`.
+        let alias = req.path.starts_with("/ephemeral-storage/").then(|| format!("/actions{}", req.path));
+        let route = if req.path.starts_with("/services/") {
+            "/services/NAME"
+        } else {
+            alias.as_deref().unwrap_or(req.path.as_str())
+        };
         let allowed = ROUTES.iter().find(|(p, _)| *p == route).map(|(_, m)| *m);
         let Some(methods) = allowed else {
             if let Some(why) = not_supported(&req.path) {
@@ -576,6 +656,7 @@ impl Api {
             );
         }
         match (req.method.as_str(), route) {
+            (_, r) if r.starts_with("/actions/ephemeral-storage/") => ephemeral_storage(req, r),
             ("GET", "/") => self.model(req),
             ("GET", "/settings") => get_settings(self, req),
             ("PATCH", "/settings") => match json_body(req) {
@@ -740,10 +821,17 @@ mod tests {
 
     #[test]
     fn not_supported_routes_are_named() {
-        for p in ["/report/fips", "/actions/ephemeral-storage/init", "/metadata/templates"] {
+        for p in ["/report/fips", "/metadata/templates"] {
             assert!(not_supported(p).is_some(), "{p}");
         }
-        for p in ["/exec", "/execute", "/reports", "/metadata", "/actions/reboot"] {
+        for p in [
+            "/exec",
+            "/execute",
+            "/reports",
+            "/metadata",
+            "/actions/reboot",
+            "/actions/ephemeral-storage/init",
+        ] {
             assert!(not_supported(p).is_none(), "{p}");
         }
     }

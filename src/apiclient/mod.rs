@@ -25,6 +25,7 @@
 //! and every wait has a timeout (60 s per read or write).
 
 mod boot;
+mod ephemeral;
 mod exec;
 mod get;
 mod set;
@@ -68,6 +69,11 @@ const USAGE: &str = "usage: apiclient [-s SOCKET] [-v | --log-level LEVEL] SUBCO
   update cancel                       stop a running prepare, or deactivate an activated update
   boot [--svg FILE]                   this boot's phases and services, longest first (like
                                       systemd-analyze blame); --svg: a timeline drawing (- stdout)
+  ephemeral-storage init [-t ext4|xfs] [--disks DISK...]
+                                      format spare local disks (striped when several)
+  ephemeral-storage bind --dirs DIR...
+                                      bind that storage over containerd's or kubelet's dirs
+  ephemeral-storage list-disks|list-dirs [-f text|json]
 
 global options: -s/--socket-path PATH (default /run/api.sock), -v/--verbose,
   --log-level error|warn|info|debug|trace (default info), -h/--help
@@ -325,6 +331,7 @@ fn run(args: &[String]) -> Result<()> {
             std::process::exit(code)
         }
         "boot" => boot::run(&client, args),
+        "ephemeral-storage" => ephemeral::run(&client, args),
         other => Err(Error::Failed(format!(
             "apiclient {other}: not supported yet on Berth (the API has no such routes yet; see docs/compatibility.md)"
         ))),

@@ -443,6 +443,10 @@ pub(crate) fn reap(sup: &Mutex<Supervisor>) -> bool {
     loop {
         match sys::reap_one() {
             Ok(Some((pid, exit))) => {
+                // A child a thread waits for itself (sys::spawn_awaited) gets its exit there.
+                if sys::deliver(pid, exit) {
+                    continue;
+                }
                 if !lock(sup).on_exit(pid, exit) {
                     info!("reaped pid {pid} ({exit})");
                 }

@@ -38,8 +38,57 @@ fn write_resolv_conf(up: Option<&net::Configured>) {
     }
 }
 
-/// The interface configuration from `settings.network` (validated when it was stored).
+/// Where the first boot keeps the BOOT partition's `net.toml` (PRIVATE).
+pub const NET_TOML: &str = "/var/lib/berth/net.toml";
+
+/// The interface whose MAC address is `mac`, from sysfs.
+fn name_of(mac: &[u8; 6]) -> Option<String> {
+    let want = mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    std::fs::read_dir("/sys/class/net").ok()?.flatten().find_map(|e| {
+        let a = std::fs::read_to_string(e.path().join("address")).ok()?;
+        (a.trim().eq_ignore_ascii_case(&want)).then(|| e.file_name().to_string_lossy().into_owned())
+    })
+}
+
+/// The configuration from `net.toml` (kept from the BOOT partition at first boot), else from
+/// the kernel command line's `netdog.default-interface`; None without either, or when it
+/// cannot be used (the error is reported and `settings.network` applies).
+fn from_net_toml() -> Option<NetConfig> {
+    use crate::net::nettoml;
+    let (what, parsed) = match std::fs::read(NET_TOML) {
+        Ok(bytes) => (
+            "net.toml",
+            String::from_utf8(bytes).map_err(|_| "not UTF-8".to_string()).and_then(|t| nettoml::parse(&t)),
+        ),
+        Err(_) => {
+            match nettoml::from_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default()) {
+                Ok(Some(n)) => ("netdog.default-interface", Ok(n)),
+                Ok(None) => return None,
+                Err(e) => ("the kernel command line", Err(e)),
+            }
+        }
+    };
+    match parsed.and_then(|n| nettoml::applied(&n, name_of)) {
+        Ok(a) => {
+            info!("network: configured from {what}");
+            for x in a.not_applied {
+                log::warn!("network: {what}: not applied (not supported yet): {x}");
+            }
+            Some(a.config)
+        }
+        Err(e) => {
+            crate::boot::report::notice(format!("network: {what}: {e}; settings.network applies instead"));
+            None
+        }
+    }
+}
+
+/// The interface configuration: `net.toml` or `netdog.default-interface` when there is one,
+/// else `settings.network` (validated when it was stored).
 fn config(ctx: &Ctx) -> NetConfig {
+    if let Some(c) = from_net_toml() {
+        return c;
+    }
     let n = ctx.store.as_ref().map(|s| s.settings()).and_then(|s| s.network).unwrap_or_default();
     let interface = n.interface.clone();
     match n.static_address.as_deref().and_then(crate::settings::model::parse_cidr) {

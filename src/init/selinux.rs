@@ -50,6 +50,8 @@ pub const MAX_RECENT: usize = 64;
 const MAX_TEXT: usize = 1024;
 /// Audit records the kernel may print per 5 s before it drops some (default 10).
 const RATELIMIT_BURST: &str = "200";
+/// The label of the host's /dev/null.
+const NULL_DEVICE: &str = "system_u:object_r:null_device_t:s0";
 /// The labels of PID 1's tmpfs mount roots.
 const TMPFS_ROOTS: &[(&str, &str)] = &[
     ("/etc", "system_u:object_r:etc_t:s0"),
@@ -102,6 +104,11 @@ pub fn setup(ctx: &mut Ctx) -> Result<(), BootError> {
             return Err(BootError::Selinux { error: format!("label {dir} {context}: {e}") });
         }
     }
+    // The host's /dev/null: what a process started by the runtime (a CRI ExecSync) inherits as
+    // stdin; containers may use it, not the other device nodes (device_t).
+    if let Err(e) = set_label(Path::new("/dev/null"), NULL_DEVICE) {
+        return Err(BootError::Selinux { error: format!("label /dev/null {NULL_DEVICE}: {e}") });
+    }
     let rules = fs::read_to_string(FILE_CONTEXTS)
         .map(|t| parse_rules(&t))
         .map_err(|e| BootError::Selinux { error: format!("read {FILE_CONTEXTS}: {e}") })?;
@@ -147,7 +154,8 @@ pub fn get_label(path: &Path) -> Option<String> {
     Some(s)
 }
 
-fn set_label(path: &Path, context: &str) -> std::io::Result<()> {
+/// Set `security.selinux` of `path` (not following a symlink) unless it has that label.
+pub fn set_label(path: &Path, context: &str) -> std::io::Result<()> {
     if get_label(path).as_deref() == Some(context) {
         return Ok(());
     }

@@ -52,6 +52,28 @@ pub fn open_datastore(ctx: &mut Ctx) -> Result<(), BootError> {
     Ok(())
 }
 
+/// First boot: keep the BOOT partition's `net.toml` (Bottlerocket's network configuration for
+/// bare metal) on PRIVATE, where the network phase reads it on this and every later boot.
+fn keep_net_toml(boot: &Path) {
+    let src = boot.join("net.toml");
+    let Ok(md) = fs::metadata(&src) else {
+        return;
+    };
+    let max = crate::net::nettoml::MAX_BYTES as u64;
+    let kept = if md.len() > max {
+        Err(format!("larger than {max} bytes"))
+    } else {
+        fs::read(&src).map_err(|e| e.to_string()).and_then(|b| {
+            crate::settings::store::write_atomic(Path::new(super::network::NET_TOML), &b)
+                .map_err(|e| e.to_string())
+        })
+    };
+    match kept {
+        Ok(()) => info!("net.toml from the BOOT partition kept as {}", super::network::NET_TOML),
+        Err(e) => report::notice(format!("net.toml on the BOOT partition: {e}; not used")),
+    }
+}
+
 /// Fetch user data from the platform's providers (IMDS at `imds`, on EC2). The slot's BOOT
 /// partition (on a Raspberry Pi the first partition, `BERTH-AUTOBOOT`, the one a desktop shows
 /// when the SD card is plugged in) is mounted read-only for the time it takes to look for
@@ -67,7 +89,12 @@ fn fetch(
         _ => handoff.slot.label("BOOT"),
     };
     let with_boot = partitions::by_label(parts, &label)
-        .and_then(|b| partitions::with_boot_mounted(b, |dir| userdata::fetch(sysfs, Some(dir), imds)))
+        .and_then(|b| {
+            partitions::with_boot_mounted(b, |dir| {
+                keep_net_toml(dir);
+                userdata::fetch(sysfs, Some(dir), imds)
+            })
+        })
         .map_err(|e| e.to_string());
     match with_boot {
         Ok(r) => r,
@@ -136,6 +163,7 @@ pub fn apply_settings(ctx: &mut Ctx) -> Result<(), BootError> {
 pub fn start_api(ctx: &mut Ctx) -> Result<(), BootError> {
     let store = ctx.store.take().ok_or(BootError::Order { needs: "the datastore" })?;
     let h = &ctx.handoff;
+    crate::ephemeral::enable();
     let api = routes::Api {
         store: Mutex::new(store),
         etc: "/etc".into(),

@@ -25,6 +25,7 @@ pub mod dhcp;
 pub mod netlink;
 #[cfg(test)]
 mod netns_test;
+pub mod nettoml;
 
 use std::fmt;
 use std::io;

@@ -1120,6 +1120,14 @@ impl Settings {
     }
 }
 
+/// An image reference as containerd takes it: 1..=512 bytes of `[A-Za-z0-9._:/@-]`, not
+/// starting with `-` or `/` (the grammar's characters; containerd checks the rest when it pulls).
+pub fn valid_image_ref(r: &str) -> bool {
+    (1..=512).contains(&r.len())
+        && !r.starts_with(['-', '/'])
+        && r.chars().all(|c| c.is_ascii_alphanumeric() || "._:/@-".contains(c))
+}
+
 impl Settings {
     pub fn validate(&self) -> Result<(), Invalid> {
         self.validate_more()?;
@@ -1215,6 +1223,14 @@ impl Settings {
                         format!(
                             "not a provider ID (SCHEME://..., at most {MAX_PROVIDER_ID} bytes, no spaces)"
                         ),
+                    ));
+                }
+            }
+            if let Some(i) = &k.pod_infra_container_image {
+                if !valid_image_ref(i) {
+                    return Err(invalid(
+                        "settings.kubernetes.pod-infra-container-image",
+                        format!("'{i}' is not an image reference"),
                     ));
                 }
             }

@@ -641,6 +641,13 @@ mod tests {
         );
         assert_eq!(cri["sandbox_image"].as_str(), Some(SANDBOX_IMAGE));
         assert_eq!(cri["enable_selinux"].as_bool(), Some(true));
+        let s =
+            parse(&json!({"kubernetes": {"pod-infra-container-image": "10.0.2.2:5000/t/pause:1"}})).unwrap();
+        let v: toml::Value = toml::from_str(&render_file("containerd", &s)).expect("valid TOML");
+        assert_eq!(
+            v["plugins"]["io.containerd.grpc.v1.cri"]["sandbox_image"].as_str(),
+            Some("10.0.2.2:5000/t/pause:1")
+        );
     }
 
     /// The files rendered for a realistic EKS node's user data (tests/data/settings/eks-node.toml)

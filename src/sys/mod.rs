@@ -57,7 +57,8 @@ pub use libc::{
     MS_BIND, MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC, MS_RELATIME, MS_REMOUNT, MS_SHARED,
 };
 pub use process::{
-    exec, exit_now, fork, getpid, join_cgroup_on_exec, keep_caps_on_exec, kill, reap_one, Exit, SignalFd,
+    deliver, exec, exit_now, fork, getpid, join_cgroup_on_exec, keep_caps_on_exec, kill, reap_one,
+    spawn_awaited, wait_awaited, Exit, SignalFd,
 };
 pub use rustix::thread::CapabilitySet;
 

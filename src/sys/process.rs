@@ -69,6 +69,78 @@ pub fn reap_one() -> io::Result<Option<(i32, Exit)>> {
     Ok(Some((pid.as_raw_nonzero().get(), exit)))
 }
 
+// ---- Children a thread of PID 1 waits for itself (mkfs for ephemeral storage) ----------------
+// PID 1's event loop reaps every child with wait(-1), so a thread that runs a program and waits
+// for it races the reaper (and gets ECHILD when the reaper wins). Such a child is spawned with
+// the table locked and entered in it; the reaper hands it its exit through [`deliver`], and
+// [`wait_awaited`] takes it from there (or reaps the child itself when no reaper runs).
+
+static AWAITED: std::sync::Mutex<std::collections::BTreeMap<i32, Option<Exit>>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+static AWAITED_CV: std::sync::Condvar = std::sync::Condvar::new();
+
+fn awaited() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<i32, Option<Exit>>> {
+    AWAITED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Spawn `cmd` as a child whose exit [`wait_awaited`] returns, whoever reaps it.
+pub fn spawn_awaited(cmd: &mut Command) -> io::Result<std::process::Child> {
+    let mut table = awaited();
+    let child = cmd.spawn()?;
+    table.insert(child.id() as i32, None);
+    Ok(child)
+}
+
+/// The reaper's part: record `pid`'s exit if a thread awaits it; false if none does.
+pub fn deliver(pid: i32, exit: Exit) -> bool {
+    let mut table = awaited();
+    match table.get_mut(&pid) {
+        Some(slot) => {
+            *slot = Some(exit);
+            AWAITED_CV.notify_all();
+            true
+        }
+        None => false,
+    }
+}
+
+/// Wait for the exit of `pid`, spawned by [`spawn_awaited`].
+pub fn wait_awaited(pid: u32) -> io::Result<Exit> {
+    let pid_i = pid as i32;
+    let mut table = awaited();
+    loop {
+        if let Some(Some(exit)) = table.get(&pid_i) {
+            let exit = *exit;
+            table.remove(&pid_i);
+            return Ok(exit);
+        }
+        if !table.contains_key(&pid_i) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("pid {pid} is not awaited")));
+        }
+        // No reaper (not PID 1), or it has not come round yet: reap it here if it has exited.
+        let p = Pid::from_raw(pid_i).ok_or_else(|| invalid(format!("pid {pid}")))?;
+        match rustix::process::waitpid(Some(p), WaitOptions::NOHANG) {
+            Ok(Some((_, status))) => {
+                table.remove(&pid_i);
+                return Ok(match status.exit_status() {
+                    Some(code) => Exit::Code(code),
+                    None => Exit::Signal(status.terminating_signal().unwrap_or(0)),
+                });
+            }
+            // ECHILD: the reaper took it; its delivery comes under this lock.
+            Ok(None) | Err(Errno::CHILD) => {}
+            Err(e) => {
+                table.remove(&pid_i);
+                return Err(e.into());
+            }
+        }
+        table = AWAITED_CV
+            .wait_timeout(table, std::time::Duration::from_millis(100))
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
+}
+
 /// The size of `struct signalfd_siginfo`; its first field is `u32 ssi_signo`.
 const SIGINFO_SIZE: usize = 128;
 const _: () = assert!(std::mem::size_of::<libc::signalfd_siginfo>() == SIGINFO_SIZE);
