@@ -167,13 +167,14 @@ const CARRIER_WAIT: Duration = Duration::from_secs(3);
 const REACQUIRE_PAUSE: Duration = Duration::from_secs(30);
 
 /// Pick the interface: the one named `wanted`, or the non-loopback Ethernet link with the
-/// lowest index.
+/// lowest index that is a device, not a virtual link (the kernel makes `bond0` at boot when
+/// bonding is built in; bridges and veths come later).
 pub fn choose_link(links: &[Link], wanted: Option<&str>) -> Result<Link, Error> {
     let found = match wanted {
         Some(name) => links.iter().find(|l| l.name == name),
         None => links
             .iter()
-            .filter(|l| l.kind == netlink::LinkKind::Ethernet && !l.is_loopback())
+            .filter(|l| l.kind == netlink::LinkKind::Ethernet && !l.is_loopback() && l.virtual_kind.is_none())
             .min_by_key(|l| l.index),
     };
     found.cloned().ok_or_else(|| Error::NoInterface {
@@ -485,6 +486,7 @@ mod tests {
             flags: if kind == LinkKind::Loopback { IFF_LOOPBACK | IFF_UP } else { 0 },
             mac: Some([2, 0, 0, 0, 0, index as u8]),
             mtu: Some(1500),
+            virtual_kind: None,
         }
     }
 
@@ -493,6 +495,7 @@ mod tests {
         let links = vec![
             link(1, "lo", LinkKind::Loopback),
             link(5, "eth1", LinkKind::Ethernet),
+            Link { virtual_kind: Some("bond".into()), ..link(0, "bond0", LinkKind::Ethernet) },
             link(3, "sit0", LinkKind::Other(776)),
             link(2, "eth0", LinkKind::Ethernet),
         ];
@@ -505,7 +508,7 @@ mod tests {
                 "named, missing",
                 &links,
                 Some("wlan0"),
-                Err("no interface named 'wlan0' (have: lo, eth1, sit0, eth0)"),
+                Err("no interface named 'wlan0' (have: lo, eth1, bond0, sit0, eth0)"),
             ),
             ("no ethernet", &links[..1], None, Err("no Ethernet interface found (have: lo)")),
             ("nothing", &[], None, Err("no Ethernet interface found (have: )")),

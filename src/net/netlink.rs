@@ -47,6 +47,8 @@ const NLMSGERR_ATTR_MSG: u16 = 1;
 const IFLA_ADDRESS: u16 = 1;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_MTU: u16 = 4;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
 const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
 const IFA_BROADCAST: u16 = 4;
@@ -98,6 +100,9 @@ pub struct Link {
     pub flags: u32,
     pub mac: Option<[u8; 6]>,
     pub mtu: Option<u32>,
+    /// The driver kind of a virtual link (`IFLA_INFO_KIND`: `bond`, `bridge`, `veth`, `vlan`,
+    /// ...); None for a device of hardware (or of a hypervisor, like virtio-net).
+    pub virtual_kind: Option<String>,
 }
 
 impl Link {
@@ -401,6 +406,7 @@ pub fn parse_link(payload: &[u8]) -> Option<Link> {
         flags,
         mac: None,
         mtu: None,
+        virtual_kind: None,
     };
     for (kind, data) in attrs(payload.get(IFINFOMSG..)?) {
         match kind {
@@ -410,6 +416,12 @@ pub fn parse_link(payload: &[u8]) -> Option<Link> {
             }
             IFLA_ADDRESS => link.mac = data.try_into().ok(),
             IFLA_MTU => link.mtu = ne_u32(data, 0),
+            k if k & 0x3fff == IFLA_LINKINFO => {
+                link.virtual_kind =
+                    attrs(data).into_iter().find(|(k, _)| k & 0x3fff == IFLA_INFO_KIND).map(|(_, v)| {
+                        String::from_utf8_lossy(v.split(|&c| c == 0).next().unwrap_or(&[])).into_owned()
+                    })
+            }
             _ => {}
         }
     }
