@@ -166,15 +166,20 @@ const CARRIER_WAIT: Duration = Duration::from_secs(3);
 /// Pause between acquisition attempts after a lease is lost.
 const REACQUIRE_PAUSE: Duration = Duration::from_secs(30);
 
+/// Virtual links that are never the machine's own way out unless named: they exist without a
+/// NIC (the kernel makes `bond0` at boot when bonding is built in) or sit on top of one. A
+/// veth is eligible: in a network namespace it is the NIC.
+const NEVER_DEFAULT: &[&str] = &["bond", "bridge", "dummy", "vlan", "macvlan", "ipvlan", "team"];
+
 /// Pick the interface: the one named `wanted`, or the non-loopback Ethernet link with the
-/// lowest index that is a device, not a virtual link (the kernel makes `bond0` at boot when
-/// bonding is built in; bridges and veths come later).
+/// lowest index, leaving out bonds, bridges and the like ([`NEVER_DEFAULT`]).
 pub fn choose_link(links: &[Link], wanted: Option<&str>) -> Result<Link, Error> {
     let found = match wanted {
         Some(name) => links.iter().find(|l| l.name == name),
         None => links
             .iter()
-            .filter(|l| l.kind == netlink::LinkKind::Ethernet && !l.is_loopback() && l.virtual_kind.is_none())
+            .filter(|l| l.kind == netlink::LinkKind::Ethernet && !l.is_loopback())
+            .filter(|l| !l.virtual_kind.as_deref().is_some_and(|k| NEVER_DEFAULT.contains(&k)))
             .min_by_key(|l| l.index),
     };
     found.cloned().ok_or_else(|| Error::NoInterface {
@@ -499,10 +504,16 @@ mod tests {
             link(3, "sit0", LinkKind::Other(776)),
             link(2, "eth0", LinkKind::Ethernet),
         ];
+        // A network namespace's NIC is a veth.
+        let in_netns = vec![
+            link(1, "lo", LinkKind::Loopback),
+            Link { virtual_kind: Some("veth".into()), ..link(4, "eth0", LinkKind::Ethernet) },
+        ];
         /// Ok(chosen name) or Err(a fragment of the error's text)
         type Want = Result<&'static str, &'static str>;
-        let cases: [(&str, &[Link], Option<&str>, Want); 5] = [
+        let cases: [(&str, &[Link], Option<&str>, Want); 6] = [
             ("first ethernet by index", &links, None, Ok("eth0")),
+            ("a veth", &in_netns, None, Ok("eth0")),
             ("named", &links, Some("eth1"), Ok("eth1")),
             (
                 "named, missing",
