@@ -101,7 +101,7 @@ def known_good_slot_boots_through_bad_state(arch):
 
         # Settings a newer version wrote, and a partition added after DATA.
         newer = {"motd": "from-newer", "future-group": {"x": 1},
-                 "kubernetes": {"cluster-name": "c", "eviction-hard": {"memory.available": "10%"}}}
+                 "kubernetes": {"cluster-name": "c", "future-setting": {"memory.available": "10%"}}}
         with Private(vm.disk) as p:
             p.put("datastore/live.json", json.dumps(newer))
             p.save()
@@ -116,7 +116,7 @@ def known_good_slot_boots_through_bad_state(arch):
         st, settings = vm.api("GET", "/settings")
         assert settings == {"motd": "from-newer", "kubernetes": {"cluster-name": "c"}}, settings
         notes = "\n".join(boot_notices(vm))
-        for want in ("settings.future-group", "settings.kubernetes.eviction-hard", "not the last partition"):
+        for want in ("settings.future-group", "settings.kubernetes.future-setting", "not the last partition"):
             assert want in notes, f"no notice about {want}:\n{notes}"
         assert vm.api("PATCH", "/settings", {"motd": "changed-by-older"})[0] == 204
         assert vm.api("POST", "/tx/commit_and_apply")[0] == 200
@@ -125,7 +125,7 @@ def known_good_slot_boots_through_bad_state(arch):
             stored = json.loads(p.read("datastore/live.json"))
             assert stored["motd"] == "changed-by-older", stored
             assert stored["future-group"] == {"x": 1}, stored
-            assert stored["kubernetes"]["eviction-hard"] == {"memory.available": "10%"}, stored
+            assert stored["kubernetes"]["future-setting"] == {"memory.available": "10%"}, stored
             # A torn live.json.
             p.put("datastore/live.json", b'{"motd": "to')
             p.save()

@@ -13,7 +13,7 @@
 //!   `live.json.unreadable-SECONDS`, and the settings start empty;
 //! - settings this version's model does not accept (written by a newer version before a
 //!   rollback, or no longer valid) are kept aside key by key, at the granularity of two levels
-//!   (`kubernetes.eviction-hard`, `host-containers.admin`): they stay in `live.json` untouched,
+//!   (`kubernetes.memory-swap-behavior`, `host-containers.admin`): they stay in `live.json` untouched,
 //!   are not applied, and come back when a version that knows them boots. A commit that
 //!   changes such a key replaces the kept-aside value.
 //!
