@@ -210,7 +210,7 @@ impl Paths {
     fn mounted(&self, path: &Path) -> bool {
         let table = fs::read_to_string(&self.mountinfo).unwrap_or_default();
         let want = path.to_string_lossy();
-        table.lines().any(|l| l.split(' ').nth(4).is_some_and(|m| unescape(m) == want))
+        table.lines().any(|l| l.split(' ').nth(4).is_some_and(|m| crate::sys::unescape_mountinfo(m) == want))
     }
 
     /// The block device of `layout`: the disk, or the stripe set (made again if missing).
@@ -408,23 +408,6 @@ pub fn has_fs(dev: &Path, fs: Fs) -> bool {
     }
 }
 
-/// A mountinfo path field with its octal escapes (`\040` for a space) decoded.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 static SYSTEM: std::sync::OnceLock<Paths> = std::sync::OnceLock::new();
 
 /// Turn ephemeral storage on for the API (PID 1 does, at boot; dev mode does not).
@@ -584,11 +567,5 @@ mod tests {
         assert_eq!(Fs::parse("Xfs"), Some(Fs::Xfs));
         assert_eq!(Fs::parse("EXT4"), Some(Fs::Ext4));
         assert_eq!(Fs::parse("btrfs"), None);
-    }
-
-    #[test]
-    fn mountinfo_paths_are_unescaped() {
-        assert_eq!(unescape("/mnt/a\\040b"), "/mnt/a b");
-        assert_eq!(unescape("/plain"), "/plain");
     }
 }

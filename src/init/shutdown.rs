@@ -52,29 +52,11 @@ fn block_mounts(mountinfo: &str) -> Vec<String> {
             let sep = f.iter().position(|&x| x == "-")?;
             let source = f.get(sep + 2)?;
             let target = f.get(4)?;
-            (source.starts_with("/dev/") && *target != "/").then(|| unescape(target))
+            (source.starts_with("/dev/") && *target != "/").then(|| crate::sys::unescape_mountinfo(target))
         })
         .collect();
     out.reverse();
     out
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            let v = u8::from_str_radix(&s[i + 1..i + 4], 8).unwrap_or(b'?');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn unmount_all() {

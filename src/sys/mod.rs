@@ -242,6 +242,24 @@ pub fn set_realtime(secs: i64) -> io::Result<()> {
 }
 
 /// Whether this process runs as root (effective uid 0); tests that need root ask this.
+/// A path field of /proc/*/mountinfo with its octal escapes decoded (the kernel writes space,
+/// tab, newline and backslash as `\040`, `\011`, `\012`, `\134`).
+pub fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push(u8::from_str_radix(&s[i + 1..i + 4], 8).unwrap_or(b'?'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[cfg(test)]
 pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
@@ -271,6 +289,12 @@ pub fn clear_immutable(path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(unescape_mountinfo("/mnt/a\\040b"), "/mnt/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+    }
 
     #[test]
     fn a_new_mount_needs_a_source_and_a_type() {
