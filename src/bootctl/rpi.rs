@@ -258,28 +258,7 @@ impl RpiFirmware {
 mod tests {
     use super::*;
     use crate::bootctl::{BootControl, Error as BcError};
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    /// A directory of its own per test, removed when dropped.
-    struct TempDir(PathBuf);
-    impl TempDir {
-        fn new(name: &str) -> TempDir {
-            static N: AtomicUsize = AtomicUsize::new(0);
-            let n = N.fetch_add(1, Ordering::Relaxed);
-            let dir = std::env::temp_dir().join(format!("berth-{name}-{}-{n}", std::process::id()));
-            let _ = fs::remove_dir_all(&dir);
-            fs::create_dir_all(&dir).unwrap();
-            TempDir(dir)
-        }
-        fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::testing::TempDir;
 
     const BOOT: [u32; 2] = [2, 5];
 

@@ -434,27 +434,7 @@ pub fn format_list(items: &[String], format: Option<&str>) -> Option<(String, &'
 mod tests {
     use super::*;
 
-    /// A fresh directory for one test, removed when dropped.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(name: &str) -> TempDir {
-            let dir = std::env::temp_dir().join(format!("berth-ephemeral-{}-{name}", std::process::id()));
-            let _ = fs::remove_dir_all(&dir);
-            fs::create_dir_all(&dir).expect("create temp dir");
-            TempDir(dir)
-        }
-
-        fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::testing::TempDir;
 
     fn fake_disk(sys: &Path, name: &str, serial: Option<&str>, size: u64, parts: &[&str]) {
         let d = sys.join(name);
