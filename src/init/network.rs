@@ -14,7 +14,7 @@ use log::{error, info};
 
 use super::Ctx;
 use crate::boot::BootError;
-use crate::net::{self, NetConfig};
+use crate::net::{self, nettoml, NetConfig};
 
 const RESOLV_CONF: &str = "/etc/resolv.conf";
 
@@ -50,11 +50,10 @@ fn name_of(mac: &[u8; 6]) -> Option<String> {
     })
 }
 
-/// The configuration from `net.toml` (kept from the BOOT partition at first boot), else from
-/// the kernel command line's `netdog.default-interface`; None without either, or when it
-/// cannot be used (the error is reported and `settings.network` applies).
-fn from_net_toml() -> Option<NetConfig> {
-    use crate::net::nettoml;
+/// The plan from `net.toml` (kept from the BOOT partition at first boot), else from the
+/// kernel command line's `netdog.default-interface`; None without either, or when it cannot
+/// be used (the error is reported and `settings.network` applies).
+fn from_net_toml() -> Option<nettoml::Plan> {
     let (what, parsed) = match std::fs::read(NET_TOML) {
         Ok(bytes) => (
             "net.toml",
@@ -68,13 +67,13 @@ fn from_net_toml() -> Option<NetConfig> {
             }
         }
     };
-    match parsed.and_then(|n| nettoml::applied(&n, name_of)) {
-        Ok(a) => {
+    match parsed.and_then(|n| nettoml::plan(&n, name_of)) {
+        Ok(p) => {
             info!("network: configured from {what}");
-            for x in a.not_applied {
+            for x in &p.not_applied {
                 log::warn!("network: {what}: not applied (not supported yet): {x}");
             }
-            Some(a.config)
+            Some(p)
         }
         Err(e) => {
             crate::boot::report::notice(format!("network: {what}: {e}; settings.network applies instead"));
@@ -83,15 +82,16 @@ fn from_net_toml() -> Option<NetConfig> {
     }
 }
 
-/// The interface configuration: `net.toml` or `netdog.default-interface` when there is one,
-/// else `settings.network` (validated when it was stored).
-fn config(ctx: &Ctx) -> NetConfig {
-    if let Some(c) = from_net_toml() {
-        return c;
+/// The interface configuration: `net.toml` or `netdog.default-interface` when there is one
+/// (the primary device's, and every device to set up), else `settings.network` (validated
+/// when it was stored; no other devices).
+fn config(ctx: &Ctx) -> (NetConfig, Vec<nettoml::Setup>) {
+    if let Some(p) = from_net_toml() {
+        return (p.config, p.devices);
     }
     let n = ctx.store.as_ref().map(|s| s.settings()).and_then(|s| s.network).unwrap_or_default();
     let interface = n.interface.clone();
-    match n.static_address.as_deref().and_then(crate::settings::model::parse_cidr) {
+    let config = match n.static_address.as_deref().and_then(crate::settings::model::parse_cidr) {
         Some((address, prefix_len)) => NetConfig::Static {
             interface,
             address,
@@ -100,7 +100,8 @@ fn config(ctx: &Ctx) -> NetConfig {
             dns: n.name_servers.unwrap_or_default().iter().filter_map(|d| d.parse().ok()).collect(),
         },
         None => NetConfig::Dhcp { interface },
-    }
+    };
+    (config, vec![])
 }
 
 /// How long a boot phase that needs the network (IMDS on EC2) waits for it: DHCP's own budget
@@ -151,11 +152,26 @@ impl Readiness {
 /// panic, a netlink socket that fails for good), it starts again and configures from scratch.
 /// Each attempt's outcome goes to `ctx.network` ([`Readiness`]).
 pub fn start(ctx: &mut Ctx) -> Result<(), BootError> {
-    let cfg = config(ctx);
+    let (cfg, devices) = config(ctx);
     let readiness = ctx.network.clone();
+    // net.toml's other devices are set up (and their DHCP clients started) by the first
+    // attempt only; an attempt after a failure configures the primary device again.
+    let devices_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     ctx.tasks.add("network", move || {
-        let (cfg, readiness) = (cfg.clone(), readiness.clone());
+        let (cfg, readiness, devices, done) =
+            (cfg.clone(), readiness.clone(), devices.clone(), devices_done.clone());
         super::tasks::thread("network", 256 * 1024, move || {
+            if !devices.is_empty() && !done.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                match net::setup_devices(&devices) {
+                    Ok(failed) if failed.is_empty() => {}
+                    Ok(failed) => crate::boot::report::notice(format!(
+                        "network: net.toml: could not set up {}",
+                        failed.join(", ")
+                    )),
+                    Err(e) => error!("{e}"),
+                }
+                net::spawn_secondary_dhcp(&devices);
+            }
             let up = match net::bring_up(&cfg) {
                 Ok(up) => up,
                 Err(e) => {
@@ -163,6 +179,9 @@ pub fn start(ctx: &mut Ctx) -> Result<(), BootError> {
                     return Err(e.to_string());
                 }
             };
+            if let Err(e) = net::finish_primary(&devices) {
+                error!("{e}");
+            }
             write_resolv_conf(Some(&up));
             let (a, len) = up.address();
             let gw = up.gateway().map_or("none".to_string(), |g| g.to_string());

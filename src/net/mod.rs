@@ -266,8 +266,10 @@ fn configure(
     Ok(())
 }
 
-fn apply_lease(nl: &mut Rtnl, link: &Link, lease: &Lease) -> Result<(), Error> {
-    configure(nl, link, lease.address, lease.prefix_len, lease.router, lease.mtu, RouteProto::Dhcp)
+/// Apply `lease` to `link`, with its router as the default route when `default_route`.
+fn apply_lease(nl: &mut Rtnl, link: &Link, lease: &Lease, default_route: bool) -> Result<(), Error> {
+    let router = lease.router.filter(|_| default_route);
+    configure(nl, link, lease.address, lease.prefix_len, router, lease.mtu, RouteProto::Dhcp)
 }
 
 fn check_static(
@@ -312,7 +314,7 @@ pub fn bring_up(config: &NetConfig) -> Result<Configured, Error> {
     match config {
         NetConfig::Dhcp { .. } => {
             let lease = acquire(&link)?;
-            apply_lease(&mut nl, &link, &lease)?;
+            apply_lease(&mut nl, &link, &lease, true)?;
             log::info!(
                 "network: {} has {}/{} from {} (router {}, lease {}s)",
                 link.name,
@@ -398,12 +400,23 @@ pub fn spawn_renewal(
 /// server until expiry; on a NAK or expiry remove the address and acquire a new lease, every
 /// [`REACQUIRE_PAUSE`] until one comes. `on_change` is called with the new configuration when
 /// the address, route, DNS or domain change, and with None when the lease is lost.
-pub fn run_forever(link: Link, lease: Lease, mut on_change: impl FnMut(Option<&Configured>)) -> ! {
+pub fn run_forever(link: Link, lease: Lease, on_change: impl FnMut(Option<&Configured>)) -> ! {
+    keep_lease(link, Some(lease), true, on_change)
+}
+
+/// [`run_forever`]'s loop, starting with a lease or (None) by acquiring one; the lease's
+/// router becomes the default route only when `default_route` (the primary interface).
+fn keep_lease(
+    link: Link,
+    lease: Option<Lease>,
+    default_route: bool,
+    mut on_change: impl FnMut(Option<&Configured>),
+) -> ! {
     let changed = |lease: &Lease, f: &mut dyn FnMut(Option<&Configured>)| {
         f(Some(&Configured::Dhcp { link: link.clone(), lease: lease.clone() }))
     };
     let apply = |lease: &Lease| {
-        if let Err(e) = Rtnl::open().and_then(|mut nl| apply_lease(&mut nl, &link, lease)) {
+        if let Err(e) = Rtnl::open().and_then(|mut nl| apply_lease(&mut nl, &link, lease, default_route)) {
             log::warn!("{e}");
         }
     };
@@ -413,7 +426,7 @@ pub fn run_forever(link: Link, lease: Lease, mut on_change: impl FnMut(Option<&C
         }
         f(None);
     };
-    let mut current = Some(lease);
+    let mut current = lease;
     loop {
         let Some(lease) = current.take() else {
             match acquire(&link) {
@@ -474,6 +487,218 @@ pub fn run_forever(link: Link, lease: Lease, mut on_change: impl FnMut(Option<&C
                 std::thread::sleep(wait);
                 current = Some(lease);
             }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// net.toml's devices
+
+/// The kernel's options for a bond of net.toml (mode active-backup; MII or ARP monitoring as
+/// given; ARP targets must be IPv4, as the driver's `arp_ip_target` is).
+fn bond_options(
+    min_links: Option<u32>,
+    monitoring: Option<&nettoml::Monitoring>,
+) -> Result<netlink::Bond, String> {
+    use netlink::{ArpValidate, BondMonitor};
+    let monitor = match monitoring {
+        None => None,
+        Some(nettoml::Monitoring::Mii { frequency_ms, updelay_ms, downdelay_ms }) => Some(BondMonitor::Mii {
+            frequency_ms: *frequency_ms,
+            updelay_ms: *updelay_ms,
+            downdelay_ms: *downdelay_ms,
+        }),
+        Some(nettoml::Monitoring::Arp { interval_ms, validate, targets }) => {
+            let validate = match validate.as_str() {
+                "active" => ArpValidate::Active,
+                "backup" => ArpValidate::Backup,
+                "all" => ArpValidate::All,
+                _ => ArpValidate::None,
+            };
+            let targets = targets
+                .iter()
+                .map(|t| match t {
+                    std::net::IpAddr::V4(a) => Ok(*a),
+                    std::net::IpAddr::V6(a) => Err(format!("ARP target {a} is not IPv4")),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Some(BondMonitor::Arp { interval_ms: *interval_ms, validate, targets })
+        }
+    };
+    Ok(netlink::Bond { monitor, min_links })
+}
+
+fn find<'a>(links: &'a [Link], name: &str) -> Result<&'a Link, Error> {
+    links.iter().find(|l| l.name == name).ok_or_else(|| Error::NoInterface {
+        wanted: Some(name.to_string()),
+        available: links.iter().map(|l| l.name.clone()).collect(),
+    })
+}
+
+/// Create the virtual link `s` names (a bond with its members, or a VLAN on its parent).
+/// A link of that name and kind that is already there (the kernel makes `bond0` at boot when
+/// bonding is built in; a network task started again finds its own) is deleted first, so the
+/// options are net.toml's.
+fn create_virtual(nl: &mut Rtnl, s: &nettoml::Setup) -> Result<(), Error> {
+    let invalid = |reason: String| Error::Invalid { interface: s.name.clone(), reason };
+    let kind = match &s.kind {
+        nettoml::Kind::Bond { .. } => "bond",
+        nettoml::Kind::Vlan { .. } => "vlan",
+        nettoml::Kind::Interface => return Ok(()),
+    };
+    if let Some(old) = nl.links()?.into_iter().find(|l| l.name == s.name) {
+        if old.virtual_kind.as_deref() != Some(kind) {
+            return Err(invalid(format!("a link of that name exists and is not a {kind}")));
+        }
+        nl.del_link(&old)?;
+    }
+    match &s.kind {
+        nettoml::Kind::Bond { interfaces, min_links, monitoring } => {
+            let options = bond_options(*min_links, monitoring.as_ref()).map_err(invalid)?;
+            nl.create_bond(&s.name, &options)?;
+            let links = nl.links()?;
+            let bond = find(&links, &s.name)?.clone();
+            for member in interfaces {
+                let m = find(&links, member)?;
+                nl.set_down(m)?;
+                nl.set_master(m, &bond)?;
+            }
+            nl.set_up(&bond)
+        }
+        nettoml::Kind::Vlan { device, id } => {
+            let links = nl.links()?;
+            let parent = find(&links, device)?.clone();
+            nl.set_up(&parent)?;
+            nl.create_vlan(&s.name, &parent, *id)
+        }
+        nettoml::Kind::Interface => Ok(()),
+    }
+}
+
+/// The family of a net.toml route: its destination's, else its gateway's or source's, else
+/// IPv4 when the device has an IPv4 address.
+fn route_spec(s: &nettoml::Setup, r: &nettoml::Route) -> netlink::RouteSpec {
+    use std::net::{IpAddr, Ipv6Addr};
+    let (dst, dst_len) = match r.to {
+        nettoml::RouteTo::Net(a, p) => (a, p),
+        nettoml::RouteTo::Default => {
+            let v6 = match r.via.or(r.from) {
+                Some(a) => a.is_ipv6(),
+                None => s.static4.is_empty(),
+            };
+            (if v6 { IpAddr::V6(Ipv6Addr::UNSPECIFIED) } else { IpAddr::V4(Ipv4Addr::UNSPECIFIED) }, 0)
+        }
+    };
+    netlink::RouteSpec {
+        dst,
+        dst_len,
+        gateway: r.via,
+        oif: 0,
+        metric: r.metric,
+        prefsrc: r.from,
+        table: u32::from(netlink::RT_TABLE_MAIN),
+        proto: RouteProto::Static,
+    }
+}
+
+/// Set device `s` up with its static addresses (added beside what is there) and routes.
+fn configure_device(nl: &mut Rtnl, s: &nettoml::Setup) -> Result<(), Error> {
+    let links = nl.links()?;
+    let link = find(&links, &s.name)?.clone();
+    nl.set_up(&link)?;
+    for (a, p) in &s.static4 {
+        check_static(&s.name, *a, *p, None)?;
+        nl.add_addr(&link, *a, *p)?;
+    }
+    for (a, p) in &s.static6 {
+        nl.add_addr6(&link, *a, *p)?;
+    }
+    for r in &s.routes {
+        nl.add_route(&link, &route_spec(s, r))?;
+    }
+    Ok(())
+}
+
+/// Set up net.toml's devices before [`bring_up`] configures the primary one: bonds (members
+/// enslaved) and VLANs are created, and every device but the primary is set up with its
+/// static addresses and routes. Each device's failure is logged and the others go on; the
+/// names of the devices that failed are returned.
+pub fn setup_devices(devices: &[nettoml::Setup]) -> Result<Vec<String>, Error> {
+    let mut nl = Rtnl::open()?;
+    let mut failed = vec![];
+    for s in devices {
+        let done = create_virtual(&mut nl, s).and_then(|()| match s.primary {
+            true => Ok(()),
+            false => configure_device(&mut nl, s),
+        });
+        match done {
+            Ok(()) => log::info!("network: {} set up ({})", s.name, describe(s)),
+            Err(e) => {
+                log::error!("{e}");
+                failed.push(s.name.clone());
+            }
+        }
+        if s.dhcp6.is_some() {
+            // The hook for the DHCPv6 client: the link is up; nothing asks for a lease yet.
+            log::warn!("network: {}: dhcp6 not applied yet", s.name);
+        }
+    }
+    Ok(failed)
+}
+
+/// What the primary device carries beside [`bring_up`]'s address and default route: more
+/// static addresses and its other routes (added after bring_up, whose configure step keeps
+/// only its own IPv4 address on the link).
+pub fn finish_primary(devices: &[nettoml::Setup]) -> Result<(), Error> {
+    let Some(p) = devices.iter().find(|s| s.primary) else { return Ok(()) };
+    configure_device(&mut Rtnl::open()?, p)
+}
+
+fn describe(s: &nettoml::Setup) -> String {
+    let mut parts = vec![];
+    match &s.kind {
+        nettoml::Kind::Bond { interfaces, .. } => {
+            parts.push(format!("active-backup bond of {}", interfaces.join(", ")))
+        }
+        nettoml::Kind::Vlan { device, id } => parts.push(format!("VLAN {id} on {device}")),
+        nettoml::Kind::Interface => {}
+    }
+    if s.primary {
+        parts.push("primary".into());
+    }
+    if s.dhcp4 {
+        parts.push("dhcp4".into());
+    }
+    parts.extend(s.static4.iter().map(|(a, p)| format!("{a}/{p}")));
+    parts.extend(s.static6.iter().map(|(a, p)| format!("{a}/{p}")));
+    if !s.routes.is_empty() {
+        parts.push(format!("{} routes", s.routes.len()));
+    }
+    parts.join(", ")
+}
+
+/// Start DHCPv4 on every device that is not the primary and asks for it, each in a thread
+/// that keeps its lease: an address on the link, no default route (that comes from the
+/// primary) and no DNS servers (likewise).
+pub fn spawn_secondary_dhcp(devices: &[nettoml::Setup]) {
+    for s in devices.iter().filter(|s| s.dhcp4 && !s.primary) {
+        let name = s.name.clone();
+        let spawned = std::thread::Builder::new().name(format!("dhcp-{name}")).spawn(move || {
+            let link = match Rtnl::open().and_then(|mut nl| {
+                let links = nl.links()?;
+                find(&links, &name).cloned()
+            }) {
+                Ok(l) => l,
+                Err(e) => return log::error!("{e}"),
+            };
+            keep_lease(link, None, false, |up| {
+                if let Some(Configured::Dhcp { link, lease }) = up {
+                    log::info!("network: {} has {}/{} (dhcp4)", link.name, lease.address, lease.prefix_len);
+                }
+            })
+        });
+        if let Err(e) = spawned {
+            log::error!("network: cannot start DHCP on {}: {e}", s.name);
         }
     }
 }

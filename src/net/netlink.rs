@@ -14,7 +14,7 @@
 #![cfg_attr(not(test), allow(dead_code))]
 
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use super::Error;
@@ -59,7 +59,7 @@ const RTA_TABLE: u16 = 15;
 
 const AF_UNSPEC: u8 = 0;
 const AF_INET: u8 = 2;
-const RT_TABLE_MAIN: u8 = 254;
+pub const RT_TABLE_MAIN: u8 = 254;
 const RT_SCOPE_UNIVERSE: u8 = 0;
 const RTN_UNICAST: u8 = 1;
 const RTNH_F_ONLINK: u32 = 4;
@@ -301,6 +301,211 @@ pub fn default_route_msg(
         .attr(RTA_GATEWAY, &gateway.octets())
         .attr(RTA_OIF, &index.to_ne_bytes())
         .finish()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Virtual links, IPv6 addresses and routes of any family (what net.toml's devices need)
+
+/// How an active-backup bond watches its members (`IFLA_BOND_*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BondMonitor {
+    /// MII link state every `frequency_ms`; a member counts as up (down) after the delay.
+    Mii { frequency_ms: u32, updelay_ms: u32, downdelay_ms: u32 },
+    /// ARP probes to `targets` every `interval_ms`, their replies checked as `validate` says.
+    Arp { interval_ms: u32, validate: ArpValidate, targets: Vec<Ipv4Addr> },
+}
+
+/// `arp_validate` (<linux/if_bonding.h> `BOND_ARP_VALIDATE_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArpValidate {
+    None = 0,
+    Active = 1,
+    Backup = 2,
+    All = 3,
+}
+
+/// The bond driver's limit on ARP targets (`BOND_MAX_ARP_TARGETS`).
+pub const MAX_ARP_TARGETS: usize = 16;
+
+/// An active-backup bond's options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bond {
+    pub monitor: Option<BondMonitor>,
+    pub min_links: Option<u32>,
+}
+
+/// A route of either family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteSpec {
+    /// The destination network; `dst_len` 0 is the default route.
+    pub dst: IpAddr,
+    pub dst_len: u8,
+    pub gateway: Option<IpAddr>,
+    pub oif: u32,
+    /// `RTA_PRIORITY` (`metric` in `ip route`).
+    pub metric: Option<u32>,
+    /// `RTA_PREFSRC` (`src` in `ip route`): the source address of traffic the route carries.
+    pub prefsrc: Option<IpAddr>,
+    pub table: u32,
+    pub proto: RouteProto,
+}
+
+const RTM_DELLINK: u16 = 17;
+const NLM_F_EXCL: u16 = 0x200;
+const IFLA_LINK: u16 = 5;
+const IFLA_MASTER: u16 = 10;
+const IFLA_INFO_DATA: u16 = 2;
+const IFLA_VLAN_ID: u16 = 1;
+const IFLA_BOND_MODE: u16 = 1;
+const IFLA_BOND_MIIMON: u16 = 3;
+const IFLA_BOND_UPDELAY: u16 = 4;
+const IFLA_BOND_DOWNDELAY: u16 = 5;
+const IFLA_BOND_ARP_INTERVAL: u16 = 7;
+const IFLA_BOND_ARP_IP_TARGET: u16 = 8;
+const IFLA_BOND_ARP_VALIDATE: u16 = 9;
+const IFLA_BOND_MIN_LINKS: u16 = 18;
+const BOND_MODE_ACTIVEBACKUP: u8 = 1;
+const AF_INET6: u8 = 10;
+const RTA_PRIORITY: u16 = 6;
+const RTA_PREFSRC: u16 = 7;
+const RT_SCOPE_LINK: u8 = 253;
+const RT_TABLE_UNSPEC: u8 = 0;
+
+/// The attributes of `attrs` back to back, as the data of a nested attribute.
+fn nest(attrs: &[(u16, &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (kind, data) in attrs {
+        out.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
+        out.extend_from_slice(&kind.to_ne_bytes());
+        out.extend_from_slice(data);
+        out.resize(align4(out.len()), 0);
+    }
+    out
+}
+
+fn ip_octets(a: IpAddr) -> Vec<u8> {
+    match a {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+fn family(a: IpAddr) -> u8 {
+    if a.is_ipv4() {
+        AF_INET
+    } else {
+        AF_INET6
+    }
+}
+
+fn name_attr(name: &str) -> Vec<u8> {
+    let mut b = name.as_bytes().to_vec();
+    b.push(0);
+    b
+}
+
+const CREATE_EXCL: u16 = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+
+/// `RTM_NEWLINK` creating VLAN `name` with tag `id` on link `parent` (`ip link add link PARENT
+/// name NAME type vlan id ID`).
+pub fn new_vlan_msg(seq: u32, name: &str, parent: u32, id: u16) -> Vec<u8> {
+    let data = nest(&[(IFLA_VLAN_ID, &id.to_ne_bytes())]);
+    let info = nest(&[(IFLA_INFO_KIND, b"vlan"), (IFLA_INFO_DATA, &data)]);
+    Msg::new(RTM_NEWLINK, CREATE_EXCL, seq, &ifinfomsg(AF_UNSPEC, 0, 0, 0))
+        .attr(IFLA_LINK, &parent.to_ne_bytes())
+        .attr(IFLA_IFNAME, &name_attr(name))
+        .attr(IFLA_LINKINFO, &info)
+        .finish()
+}
+
+/// `RTM_NEWLINK` creating an active-backup bond `name` (`ip link add NAME type bond mode
+/// active-backup miimon ... | arp_interval ... arp_validate ... arp_ip_target ...`).
+pub fn new_bond_msg(seq: u32, name: &str, bond: &Bond) -> Vec<u8> {
+    let mut data = nest(&[(IFLA_BOND_MODE, &[BOND_MODE_ACTIVEBACKUP])]);
+    match &bond.monitor {
+        Some(BondMonitor::Mii { frequency_ms, updelay_ms, downdelay_ms }) => data.extend(nest(&[
+            (IFLA_BOND_MIIMON, &frequency_ms.to_ne_bytes()),
+            (IFLA_BOND_UPDELAY, &updelay_ms.to_ne_bytes()),
+            (IFLA_BOND_DOWNDELAY, &downdelay_ms.to_ne_bytes()),
+        ])),
+        Some(BondMonitor::Arp { interval_ms, validate, targets }) => {
+            let octets: Vec<[u8; 4]> = targets.iter().take(MAX_ARP_TARGETS).map(|t| t.octets()).collect();
+            let list: Vec<(u16, &[u8])> =
+                octets.iter().enumerate().map(|(i, o)| (i as u16, &o[..])).collect();
+            data.extend(nest(&[
+                (IFLA_BOND_ARP_INTERVAL, &interval_ms.to_ne_bytes()),
+                (IFLA_BOND_ARP_VALIDATE, &(*validate as u32).to_ne_bytes()),
+                (IFLA_BOND_ARP_IP_TARGET, &nest(&list)),
+            ]))
+        }
+        None => {}
+    }
+    if let Some(m) = bond.min_links {
+        data.extend(nest(&[(IFLA_BOND_MIN_LINKS, &m.to_ne_bytes())]));
+    }
+    let info = nest(&[(IFLA_INFO_KIND, b"bond"), (IFLA_INFO_DATA, &data)]);
+    Msg::new(RTM_NEWLINK, CREATE_EXCL, seq, &ifinfomsg(AF_UNSPEC, 0, 0, 0))
+        .attr(IFLA_IFNAME, &name_attr(name))
+        .attr(IFLA_LINKINFO, &info)
+        .finish()
+}
+
+/// `RTM_NEWLINK` clearing `IFF_UP` on link `index`.
+pub fn set_down_msg(seq: u32, index: u32) -> Vec<u8> {
+    Msg::new(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, seq, &ifinfomsg(AF_UNSPEC, index, 0, IFF_UP)).finish()
+}
+
+/// `RTM_NEWLINK` making link `index` a member of `master` (`ip link set DEV master BOND`).
+pub fn set_master_msg(seq: u32, index: u32, master: u32) -> Vec<u8> {
+    Msg::new(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, seq, &ifinfomsg(AF_UNSPEC, index, 0, 0))
+        .attr(IFLA_MASTER, &master.to_ne_bytes())
+        .finish()
+}
+
+/// `RTM_DELLINK` of link `index`.
+pub fn del_link_msg(seq: u32, index: u32) -> Vec<u8> {
+    Msg::new(RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK, seq, &ifinfomsg(AF_UNSPEC, index, 0, 0)).finish()
+}
+
+/// `RTM_NEWADDR` (create or replace) of an IPv6 `address/prefix_len` on link `index`.
+pub fn add_addr6_msg(seq: u32, index: u32, address: Ipv6Addr, prefix_len: u8) -> Vec<u8> {
+    let mut fixed = ifaddrmsg(prefix_len, index);
+    fixed[0] = AF_INET6;
+    let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
+    Msg::new(RTM_NEWADDR, flags, seq, &fixed)
+        .attr(IFA_LOCAL, &address.octets())
+        .attr(IFA_ADDRESS, &address.octets())
+        .finish()
+}
+
+/// `RTM_NEWROUTE` (create or replace) of `r`. Without a gateway the route is on the link
+/// (scope link); a table above 255 goes in `RTA_TABLE`.
+pub fn route_msg(seq: u32, r: &RouteSpec) -> Vec<u8> {
+    let mut rt = [0u8; RTMSG];
+    rt[0] = family(r.dst);
+    rt[1] = r.dst_len;
+    rt[4] = u8::try_from(r.table).unwrap_or(RT_TABLE_UNSPEC);
+    rt[5] = r.proto as u8;
+    rt[6] = if r.gateway.is_some() { RT_SCOPE_UNIVERSE } else { RT_SCOPE_LINK };
+    rt[7] = RTN_UNICAST;
+    let mut m = Msg::new(RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, seq, &rt);
+    if r.dst_len > 0 {
+        m = m.attr(RTA_DST, &ip_octets(r.dst));
+    }
+    if let Some(gw) = r.gateway {
+        m = m.attr(RTA_GATEWAY, &ip_octets(gw));
+    }
+    if let Some(metric) = r.metric {
+        m = m.attr(RTA_PRIORITY, &metric.to_ne_bytes());
+    }
+    if let Some(src) = r.prefsrc {
+        m = m.attr(RTA_PREFSRC, &ip_octets(src));
+    }
+    m = m.attr(RTA_OIF, &r.oif.to_ne_bytes());
+    if r.table > 255 {
+        m = m.attr(RTA_TABLE, &r.table.to_ne_bytes());
+    }
+    m.finish()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -625,6 +830,56 @@ impl Rtnl {
         self.request(&default_route_msg(seq, link.index, gateway, proto, onlink), seq)
             .map_err(|e| nl_err(format!("add the default route via {gateway}"), &link.name, e))
     }
+
+    /// Create VLAN `name` with tag `id` on `parent`.
+    pub fn create_vlan(&mut self, name: &str, parent: &Link, id: u16) -> Result<(), Error> {
+        let seq = self.next_seq();
+        self.request(&new_vlan_msg(seq, name, parent.index, id), seq)
+            .map_err(|e| nl_err(format!("create VLAN {name} (id {id}) on {}", parent.name), name, e))
+    }
+
+    /// Create the active-backup bond `name`.
+    pub fn create_bond(&mut self, name: &str, bond: &Bond) -> Result<(), Error> {
+        let seq = self.next_seq();
+        self.request(&new_bond_msg(seq, name, bond), seq)
+            .map_err(|e| nl_err("create the active-backup bond", name, e))
+    }
+
+    pub fn set_down(&mut self, link: &Link) -> Result<(), Error> {
+        let seq = self.next_seq();
+        self.request(&set_down_msg(seq, link.index), seq)
+            .map_err(|e| nl_err("set the link down", &link.name, e))
+    }
+
+    /// Make `link` a member of `master`; the kernel wants it down first.
+    pub fn set_master(&mut self, link: &Link, master: &Link) -> Result<(), Error> {
+        let seq = self.next_seq();
+        self.request(&set_master_msg(seq, link.index, master.index), seq)
+            .map_err(|e| nl_err(format!("add it to {}", master.name), &link.name, e))
+    }
+
+    pub fn del_link(&mut self, link: &Link) -> Result<(), Error> {
+        let seq = self.next_seq();
+        self.request(&del_link_msg(seq, link.index), seq)
+            .map_err(|e| nl_err("delete the link", &link.name, e))
+    }
+
+    pub fn add_addr6(&mut self, link: &Link, address: Ipv6Addr, prefix_len: u8) -> Result<(), Error> {
+        let seq = self.next_seq();
+        self.request(&add_addr6_msg(seq, link.index, address, prefix_len), seq)
+            .map_err(|e| nl_err(format!("add address {address}/{prefix_len}"), &link.name, e))
+    }
+
+    /// Add or replace route `r` (its `oif` is `link`).
+    pub fn add_route(&mut self, link: &Link, r: &RouteSpec) -> Result<(), Error> {
+        let seq = self.next_seq();
+        let what = match r.gateway {
+            Some(gw) => format!("add the route to {}/{} via {gw}", r.dst, r.dst_len),
+            None => format!("add the route to {}/{}", r.dst, r.dst_len),
+        };
+        self.request(&route_msg(seq, &RouteSpec { oif: link.index, ..*r }), seq)
+            .map_err(|e| nl_err(what, &link.name, e))
+    }
 }
 
 /// Turn an ack's payload into Ok or the kernel's error (with its text when it sent one).
@@ -647,6 +902,127 @@ mod tests {
 
     fn hdr(b: &[u8]) -> (u32, u16, u16, u32) {
         (ne_u32(b, 0).unwrap(), ne_u16(b, 4).unwrap(), ne_u16(b, 6).unwrap(), ne_u32(b, 8).unwrap())
+    }
+
+    /// Hex (spaces ignored) to bytes. The fixtures below are what `ip` (iproute2 6.x) sent,
+    /// read with `strace -e trace=sendmsg -xx` (see each test), with sequence number 1; on
+    /// this little-endian test host.
+    fn hex(s: &str) -> Vec<u8> {
+        let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    }
+
+    #[test]
+    #[cfg(target_endian = "little")]
+    fn virtual_links_encode_as_iproute2_does() {
+        // ip link add link e0 name v7 type vlan id 7   (e0 is index 3)
+        let vlan = hex("48000000 1000 0506 01000000 00000000  00000000 00000000 00000000 00000000
+             0800 0500 03000000  0700 0300 76370000
+             1800 1200 0800 0100 766c616e 0c00 0200 0600 0100 0700 0000");
+        assert_eq!(new_vlan_msg(1, "v7", 3, 7), vlan);
+        // ip link add b1 type bond mode active-backup miimon 100 updelay 200 downdelay 200 min_links 1
+        let mii = hex("60000000 1000 0506 01000000 00000000  00000000 00000000 00000000 00000000
+             0700 0300 62310000
+             3800 1200 0800 0100 626f6e64 2c00 0200
+               0500 0100 01000000  0800 0300 64000000  0800 0400 c8000000  0800 0500 c8000000
+               0800 1200 01000000");
+        let bond = Bond {
+            monitor: Some(BondMonitor::Mii { frequency_ms: 100, updelay_ms: 200, downdelay_ms: 200 }),
+            min_links: Some(1),
+        };
+        assert_eq!(new_bond_msg(1, "b1", &bond), mii);
+        // ip link add b2 type bond mode active-backup arp_interval 250 arp_validate all
+        //   arp_ip_target 10.0.0.1,10.0.0.2
+        let arp = hex("64000000 1000 0506 01000000 00000000  00000000 00000000 00000000 00000000
+             0700 0300 62320000
+             3c00 1200 0800 0100 626f6e64 3000 0200
+               0500 0100 01000000  0800 0700 fa000000  0800 0900 03000000
+               1400 0800 0800 0000 0a000001 0800 0100 0a000002");
+        let bond = Bond {
+            monitor: Some(BondMonitor::Arp {
+                interval_ms: 250,
+                validate: ArpValidate::All,
+                targets: vec![Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2)],
+            }),
+            min_links: None,
+        };
+        assert_eq!(new_bond_msg(1, "b2", &bond), arp);
+        // ip link set e1 master b1 (e1 index 4, b1 index 6); ip link set e1 down; ip link del e1
+        let ifi = |index: u8, flags: u8, change: u8| {
+            format!("00000000 {index:02x}000000 {flags:02x}000000 {change:02x}000000")
+        };
+        assert_eq!(
+            set_master_msg(1, 4, 6),
+            hex(&format!("28000000 1000 0500 01000000 00000000 {} 0800 0a00 06000000", ifi(4, 0, 0)))
+        );
+        assert_eq!(
+            set_down_msg(1, 4),
+            hex(&format!("20000000 1000 0500 01000000 00000000 {}", ifi(4, 0, 1)))
+        );
+        assert_eq!(
+            del_link_msg(1, 4),
+            hex(&format!("20000000 1100 0500 01000000 00000000 {}", ifi(4, 0, 0)))
+        );
+    }
+
+    #[test]
+    #[cfg(target_endian = "little")]
+    fn ipv6_addresses_and_routes_encode_as_iproute2_does() {
+        // ip addr add fd00:7::2/64 dev e0 (index 3); Berth asks create-or-replace (0x505)
+        // where ip asks create-exclusive (0x605).
+        let fd7_2 = "fd000007000000000000000000000002";
+        let addr = hex(&format!(
+            "40000000 1400 0505 01000000 00000000  0a400000 03000000
+             1400 0200 {fd7_2}  1400 0100 {fd7_2}"
+        ));
+        assert_eq!(add_addr6_msg(1, 3, "fd00:7::2".parse().unwrap(), 64), addr);
+        // ip route add fd00:8::/64 via fd00:7::1 dev e0 metric 50 proto static
+        let route6 = hex("54000000 1800 0505 01000000 00000000  0a400000 fe040001 00000000
+             1400 0100 fd000008000000000000000000000000
+             1400 0500 fd000007000000000000000000000001
+             0800 0600 32000000  0800 0400 03000000");
+        let r = RouteSpec {
+            dst: "fd00:8::".parse().unwrap(),
+            dst_len: 64,
+            gateway: Some("fd00:7::1".parse().unwrap()),
+            oif: 3,
+            metric: Some(50),
+            prefsrc: None,
+            table: u32::from(RT_TABLE_MAIN),
+            proto: RouteProto::Static,
+        };
+        assert_eq!(route_msg(1, &r), route6);
+        // ip route add 10.8.0.0/16 via 10.9.0.1 dev e0 metric 50 src 10.9.0.2 proto static
+        let route4 = hex("44000000 1800 0505 01000000 00000000  02100000 fe040001 00000000
+             0800 0100 0a080000  0800 0500 0a090001  0800 0600 32000000  0800 0700 0a090002
+             0800 0400 03000000");
+        let r4 = RouteSpec {
+            dst: "10.8.0.0".parse().unwrap(),
+            dst_len: 16,
+            gateway: Some("10.9.0.1".parse().unwrap()),
+            prefsrc: Some("10.9.0.2".parse().unwrap()),
+            ..r
+        };
+        assert_eq!(route_msg(1, &r4), route4);
+        // On-link (no gateway) is scope link; the default route has no RTA_DST; a table past
+        // 255 goes in RTA_TABLE with rtm_table RT_TABLE_UNSPEC.
+        let onlink = route_msg(
+            1,
+            &RouteSpec {
+                dst: "::".parse().unwrap(),
+                dst_len: 0,
+                gateway: None,
+                metric: None,
+                table: 1000,
+                ..r
+            },
+        );
+        let rt = &onlink[HDR..HDR + RTMSG];
+        assert_eq!(&rt[..8], &[AF_INET6, 0, 0, 0, RT_TABLE_UNSPEC, 4, RT_SCOPE_LINK, RTN_UNICAST]);
+        assert_eq!(
+            attrs(&onlink[HDR + RTMSG..]),
+            vec![(RTA_OIF, &3u32.to_ne_bytes()[..]), (RTA_TABLE, &1000u32.to_ne_bytes()[..])]
+        );
     }
 
     #[test]

@@ -75,6 +75,8 @@ struct Lab {
     dir: PathBuf,
     dnsmasq: Option<Child>,
     made: Vec<String>,
+    /// More dnsmasq arguments (interfaces and ranges beyond veth0's).
+    dnsmasq_extra: Vec<String>,
 }
 
 impl Lab {
@@ -86,6 +88,7 @@ impl Lab {
             dir: std::env::temp_dir().join(format!("berth-netns-{id}")),
             dnsmasq: None,
             made: Vec::new(),
+            dnsmasq_extra: Vec::new(),
         }
     }
 
@@ -134,6 +137,7 @@ impl Lab {
                 "--log-dhcp",
                 "--log-facility=-",
             ])
+            .args(&self.dnsmasq_extra)
             .arg(format!("--dhcp-leasefile={}", self.dir.join("leases").display()))
             .arg(format!("--pid-file={}", self.dir.join("dnsmasq.pid").display()))
             .stdin(Stdio::null())
@@ -161,6 +165,10 @@ impl Lab {
 
     /// Run this binary's child test inside the client namespace; returns its output.
     fn run_child(&self) -> Result<String, String> {
+        self.run_child_test(CHILD_TEST)
+    }
+
+    fn run_child_test(&self, test: &str) -> Result<String, String> {
         let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
         let out_path = self.dir.join("child.out");
         let out = fs::File::create(&out_path).map_err(|e| e.to_string())?;
@@ -168,7 +176,7 @@ impl Lab {
         let mut child = Command::new("ip")
             .args(["netns", "exec", &self.client_ns])
             .arg(exe)
-            .args(["--exact", CHILD_TEST, "--ignored", "--nocapture", "--test-threads=1"])
+            .args(["--exact", test, "--ignored", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, "1")
             .stdin(Stdio::null())
             .stdout(out)
@@ -353,4 +361,171 @@ fn client_in_namespace() {
     nl.default_route(link, SERVER_IP, super::netlink::RouteProto::Static).unwrap();
 
     println!("CHILD-OK lease={} mac={}", lease.address, link.mac_string());
+}
+
+const DEVICES_TEST: &str = "net::netns_test::net_toml_devices_in_network_namespaces";
+const DEVICES_CHILD: &str = "net::netns_test::devices_in_namespace";
+
+/// net.toml's devices as the child applies them: eth0 primary by DHCP (its router is the
+/// default route), eth1 static with two IPv4 addresses, an IPv6 one and routes of both
+/// families (a gateway, a metric, a source, one on the link), eth2 by DHCP beside it (an
+/// address, not its router).
+const DEVICES_TOML: &str = r#"version = 3
+[eth0]
+primary = true
+dhcp4 = true
+
+[eth1]
+static4 = { addresses = ["10.124.0.2/24", "10.124.1.2/24"] }
+static6 = { addresses = ["fd00:124::2/64"] }
+
+[[eth1.route]]
+to = "10.200.0.0/16"
+via = "10.124.0.1"
+from = "10.124.0.2"
+route-metric = 50
+
+[[eth1.route]]
+to = "10.201.0.0/16"
+
+[[eth1.route]]
+to = "fd00:200::/48"
+via = "fd00:124::1"
+route-metric = 70
+
+[eth2]
+dhcp4 = true
+"#;
+
+fn ip_json(args: &[&str]) -> serde_json::Value {
+    let text = run(args).unwrap_or_else(|e| panic!("{e}"));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("ip {}: {e}: {text}", args.join(" ")))
+}
+
+/// The `addr_info` of `dev` in `ns` as "ADDR/PREFIX" strings, of one family.
+fn addrs_of(ns: &str, family: &str, dev: &str) -> Vec<String> {
+    let v = ip_json(&["-n", ns, "-j", family, "addr", "show", "dev", dev, "scope", "global"]);
+    v[0]["addr_info"]
+        .as_array()
+        // iproute2 lists the addresses its filter left out as empty objects.
+        .map(|a| {
+            a.iter().filter_map(|i| Some(format!("{}/{}", i["local"].as_str()?, i["prefixlen"]))).collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn net_toml_devices_in_network_namespaces() {
+    if let Some(why) = missing() {
+        return testing::cannot_run(DEVICES_TEST, &why);
+    }
+    let mut lab = Lab::new();
+    lab.server_ns = format!("berth-devs-{}", std::process::id());
+    lab.client_ns = format!("berth-devc-{}", std::process::id());
+    lab.dir = std::env::temp_dir().join(format!("berth-netns-devs-{}", std::process::id()));
+    if let Err(e) = lab.build() {
+        if lab.made.is_empty() {
+            return testing::cannot_run(DEVICES_TEST, &format!("cannot make a network namespace: {e}"));
+        }
+        panic!("{e}");
+    }
+    let (s, c) = (lab.server_ns.clone(), lab.client_ns.clone());
+    let setup = || -> Result<(), String> {
+        for (i, four, six) in [(1, "10.124.0.1/24", Some("fd00:124::1/64")), (2, "10.126.0.1/24", None)] {
+            let (veth, eth) = (format!("veth{i}"), format!("eth{i}"));
+            run(&["-n", &s, "link", "add", &veth, "type", "veth", "peer", "name", &eth, "netns", &c])?;
+            run(&["-n", &s, "addr", "add", four, "dev", &veth])?;
+            if let Some(six) = six {
+                run(&["-n", &s, "addr", "add", six, "dev", &veth, "nodad"])?;
+            }
+            run(&["-n", &s, "link", "set", &veth, "up"])?;
+        }
+        // A link for the child to delete.
+        run(&["-n", &c, "link", "add", "junk0", "type", "veth", "peer", "name", "junk1"])?;
+        Ok(())
+    };
+    setup().unwrap_or_else(|e| panic!("{e}"));
+    lab.dnsmasq_extra = [
+        "--interface=veth2",
+        "--dhcp-range=set:two,10.126.0.50,10.126.0.99,255.255.255.0,2m",
+        "--dhcp-option=tag:two,option:router,10.126.0.1",
+    ]
+    .map(String::from)
+    .to_vec();
+    lab.start_dnsmasq().unwrap_or_else(|e| panic!("{e}"));
+    let output = lab
+        .run_child_test(DEVICES_CHILD)
+        .unwrap_or_else(|e| panic!("{e}\n--- dnsmasq log ---\n{}", lab.dnsmasq_log()));
+
+    // What the child left, seen by iproute2.
+    let eth0 = addrs_of(&c, "-4", "eth0");
+    assert!(eth0.len() == 1 && eth0[0].starts_with("10.123.0.") && eth0[0].ends_with("/24"), "{eth0:?}");
+    assert_eq!(addrs_of(&c, "-4", "eth1"), ["10.124.0.2/24", "10.124.1.2/24"]);
+    assert_eq!(addrs_of(&c, "-6", "eth1"), ["fd00:124::2/64"]);
+    let eth2 = addrs_of(&c, "-4", "eth2");
+    assert!(eth2.len() == 1 && eth2[0].starts_with("10.126.0.") && eth2[0].ends_with("/24"), "{eth2:?}");
+    // Exactly one default route: the primary's.
+    let defaults = ip_json(&["-n", &c, "-j", "-4", "route", "show", "default"]);
+    let defaults: Vec<(String, String)> = defaults
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["gateway"].as_str().unwrap_or("-").to_string(), r["dev"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(defaults, [("10.123.0.1".to_string(), "eth0".to_string())]);
+    let r = ip_json(&["-n", &c, "-j", "-4", "route", "show", "10.200.0.0/16"]);
+    let r = &r[0];
+    assert_eq!(
+        (r["gateway"].as_str(), r["dev"].as_str(), r["metric"].as_u64(), r["prefsrc"].as_str()),
+        (Some("10.124.0.1"), Some("eth1"), Some(50), Some("10.124.0.2")),
+        "{r}"
+    );
+    assert_eq!(r["protocol"].as_str(), Some("static"), "{r}");
+    let r = ip_json(&["-n", &c, "-j", "-4", "route", "show", "10.201.0.0/16"]);
+    assert_eq!((r[0]["dev"].as_str(), r[0]["scope"].as_str()), (Some("eth1"), Some("link")), "{r}");
+    let r = ip_json(&["-n", &c, "-j", "-6", "route", "show", "fd00:200::/48"]);
+    assert_eq!(
+        (r[0]["gateway"].as_str(), r[0]["dev"].as_str(), r[0]["metric"].as_u64()),
+        (Some("fd00:124::1"), Some("eth1"), Some(70)),
+        "{r}"
+    );
+    let links = run(&["-n", &c, "-o", "link", "show"]).unwrap();
+    assert!(!links.contains("junk0"), "the deleted link is still there: {links}");
+    eprintln!("--- child ---\n{output}--- dnsmasq ---\n{}", lab.dnsmasq_log());
+}
+
+/// Runs only as the child of the test above, inside the client namespace: net.toml's plan
+/// applied as the network task applies it.
+#[test]
+#[ignore = "the child half of net_toml_devices_in_network_namespaces"]
+fn devices_in_namespace() {
+    if std::env::var(CHILD_ENV).is_err() {
+        return testing::cannot_run(DEVICES_CHILD, &format!("it only runs as the child of {DEVICES_TEST}"));
+    }
+    crate::klog::init(false);
+    let plan = super::nettoml::plan(&super::nettoml::parse(DEVICES_TOML).unwrap(), |_| None).unwrap();
+    assert_eq!(plan.not_applied, Vec::<String>::new());
+    let failed = super::setup_devices(&plan.devices).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(failed, Vec::<String>::new());
+    super::spawn_secondary_dhcp(&plan.devices);
+    let up = bring_up(&plan.config).unwrap_or_else(|e| panic!("{e}"));
+    super::finish_primary(&plan.devices).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(up.link().name, "eth0");
+    assert_eq!(up.gateway(), Some(SERVER_IP));
+
+    // eth2's lease comes in its own thread.
+    let mut nl = Rtnl::open().unwrap();
+    let links = nl.links().unwrap();
+    let eth2 = links.iter().find(|l| l.name == "eth2").unwrap();
+    let start = Instant::now();
+    while nl.addrs(Some(eth2.index)).unwrap().is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(15), "eth2 got no lease");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A link is deleted; deleting it again is refused, with the operation and the link named.
+    let junk = links.iter().find(|l| l.name == "junk0").unwrap();
+    nl.del_link(junk).unwrap_or_else(|e| panic!("{e}"));
+    let err = nl.del_link(junk).unwrap_err().to_string();
+    assert!(err.contains("delete the link on junk0"), "{err}");
+    println!("CHILD-OK");
 }

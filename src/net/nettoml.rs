@@ -20,7 +20,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use toml::Value;
 
@@ -466,59 +466,109 @@ pub fn from_cmdline(cmdline: &str) -> Result<Option<NetToml>, String> {
     }))
 }
 
-/// What Berth's network code applies of a configuration today: the primary device, when it
-/// is an interface (by name, or by MAC through `name_of`) with `dhcp4` or `static4` (its
-/// address and the gateway of its IPv4 default route), as one [`super::NetConfig`]; what it
-/// cannot apply yet (other devices, bonds, VLANs, `dhcp6`, `static6`, other routes) is listed
-/// in `not_applied`, for the log.
+/// One device as Berth sets it up, its interface names resolved (MACs through `name_of`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Applied {
+pub struct Setup {
+    pub name: String,
+    pub kind: Kind,
+    pub primary: bool,
+    /// DHCPv4 on a device that is not the primary (the primary's goes through
+    /// [`Plan::config`]): an address, no default route.
+    pub dhcp4: bool,
+    /// net.toml's `dhcp6`, kept for the DHCPv6 client (not applied yet).
+    pub dhcp6: Option<Dhcp>,
+    /// Static addresses to add (for the primary: those after the one in [`Plan::config`]).
+    pub static4: Vec<(Ipv4Addr, u8)>,
+    pub static6: Vec<(Ipv6Addr, u8)>,
+    /// Routes to add (for the primary: all but the default route in [`Plan::config`]).
+    pub routes: Vec<Route>,
+}
+
+/// What Berth applies of a configuration: every device, in the order it must be set up
+/// (bonds with their members, then VLANs, whose parent may be a bond, then interfaces), and
+/// the primary device's IPv4 configuration (DHCPv4, or its first `static4` address and IPv4
+/// default route) as the [`super::NetConfig`] that `bring_up` applies and keeps, with the
+/// default route and DNS. What it leaves out is listed in `not_applied`, for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
     pub config: super::NetConfig,
+    pub devices: Vec<Setup>,
     pub not_applied: Vec<String>,
 }
 
-pub fn applied(n: &NetToml, name_of: impl Fn(&[u8; 6]) -> Option<String>) -> Result<Applied, String> {
+fn v4s(list: &[(IpAddr, u8)]) -> Vec<(Ipv4Addr, u8)> {
+    list.iter().filter_map(|(a, p)| if let IpAddr::V4(a) = a { Some((*a, *p)) } else { None }).collect()
+}
+
+fn v6s(list: &[(IpAddr, u8)]) -> Vec<(Ipv6Addr, u8)> {
+    list.iter().filter_map(|(a, p)| if let IpAddr::V6(a) = a { Some((*a, *p)) } else { None }).collect()
+}
+
+pub fn plan(n: &NetToml, name_of: impl Fn(&[u8; 6]) -> Option<String>) -> Result<Plan, String> {
     let p = n.primary().ok_or("net.toml configures no device")?;
-    if p.kind != Kind::Interface {
-        return err(format!("the primary device {} is a bond or VLAN, which Berth cannot set up yet", p.id));
-    }
-    let name = match &p.id {
-        DeviceId::Name(n) => n.clone(),
-        DeviceId::Mac(m) => name_of(m).ok_or(format!("no interface has the MAC address {}", p.id))?,
-    };
-    let mut not_applied: Vec<String> = n
-        .devices
-        .iter()
-        .filter(|d| !d.primary)
-        .map(|d| format!("{} (only the primary device is configured)", d.id))
-        .collect();
-    if p.dhcp6.is_some_and(|d| d.enabled) {
-        not_applied.push(format!("{}: dhcp6", p.id));
-    }
-    if !p.static6.is_empty() {
-        not_applied.push(format!("{}: static6", p.id));
-    }
-    let config = if p.dhcp4.is_some_and(|d| d.enabled) {
-        super::NetConfig::Dhcp { interface: Some(name) }
-    } else if let Some((IpAddr::V4(address), prefix_len)) = p.static4.first().copied() {
-        if p.static4.len() > 1 {
-            not_applied.push(format!("{}: static4 addresses after the first", p.id));
+    let mut not_applied = vec![];
+    let mut devices = vec![];
+    let mut config = None;
+    for d in n.devices.iter() {
+        let name = match &d.id {
+            DeviceId::Name(n) => n.clone(),
+            DeviceId::Mac(m) => match name_of(m) {
+                Some(n) => n,
+                None if d.primary => return err(format!("no interface has the MAC address {}", d.id)),
+                None => {
+                    not_applied.push(format!("{} (no interface has this MAC address)", d.id));
+                    continue;
+                }
+            },
+        };
+        let mut s = Setup {
+            name: name.clone(),
+            kind: d.kind.clone(),
+            primary: d.primary,
+            dhcp4: d.dhcp4.is_some_and(|d| d.enabled),
+            dhcp6: d.dhcp6.filter(|d| d.enabled),
+            static4: v4s(&d.static4),
+            static6: v6s(&d.static6),
+            routes: d.routes.clone(),
+        };
+        if let Some(metric) = d.dhcp4.and_then(|d| d.route_metric) {
+            not_applied.push(format!("{}: dhcp4 route-metric {metric}", d.id));
         }
-        let mut gateway = None;
-        for r in &p.routes {
-            match (&r.to, r.via) {
-                (RouteTo::Default, Some(IpAddr::V4(gw))) if gateway.is_none() => gateway = Some(gw),
-                _ => not_applied.push(format!("{}: route to {:?} via {:?}", p.id, r.to, r.via)),
-            }
+        if d.primary {
+            config = Some(if s.dhcp4 {
+                s.dhcp4 = false;
+                if !s.static4.is_empty() {
+                    not_applied.push(format!("{}: static4 beside dhcp4 (the lease's address is kept)", d.id));
+                    s.static4.clear();
+                }
+                super::NetConfig::Dhcp { interface: Some(name) }
+            } else if let Some((address, prefix_len)) = s.static4.first().copied() {
+                s.static4.remove(0);
+                let default = s.routes.iter().position(|r| {
+                    r.to == RouteTo::Default && matches!(r.via, Some(IpAddr::V4(_))) && r.from.is_none()
+                });
+                let gateway = default.map(|i| s.routes.remove(i)).and_then(|r| match r.via {
+                    Some(IpAddr::V4(gw)) => Some(gw),
+                    _ => None,
+                });
+                super::NetConfig::Static { interface: Some(name), address, prefix_len, gateway, dns: vec![] }
+            } else {
+                return err(format!(
+                    "the primary device {} has neither dhcp4 nor static4, which Berth needs today",
+                    p.id
+                ));
+            });
         }
-        super::NetConfig::Static { interface: Some(name), address, prefix_len, gateway, dns: vec![] }
-    } else {
-        return err(format!(
-            "the primary device {} has neither dhcp4 nor static4, which Berth needs today",
-            p.id
-        ));
+        devices.push(s);
+    }
+    let rank = |s: &Setup| match s.kind {
+        Kind::Bond { .. } => 0,
+        Kind::Vlan { .. } => 1,
+        Kind::Interface => 2,
     };
-    Ok(Applied { config, not_applied })
+    devices.sort_by_key(rank);
+    let config = config.ok_or("net.toml has no primary device")?;
+    Ok(Plan { config, devices, not_applied })
 }
 
 #[cfg(test)]
@@ -526,18 +576,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_primary_interface_becomes_the_one_interface_berth_configures() {
+    fn every_device_is_planned_bonds_then_vlans_then_interfaces() {
+        use super::super::NetConfig;
         let n = parse(FULL).unwrap();
-        // bond0 is primary: not something Berth can set up yet.
-        assert!(applied(&n, |_| None).unwrap_err().contains("bond or VLAN"));
-        let text = "version = 3\n[\"52:54:00:12:34:57\".static4]\naddresses = [\"192.168.50.10/24\"]\n\
+        let p = plan(&n, |m| (m[5] == 0x57).then(|| "eth1".to_string())).unwrap();
+        // bond0 is primary, by DHCPv4: bring_up does that part.
+        assert_eq!(p.config, NetConfig::Dhcp { interface: Some("bond0".into()) });
+        let names: Vec<&str> = p.devices.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["bond0", "vlan42", "eth0", "eth1"]);
+        let bond = &p.devices[0];
+        assert!(bond.primary && !bond.dhcp4, "{bond:?}");
+        assert_eq!(p.devices[1].static6, vec![("fd00:42::5".parse().unwrap(), 64)]);
+        let eth0 = &p.devices[2];
+        assert!(eth0.dhcp4 && !eth0.primary);
+        assert_eq!(eth0.dhcp6, Some(Dhcp { enabled: true, optional: true, route_metric: None }));
+        let eth1 = &p.devices[3];
+        assert_eq!(eth1.static4, vec![("192.168.50.10".parse().unwrap(), 24)]);
+        assert_eq!(eth1.routes.len(), 1, "a non-primary device keeps its routes");
+        assert_eq!(p.not_applied, Vec::<String>::new());
+
+        // A static primary by MAC: its first address and IPv4 default route go to bring_up,
+        // the rest is added beside them.
+        let text = "version = 3\n[\"52:54:00:12:34:57\"]\nprimary = true\n\
+                    static4 = { addresses = [\"192.168.50.10/24\", \"192.168.51.10/24\"] }\n\
+                    static6 = { addresses = [\"fd00::10/64\"] }\n\
+                    [[\"52:54:00:12:34:57\".route]]\nto = \"10.9.0.0/16\"\nvia = \"192.168.50.254\"\n\
                     [[\"52:54:00:12:34:57\".route]]\nto = \"default\"\nvia = \"192.168.50.1\"\n\
-                    [eth1]\ndhcp4 = true\n";
+                    [[\"52:54:00:12:34:57\".route]]\nto = \"default\"\nvia = \"fd00::1\"\n\
+                    [eth1]\ndhcp4 = { enabled = true, route-metric = 50 }\n\
+                    [\"52:54:00:99:99:99\"]\ndhcp4 = true\n";
         let n = parse(text).unwrap();
-        let a = applied(&n, |m| (m[5] == 0x57).then(|| "eth0".to_string())).unwrap();
+        let p = plan(&n, |m| (m[5] == 0x57).then(|| "eth0".to_string())).unwrap();
         assert_eq!(
-            a.config,
-            super::super::NetConfig::Static {
+            p.config,
+            NetConfig::Static {
                 interface: Some("eth0".into()),
                 address: "192.168.50.10".parse().unwrap(),
                 prefix_len: 24,
@@ -545,11 +617,26 @@ mod tests {
                 dns: vec![],
             }
         );
-        assert_eq!(a.not_applied.len(), 1, "{:?}", a.not_applied);
+        let eth0 = &p.devices[0];
+        assert_eq!(eth0.static4, vec![("192.168.51.10".parse().unwrap(), 24)]);
+        assert_eq!(eth0.static6.len(), 1);
+        let vias: Vec<String> = eth0.routes.iter().map(|r| format!("{:?}", r.via.unwrap())).collect();
+        assert_eq!(vias, ["192.168.50.254", "fd00::1"]);
+        assert!(p.devices[1].dhcp4);
+        assert_eq!(
+            p.not_applied,
+            ["eth1: dhcp4 route-metric 50", "52:54:00:99:99:99 (no interface has this MAC address)"]
+        );
+        // The primary's MAC must be found.
+        assert!(plan(&n, |_| None).unwrap_err().contains("no interface has the MAC address"));
+
         let n = from_cmdline("netdog.default-interface=eth0:dhcp4,dhcp6?").unwrap().unwrap();
-        let a = applied(&n, |_| None).unwrap();
-        assert_eq!(a.config, super::super::NetConfig::Dhcp { interface: Some("eth0".into()) });
-        assert_eq!(a.not_applied, vec!["eth0: dhcp6".to_string()]);
+        let p = plan(&n, |_| None).unwrap();
+        assert_eq!(p.config, NetConfig::Dhcp { interface: Some("eth0".into()) });
+        assert_eq!(p.devices[0].dhcp6, Some(Dhcp { enabled: true, optional: true, route_metric: None }));
+        // The primary needs IPv4 today.
+        let n = parse("version = 2\n[eth0]\nstatic6 = { addresses = [\"fd00::10/64\"] }\n").unwrap();
+        assert!(plan(&n, |_| None).unwrap_err().contains("neither dhcp4 nor static4"));
     }
 
     const FULL: &str = r#"
