@@ -1,7 +1,7 @@
-//! Stage 2's networking: loopback at once (services bind to 127.0.0.1), then one interface
-//! (`settings.network.interface`, default the first Ethernet one) by DHCPv4 or with the static
-//! address in `settings.network.static-address`, in a thread of its own, so a missing or slow
-//! DHCP server never holds up the boot. DNS servers go to /etc/resolv.conf, rewritten on
+//! Stage 2's networking: loopback at once (services bind to 127.0.0.1), then net.toml's devices
+//! when there is one, and the primary interface (net.toml's, `netdog.default-interface`, or
+//! `settings.network.interface`, default the first Ethernet one) by DHCPv4 or with its static
+//! address, in a thread of its own, so a missing or slow DHCP server never holds up the boot. DNS servers go to /etc/resolv.conf, rewritten on
 //! lease renewals. Network settings take effect at the next boot. The SNTP client starts here
 //! too, in its own thread, reading `settings.ntp.time-servers` from the rendered
 //! /etc/ntp.conf (see `crate::time`).

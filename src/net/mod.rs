@@ -1,5 +1,8 @@
-//! Networking for PID 1: loopback up, one Ethernet interface configured by DHCPv4 or
-//! statically, a default route, and the text of /etc/resolv.conf.
+//! Networking for PID 1: loopback up, the primary interface configured by DHCPv4 or
+//! statically, a default route, and the text of /etc/resolv.conf; and net.toml's other
+//! devices ([`setup_devices`], [`finish_primary`], [`spawn_secondary_dhcp`]: VLANs,
+//! active-backup bonds, static IPv4/IPv6 addresses, routes, DHCPv4 beside the primary; see
+//! `docs/networking.md`).
 //!
 //! [`bring_up`] does it in order: open rtnetlink ([`netlink`]), set `lo` up and make sure it
 //! has 127.0.0.1/8 (the kernel adds it when lo goes up; we verify and add it if missing), pick
@@ -16,8 +19,9 @@
 //!   an address. The kernel default is 0 and Berth sets nothing else; [`bring_up`] logs a
 //!   warning when it finds it on.
 //! - This module owns the interface's IPv4 configuration: applying a lease or a static address
-//!   deletes every other IPv4 address on it. IPv4 only; one interface; the default route in
-//!   the main table only; the DHCP hostname is reported in the lease, not applied.
+//!   deletes every other IPv4 address on it. DHCPv4 only (no DHCPv6 yet); the default route
+//!   and DNS come from the primary interface's lease only (other interfaces' leases give an
+//!   address); the DHCP hostname is reported in the lease, not applied.
 //! - Nothing is released on shutdown (DHCPRELEASE), as with most clients: the lease just runs
 //!   out, and the next boot usually gets the same address back.
 

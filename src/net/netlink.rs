@@ -1,5 +1,8 @@
-//! rtnetlink, hand-encoded: list links and IPv4 addresses and routes, set a link up or its MTU,
-//! add and delete IPv4 addresses, add a default route.
+//! rtnetlink, hand-encoded: list links and IPv4 addresses and routes, set a link up or down or
+//! its MTU, add and delete IPv4 addresses, add a default route; for net.toml's devices, create
+//! VLANs and active-backup bonds (`IFLA_LINKINFO`), enslave a link to a bond (`IFLA_MASTER`),
+//! delete links, add IPv6 addresses and routes of either family (gateway, metric, preferred
+//! source, table).
 //!
 //! Messages are built and parsed by pure functions over byte slices (tested below without a
 //! kernel); [`Rtnl`] sends them over the socket from `sys::net` and checks every `NLMSG_ERROR`
@@ -8,7 +11,9 @@
 //!
 //! Layouts (all integers in host byte order, addresses in network order) follow
 //! <linux/netlink.h>, <linux/rtnetlink.h>, <linux/if_link.h> and <linux/if_addr.h>.
-//! Limits: IPv4 only; the main routing table only; no notifications (no multicast groups).
+//! Limits: addresses and routes are listed for IPv4 and the main table only; no notifications
+//! (no multicast groups). Nested attributes are sent without `NLA_F_NESTED`, as iproute2 sends
+//! them (the tests compare whole messages with what `ip` sent, read with strace).
 
 // Route listing, a few accessors and constants serve the namespace tests and diagnostics only.
 #![cfg_attr(not(test), allow(dead_code))]

@@ -16,7 +16,9 @@
 //!   devices' names are 1-15 bytes without `.`, `/` or white space.
 //!
 //! Unknown keys are refused, as netdog refuses them. The file is read from the BOOT partition
-//! (see `docs/networking.md` for where and when).
+//! (see `docs/networking.md` for where and when). [`plan`] turns a checked file into what the
+//! network code sets up: every device in order (bonds, VLANs, interfaces) and the primary
+//! device's IPv4 configuration.
 
 use std::collections::BTreeSet;
 use std::fmt;
