@@ -1,10 +1,10 @@
 //! Stage 2's networking: loopback at once (services bind to 127.0.0.1), then net.toml's devices
 //! when there is one, and the primary interface (net.toml's, `netdog.default-interface`, or
 //! `settings.network.interface`, default the first Ethernet one) by DHCPv4 or with its static
-//! address, in a thread of its own, so a missing or slow DHCP server never holds up the boot. DNS servers go to /etc/resolv.conf, rewritten on
-//! lease renewals. Network settings take effect at the next boot. The SNTP client starts here
-//! too, in its own thread, reading `settings.ntp.time-servers` from the rendered
-//! /etc/ntp.conf (see `crate::time`).
+//! address, in a thread of its own, so a missing or slow DHCP server never holds up the boot.
+//! DNS servers go to /etc/resolv.conf, rewritten on lease renewals. Network settings take
+//! effect at the next boot. The SNTP client starts here too, in its own thread, reading
+//! `settings.ntp.time-servers` from the rendered /etc/ntp.conf (see `crate::time`).
 
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
@@ -168,7 +168,12 @@ pub fn start(ctx: &mut Ctx) -> Result<(), BootError> {
                         "network: net.toml: could not set up {}",
                         failed.join(", ")
                     )),
-                    Err(e) => error!("{e}"),
+                    Err(e) => {
+                        // No netlink socket: the next attempt tries again.
+                        done.store(false, std::sync::atomic::Ordering::SeqCst);
+                        readiness.set(Err(e.to_string()));
+                        return Err(e.to_string());
+                    }
                 }
                 net::spawn_secondary_dhcp(&devices);
             }
