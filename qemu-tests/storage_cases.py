@@ -109,7 +109,8 @@ def check_vlan_and_bond(vm, vlan_peer, bond_peer):
 def metal_node_net_toml_and_ephemeral_storage(arch):
     """A bare-metal style node (raw disk) with four NICs. net.toml on its BOOT partition names
     the first interface by MAC with a static address and default route: the network comes up
-    with them; eth1 gets its address by DHCP (not its router); VLAN 7 on eth1 answers tagged
+    with them; eth1 gets its address by DHCP from a second user network (that its router is not
+    the default route is checked by the netns test net_toml_devices_in_network_namespaces); VLAN 7 on eth1 answers tagged
     pings from a peer on eth1's network; an active-backup bond of eth2 and eth3 keeps answering
     while its links are cut in turn (see check_vlan_and_bond). Two spare virtio disks (serial eph0, eph1) are listed and the OS disk is not; bad input
     is refused (400: unknown disk, unknown filesystem, a directory not allowed); init formats
