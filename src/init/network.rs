@@ -5,6 +5,11 @@
 //! lease renewals. Network settings take effect at the next boot. The SNTP client starts here
 //! too, in its own thread, reading `settings.ntp.time-servers` from the rendered
 //! /etc/ntp.conf (see `crate::time`).
+//!
+//! When `net.toml` or `netdog.default-interface` asks for `dhcp6` on the primary interface,
+//! the DHCPv6 client (`net::dhcp6`) runs as a task of its own beside DHCPv4; its DNS servers
+//! and search list join resolv.conf. `dhcp6?` (optional) is not waited for; a required one
+//! holds back the network's readiness (below) until its first address or failure.
 
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
@@ -14,7 +19,7 @@ use log::{error, info};
 
 use super::Ctx;
 use crate::boot::BootError;
-use crate::net::{self, NetConfig};
+use crate::net::{self, nettoml, NetConfig};
 
 const RESOLV_CONF: &str = "/etc/resolv.conf";
 
@@ -22,11 +27,31 @@ pub fn loopback(_: &mut Ctx) -> Result<(), BootError> {
     net::loopback().map_err(BootError::Network)
 }
 
+/// The latest configuration of each family, that resolv.conf is written from: IPv4's, and
+/// the interface and lease of DHCPv6.
+type Latest = (Option<net::Configured>, Option<(String, net::dhcp6::Lease)>);
+static LATEST: Mutex<Latest> = Mutex::new((None, None));
+
+fn write_resolv_conf(up: Option<&net::Configured>) {
+    let mut latest = LATEST.lock().unwrap_or_else(|p| p.into_inner());
+    latest.0 = up.cloned();
+    render_resolv_conf(&latest);
+}
+
+fn write_resolv_conf6(interface: &str, lease: Option<&net::dhcp6::Lease>) {
+    let mut latest = LATEST.lock().unwrap_or_else(|p| p.into_inner());
+    latest.1 = lease.map(|l| (interface.to_string(), l.clone()));
+    render_resolv_conf(&latest);
+}
+
 /// The network's resolv.conf is kept in `render::NETWORK_RESOLV_CONF`; /etc/resolv.conf is it
 /// with `settings.dns` on top (see `settings::render::resolv_conf`).
-fn write_resolv_conf(up: Option<&net::Configured>) {
+fn render_resolv_conf(latest: &Latest) {
     use crate::settings::render;
-    let base = up.map(net::resolv_conf).unwrap_or_default();
+    let mut base = latest.0.as_ref().map(net::resolv_conf).unwrap_or_default();
+    if let Some((interface, lease)) = &latest.1 {
+        base = net::dhcp6::resolv_conf(&base, interface, lease);
+    }
     let path = Path::new(render::NETWORK_RESOLV_CONF);
     let _ = path.parent().map(std::fs::create_dir_all);
     if let Err(e) = crate::settings::store::write_atomic(path, base.as_bytes()) {
@@ -51,10 +76,10 @@ fn name_of(mac: &[u8; 6]) -> Option<String> {
 }
 
 /// The configuration from `net.toml` (kept from the BOOT partition at first boot), else from
-/// the kernel command line's `netdog.default-interface`; None without either, or when it
-/// cannot be used (the error is reported and `settings.network` applies).
-fn from_net_toml() -> Option<NetConfig> {
-    use crate::net::nettoml;
+/// the kernel command line's `netdog.default-interface`, with its primary interface's `dhcp6`;
+/// None without either, or when it cannot be used (the error is reported and
+/// `settings.network` applies).
+fn from_net_toml() -> Option<(NetConfig, Option<nettoml::Dhcp>)> {
     let (what, parsed) = match std::fs::read(NET_TOML) {
         Ok(bytes) => (
             "net.toml",
@@ -68,13 +93,14 @@ fn from_net_toml() -> Option<NetConfig> {
             }
         }
     };
-    match parsed.and_then(|n| nettoml::applied(&n, name_of)) {
-        Ok(a) => {
+    let dhcp6 = |n: &nettoml::NetToml| n.primary().and_then(|p| p.dhcp6).filter(|d| d.enabled);
+    match parsed.and_then(|n| Ok((nettoml::applied(&n, name_of)?, dhcp6(&n)))) {
+        Ok((a, dhcp6)) => {
             info!("network: configured from {what}");
             for x in a.not_applied {
                 log::warn!("network: {what}: not applied (not supported yet): {x}");
             }
-            Some(a.config)
+            Some((a.config, dhcp6))
         }
         Err(e) => {
             crate::boot::report::notice(format!("network: {what}: {e}; settings.network applies instead"));
@@ -83,15 +109,15 @@ fn from_net_toml() -> Option<NetConfig> {
     }
 }
 
-/// The interface configuration: `net.toml` or `netdog.default-interface` when there is one,
-/// else `settings.network` (validated when it was stored).
-fn config(ctx: &Ctx) -> NetConfig {
+/// The interface configuration: `net.toml` or `netdog.default-interface` when there is one
+/// (with its `dhcp6`), else `settings.network` (validated when it was stored).
+fn config(ctx: &Ctx) -> (NetConfig, Option<nettoml::Dhcp>) {
     if let Some(c) = from_net_toml() {
         return c;
     }
     let n = ctx.store.as_ref().map(|s| s.settings()).and_then(|s| s.network).unwrap_or_default();
     let interface = n.interface.clone();
-    match n.static_address.as_deref().and_then(crate::settings::model::parse_cidr) {
+    let config = match n.static_address.as_deref().and_then(crate::settings::model::parse_cidr) {
         Some((address, prefix_len)) => NetConfig::Static {
             interface,
             address,
@@ -100,7 +126,8 @@ fn config(ctx: &Ctx) -> NetConfig {
             dns: n.name_servers.unwrap_or_default().iter().filter_map(|d| d.parse().ok()).collect(),
         },
         None => NetConfig::Dhcp { interface },
-    }
+    };
+    (config, None)
 }
 
 /// How long a boot phase that needs the network (IMDS on EC2) waits for it: DHCP's own budget
@@ -151,10 +178,16 @@ impl Readiness {
 /// panic, a netlink socket that fails for good), it starts again and configures from scratch.
 /// Each attempt's outcome goes to `ctx.network` ([`Readiness`]).
 pub fn start(ctx: &mut Ctx) -> Result<(), BootError> {
-    let cfg = config(ctx);
-    let readiness = ctx.network.clone();
+    let (cfg, dhcp6) = config(ctx);
+    let joint = Joint { readiness: ctx.network.clone(), outcomes: Default::default() };
+    let interface = match &cfg {
+        NetConfig::Dhcp { interface } | NetConfig::Static { interface, .. } => interface.clone(),
+    };
+    if let (Some(d), Some(name)) = (dhcp6, interface) {
+        start_dhcp6(ctx, name, d.optional, joint.clone());
+    }
     ctx.tasks.add("network", move || {
-        let (cfg, readiness) = (cfg.clone(), readiness.clone());
+        let (cfg, readiness) = (cfg.clone(), joint.clone());
         super::tasks::thread("network", 256 * 1024, move || {
             let up = match net::bring_up(&cfg) {
                 Ok(up) => up,
@@ -192,4 +225,53 @@ pub fn start(ctx: &mut Ctx) -> Result<(), BootError> {
         })
     });
     Ok(())
+}
+
+/// The network's readiness from IPv4's outcome and, when DHCPv6 is required, DHCPv6's first
+/// one: an IPv4 failure at once; else IPv4's address, joined by DHCPv6's when it is required.
+#[derive(Clone)]
+struct Joint {
+    readiness: Readiness,
+    /// IPv4's latest outcome; DHCPv6's first, or None while optional or pending; whether it
+    /// is required.
+    outcomes: Arc<Mutex<(Option<Outcome>, Option<Outcome>, bool)>>,
+}
+
+impl Joint {
+    fn set(&self, v4: Outcome) {
+        let mut o = self.outcomes.lock().unwrap_or_else(|p| p.into_inner());
+        o.0 = Some(v4);
+        self.publish(&o);
+    }
+
+    fn set6(&self, v6: Outcome) {
+        let mut o = self.outcomes.lock().unwrap_or_else(|p| p.into_inner());
+        o.1 = Some(v6);
+        self.publish(&o);
+    }
+
+    fn publish(&self, o: &(Option<Outcome>, Option<Outcome>, bool)) {
+        match o {
+            (Some(Err(e)), _, _) => self.readiness.set(Err(e.clone())),
+            (Some(Ok(a)), _, false) => self.readiness.set(Ok(a.clone())),
+            (Some(Ok(a)), Some(Ok(b)), true) => self.readiness.set(Ok(format!("{a}, {b}"))),
+            (Some(Ok(_)), Some(Err(e)), true) => self.readiness.set(Err(e.clone())),
+            _ => {}
+        }
+    }
+}
+
+/// The DHCPv6 client on `name`, as a supervised task of its own (`net::dhcp6::run`).
+fn start_dhcp6(ctx: &mut Ctx, name: String, optional: bool, joint: Joint) {
+    joint.outcomes.lock().unwrap_or_else(|p| p.into_inner()).2 = !optional;
+    info!("network: DHCPv6 on {name}{}", if optional { " (optional)" } else { "" });
+    ctx.tasks.add("dhcp6", move || {
+        let (name, joint) = (name.clone(), joint.clone());
+        super::tasks::thread("dhcp6", 256 * 1024, move || {
+            let first = |outcome: Result<&net::dhcp6::Lease, String>| {
+                joint.set6(outcome.map(|l| format!("{name} {}/128", l.address)))
+            };
+            net::dhcp6::run(&name, first, |lease| write_resolv_conf6(&name, lease))
+        })
+    });
 }

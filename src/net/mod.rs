@@ -22,6 +22,7 @@
 //!   out, and the next boot usually gets the same address back.
 
 pub mod dhcp;
+pub mod dhcp6;
 pub mod netlink;
 #[cfg(test)]
 mod netns_test;

@@ -469,8 +469,9 @@ pub fn from_cmdline(cmdline: &str) -> Result<Option<NetToml>, String> {
 /// What Berth's network code applies of a configuration today: the primary device, when it
 /// is an interface (by name, or by MAC through `name_of`) with `dhcp4` or `static4` (its
 /// address and the gateway of its IPv4 default route), as one [`super::NetConfig`]; what it
-/// cannot apply yet (other devices, bonds, VLANs, `dhcp6`, `static6`, other routes) is listed
-/// in `not_applied`, for the log.
+/// cannot apply yet (other devices, bonds, VLANs, `static6`, other routes) is listed in
+/// `not_applied`, for the log. The primary device's `dhcp6` is run beside it by the caller
+/// (`init::network`, with `net::dhcp6`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
     pub config: super::NetConfig,
@@ -492,9 +493,6 @@ pub fn applied(n: &NetToml, name_of: impl Fn(&[u8; 6]) -> Option<String>) -> Res
         .filter(|d| !d.primary)
         .map(|d| format!("{} (only the primary device is configured)", d.id))
         .collect();
-    if p.dhcp6.is_some_and(|d| d.enabled) {
-        not_applied.push(format!("{}: dhcp6", p.id));
-    }
     if !p.static6.is_empty() {
         not_applied.push(format!("{}: static6", p.id));
     }
@@ -549,7 +547,7 @@ mod tests {
         let n = from_cmdline("netdog.default-interface=eth0:dhcp4,dhcp6?").unwrap().unwrap();
         let a = applied(&n, |_| None).unwrap();
         assert_eq!(a.config, super::super::NetConfig::Dhcp { interface: Some("eth0".into()) });
-        assert_eq!(a.not_applied, vec!["eth0: dhcp6".to_string()]);
+        assert_eq!(a.not_applied, Vec::<String>::new(), "dhcp6 is applied (by net::dhcp6)");
     }
 
     const FULL: &str = r#"
