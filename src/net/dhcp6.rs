@@ -25,11 +25,12 @@
 //!   one with the highest preference wins (preference 255 at once).
 //! - The address is added with prefix length 128 (DHCPv6 says nothing about the on-link
 //!   prefix) and its valid and preferred lifetimes, so the kernel deprecates and removes it on
-//!   its own if renewal fails. The on-link prefix and the default route come from router
+//!   its own if renewal fails. [`bring_up`] waits (up to [`DAD_WAIT`]) for the address to pass
+//!   duplicate address detection; one found in use is removed and declined. The on-link prefix and the default route come from router
 //!   advertisements, handled by the kernel: [`prepare`] sets `accept_ra` to 2 on the
 //!   interface, so RAs are taken even when forwarding is on (container networking turns it on).
 //! - Not done: temporary addresses (IA_TA), prefix delegation (IA_PD), Confirm after a link
-//!   change, Decline after a failed DAD of the leased address, Release on shutdown,
+//!   change, Release on shutdown,
 //!   Reconfigure, Information-Request (stateless DHCPv6), authentication. Strings (the search
 //!   list) are kept only when they are plain host names, so a server cannot inject lines into
 //!   resolv.conf; at most [`MAX_DNS`] servers and [`MAX_SEARCH`] domains are kept.
@@ -53,6 +54,7 @@ pub const REQUEST: u8 = 3;
 pub const RENEW: u8 = 5;
 pub const REBIND: u8 = 6;
 pub const REPLY: u8 = 7;
+pub const DECLINE: u8 = 9;
 
 // Option codes.
 pub const OPT_CLIENTID: u16 = 1;
@@ -358,6 +360,14 @@ pub fn request(
     m
 }
 
+/// A Decline of the lease's address (found in use by duplicate address detection).
+pub fn decline(xid: u32, duid: &[u8], lease: &Lease, elapsed: Duration) -> Message {
+    let mut m = renew(xid, duid, lease, false, elapsed);
+    m.kind = DECLINE;
+    m.options.retain(|(c, _)| *c != OPT_ORO);
+    m
+}
+
 /// A Renew (to the lease's server) or, when `rebinding`, a Rebind (to any server).
 pub fn renew(xid: u32, duid: &[u8], lease: &Lease, rebinding: bool, elapsed: Duration) -> Message {
     let mut m = base(if rebinding { REBIND } else { RENEW }, xid, duid, elapsed);
@@ -528,6 +538,9 @@ pub struct Backoff {
 
 pub const SOLICIT_BACKOFF: Backoff = Backoff { irt: Duration::from_secs(1), mrt: Duration::from_secs(3600) };
 pub const REQUEST_BACKOFF: Backoff = Backoff { irt: Duration::from_secs(1), mrt: Duration::from_secs(30) };
+pub const DECLINE_BACKOFF: Backoff = Backoff { irt: Duration::from_secs(1), mrt: Duration::ZERO };
+/// Declines per address (RFC 8415 DEC_MAX_RC).
+pub const DEC_MAX_RC: u32 = 4;
 pub const RENEW_BACKOFF: Backoff = Backoff { irt: Duration::from_secs(10), mrt: Duration::from_secs(600) };
 
 /// A random factor in [-0.1, 0.1] (or (0, 0.1] when `positive`), from std's keyed hasher.
@@ -546,7 +559,7 @@ pub fn next_timeout(b: Backoff, prev: Option<Duration>, rand: f64) -> Duration {
         None => b.irt.mul_f64(1.0 + rand),
         Some(p) => p.mul_f64(2.0 + rand),
     };
-    if rt > b.mrt {
+    if b.mrt != Duration::ZERO && rt > b.mrt {
         b.mrt.mul_f64(1.0 + rand)
     } else {
         rt
@@ -568,6 +581,8 @@ pub enum Error {
     Socket { interface: String, cause: io::Error },
     /// No server answered in time.
     Timeout { interface: String, phase: &'static str, tries: u32, waited: Duration },
+    /// Duplicate address detection found the leased address in use (it was declined).
+    DuplicateAddress { interface: String, address: Ipv6Addr },
     /// The server refused with a status code, again and again.
     Refused { interface: String, status: u16, message: String },
 }
@@ -595,6 +610,9 @@ impl fmt::Display for Error {
                  DHCPv6 server on the link?",
                 waited.as_secs_f64()
             ),
+            Error::DuplicateAddress { interface, address } => {
+                write!(f, "dhcp6: {interface}: another node already uses the leased {address}; declined it")
+            }
             Error::Refused { interface, status, message } => {
                 write!(f, "dhcp6: {interface}: the server refused an address (status {status}: {message})")
             }
@@ -890,6 +908,30 @@ impl<T: Transport> Client<T> {
         }
     }
 
+    /// Tell the server the lease's address is in use by another node: Decline until a Reply
+    /// (RFC 8415 18.2.8: first timeout 1 s, at most [`DEC_MAX_RC`] transmissions).
+    pub fn decline(&mut self, lease: &Lease) -> Result<(), Error> {
+        let xid = new_xid();
+        let started = Instant::now();
+        let mut rt = None;
+        for _ in 0..DEC_MAX_RC {
+            let next = next_timeout(DECLINE_BACKOFF, rt, rand_factor(false));
+            rt = Some(next);
+            let sent_at = Instant::now();
+            self.send(&encode(&decline(xid, &self.duid, lease, sent_at - started)));
+            let server_id = lease.server_id.clone();
+            let until = sent_at + self.scaled(next);
+            let answered = self.listen(xid, until, &mut |m, _| {
+                (m.kind == REPLY && m.option(OPT_SERVERID) == Some(server_id.as_slice())).then_some(())
+            })?;
+            if answered.is_some() {
+                return Ok(());
+            }
+        }
+        log::warn!("dhcp6: {}: no answer to the Decline of {}", self.interface, lease.address);
+        Ok(())
+    }
+
     /// Renew (or, when `rebinding`, Rebind) `lease`, retransmitting with RFC backoff until an
     /// answer or `until` (T2 for a Renew, the end of the valid lifetime for a Rebind).
     pub fn renew(&mut self, lease: &Lease, rebinding: bool, until: Instant) -> Result<Renewal, Error> {
@@ -985,8 +1027,16 @@ pub fn apply(link: &Link, lease: &Lease) -> Result<(), Error> {
 /// Prepare the interface and acquire a lease, and apply it.
 pub fn bring_up(name: &str) -> Result<(Link, Lease), Error> {
     let (link, ll) = prepare(name)?;
-    let lease = client(&link, ll)?.acquire()?;
+    let mut c = client(&link, ll)?;
+    let lease = c.acquire()?;
     apply(&link, &lease)?;
+    if let Err(e) = wait_for_dad(&link, lease.address) {
+        let _ = Rtnl::open().and_then(|mut nl| nl.del_addr6_if_present(&link, lease.address, 128));
+        if matches!(e, Error::DuplicateAddress { .. }) {
+            c.decline(&lease)?;
+        }
+        return Err(e);
+    }
     log::info!(
         "dhcp6: {name} has {}/128 from {} (valid {}s, preferred {}s, T1 {}s, DNS {:?})",
         lease.address,
@@ -997,6 +1047,33 @@ pub fn bring_up(name: &str) -> Result<(Link, Lease), Error> {
         lease.dns
     );
     Ok((link, lease))
+}
+
+/// How long [`bring_up`] waits for the leased address to pass duplicate address detection
+/// (one probe, a second, after a random delay of up to a second, by default).
+pub const DAD_WAIT: Duration = Duration::from_secs(5);
+
+/// Wait for `address` on `link` to leave duplicate address detection: Ok when it is usable,
+/// [`Error::DuplicateAddress`] when another node has it.
+pub fn wait_for_dad(link: &Link, address: Ipv6Addr) -> Result<(), Error> {
+    use super::netlink::{IFA_F_DADFAILED, IFA_F_TENTATIVE};
+    let mut nl = Rtnl::open()?;
+    let start = Instant::now();
+    loop {
+        let flags = nl.addrs6(Some(link.index))?.iter().find(|a| a.address == address).map(|a| a.flags);
+        match flags {
+            Some(f) if f & IFA_F_DADFAILED != 0 => {
+                return Err(Error::DuplicateAddress { interface: link.name.clone(), address })
+            }
+            Some(f) if f & IFA_F_TENTATIVE == 0 => return Ok(()),
+            None => return Err(Error::DuplicateAddress { interface: link.name.clone(), address }),
+            Some(_) if start.elapsed() >= DAD_WAIT => {
+                log::warn!("dhcp6: {}: {address} is still tentative after {DAD_WAIT:?}", link.name);
+                return Ok(());
+            }
+            Some(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
 }
 
 /// Pause between acquisitions after the address is lost or acquisition failed.
@@ -1168,5 +1245,7 @@ pub fn resolv_conf(base: &str, interface: &str, lease: &Lease) -> String {
     out
 }
 
+#[cfg(test)]
+mod netns_test;
 #[cfg(test)]
 mod tests;

@@ -409,3 +409,23 @@ fn resolv_conf_merges_both_families() {
     let text = resolv_conf("# x\n# no name servers are known\n", "eth0", &none);
     assert_eq!(text, "# x\n# Written by berth from the DHCPv6 lease of eth0 (server fe80::1)\n# no name servers are known\n");
 }
+
+#[test]
+fn decline_names_the_address_and_waits_for_the_reply() {
+    let mut srv = FakeServer::new(server(false));
+    let lease = Client::new(&mut srv, "eth0", MAC, timing()).acquire().unwrap();
+    let mut srv =
+        FakeServer::new(|m: &Message| vec![(answer(REPLY, m.xid, "2001:db8::100", &[]), SERVER_LL)]);
+    Client::new(&mut srv, "eth0", MAC, timing()).decline(&lease).unwrap();
+    assert_eq!(srv.sent.len(), 1);
+    let d = &srv.sent[0];
+    assert_eq!(d.kind, DECLINE);
+    assert_eq!(d.option(OPT_SERVERID), Some(SERVER_DUID));
+    assert_eq!(parse_ia_na(d.option(OPT_IA_NA).unwrap()).unwrap().addresses[0].address, lease.address);
+    // Unanswered: DEC_MAX_RC transmissions, then give up (not an error: the address is gone).
+    let mut srv = FakeServer::new(|_: &Message| vec![]);
+    Client::new(&mut srv, "eth0", MAC, timing()).decline(&lease).unwrap();
+    assert_eq!(srv.sent.len(), DEC_MAX_RC as usize);
+    // Decline's timeouts double without a cap (MRT 0).
+    assert_eq!(next_timeout(DECLINE_BACKOFF, Some(Duration::from_secs(8)), 0.0), Duration::from_secs(16));
+}
