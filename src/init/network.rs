@@ -234,8 +234,10 @@ struct Joint {
     readiness: Readiness,
     /// IPv4's latest outcome; DHCPv6's first, or None while optional or pending; whether it
     /// is required.
-    outcomes: Arc<Mutex<(Option<Outcome>, Option<Outcome>, bool)>>,
+    outcomes: Arc<Mutex<Outcomes>>,
 }
+
+type Outcomes = (Option<Outcome>, Option<Outcome>, bool);
 
 impl Joint {
     fn set(&self, v4: Outcome) {
@@ -250,7 +252,7 @@ impl Joint {
         self.publish(&o);
     }
 
-    fn publish(&self, o: &(Option<Outcome>, Option<Outcome>, bool)) {
+    fn publish(&self, o: &Outcomes) {
         match o {
             (Some(Err(e)), _, _) => self.readiness.set(Err(e.clone())),
             (Some(Ok(a)), _, false) => self.readiness.set(Ok(a.clone())),
@@ -274,4 +276,42 @@ fn start_dhcp6(ctx: &mut Ctx, name: String, optional: bool, joint: Joint) {
             net::dhcp6::run(&name, first, |lease| write_resolv_conf6(&name, lease))
         })
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn joint(required: bool) -> Joint {
+        let j = Joint { readiness: Readiness::default(), outcomes: Default::default() };
+        j.outcomes.lock().unwrap().2 = required;
+        j
+    }
+
+    fn now(j: &Joint) -> Option<Outcome> {
+        j.readiness.0 .0.lock().unwrap().clone()
+    }
+
+    #[test]
+    fn a_required_dhcp6_holds_readiness_back_and_an_optional_one_does_not() {
+        let j = joint(false);
+        j.set(Ok("eth0 10.0.2.15/24".into()));
+        assert_eq!(now(&j), Some(Ok("eth0 10.0.2.15/24".into())));
+        j.set6(Err("dhcp6: no answer".into()));
+        assert_eq!(now(&j), Some(Ok("eth0 10.0.2.15/24".into())), "optional: its failure does not count");
+
+        let j = joint(true);
+        j.set(Ok("eth0 10.0.2.15/24".into()));
+        assert_eq!(now(&j), None, "waiting for DHCPv6");
+        j.set6(Ok("eth0 fd12::100/128".into()));
+        assert_eq!(now(&j), Some(Ok("eth0 10.0.2.15/24, eth0 fd12::100/128".into())));
+
+        let j = joint(true);
+        j.set6(Err("dhcp6: no answer".into()));
+        assert_eq!(now(&j), None, "nothing before IPv4's outcome");
+        j.set(Ok("eth0 10.0.2.15/24".into()));
+        assert_eq!(now(&j), Some(Err("dhcp6: no answer".into())));
+        j.set(Err("dhcp: no offer".into()));
+        assert_eq!(now(&j), Some(Err("dhcp: no offer".into())));
+    }
 }

@@ -282,7 +282,7 @@ pub fn parse_domain_list(data: &[u8]) -> Result<Vec<String>, ParseError> {
 
 /// Option 23: a list of IPv6 addresses (at most [`MAX_DNS`] kept).
 pub fn parse_dns(data: &[u8]) -> Result<Vec<Ipv6Addr>, ParseError> {
-    if data.len() % 16 != 0 {
+    if !data.len().is_multiple_of(16) {
         return Err(ParseError::BadLength { code: OPT_DNS_SERVERS, len: data.len() });
     }
     let mut out: Vec<Ipv6Addr> = Vec::new();
@@ -808,7 +808,7 @@ impl<T: Transport> Client<T> {
                         if best.as_ref().is_none_or(|(p, _, _)| pref > *p) {
                             best = Some((pref, lease.server_id, offered));
                         }
-                        (pref == 255).then(|| Err(()))
+                        (pref == 255).then_some(Err(()))
                     }
                     (_, Err(Refusal::Status(code, text))) => {
                         log::info!("dhcp6: {interface}: {from} has nothing for us (status {code}: {text})");

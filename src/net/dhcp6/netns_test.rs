@@ -242,7 +242,8 @@ fn dhcp6_dns_and_http_over_ipv6_in_network_namespaces() {
         lab.logs()
     );
     let log = lab.log("dnsmasq.log");
-    for step in ["DHCPSOLICIT(veth0)", "DHCPREPLY(veth0)", "DHCPRENEW(veth0)", "DHCPREBIND(veth0)"] {
+    let steps = ["DHCPSOLICIT(veth0)", "DHCPADVERTISE(veth0)", "DHCPREQUEST(veth0)", "DHCPREPLY(veth0)"];
+    for step in steps.iter().chain(&["DHCPRENEW(veth0)", "DHCPREBIND(veth0)"]) {
         assert!(log.contains(step), "no {step} in dnsmasq's log:\n{log}");
     }
     assert!(log.contains("query[AAAA] www.berth.test"), "the name was not asked over IPv6 DNS:\n{log}");
@@ -306,7 +307,16 @@ fn client_in_namespace() {
         }
     }
 
-    // 3. resolv.conf from the lease (ours: `ip netns exec` bind-mounted it), then a name
+    // 3. Without Rapid Commit: Solicit, Advertise, Request, Reply; the same DUID and IAID get
+    // the same address.
+    let transport = UdpTransport::open(ll, link.index).unwrap();
+    let timing = Timing { rapid_commit: false, ..Timing::default() };
+    let again =
+        Client::new(transport, "eth0", link.mac.unwrap(), timing).acquire().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(again.address, lease.address);
+    assert!(!again.differs_in_config(&lease), "{again:?}");
+
+    // 4. resolv.conf from the lease (ours: `ip netns exec` bind-mounted it), then a name
     // through the C library's resolver over IPv6, and HTTP to it through Berth's client.
     let conf = resolv_conf("", "eth0", &lease);
     assert!(conf.contains("search berth.test example.org\nnameserver fd12:3456::1\n"), "{conf}");
@@ -336,6 +346,13 @@ fn client_in_namespace() {
     let (head, body) = conn.exchange(&req, 1024).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(head.status, 200);
     assert_eq!(String::from_utf8_lossy(&body), BODY);
+    let routes = fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default();
+    eprintln!("IPv6 routes (from the router advertisement):\n{routes}");
+    let default_via_router = routes.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() == 10 && f[0] == "0".repeat(32) && f[1] == "00" && f[4].starts_with("fe80") && f[9] == "eth0"
+    });
+    assert!(default_via_router, "no default route via the router's link-local address (accept_ra)");
     println!("CHILD-OK address={} mac={}", lease.address, link.mac_string());
 }
 
