@@ -5,6 +5,11 @@
 //! DNS servers go to /etc/resolv.conf, rewritten on lease renewals. Network settings take
 //! effect at the next boot. The SNTP client starts here too, in its own thread, reading
 //! `settings.ntp.time-servers` from the rendered /etc/ntp.conf (see `crate::time`).
+//!
+//! When `net.toml` or `netdog.default-interface` asks for `dhcp6` on the primary interface,
+//! the DHCPv6 client (`net::dhcp6`) runs as a task of its own beside DHCPv4; its DNS servers
+//! and search list join resolv.conf. `dhcp6?` (optional) is not waited for; a required one
+//! holds back the network's readiness (below) until its first address or failure.
 
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
@@ -22,11 +27,31 @@ pub fn loopback(_: &mut Ctx) -> Result<(), BootError> {
     net::loopback().map_err(BootError::Network)
 }
 
+/// The latest configuration of each family, that resolv.conf is written from: IPv4's, and
+/// the interface and lease of DHCPv6.
+type Latest = (Option<net::Configured>, Option<(String, net::dhcp6::Lease)>);
+static LATEST: Mutex<Latest> = Mutex::new((None, None));
+
+fn write_resolv_conf(up: Option<&net::Configured>) {
+    let mut latest = LATEST.lock().unwrap_or_else(|p| p.into_inner());
+    latest.0 = up.cloned();
+    render_resolv_conf(&latest);
+}
+
+fn write_resolv_conf6(interface: &str, lease: Option<&net::dhcp6::Lease>) {
+    let mut latest = LATEST.lock().unwrap_or_else(|p| p.into_inner());
+    latest.1 = lease.map(|l| (interface.to_string(), l.clone()));
+    render_resolv_conf(&latest);
+}
+
 /// The network's resolv.conf is kept in `render::NETWORK_RESOLV_CONF`; /etc/resolv.conf is it
 /// with `settings.dns` on top (see `settings::render::resolv_conf`).
-fn write_resolv_conf(up: Option<&net::Configured>) {
+fn render_resolv_conf(latest: &Latest) {
     use crate::settings::render;
-    let base = up.map(net::resolv_conf).unwrap_or_default();
+    let mut base = latest.0.as_ref().map(net::resolv_conf).unwrap_or_default();
+    if let Some((interface, lease)) = &latest.1 {
+        base = net::dhcp6::resolv_conf(&base, interface, lease);
+    }
     let path = Path::new(render::NETWORK_RESOLV_CONF);
     let _ = path.parent().map(std::fs::create_dir_all);
     if let Err(e) = crate::settings::store::write_atomic(path, base.as_bytes()) {
@@ -153,13 +178,21 @@ impl Readiness {
 /// Each attempt's outcome goes to `ctx.network` ([`Readiness`]).
 pub fn start(ctx: &mut Ctx) -> Result<(), BootError> {
     let (cfg, devices) = config(ctx);
-    let readiness = ctx.network.clone();
+    let joint = Joint { readiness: ctx.network.clone(), outcomes: Default::default() };
+    let interface = match &cfg {
+        NetConfig::Dhcp { interface } | NetConfig::Static { interface, .. } => interface.clone(),
+    };
+    // The primary device's dhcp6 (net.toml's, or netdog.default-interface's).
+    let dhcp6 = devices.iter().find(|d| d.primary).and_then(|d| d.dhcp6).filter(|d| d.enabled);
+    if let (Some(d), Some(name)) = (dhcp6, interface) {
+        start_dhcp6(ctx, name, d.optional, joint.clone());
+    }
     // net.toml's other devices are set up (and their DHCP clients started) by the first
     // attempt only; an attempt after a failure configures the primary device again.
     let devices_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     ctx.tasks.add("network", move || {
         let (cfg, readiness, devices, done) =
-            (cfg.clone(), readiness.clone(), devices.clone(), devices_done.clone());
+            (cfg.clone(), joint.clone(), devices.clone(), devices_done.clone());
         super::tasks::thread("network", 256 * 1024, move || {
             if !devices.is_empty() && !done.swap(true, std::sync::atomic::Ordering::SeqCst) {
                 match net::setup_devices(&devices) {
@@ -216,4 +249,93 @@ pub fn start(ctx: &mut Ctx) -> Result<(), BootError> {
         })
     });
     Ok(())
+}
+
+/// The network's readiness from IPv4's outcome and, when DHCPv6 is required, DHCPv6's first
+/// one: an IPv4 failure at once; else IPv4's address, joined by DHCPv6's when it is required.
+#[derive(Clone)]
+struct Joint {
+    readiness: Readiness,
+    /// IPv4's latest outcome; DHCPv6's first, or None while optional or pending; whether it
+    /// is required.
+    outcomes: Arc<Mutex<Outcomes>>,
+}
+
+type Outcomes = (Option<Outcome>, Option<Outcome>, bool);
+
+impl Joint {
+    fn set(&self, v4: Outcome) {
+        let mut o = self.outcomes.lock().unwrap_or_else(|p| p.into_inner());
+        o.0 = Some(v4);
+        self.publish(&o);
+    }
+
+    fn set6(&self, v6: Outcome) {
+        let mut o = self.outcomes.lock().unwrap_or_else(|p| p.into_inner());
+        o.1 = Some(v6);
+        self.publish(&o);
+    }
+
+    fn publish(&self, o: &Outcomes) {
+        match o {
+            (Some(Err(e)), _, _) => self.readiness.set(Err(e.clone())),
+            (Some(Ok(a)), _, false) => self.readiness.set(Ok(a.clone())),
+            (Some(Ok(a)), Some(Ok(b)), true) => self.readiness.set(Ok(format!("{a}, {b}"))),
+            (Some(Ok(_)), Some(Err(e)), true) => self.readiness.set(Err(e.clone())),
+            _ => {}
+        }
+    }
+}
+
+/// The DHCPv6 client on `name`, as a supervised task of its own (`net::dhcp6::run`).
+fn start_dhcp6(ctx: &mut Ctx, name: String, optional: bool, joint: Joint) {
+    joint.outcomes.lock().unwrap_or_else(|p| p.into_inner()).2 = !optional;
+    info!("network: DHCPv6 on {name}{}", if optional { " (optional)" } else { "" });
+    ctx.tasks.add("dhcp6", move || {
+        let (name, joint) = (name.clone(), joint.clone());
+        super::tasks::thread("dhcp6", 256 * 1024, move || {
+            let first = |outcome: Result<&net::dhcp6::Lease, String>| {
+                joint.set6(outcome.map(|l| format!("{name} {}/128", l.address)))
+            };
+            net::dhcp6::run(&name, first, |lease| write_resolv_conf6(&name, lease))
+        })
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn joint(required: bool) -> Joint {
+        let j = Joint { readiness: Readiness::default(), outcomes: Default::default() };
+        j.outcomes.lock().unwrap().2 = required;
+        j
+    }
+
+    fn now(j: &Joint) -> Option<Outcome> {
+        j.readiness.0 .0.lock().unwrap().clone()
+    }
+
+    #[test]
+    fn a_required_dhcp6_holds_readiness_back_and_an_optional_one_does_not() {
+        let j = joint(false);
+        j.set(Ok("eth0 10.0.2.15/24".into()));
+        assert_eq!(now(&j), Some(Ok("eth0 10.0.2.15/24".into())));
+        j.set6(Err("dhcp6: no answer".into()));
+        assert_eq!(now(&j), Some(Ok("eth0 10.0.2.15/24".into())), "optional: its failure does not count");
+
+        let j = joint(true);
+        j.set(Ok("eth0 10.0.2.15/24".into()));
+        assert_eq!(now(&j), None, "waiting for DHCPv6");
+        j.set6(Ok("eth0 fd12::100/128".into()));
+        assert_eq!(now(&j), Some(Ok("eth0 10.0.2.15/24, eth0 fd12::100/128".into())));
+
+        let j = joint(true);
+        j.set6(Err("dhcp6: no answer".into()));
+        assert_eq!(now(&j), None, "nothing before IPv4's outcome");
+        j.set(Ok("eth0 10.0.2.15/24".into()));
+        assert_eq!(now(&j), Some(Err("dhcp6: no answer".into())));
+        j.set(Err("dhcp: no offer".into()));
+        assert_eq!(now(&j), Some(Err("dhcp: no offer".into())));
+    }
 }

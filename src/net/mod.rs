@@ -26,6 +26,7 @@
 //!   out, and the next boot usually gets the same address back.
 
 pub mod dhcp;
+pub mod dhcp6;
 pub mod netlink;
 #[cfg(test)]
 mod netns_test;
@@ -642,9 +643,10 @@ pub fn setup_devices(devices: &[nettoml::Setup]) -> Result<Vec<String>, Error> {
                 failed.push(s.name.clone());
             }
         }
-        if s.dhcp6.is_some() {
-            // The hook for the DHCPv6 client: the link is up; nothing asks for a lease yet.
-            log::warn!("network: {}: dhcp6 not applied yet", s.name);
+        if s.dhcp6.is_some() && !s.primary {
+            // The primary's dhcp6 runs beside DHCPv4 (`init::network`, `dhcp6`); the client
+            // keeps one interface's lease and DNS, so other devices' is not applied yet.
+            log::warn!("network: {}: dhcp6 not applied yet (only the primary device's)", s.name);
         }
     }
     Ok(failed)

@@ -901,6 +901,139 @@ fn ack_result(flags: u16, payload: &[u8]) -> io::Result<()> {
     })
 }
 
+// ---------------------------------------------------------------------------------------------
+// IPv6 addresses (for the DHCPv6 client, `super::dhcp6`): listed with their flags, added with
+// lifetimes, deleted.
+
+const IFA_CACHEINFO: u16 = 6;
+const IFA_FLAGS: u16 = 8;
+/// Duplicate address detection has not finished: the address cannot be used yet.
+pub const IFA_F_TENTATIVE: u32 = 0x40;
+/// Duplicate address detection found another node with the address.
+pub const IFA_F_DADFAILED: u32 = 0x08;
+
+/// One IPv6 address on an interface, with its `IFA_F_*` flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Addr6 {
+    pub index: u32,
+    pub address: std::net::Ipv6Addr,
+    pub prefix_len: u8,
+    pub flags: u32,
+}
+
+impl Addr6 {
+    /// Link-local (fe80::/10) and past duplicate address detection: usable as a source.
+    pub fn is_usable_link_local(&self) -> bool {
+        (self.address.segments()[0] & 0xffc0) == 0xfe80
+            && self.flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED) == 0
+    }
+}
+
+fn ifaddrmsg6(prefix_len: u8, index: u32, scope: u8) -> [u8; IFADDRMSG] {
+    let mut b = ifaddrmsg(prefix_len, index);
+    b[0] = AF_INET6;
+    b[3] = scope;
+    b
+}
+
+/// `RTM_GETADDR` dump of every IPv6 address.
+pub fn get_addrs6_msg(seq: u32) -> Vec<u8> {
+    Msg::new(RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq, &ifaddrmsg6(0, 0, 0)).finish()
+}
+
+/// `RTM_NEWADDR` (create or replace) of `address/prefix_len` on link `index` with lifetimes in
+/// seconds (`u32::MAX`: forever); the kernel removes the address when `valid` runs out.
+pub fn add_addr6_lifetimes_msg(
+    seq: u32,
+    index: u32,
+    address: std::net::Ipv6Addr,
+    prefix_len: u8,
+    valid: u32,
+    preferred: u32,
+) -> Vec<u8> {
+    let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
+    let mut cache = [0u8; 16]; // struct ifa_cacheinfo: prefered, valid, cstamp, tstamp
+    cache[0..4].copy_from_slice(&preferred.min(valid).to_ne_bytes());
+    cache[4..8].copy_from_slice(&valid.to_ne_bytes());
+    Msg::new(RTM_NEWADDR, flags, seq, &ifaddrmsg6(prefix_len, index, RT_SCOPE_UNIVERSE))
+        .attr(IFA_LOCAL, &address.octets())
+        .attr(IFA_ADDRESS, &address.octets())
+        .attr(IFA_CACHEINFO, &cache)
+        .finish()
+}
+
+/// `RTM_DELADDR` of an IPv6 address.
+pub fn del_addr6_msg(seq: u32, index: u32, address: std::net::Ipv6Addr, prefix_len: u8) -> Vec<u8> {
+    let scope = if (address.segments()[0] & 0xffc0) == 0xfe80 { RT_SCOPE_LINK } else { RT_SCOPE_UNIVERSE };
+    Msg::new(RTM_DELADDR, NLM_F_REQUEST | NLM_F_ACK, seq, &ifaddrmsg6(prefix_len, index, scope))
+        .attr(IFA_LOCAL, &address.octets())
+        .attr(IFA_ADDRESS, &address.octets())
+        .finish()
+}
+
+/// Parse an `RTM_NEWADDR` payload; None for a non-IPv6 or address-less one. The flags are
+/// `IFA_FLAGS` when present (32 bits), else the header's 8.
+pub fn parse_addr6(payload: &[u8]) -> Option<Addr6> {
+    if *payload.first()? != AF_INET6 {
+        return None;
+    }
+    let prefix_len = *payload.get(1)?;
+    let mut flags = u32::from(*payload.get(2)?);
+    let index = ne_u32(payload, 4)?;
+    let (mut local, mut address) = (None, None);
+    let v6 = |d: &[u8]| <[u8; 16]>::try_from(d).ok().map(std::net::Ipv6Addr::from);
+    for (kind, data) in attrs(payload.get(IFADDRMSG..)?) {
+        match kind {
+            IFA_LOCAL => local = v6(data),
+            IFA_ADDRESS => address = v6(data),
+            IFA_FLAGS => flags = ne_u32(data, 0).unwrap_or(flags),
+            _ => {}
+        }
+    }
+    Some(Addr6 { index, address: local.or(address)?, prefix_len, flags })
+}
+
+impl Rtnl {
+    /// IPv6 addresses, all of them or those of link `index`.
+    pub fn addrs6(&mut self, index: Option<u32>) -> Result<Vec<Addr6>, Error> {
+        let seq = self.next_seq();
+        let raw = self
+            .dump(&get_addrs6_msg(seq), seq, RTM_NEWADDR)
+            .map_err(|e| nl_err("list IPv6 addresses", "*", e))?;
+        Ok(raw.iter().filter_map(|p| parse_addr6(p)).filter(|a| index.is_none_or(|i| a.index == i)).collect())
+    }
+
+    /// Add (or refresh the lifetimes of) an IPv6 address.
+    pub fn add_addr6_lifetimes(
+        &mut self,
+        link: &Link,
+        address: std::net::Ipv6Addr,
+        prefix_len: u8,
+        valid: u32,
+        preferred: u32,
+    ) -> Result<(), Error> {
+        let seq = self.next_seq();
+        self.request(&add_addr6_lifetimes_msg(seq, link.index, address, prefix_len, valid, preferred), seq)
+            .map_err(|e| nl_err(format!("add address {address}/{prefix_len}"), &link.name, e))
+    }
+
+    /// Delete an IPv6 address; one already gone is not an error.
+    pub fn del_addr6_if_present(
+        &mut self,
+        link: &Link,
+        address: std::net::Ipv6Addr,
+        prefix_len: u8,
+    ) -> Result<(), Error> {
+        let seq = self.next_seq();
+        match self.request(&del_addr6_msg(seq, link.index, address, prefix_len), seq) {
+            Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => Ok(()),
+            other => {
+                other.map_err(|e| nl_err(format!("delete address {address}/{prefix_len}"), &link.name, e))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

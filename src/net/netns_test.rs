@@ -27,7 +27,7 @@ const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 123, 0, 1);
 const STATIC_IP: Ipv4Addr = Ipv4Addr::new(10, 123, 0, 200);
 const DNS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 123, 0, 53), Ipv4Addr::new(10, 123, 0, 54)];
 
-fn find_program(name: &str) -> Option<PathBuf> {
+pub(in crate::net) fn find_program(name: &str) -> Option<PathBuf> {
     let path = std::env::var("PATH").unwrap_or_default();
     let found = path
         .split(':')
@@ -51,7 +51,7 @@ fn missing() -> Option<String> {
     None
 }
 
-fn run(args: &[&str]) -> Result<String, String> {
+pub(in crate::net) fn run(args: &[&str]) -> Result<String, String> {
     let out = Command::new("ip")
         .args(args)
         .stdin(Stdio::null())

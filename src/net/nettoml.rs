@@ -477,7 +477,8 @@ pub struct Setup {
     /// DHCPv4 on a device that is not the primary (the primary's goes through
     /// [`Plan::config`]): an address, no default route.
     pub dhcp4: bool,
-    /// net.toml's `dhcp6`, kept for the DHCPv6 client (not applied yet).
+    /// net.toml's `dhcp6`: the primary's runs in `net::dhcp6` (started by `init::network`);
+    /// another device's is not applied yet.
     pub dhcp6: Option<Dhcp>,
     /// Static addresses to add (for the primary: those after the one in [`Plan::config`]).
     pub static4: Vec<(Ipv4Addr, u8)>,

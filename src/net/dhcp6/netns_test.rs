@@ -1,0 +1,378 @@
+//! A real DHCPv6 exchange, and names and HTTP over IPv6: dnsmasq serves DHCPv6 (addresses in
+//! fd12:3456::/64, a 2-minute lease, DNS server and search list), router advertisements and
+//! DNS (an AAAA record for `www.berth.test`) on one end of a veth pair in one network
+//! namespace; a tiny HTTP server (this test binary, re-executed) listens on the server's IPv6
+//! address there. In another namespace this binary, re-executed with `ip netns exec`, runs
+//! [`bring_up`] on the other end, renews and rebinds, writes resolv.conf from the lease, and
+//! fetches `http://www.berth.test:8080/` through Berth's HTTP client, so the name is resolved
+//! over IPv6 by the C library from the resolv.conf Berth wrote. The parent checks dnsmasq's
+//! side (its lease file and log) and the address through iproute2.
+//!
+//! Needs root, `ip`, dnsmasq (Debian: dnsmasq-base) and network namespaces. Without root (or
+//! namespaces) it is skipped loudly (and fails under `scripts/test`, see [`crate::testing`]);
+//! as root without dnsmasq it fails. `ip netns exec` bind-mounts `/etc/netns/NS/resolv.conf`
+//! over `/etc/resolv.conf`, which is how the child's resolv.conf stays its own; the namespaces,
+//! processes, that directory and the scratch directory go away at the end whatever happens.
+
+use std::fs;
+use std::net::{Ipv6Addr, TcpListener, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::super::netns_test::{find_program, run};
+use super::*;
+use crate::testing;
+
+const CHILD_ENV: &str = "BERTH_NETNS6_CHILD";
+const TEST: &str = "net::dhcp6::netns_test::dhcp6_dns_and_http_over_ipv6_in_network_namespaces";
+const CLIENT_TEST: &str = "net::dhcp6::netns_test::client_in_namespace";
+const HTTP_TEST: &str = "net::dhcp6::netns_test::http_server_in_namespace";
+const CHILD_TIMEOUT: Duration = Duration::from_secs(60);
+const SERVER: Ipv6Addr = Ipv6Addr::new(0xfd12, 0x3456, 0, 0, 0, 0, 0, 1);
+const HTTP_PORT: u16 = 8080;
+const BODY: &str = "berth over IPv6\n";
+
+struct Lab {
+    server_ns: String,
+    client_ns: String,
+    dir: PathBuf,
+    etc: PathBuf,
+    children: Vec<Child>,
+    made: Vec<String>,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let id = std::process::id();
+        let client_ns = format!("berth-dhcp6c-{id}");
+        Lab {
+            server_ns: format!("berth-dhcp6s-{id}"),
+            etc: PathBuf::from("/etc/netns").join(&client_ns),
+            client_ns,
+            dir: std::env::temp_dir().join(format!("berth-netns6-{id}")),
+            children: Vec::new(),
+            made: Vec::new(),
+        }
+    }
+
+    fn build(&mut self) -> Result<(), String> {
+        let _ = fs::remove_dir_all(&self.dir);
+        fs::create_dir_all(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        for ns in [self.server_ns.clone(), self.client_ns.clone()] {
+            run(&["netns", "add", &ns])?;
+            self.made.push(ns);
+        }
+        // The client's own resolv.conf (see the module docs); empty until the child writes it.
+        fs::create_dir_all(&self.etc).map_err(|e| format!("{}: {e}", self.etc.display()))?;
+        fs::write(self.etc.join("resolv.conf"), "").map_err(|e| e.to_string())?;
+        let (s, c) = (self.server_ns.as_str(), self.client_ns.as_str());
+        run(&["-n", s, "link", "add", "veth0", "type", "veth", "peer", "name", "eth0", "netns", c])?;
+        run(&["-n", s, "addr", "add", &format!("{SERVER}/64"), "dev", "veth0", "nodad"])?;
+        run(&["-n", s, "link", "set", "veth0", "up"])?;
+        run(&["-n", s, "link", "set", "lo", "up"])?;
+        run(&["-n", c, "link", "set", "lo", "up"])?;
+        // eth0 stays down: bringing it up is the client's job.
+        Ok(())
+    }
+
+    fn spawn(&mut self, ns: &str, program: &[&str], log: &str) -> Result<(), String> {
+        let path = self.dir.join(log);
+        let out = fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let err = out.try_clone().map_err(|e| e.to_string())?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(program)
+            .env(CHILD_ENV, "1")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", program[0]))?;
+        self.children.push(child);
+        Ok(())
+    }
+
+    fn log(&self, name: &str) -> String {
+        fs::read_to_string(self.dir.join(name)).unwrap_or_default()
+    }
+
+    /// Wait until `log` contains `text`, or the last child started exits.
+    fn wait_for(&mut self, log: &str, text: &str, limit: Duration) -> Result<(), String> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if self.log(log).contains(text) {
+                return Ok(());
+            }
+            if let Some(Ok(Some(status))) = self.children.last_mut().map(|c| c.try_wait()) {
+                return Err(format!("{log}: exited ({status}):\n{}", self.log(log)));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(format!("{log}: no '{text}' within {limit:?}:\n{}", self.log(log)))
+    }
+
+    fn start_dnsmasq(&mut self, dnsmasq: PathBuf) -> Result<(), String> {
+        let leases = format!("--dhcp-leasefile={}", self.dir.join("leases").display());
+        let pid = format!("--pid-file={}", self.dir.join("dnsmasq.pid").display());
+        let server_ns = self.server_ns.clone();
+        let program = [
+            dnsmasq.to_str().ok_or("dnsmasq's path is not UTF-8")?,
+            "--keep-in-foreground",
+            "--conf-file",
+            "--no-resolv",
+            "--no-hosts",
+            "--port=53",
+            "--user=root",
+            "--interface=veth0",
+            "--bind-interfaces",
+            "--enable-ra",
+            "--dhcp-range=fd12:3456::100,fd12:3456::1ff,64,2m",
+            "--dhcp-option=option6:dns-server,[fd12:3456::1]",
+            "--dhcp-option=option6:domain-search,berth.test,example.org",
+            "--host-record=www.berth.test,fd12:3456::1",
+            // Answer berth.test from here only: A for an IPv6-only name is an empty answer, not
+            // a refusal for want of upstream servers.
+            "--local=/berth.test/",
+            "--log-dhcp",
+            "--log-queries",
+            "--log-facility=-",
+            &leases,
+            &pid,
+        ];
+        self.spawn(&server_ns, &program, "dnsmasq.log")?;
+        self.wait_for("dnsmasq.log", "DHCPv6, IP range", Duration::from_secs(5))
+    }
+
+    fn start_http(&mut self) -> Result<(), String> {
+        let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+        let exe = exe.to_str().ok_or("the test binary's path is not UTF-8")?.to_string();
+        let server_ns = self.server_ns.clone();
+        let args = [exe.as_str(), "--exact", HTTP_TEST, "--ignored", "--nocapture", "--test-threads=1"];
+        self.spawn(&server_ns, &args, "http.log")?;
+        self.wait_for("http.log", "SERVING", Duration::from_secs(10))
+    }
+
+    /// Run the client half in the client namespace; its output when it passed.
+    fn run_client(&mut self) -> Result<String, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+        let exe = exe.to_str().ok_or("the test binary's path is not UTF-8")?.to_string();
+        let client_ns = self.client_ns.clone();
+        let args = [exe.as_str(), "--exact", CLIENT_TEST, "--ignored", "--nocapture", "--test-threads=1"];
+        self.spawn(&client_ns, &args, "client.log")?;
+        let start = Instant::now();
+        let child = self.children.last_mut().ok_or("no child")?;
+        let status = loop {
+            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+                break Some(status);
+            }
+            if start.elapsed() > CHILD_TIMEOUT {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let output = self.log("client.log");
+        match status {
+            Some(s) if s.success() && output.contains("CHILD-OK") => Ok(output),
+            Some(s) => Err(format!("the client failed ({s}):\n{output}")),
+            None => Err(format!("the client timed out after {CHILD_TIMEOUT:?}:\n{output}")),
+        }
+    }
+
+    fn logs(&self) -> String {
+        format!("--- dnsmasq ---\n{}--- http ---\n{}", self.log("dnsmasq.log"), self.log("http.log"))
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for mut c in self.children.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in self.made.drain(..).rev() {
+            if let Err(e) = run(&["netns", "del", &ns]) {
+                eprintln!("cleanup: {e}");
+            }
+        }
+        let _ = fs::remove_dir_all(&self.etc);
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn dhcp6_dns_and_http_over_ipv6_in_network_namespaces() {
+    if let Some(why) = testing::needs_root() {
+        return testing::cannot_run(TEST, &why);
+    }
+    if find_program("ip").is_none() {
+        return testing::cannot_run(TEST, "`ip` (iproute2) is not installed");
+    }
+    let Some(dnsmasq) = find_program("dnsmasq") else {
+        panic!("{TEST}: dnsmasq is not installed; it is the DHCPv6 server of this test (Debian package dnsmasq-base, see scripts/setup)");
+    };
+    let mut lab = Lab::new();
+    if let Err(e) = lab.build() {
+        if lab.made.is_empty() {
+            return testing::cannot_run(TEST, &format!("cannot make a network namespace: {e}"));
+        }
+        panic!("{e}");
+    }
+    lab.start_dnsmasq(dnsmasq).unwrap_or_else(|e| panic!("{e}"));
+    lab.start_http().unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let output = lab.run_client().unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let report = output.lines().find_map(|l| l.split_once("CHILD-OK ").map(|(_, r)| r)).expect("report line");
+    let field = |k: &str| {
+        report
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("no {k} in {report}"))
+            .to_string()
+    };
+    let (address, mac) = (field("address"), field("mac"));
+
+    // dnsmasq's side: the lease, to our DUID-LL (type 3, Ethernet, the MAC), and the replies.
+    let leases = fs::read_to_string(lab.dir.join("leases")).unwrap_or_default();
+    let duid = format!("00:03:00:01:{mac}");
+    assert!(
+        leases.lines().any(|l| l.contains(&address) && l.contains(&duid)),
+        "dnsmasq has no lease of {address} to {duid}: {leases:?}\n{}",
+        lab.logs()
+    );
+    let log = lab.log("dnsmasq.log");
+    let steps = ["DHCPSOLICIT(veth0)", "DHCPADVERTISE(veth0)", "DHCPREQUEST(veth0)", "DHCPREPLY(veth0)"];
+    for step in steps.iter().chain(&["DHCPRENEW(veth0)", "DHCPREBIND(veth0)"]) {
+        assert!(log.contains(step), "no {step} in dnsmasq's log:\n{log}");
+    }
+    assert!(log.contains("query[AAAA] www.berth.test"), "the name was not asked over IPv6 DNS:\n{log}");
+    assert!(lab.log("http.log").contains("GET / HTTP/1.1"), "{}", lab.logs());
+
+    // What the client left configured, seen by iproute2: the address, /128, with lifetimes.
+    let addrs = run(&["-n", &lab.client_ns, "-6", "addr", "show", "dev", "eth0"]).unwrap();
+    // "dynamic" with nothing after it: past duplicate address detection (not "tentative").
+    assert!(addrs.contains(&format!("inet6 {address}/128 scope global dynamic \n")), "{addrs}");
+    let valid = addrs
+        .split_whitespace()
+        .skip_while(|w| *w != "valid_lft")
+        .nth(1)
+        .and_then(|v| v.trim_end_matches("sec").parse::<u32>().ok())
+        .unwrap_or_else(|| panic!("no finite valid_lft: {addrs}"));
+    assert!((1..=120).contains(&valid), "{addrs}");
+    eprintln!("--- client ---\n{output}{}", lab.logs());
+}
+
+/// The client half, run only by the test above, inside the client namespace.
+#[test]
+#[ignore = "the child half of dhcp6_dns_and_http_over_ipv6_in_network_namespaces"]
+fn client_in_namespace() {
+    if std::env::var(CHILD_ENV).is_err() {
+        return testing::cannot_run(CLIENT_TEST, &format!("it only runs as the child of {TEST}"));
+    }
+    crate::klog::init(false);
+    let started = Instant::now();
+    // 1. Solicit, Advertise, Request, Reply: the address, DNS server and search list.
+    let (link, lease) = bring_up("eth0").unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("acquired {lease:?} in {:?}", started.elapsed());
+    let host = lease.address.segments()[7];
+    assert_eq!(&lease.address.segments()[..7], &[0xfd12, 0x3456, 0, 0, 0, 0, 0], "{lease:?}");
+    assert!((0x100..=0x1ff).contains(&host), "{lease:?}");
+    assert_eq!(lease.valid, 120, "{lease:?}");
+    assert!(lease.preferred <= lease.valid && lease.t1 > 0 && lease.t1 <= lease.t2 && lease.t2 < lease.valid);
+    assert_eq!(lease.dns, vec![SERVER]);
+    assert_eq!(lease.search, vec!["berth.test", "example.org"]);
+    assert!((lease.server.segments()[0] & 0xffc0) == 0xfe80, "dnsmasq answers from its link-local address");
+    assert_eq!(fs::read_to_string("/proc/sys/net/ipv6/conf/eth0/accept_ra").unwrap().trim(), "2");
+
+    let mut nl = Rtnl::open().unwrap();
+    let mine: Vec<_> =
+        nl.addrs6(Some(link.index)).unwrap().into_iter().filter(|a| a.address == lease.address).collect();
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    assert_eq!(mine[0].prefix_len, 128);
+
+    // 2. Renew (with the server id) and Rebind (without): the same address, lifetimes again.
+    let (_, ll) = prepare("eth0").unwrap_or_else(|e| panic!("{e}"));
+    for rebinding in [false, true] {
+        let until = Instant::now() + Duration::from_secs(15);
+        let got =
+            client(&link, ll).unwrap().renew(&lease, rebinding, until).unwrap_or_else(|e| panic!("{e}"));
+        match got {
+            Renewal::Renewed(new) => {
+                assert!(!new.differs_in_config(&lease), "rebinding={rebinding}: {new:?}");
+                assert_eq!(new.valid, 120);
+                apply(&link, &new).unwrap_or_else(|e| panic!("{e}"));
+            }
+            other => panic!("rebinding={rebinding}: {other:?}"),
+        }
+    }
+
+    // 3. Without Rapid Commit: Solicit, Advertise, Request, Reply; the same DUID and IAID get
+    // the same address.
+    let transport = UdpTransport::open(ll, link.index).unwrap();
+    let timing = Timing { rapid_commit: false, ..Timing::default() };
+    let again =
+        Client::new(transport, "eth0", link.mac.unwrap(), timing).acquire().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(again.address, lease.address);
+    assert!(!again.differs_in_config(&lease), "{again:?}");
+
+    // 4. resolv.conf from the lease (ours: `ip netns exec` bind-mounted it), then a name
+    // through the C library's resolver over IPv6, and HTTP to it through Berth's client.
+    let conf = resolv_conf("", "eth0", &lease);
+    assert!(conf.contains("search berth.test example.org\nnameserver fd12:3456::1\n"), "{conf}");
+    fs::write("/etc/resolv.conf", &conf).unwrap();
+    // The route to the server comes from dnsmasq's router advertisement (accept_ra).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !fs::read_to_string("/proc/net/ipv6_route")
+        .unwrap_or_default()
+        .contains("fd123456000000000000000000000000 40")
+    {
+        assert!(Instant::now() < deadline, "no on-link route from the router advertisement");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let resolved: Vec<_> =
+        ("www.berth.test", HTTP_PORT).to_socket_addrs().unwrap_or_else(|e| panic!("{e}")).collect();
+    assert_eq!(resolved, vec![std::net::SocketAddr::from((SERVER, HTTP_PORT))]);
+    let url = url::Url::parse(&format!("http://www.berth.test:{HTTP_PORT}/")).unwrap();
+    let opts = crate::http::client::Options::default();
+    let mut conn = crate::http::client::Connection::open(&url, &opts).unwrap_or_else(|e| panic!("{e}"));
+    let req = crate::http::client::Request {
+        method: "GET",
+        target: "/",
+        host: &format!("www.berth.test:{HTTP_PORT}"),
+        headers: &[],
+        body: b"",
+    };
+    let (head, body) = conn.exchange(&req, 1024).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(head.status, 200);
+    assert_eq!(String::from_utf8_lossy(&body), BODY);
+    let routes = fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default();
+    eprintln!("IPv6 routes (from the router advertisement):\n{routes}");
+    let default_via_router = routes.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() == 10 && f[0] == "0".repeat(32) && f[1] == "00" && f[4].starts_with("fe80") && f[9] == "eth0"
+    });
+    assert!(default_via_router, "no default route via the router's link-local address (accept_ra)");
+    println!("CHILD-OK address={} mac={}", lease.address, link.mac_string());
+}
+
+/// The HTTP server half: one request on [fd12:3456::1]:8080, answered with [`BODY`].
+#[test]
+#[ignore = "the HTTP server of dhcp6_dns_and_http_over_ipv6_in_network_namespaces"]
+fn http_server_in_namespace() {
+    use std::io::{BufRead, BufReader, Write};
+    if std::env::var(CHILD_ENV).is_err() {
+        return testing::cannot_run(HTTP_TEST, &format!("it only runs as a child of {TEST}"));
+    }
+    let listener = TcpListener::bind((SERVER, HTTP_PORT)).unwrap();
+    println!("SERVING");
+    let (stream, peer) = listener.accept().unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    while reader.read_line(&mut line).unwrap() > 0 && !line.ends_with("\r\n\r\n") {}
+    println!("from {peer}:\n{line}");
+    let mut w = stream;
+    write!(w, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{BODY}", BODY.len())
+        .unwrap();
+}
