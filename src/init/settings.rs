@@ -150,6 +150,29 @@ pub fn apply_user_data(ctx: &mut Ctx) -> Result<(), BootError> {
     Ok(())
 }
 
+/// The setting groups whose rendered files containerd reads when it starts: its configuration
+/// (`containerd/config.toml`, from these groups and `kubernetes.pod-infra-container-image`,
+/// which it is rendered from whatever group asks) and CRI's base OCI spec (`oci-defaults`).
+const CONTAINERD_GROUPS: &[&str] = &["container-registry", "container-runtime", "oci-defaults"];
+
+/// Render only what containerd reads at its start, so that it can start before the rest of the
+/// settings are applied ([`apply_settings`] comes after it). User data is in the datastore
+/// already (its phase comes first), so a first boot's containerd settings are in effect from
+/// containerd's first start. The trust bundle (`settings.pki`, containerd's `SSL_CERT_FILE`)
+/// is not among them: Go reads it at the first TLS handshake, and nothing asks containerd to
+/// pull before the services and the API, which come after [`apply_settings`].
+pub fn render_containerd_config(ctx: &mut Ctx) -> Result<(), BootError> {
+    let settings = ctx.store.as_ref().ok_or(BootError::Order { needs: "the datastore" })?.settings();
+    let groups: Vec<String> = CONTAINERD_GROUPS.iter().map(|g| g.to_string()).collect();
+    match render::apply(&settings, Some(&groups), Path::new("/etc"), &render::RealHost) {
+        Ok(done) => info!("containerd's configuration rendered: {}", done.len()),
+        Err(e) => error!("rendering containerd's configuration: {e}"),
+    }
+    Ok(())
+}
+
+/// Apply all the settings: every file under /etc (containerd's again, the same text), the
+/// hostname, sysctls.
 pub fn apply_settings(ctx: &mut Ctx) -> Result<(), BootError> {
     let settings = ctx.store.as_ref().ok_or(BootError::Order { needs: "the datastore" })?.settings();
     match render::apply(&settings, None, Path::new("/etc"), &render::RealHost) {

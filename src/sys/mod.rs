@@ -27,6 +27,8 @@
 //!   ioctls** ([`dm`]): rustix wraps only a few ioctls as safe functions (BLKSSZGET and
 //!   EXT4_IOC_RESIZE_FS, which are used); these go through its typed `rustix::ioctl` interface,
 //!   which computes the request number from the argument's type, but the call is `unsafe`.
+//! - **madvise(2)** ([`page_out`]): rustix has it only behind its `mm` feature, as an `unsafe`
+//!   function all the same.
 //! - **`Command::pre_exec`** ([`join_cgroup_on_exec`], [`keep_caps_on_exec`]): std marks it
 //!   `unsafe` because the closure runs between fork and exec; ours make only rustix system
 //!   calls (no allocation, no locks).
@@ -197,6 +199,16 @@ pub fn make_raw(f: &impl std::os::fd::AsFd) -> io::Result<()> {
 /// Make Ctrl-Alt-Del send SIGINT to PID 1 instead of restarting at once.
 pub fn disable_cad() -> io::Result<()> {
     Ok(rustix::system::reboot(RebootCommand::CadOff)?)
+}
+
+/// madvise(2) `MADV_PAGEOUT` over `len` bytes at `addr` (page-aligned) of this process's own
+/// address space: reclaim those pages now. Clean file pages only this process maps leave the
+/// page cache; everything stays mapped as it was, and what is used again is read back in.
+pub fn page_out(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: MADV_PAGEOUT changes no mapping, protection or content (a page it reclaims is
+    // read back on its next use with the same data), so no reference into the range is
+    // invalidated; the kernel checks the range itself (ENOMEM when part of it is not mapped).
+    check(unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_PAGEOUT) }).map(|_| ())
 }
 
 /// sync(2).
