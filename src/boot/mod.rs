@@ -5,10 +5,11 @@
 //! slot's metadata from its BOOT partition, opens dm-verity over ROOT+HASH with the
 //! device-mapper ioctls, mounts the verified EROFS root read-only and switches into it,
 //! exec'ing its `/sbin/init` (this same program, now verified); from the mount on, a child
-//! reads the programs the boot runs next into the page cache ([`prefetch`]). Each phase is logged with its
-//! duration. Any error ends in a reboot so that boot control can fall back: [`fail_and_reboot`]
-//! is bounded in time whatever the disks do, and if the reboot itself fails, PID 1 exits, which
-//! the kernel turns into a panic and, with `panic=N` (set here if it was 0), a reboot.
+//! reads the programs the boot runs next into the page cache ([`prefetch`]). Each phase is
+//! logged with its duration. Any error ends in a reboot so that boot control can fall back:
+//! [`fail_and_reboot`] is bounded in time whatever the disks do, and if the reboot itself
+//! fails, PID 1 exits, which the kernel turns into a panic and, with `panic=N` (set here if it
+//! was 0), a reboot.
 
 pub mod cmdline;
 pub mod error;
