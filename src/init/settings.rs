@@ -163,12 +163,20 @@ const CONTAINERD_GROUPS: &[&str] = &["container-registry", "container-runtime", 
 /// pull before the services and the API, which come after [`apply_settings`].
 pub fn render_containerd_config(ctx: &mut Ctx) -> Result<(), BootError> {
     let settings = ctx.store.as_ref().ok_or(BootError::Order { needs: "the datastore" })?.settings();
-    let groups: Vec<String> = CONTAINERD_GROUPS.iter().map(|g| g.to_string()).collect();
-    match render::apply(&settings, Some(&groups), Path::new("/etc"), &render::RealHost) {
+    match render_for_containerd(&settings, Path::new("/etc"), &render::RealHost) {
         Ok(done) => info!("containerd's configuration rendered: {}", done.len()),
         Err(e) => error!("rendering containerd's configuration: {e}"),
     }
     Ok(())
+}
+
+fn render_for_containerd(
+    settings: &crate::settings::model::Settings,
+    etc: &Path,
+    host: &dyn render::Host,
+) -> Result<Vec<String>, String> {
+    let groups: Vec<String> = CONTAINERD_GROUPS.iter().map(|g| g.to_string()).collect();
+    render::apply(settings, Some(&groups), etc, host)
 }
 
 /// Apply all the settings: every file under /etc (containerd's again, the same text), the
@@ -231,4 +239,68 @@ pub fn start_api(ctx: &mut Ctx) -> Result<(), BootError> {
         info!("api bridge to the host started");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A host whose every effect fails the test: containerd's files need none.
+    struct NoHost;
+
+    impl render::Host for NoHost {
+        fn set_hostname(&self, name: &str) -> std::io::Result<()> {
+            panic!("hostname {name} set before containerd")
+        }
+        fn write_sysctl(&self, key: &str, _: &str) -> std::io::Result<()> {
+            panic!("sysctl {key} written before containerd")
+        }
+        fn hostname(&self) -> std::io::Result<String> {
+            unreachable!()
+        }
+        fn read_sysctl(&self, _: &str) -> std::io::Result<String> {
+            unreachable!()
+        }
+        fn set_lockdown(&self, level: &str) -> std::io::Result<()> {
+            panic!("lockdown {level} set before containerd")
+        }
+    }
+
+    fn files_under(dir: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(dir).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                out.extend(files_under(&e.path()));
+            } else {
+                out.push(e.path().display().to_string());
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn containerd_starts_with_its_settings_and_nothing_else_rendered() {
+        let etc = crate::testing::TempDir::new("containerd-first");
+        let settings = crate::settings::model::parse(&json!({
+            "container-registry": {"mirrors": [{"registry": "docker.io", "endpoint": ["http://10.0.2.2:5000"]}]},
+            "oci-defaults": {"resource-limits": {"max-open-files": {"hard-limit": 4096, "soft-limit": 1024}}},
+            "kubernetes": {"pod-infra-container-image": "registry.example/pause:1"},
+            "network": {"hostname": "n1"},
+            "kernel": {"sysctl": {"vm.swappiness": "7"}, "lockdown": "integrity"},
+            "motd": "hi",
+        }))
+        .unwrap();
+        render_for_containerd(&settings, etc.path(), &NoHost).unwrap();
+        let d = etc.path().display();
+        assert_eq!(
+            files_under(etc.path()),
+            vec![format!("{d}/containerd/config.toml"), format!("{d}/containerd/cri-base.json")]
+        );
+        let config = fs::read_to_string(etc.path().join("containerd/config.toml")).unwrap();
+        assert!(config.contains("http://10.0.2.2:5000"), "{config}");
+        assert!(config.contains("registry.example/pause:1"), "{config}");
+        let base = fs::read_to_string(etc.path().join("containerd/cri-base.json")).unwrap();
+        assert!(base.contains("RLIMIT_NOFILE"), "{base}");
+    }
 }
