@@ -4,15 +4,18 @@
 //! labels, asks boot control for a slot (using up a try if the slot is on trial), reads the
 //! slot's metadata from its BOOT partition, opens dm-verity over ROOT+HASH with the
 //! device-mapper ioctls, mounts the verified EROFS root read-only and switches into it,
-//! exec'ing its `/sbin/init` (this same program, now verified). Each phase is logged with its
-//! duration. Any error ends in a reboot so that boot control can fall back: [`fail_and_reboot`]
-//! is bounded in time whatever the disks do, and if the reboot itself fails, PID 1 exits, which
-//! the kernel turns into a panic and, with `panic=N` (set here if it was 0), a reboot.
+//! exec'ing its `/sbin/init` (this same program, now verified); from the mount on, a child
+//! reads the programs the boot runs next into the page cache ([`prefetch`]). Each phase is
+//! logged with its duration. Any error ends in a reboot so that boot control can fall back:
+//! [`fail_and_reboot`] is bounded in time whatever the disks do, and if the reboot itself
+//! fails, PID 1 exits, which the kernel turns into a panic and, with `panic=N` (set here if it
+//! was 0), a reboot.
 
 pub mod cmdline;
 pub mod error;
 pub mod mounts;
 pub mod partitions;
+mod prefetch;
 pub mod report;
 pub mod selinux;
 pub mod watchdog;
@@ -117,6 +120,7 @@ const PHASES: &[Phase] = &[
     ("slot-metadata", read_slot_metadata),
     ("verity", open_verity),
     ("mount-root", mount_root),
+    ("prefetch", prefetch::start),
     ("selinux", |ctx| {
         ctx.selinux = selinux::phase(Path::new(SYSROOT), selinux::permissive_asked(&ctx.cmdline))?;
         Ok(())

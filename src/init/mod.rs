@@ -140,8 +140,9 @@ const PHASES: &[Phase] = &[
     ("datastore", settings::open_datastore),
     ("user-data", settings::apply_user_data),
     ("instance", ec2::instance_settings),
-    ("settings", settings::apply_settings),
+    ("containerd-config", settings::render_containerd_config),
     ("containerd", services::start_containerd),
+    ("settings", settings::apply_settings),
     ("network", network::start),
     ("services", services::declare),
     ("updater", updates::start),
@@ -186,7 +187,6 @@ fn stage2() -> ! {
     }
     crate::klog::reopen_kmsg();
     console_stdio();
-    services::prefetch_containerd();
     let _ = sys::disable_cad();
     std::panic::set_hook(Box::new(|p| error!("panic: {p}")));
 

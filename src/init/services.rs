@@ -12,6 +12,7 @@ use crate::supervisor::{Ready, Restart, ServiceSpec, Supervisor};
 use crate::sys::CapabilitySet;
 
 pub const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
+const CONTAINERD: &str = "/usr/bin/containerd";
 
 fn containerd(settings: &Settings) -> ServiceSpec {
     let mut s = ServiceSpec::new("containerd", &[CONTAINERD, "--config", "/etc/containerd/config.toml"]);
@@ -190,31 +191,11 @@ pub fn on_settings_applied(sup: &Mutex<Supervisor>, settings: &Settings, changed
     }
 }
 
-const CONTAINERD: &str = "/usr/bin/containerd";
-
-/// Read containerd's program into the page cache in a thread, at the start of stage 2: its
-/// pages come through dm-verity and EROFS's lz4 (CPU work, a large Go binary), which then
-/// happens beside Berth's own phases on another CPU instead of after `exec`.
-pub fn prefetch_containerd() {
-    let spawned = std::thread::Builder::new().name("prefetch".into()).stack_size(64 * 1024).spawn(|| {
-        let t = std::time::Instant::now();
-        let read =
-            std::fs::File::open(CONTAINERD).and_then(|mut f| std::io::copy(&mut f, &mut std::io::sink()));
-        match read {
-            Ok(n) => {
-                log::info!("prefetched {CONTAINERD} ({} KiB) in {} ms", n / 1024, t.elapsed().as_millis())
-            }
-            Err(e) => log::info!("prefetching {CONTAINERD}: {e}"),
-        }
-    });
-    if let Err(e) = spawned {
-        log::warn!("no thread to prefetch {CONTAINERD}: {e}");
-    }
-}
-
-/// Start containerd as soon as its inputs are there (its configuration, rendered from settings;
-/// DATA for /var/lib/containerd; the SELinux policy): before the network, the updater and the
-/// API, which it does not need. The other services are declared later ([`declare`]).
+/// Start containerd as soon as its inputs are there (its configuration, rendered from settings
+/// by the phase before; DATA for /var/lib/containerd; the SELinux policy): before the rest of
+/// the settings, the network, the updater and the API, which it does not need. The other
+/// services are declared later ([`declare`]). Its program was read ahead by stage 1
+/// (`boot::prefetch`).
 pub fn start_containerd(ctx: &mut Ctx) -> Result<(), crate::boot::BootError> {
     let settings = ctx.store.as_ref().map(|s| s.settings()).unwrap_or_default();
     let sup = Supervisor::new(vec![containerd(&settings)]);

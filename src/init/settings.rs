@@ -150,6 +150,37 @@ pub fn apply_user_data(ctx: &mut Ctx) -> Result<(), BootError> {
     Ok(())
 }
 
+/// The setting groups whose rendered files containerd reads when it starts: its configuration
+/// (`containerd/config.toml`, from these groups and `kubernetes.pod-infra-container-image`,
+/// which it is rendered from whatever group asks) and CRI's base OCI spec (`oci-defaults`).
+const CONTAINERD_GROUPS: &[&str] = &["container-registry", "container-runtime", "oci-defaults"];
+
+/// Render only what containerd reads at its start, so that it can start before the rest of the
+/// settings are applied ([`apply_settings`] comes after it). User data is in the datastore
+/// already (its phase comes first), so a first boot's containerd settings are in effect from
+/// containerd's first start. The trust bundle (`settings.pki`, containerd's `SSL_CERT_FILE`)
+/// is not among them: Go reads it at the first TLS handshake, and nothing asks containerd to
+/// pull before the services and the API, which come after [`apply_settings`].
+pub fn render_containerd_config(ctx: &mut Ctx) -> Result<(), BootError> {
+    let settings = ctx.store.as_ref().ok_or(BootError::Order { needs: "the datastore" })?.settings();
+    match render_for_containerd(&settings, Path::new("/etc"), &render::RealHost) {
+        Ok(done) => info!("containerd's configuration rendered: {}", done.len()),
+        Err(e) => error!("rendering containerd's configuration: {e}"),
+    }
+    Ok(())
+}
+
+fn render_for_containerd(
+    settings: &crate::settings::model::Settings,
+    etc: &Path,
+    host: &dyn render::Host,
+) -> Result<Vec<String>, String> {
+    let groups: Vec<String> = CONTAINERD_GROUPS.iter().map(|g| g.to_string()).collect();
+    render::apply(settings, Some(&groups), etc, host)
+}
+
+/// Apply all the settings: every file under /etc (containerd's again, the same text), the
+/// hostname, sysctls.
 pub fn apply_settings(ctx: &mut Ctx) -> Result<(), BootError> {
     let settings = ctx.store.as_ref().ok_or(BootError::Order { needs: "the datastore" })?.settings();
     match render::apply(&settings, None, Path::new("/etc"), &render::RealHost) {
@@ -208,4 +239,68 @@ pub fn start_api(ctx: &mut Ctx) -> Result<(), BootError> {
         info!("api bridge to the host started");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A host whose every effect fails the test: containerd's files need none.
+    struct NoHost;
+
+    impl render::Host for NoHost {
+        fn set_hostname(&self, name: &str) -> std::io::Result<()> {
+            panic!("hostname {name} set before containerd")
+        }
+        fn write_sysctl(&self, key: &str, _: &str) -> std::io::Result<()> {
+            panic!("sysctl {key} written before containerd")
+        }
+        fn hostname(&self) -> std::io::Result<String> {
+            unreachable!()
+        }
+        fn read_sysctl(&self, _: &str) -> std::io::Result<String> {
+            unreachable!()
+        }
+        fn set_lockdown(&self, level: &str) -> std::io::Result<()> {
+            panic!("lockdown {level} set before containerd")
+        }
+    }
+
+    fn files_under(dir: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(dir).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                out.extend(files_under(&e.path()));
+            } else {
+                out.push(e.path().display().to_string());
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn containerd_starts_with_its_settings_and_nothing_else_rendered() {
+        let etc = crate::testing::TempDir::new("containerd-first");
+        let settings = crate::settings::model::parse(&json!({
+            "container-registry": {"mirrors": [{"registry": "docker.io", "endpoint": ["http://10.0.2.2:5000"]}]},
+            "oci-defaults": {"resource-limits": {"max-open-files": {"hard-limit": 4096, "soft-limit": 1024}}},
+            "kubernetes": {"pod-infra-container-image": "registry.example/pause:1"},
+            "network": {"hostname": "n1"},
+            "kernel": {"sysctl": {"vm.swappiness": "7"}, "lockdown": "integrity"},
+            "motd": "hi",
+        }))
+        .unwrap();
+        render_for_containerd(&settings, etc.path(), &NoHost).unwrap();
+        let d = etc.path().display();
+        assert_eq!(
+            files_under(etc.path()),
+            vec![format!("{d}/containerd/config.toml"), format!("{d}/containerd/cri-base.json")]
+        );
+        let config = fs::read_to_string(etc.path().join("containerd/config.toml")).unwrap();
+        assert!(config.contains("http://10.0.2.2:5000"), "{config}");
+        assert!(config.contains("registry.example/pause:1"), "{config}");
+        let base = fs::read_to_string(etc.path().join("containerd/cri-base.json")).unwrap();
+        assert!(base.contains("RLIMIT_NOFILE"), "{base}");
+    }
 }
