@@ -273,6 +273,10 @@ fn run_session(req: &ExecRequest) -> io::Result<i32> {
     {
         let (master, slave) = crate::sys::pty::open()?;
         crate::sys::pty::set_size(&master, req.rows.unwrap_or(24), req.cols.unwrap_or(80))?;
+        // This pty only carries the client's terminal to ctr; the line discipline that matters
+        // (echo, Ctrl-C as SIGINT) is the container's own pty. Raw here (ctr makes it raw too
+        // once it runs), so no keystroke is acted on before ctr has it.
+        crate::sys::pty::make_raw(&slave)?;
         cmd.stdin(Stdio::from(slave.try_clone()?))
             .stdout(Stdio::from(slave.try_clone()?))
             .stderr(Stdio::from(slave));
