@@ -299,6 +299,71 @@ def api_request(sock_path, method, path, body=None, timeout=30):
         return r.status, raw.decode("utf-8", "replace")
 
 
+class Pty:
+    """A command on a pseudo-terminal of its own (its controlling terminal, as in a terminal
+    emulator), driven like a user: set the window size (the kernel sends SIGWINCH), type, and
+    read what it prints."""
+
+    def __init__(self, argv, rows, cols):
+        import fcntl
+        import termios
+        self.master, slave = os.openpty()
+        self.resize(rows, cols)
+        self.proc = subprocess.Popen(
+            argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        os.close(slave)
+        self.out = b""
+        self.seen = 0
+
+    def resize(self, rows, cols):
+        import fcntl
+        import struct
+        import termios
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def send(self, data):
+        os.write(self.master, data)
+
+    def _read(self, timeout):
+        import select
+        r, _, _ = select.select([self.master], [], [], timeout)
+        if not r:
+            return True
+        try:
+            data = os.read(self.master, 65536)
+        except OSError:  # EIO: the command and its terminal are gone
+            data = b""
+        self.out += data
+        return bool(data)
+
+    def expect(self, pattern, timeout):
+        """Wait for `pattern` (a bytes regex) in the output after the last match; fail with the
+        output so far if it does not come."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = re.compile(pattern).search(self.out, self.seen)
+            if m:
+                self.seen = m.end()
+                return m
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._read(min(left, 1.0)):
+                raise AssertionError(f"no {pattern!r} within {timeout}s; output: {self.out[-2000:]!r}")
+
+    def wait(self, timeout):
+        """The command's exit status (its output read meanwhile)."""
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            self._read(0.2)
+        return self.proc.wait(timeout=max(1, deadline - time.monotonic()))
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self.master)
+
+
 def gpt_partitions(disk_raw):
     """{label: (first_byte, size_bytes)} read with sgdisk, independent of berth's own parser."""
     out = subprocess.run(["sgdisk", "-p", disk_raw], check=True, capture_output=True, text=True).stdout

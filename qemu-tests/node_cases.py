@@ -4,8 +4,9 @@ things in one boot where it reads well."""
 
 import base64
 import subprocess
+import time
 
-from berthvm import VM, slot_states
+from berthvm import VM, Pty, slot_states
 from cases import _poll, case, copy_slot, host_berth
 
 
@@ -85,6 +86,65 @@ def _cis_flips_with_a_weakened_sysctl(vm):
     assert r["failed"] >= 1 and r["status"] == "FAIL", r
 
 
+def _exec_from_the_host(vm):
+    """`apiclient exec` driven from the host, the host's berth binary on the VM's API socket
+    (the serial bridge, which relays the upgraded connection): without a TTY, exit status and
+    output; with one, under a real pty: the window size at the start and after a change
+    (SIGWINCH), Ctrl-C (the byte 0x03) interrupting the foreground command, the exit status.
+    The bridge is back to requests after each session, also after a client killed mid-session."""
+    apiclient = [host_berth(), "apiclient", "-s", vm.api_sock, "exec"]
+    r = subprocess.run(apiclient + ["admin", "sh", "-c", "echo ok; exit 3"], stdin=subprocess.DEVNULL,
+                       capture_output=True, timeout=180)
+    assert (r.returncode, r.stdout) == (3, b"ok\n"), r
+    st, _ = vm.api("GET", "/os")
+    assert st == 200, st
+
+    def size_is(t, want):
+        # ctr sizes the container's terminal just after starting the command, and passes a
+        # resize on when it gets its SIGWINCH: ask until the size shows (a wrong one never does).
+        for _ in range(20):
+            t.send(b"busybox stty size\r")
+            try:
+                return t.expect(want, 6)
+            except AssertionError:
+                pass
+        raise AssertionError(f"the terminal never became {want!r}: {t.out[-2000:]!r}")
+
+    t = Pty(apiclient + ["-t", "admin", "sh"], 33, 101)
+    try:
+        t.expect(rb"# ", 180)
+        size_is(t, rb"\n33 101\r*\n")
+        t.resize(41, 123)
+        size_is(t, rb"\n41 123\r*\n")
+        t.send(b"echo S$((1+2)); sleep 1000\r")
+        t.expect(rb"\nS3\r*\n", 60)
+        time.sleep(3)
+        t.send(b"\x03")
+        t.send(b"echo back$((2+3))\r")
+        t.expect(rb"\nback5\r*\n", 60)
+        t.send(b"exit 7\r")
+        code = t.wait(120)
+        assert code == 7, (code, t.out[-2000:])
+    finally:
+        t.kill()
+    st, _ = vm.api("GET", "/os")
+    assert st == 200, st
+
+    # A client killed mid-session: its disconnect, or the next request, ends the session.
+    t = Pty(apiclient + ["-t", "admin", "sh"], 24, 80)
+    try:
+        t.send(b"echo V$((3+4))\r")
+        t.expect(rb"\nV7\r*\n", 180)
+    finally:
+        t.kill()
+    st, _ = vm.api("GET", "/os")
+    assert st == 200, st
+    console = vm.console()
+    assert console.count("api bridge: the exec session ended") >= 2, console[-3000:]
+    assert "api bridge: the host client left during an exec session" in console \
+        or "api bridge: the host sent a request during an exec session" in console, console[-3000:]
+
+
 @case(arches=("x86_64",))
 def bootstrap_commands_and_containers(arch):
     """Bootstrap commands run in name order, then bootstrap containers, all before the boot is
@@ -148,6 +208,7 @@ def bootstrap_commands_and_containers(arch):
             assert ("\n" + text).find("\nok\nexec status=3") >= 0, text
             assert "33 111" in text and "tty status=0" in text, text
             assert "got INT" in text and "int status=5" in text, text
+            _exec_from_the_host(vm)
             vm.qmp("system_powerdown")
             vm.wait_for(r"reboot: Power down|Power down", timeout=90)
             vm.kill()

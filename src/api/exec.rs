@@ -15,6 +15,12 @@
 //! | [`SIGNAL`] | client → server | a signal number (i32, big endian) for the command |
 //! | [`STDOUT`], [`STDERR`] | server → client | output bytes (with a TTY everything is STDOUT) |
 //! | [`EXIT`] | server → client | the exit status (i32; 128+N for death by signal N); last frame |
+//! | [`END`] | client → server | none: the client's last frame, sent once it has `EXIT` (or to give up the session) |
+//!
+//! `END` matters on the host's serial bridge (`api::bridge`), a byte stream with no
+//! connection boundaries: it tells the bridge where the session's input ends and the next
+//! request begins. A session process that gets it (a direct client that gives up) ends the
+//! command as when the client goes away.
 //!
 //! Off PID 1's event loop and out of PID 1 altogether: the API's connection thread checks the
 //! request, answers 101 and hands the socket to a process of its own, `berth exec-session`
@@ -43,6 +49,7 @@ pub const SIGNAL: u8 = 3;
 pub const STDOUT: u8 = 4;
 pub const STDERR: u8 = 5;
 pub const EXIT: u8 = 6;
+pub const END: u8 = 7;
 
 pub const PROTOCOL: &str = "berth-exec";
 /// The largest frame payload (a read of output or input is cut to this).
@@ -266,6 +273,10 @@ fn run_session(req: &ExecRequest) -> io::Result<i32> {
     {
         let (master, slave) = crate::sys::pty::open()?;
         crate::sys::pty::set_size(&master, req.rows.unwrap_or(24), req.cols.unwrap_or(80))?;
+        // This pty only carries the client's terminal to ctr; the line discipline that matters
+        // (echo, Ctrl-C as SIGINT) is the container's own pty. Raw here (ctr makes it raw too
+        // once it runs), so no keystroke is acted on before ctr has it.
+        crate::sys::pty::make_raw(&slave)?;
         cmd.stdin(Stdio::from(slave.try_clone()?))
             .stdout(Stdio::from(slave.try_clone()?))
             .stderr(Stdio::from(slave));
@@ -325,8 +336,8 @@ fn run_session(req: &ExecRequest) -> io::Result<i32> {
                     // ctr passes signals on to the command in the container.
                     let _ = crate::sys::kill(pid, sig);
                 }
-                Ok(Some(_)) => {} // unknown kinds are ignored
-                Ok(None) | Err(_) => {
+                Ok(Some((kind, _))) if kind != END => {} // unknown kinds are ignored
+                Ok(Some(_)) | Ok(None) | Err(_) => {
                     let _ = crate::sys::kill(pid, libc::SIGTERM);
                     std::thread::sleep(GRACE);
                     let _ = crate::sys::kill(pid, libc::SIGKILL);

@@ -5,6 +5,8 @@
 //! window size is sent at the start and on every SIGWINCH; without one, SIGINT, SIGTERM, SIGHUP
 //! and SIGQUIT are passed on to the command. apiclient exits with the command's exit status.
 //! With a TTY but no terminal on stdin, the size comes from `LINES` and `COLUMNS` if set.
+//! The socket may be the guest's /run/api.sock or, from the host of a VM, the serial bridge's
+//! Unix socket (`apiclient -s VM-API-SOCKET exec ...`; see `api::bridge`).
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -12,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{usage, Error, Result};
 use crate::api::exec::{
-    read_frame, write_frame, EXIT, MAX_FRAME, RESIZE, SIGNAL, STDERR, STDIN, STDIN_EOF, STDOUT,
+    read_frame, write_frame, END, EXIT, MAX_FRAME, RESIZE, SIGNAL, STDERR, STDIN, STDIN_EOF, STDOUT,
 };
 use crate::sys::SignalFd;
 
@@ -163,6 +165,13 @@ pub fn run(socket: &str, args: &[String]) -> Result<i32> {
             _ => {}
         }
     }
+    // The session's last frame: on the host's serial bridge it marks where the next request
+    // begins, so nothing may follow it (the other threads wait on the lock until the exit).
+    let _last = code.map(|_| {
+        let mut s = writer.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = write_frame(&mut *s, END, &[]);
+        s
+    });
     if let Some(saved) = raw {
         let _ = crate::sys::pty::restore(io::stdin(), &saved);
     }
