@@ -300,6 +300,19 @@ fn run_session(req: &ExecRequest) -> io::Result<i32> {
     // The command's copies of the pty slave or the pipes go now, so the output ends with it.
     drop(cmd);
     let pid = child.id() as i32;
+    // Signals go to ctr only while it has not been reaped (its pid cannot have been reused):
+    // the flag is set, under this lock, before the wait below reaps it, and each signal is
+    // sent holding the lock.
+    let reaped = std::sync::Arc::new(std::sync::Mutex::new(false));
+    let signal = {
+        let reaped = reaped.clone();
+        move |sig: i32| {
+            let gone = reaped.lock().unwrap_or_else(|p| p.into_inner());
+            if !*gone {
+                let _ = crate::sys::kill(pid, sig);
+            }
+        }
+    };
     // The client's frames: input, resizes, signals; its going away ends the command.
     std::thread::spawn(move || {
         let mut input = Some(input);
@@ -334,18 +347,29 @@ fn run_session(req: &ExecRequest) -> io::Result<i32> {
                 Ok(Some((SIGNAL, d))) if d.len() == 4 => {
                     let sig = i32::from_be_bytes([d[0], d[1], d[2], d[3]]);
                     // ctr passes signals on to the command in the container.
-                    let _ = crate::sys::kill(pid, sig);
+                    signal(sig);
                 }
                 Ok(Some((kind, _))) if kind != END => {} // unknown kinds are ignored
                 Ok(Some(_)) | Ok(None) | Err(_) => {
-                    let _ = crate::sys::kill(pid, libc::SIGTERM);
+                    signal(libc::SIGTERM);
                     std::thread::sleep(GRACE);
-                    let _ = crate::sys::kill(pid, libc::SIGKILL);
+                    signal(libc::SIGKILL);
                     return;
                 }
             }
         }
     });
+    // Wait for ctr to exit without reaping it (WNOWAIT), mark it gone, then reap it.
+    let rpid = rustix::process::Pid::from_raw(pid).ok_or_else(|| io::Error::other("ctr has no pid"))?;
+    let exited = rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOWAIT;
+    loop {
+        match rustix::process::waitid(rustix::process::WaitId::Pid(rpid), exited) {
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+            Ok(_) => break,
+        }
+    }
+    *reaped.lock().unwrap_or_else(|p| p.into_inner()) = true;
     let status = child.wait()?;
     // The output that is left (a pty master reads EIO once its slave is closed everywhere).
     for p in pumps {
