@@ -251,6 +251,11 @@ fn check_init(map: &BTreeMap<String, Vec<String>>) -> Result<(), Invalid> {
 /// Check `settings.boot` (called from `Settings::validate`): the words, their bounds, and
 /// whether this node can give its next boot a command line at all.
 pub fn validate(settings: &Settings) -> Result<(), Invalid> {
+    validate_on(settings, node_refusal())
+}
+
+/// [`validate`] on a node that refuses `settings.boot` for `refusal` (None: one that can).
+fn validate_on(settings: &Settings, refusal: Option<&str>) -> Result<(), Invalid> {
     let Some(boot) = &settings.boot else { return Ok(()) };
     if let Some(k) = &boot.kernel_parameters {
         check_kernel(k)?;
@@ -275,7 +280,7 @@ pub fn validate(settings: &Settings) -> Result<(), Invalid> {
             ),
         ));
     }
-    if let Some(why) = node_refusal() {
+    if let Some(why) = refusal {
         if boot.adds_anything() || boot.reboot_to_reconcile == Some(true) {
             return Err(invalid("settings.boot", why.to_string()));
         }
@@ -421,5 +426,23 @@ mod tests {
         assert!(e.message.contains("more than 1024"), "{e}");
         let b = boot(json!({"kernel-parameters": {"p": ["x".repeat(900)]}})).unwrap();
         assert!(compose(&"y".repeat(1200), &b).unwrap_err().contains("2048"));
+    }
+
+    #[test]
+    fn a_node_that_cannot_set_the_command_line_refuses_with_its_reason() {
+        let why = crate::bootctl::boot_settings_support("uefi", true).unwrap_err();
+        assert!(why.contains("Secure Boot") && why.contains("BERTH_CMDLINE_EXTRA"), "{why}");
+        let direct = crate::bootctl::boot_settings_support("direct", false).unwrap_err();
+        assert!(direct.contains("-append"), "{direct}");
+        assert!(crate::bootctl::boot_settings_support("uefi", false).is_ok());
+        assert!(crate::bootctl::boot_settings_support("rpi", false).is_ok());
+        let s = |v| super::super::model::parse_for(&json!({ "boot": v }), None).unwrap();
+        let e = validate_on(&s(json!({"kernel-parameters": {"nosmt": []}})), Some(&why)).unwrap_err();
+        assert_eq!((e.key.as_str(), e.message.as_str()), ("settings.boot", why.as_str()));
+        assert!(validate_on(&s(json!({"reboot-to-reconcile": true})), Some(&why)).is_err());
+        // Nothing asked of the command line: nothing to refuse.
+        assert!(validate_on(&s(json!({"reboot-to-reconcile": false, "kernel-parameters": {}})), Some(&why))
+            .is_ok());
+        assert!(validate_on(&s(json!({"kernel-parameters": {"nosmt": []}})), None).is_ok());
     }
 }
