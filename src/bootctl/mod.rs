@@ -435,19 +435,20 @@ pub fn set_boot_settings(boot: &crate::settings::boot::Boot) -> Result<Option<bo
     GptBootControl::new(&disk, sector).sync_firmware()
 }
 
-/// The command line `slot`'s next boot gets, as the firmware holds it now (None: no firmware
-/// backend, or not known before stage 2 handed the settings over).
-pub fn next_cmdline(slot: Slot) -> Option<Result<String, String>> {
+/// The command line `slot`'s next boot gets, as the firmware holds it now: Ok(None) for the
+/// UKI's own line (an entry without optional data), which is read from the UKI only when
+/// `read_own` (it mounts the slot's BOOT partition; slow under emulation, so not for the API).
+/// None without a firmware backend, or before stage 2 handed the settings over.
+pub fn next_cmdline(slot: Slot, read_own: bool) -> Option<Result<Option<String>, String>> {
     match firmware().as_ref()? {
         Firmware::Uefi(f) => {
             let next = f.next_cmdline.as_ref()?;
             Some(match f.entry_cmdlines()[slot as usize].clone() {
-                Ok(Some(line)) => Ok(line),
-                Ok(None) => next.ukis[slot as usize].own_cmdline(slot),
-                Err(e) => Err(e),
+                Ok(None) if read_own => next.ukis[slot as usize].own_cmdline(slot).map(Some),
+                other => other,
             })
         }
-        Firmware::Rpi(f, ..) => f.cmdlines().map(|l| l[slot as usize].clone()),
+        Firmware::Rpi(f, ..) => f.cmdlines().map(|l| l[slot as usize].clone().map(Some)),
     }
 }
 
@@ -464,10 +465,9 @@ pub fn cmdline_report() -> serde_json::Value {
         Some(Firmware::Rpi(..)) => "cmdline.txt",
         None => "",
     };
-    let next = match (next_cmdline(Slot::A), next_cmdline(Slot::B)) {
-        (Some(a), Some(b)) => {
-            serde_json::json!({"A": show(a.map(Some)), "B": show(b.map(Some)), "source": source})
-        }
+    // null: the UKI's own command line (its entry carries none).
+    let next = match (next_cmdline(Slot::A, false), next_cmdline(Slot::B, false)) {
+        (Some(a), Some(b)) => serde_json::json!({"A": show(a), "B": show(b), "source": source}),
         _ => serde_json::Value::Null,
     };
     let why_not = crate::settings::boot::node_refusal();

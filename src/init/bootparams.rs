@@ -110,9 +110,10 @@ pub fn reconcile(ctx: &mut Ctx) -> Result<(), BootError> {
         return Ok(());
     }
     let slot = ctx.handoff.slot;
-    let Some(next) = crate::bootctl::next_cmdline(slot) else { return Ok(()) };
+    let Some(next) = crate::bootctl::next_cmdline(slot, true) else { return Ok(()) };
     let want = match next {
-        Ok(line) => line,
+        Ok(Some(line)) => line,
+        Ok(None) => return Ok(()),
         Err(e) => {
             report::notice(format!(
                 "settings.boot: cannot tell what slot {slot}'s next boot gets ({e}); no reconcile"
