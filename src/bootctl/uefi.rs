@@ -331,17 +331,13 @@ pub enum UkiAt {
     Partition(PathBuf),
 }
 
-/// Where a BOOT partition is mounted while its UKI's command line is read (boot control's
-/// lock is held meanwhile, so one at a time).
+/// Where a BOOT partition is mounted while its UKI's command line is read (callers hold the
+/// firmware's lock in `bootctl`, so one at a time).
 pub const ESP_MOUNT: &str = "/run/berth/esp";
 
 impl UkiAt {
     /// The UKI's own command line (its `.cmdline` section).
     pub fn own_cmdline(&self, slot: Slot) -> Result<String, String> {
-        self.cmdline(slot)
-    }
-
-    fn cmdline(&self, slot: Slot) -> Result<String, String> {
         match self {
             UkiAt::File(p) => uki_cmdline(p),
             UkiAt::Partition(dev) => {
@@ -373,7 +369,7 @@ pub struct NextCmdline {
 impl NextCmdline {
     /// The command line `slot`'s entry gives it: its UKI's own with the parameters.
     pub fn line(&self, slot: Slot) -> Result<String, String> {
-        let base = self.ukis[slot as usize].cmdline(slot)?;
+        let base = self.ukis[slot as usize].own_cmdline(slot)?;
         crate::settings::boot::compose(&base, &self.boot)
     }
 }
