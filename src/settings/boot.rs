@@ -20,9 +20,10 @@
 //! spaces and only quotes group them); Berth's own parameters ([`OWNED`]) and the ones that
 //! undo the verified boot or its enforcement ([`WEAKENING`]) are refused; at most
 //! [`MAX_WORDS`] words (the kernel panics when more than 32 unknown words reach init's argv or
-//! environment) and [`MAX_EXTRA_BYTES`] bytes, so that the slot's own line (~250 bytes) and
-//! these fit the kernel's 2048-byte command line (`COMMAND_LINE_SIZE` on x86_64 and arm64),
-//! which is checked again with the real line when the entries are written.
+//! environment) and [`MAX_EXTRA_BYTES`] bytes, so that the slot's own line (~130 bytes on
+//! the x86_64 images) and these fit the kernel's 2048-byte command line (`COMMAND_LINE_SIZE`
+//! on x86_64 and arm64), which is checked again with the real line when the entries are
+//! written.
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
