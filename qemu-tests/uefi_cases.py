@@ -56,7 +56,12 @@ def stage_version(vm, repo, version):
 
 def uefi_ab(arch, disk_bus):
     builds = ["v2", "v3"] + (["v4-hang"] if arch == "x86_64" else [])
-    ud = '[settings]\nmotd = "from the BOOT partition"\n'
+    # settings.boot without Secure Boot: the entries' optional data carries each slot's own line
+    # (read from its UKI) and these, from the first boot's entries on.
+    ud = ('[settings]\nmotd = "from the BOOT partition"\n'
+          '[settings.boot.kernel-parameters]\n"printk.devkmsg" = ["on"]\n"sysctl.vm.overcommit_ratio" = ["50"]\n'
+          '[settings.boot.init-parameters]\n"berth.health-timeout" = ["600"]\n')
+    params = "printk.devkmsg=on sysctl.vm.overcommit_ratio=50 -- berth.health-timeout=600"
     with Repo(arch, builds) as repo, VM(arch, raw=True, reboot=True, firmware="uefi", disk_bus=disk_bus,
                                        disk_size="4G") as vm:
         # Bare metal style: the image written to a larger disk, user data on its BOOT partition.
@@ -77,6 +82,10 @@ def uefi_ab(arch, disk_bus):
         st, os_ = vm.api("GET", "/os")
         assert st == 200 and os_["boot"] == {"backend": "uefi", "secure_boot": False}, os_
         assert vm.api("GET", "/settings")[1].get("motd") == "from the BOOT partition"
+        # The removable path has no entry, so no parameters this boot; A's entry has them now.
+        cl = vm.api("GET", "/boot")[1]["cmdline"]
+        assert cl["settable"] is True and params not in cl["current"], cl
+        assert cl["next"]["A"] == cl["current"] + " " + params, cl
         assert re.search(r"grew BERTH-DATA from 64 MiB to \d{4} MiB", vm.console()), vm.tail()
 
         # v2 into B: BootNext is B's entry, one try.
@@ -91,6 +100,12 @@ def uefi_ab(arch, disk_bus):
         vm.wait_for(r"berth: api bridge")
         fw = firmware_report(vm)
         assert fw["boot_order"][:2] == [b, a] and fw["boot_next"] is None, fw
+        # B's entry, written when v2 was activated, gave this boot v2's own line (its root
+        # hash, berth.slot=B) and the parameters; PID 1 read its init argument.
+        cl = vm.api("GET", "/boot")[1]["cmdline"]
+        assert cl["current"].endswith(" " + params) and "berth.slot=B " in cl["current"], cl
+        assert cl["next"]["B"] == cl["current"], cl
+        assert "init arguments (after --): berth.health-timeout=600" in vm.console(), vm.tail()
 
         # v3 into A, its root corrupted while the machine is off: the trial fails and the
         # firmware falls back to BootOrder's first entry, v2 in B, by itself.
@@ -132,9 +147,10 @@ def uefi_ab(arch, disk_bus):
 @case()
 def uefi_metal_on_nvme_updates_and_falls_back(arch):
     """UEFI with no boot loader, bare-metal style: the raw image on a larger NVMe disk boots
-    from the removable-media path, grows DATA, applies user data from its BOOT partition and
-    creates its Boot#### entries; v2 is tried through BootNext, then leads BootOrder; a v3 with
-    a corrupt root, and a v4 that hangs (reset by the watchdog), each fall back to v2 by the
+    from the removable-media path, grows DATA, applies user data from its BOOT partition (with
+    settings.boot parameters) and creates its Boot#### entries; v2 is tried through BootNext
+    and boots with its own command line plus the parameters, then leads BootOrder; a v3 with a
+    corrupt root, and a v4 that hangs (reset by the watchdog), each fall back to v2 by the
     firmware's own BootOrder."""
     uefi_ab(arch, "nvme")
 
@@ -163,7 +179,8 @@ def foreign_signed(efi, out):
 
 @case()
 def secure_boot_refuses_tampered_ukis(arch):
-    """Secure Boot on, Berth's keys enrolled: the signed UKI boots, locked down; a root hash
+    """Secure Boot on, Berth's keys enrolled: the signed UKI boots, locked down; settings.boot is
+    refused (Secure Boot authenticates the command line); a root hash
     changed in slot.toml has no effect (the signed command line's is used); a UKI with one
     flipped byte, and one signed with another key, are refused by the firmware, which starts
     the other slot instead."""
@@ -189,6 +206,11 @@ def secure_boot_refuses_tampered_ukis(arch):
         st, os_ = vm.api("GET", "/os")
         assert st == 200 and os_["boot"] == {"backend": "uefi", "secure_boot": True}, os_
         assert fw["boot_order"][:2] == [fw["entries"]["A"], fw["entries"]["B"]], fw
+        # Secure Boot authenticates the command line: settings.boot is refused with the reason.
+        st, e = vm.api("PATCH", "/settings", {"boot": {"kernel-parameters": {"nosmt": []}}})
+        assert st == 400 and "Secure Boot" in str(e) and "BERTH_CMDLINE_EXTRA" in str(e), (st, e)
+        cl = vm.api("GET", "/boot")[1]["cmdline"]
+        assert cl["settable"] is False and "Secure Boot" in cl["why_not"], cl
 
         uki = os.path.join(vm.tmp, "A.EFI")
         for tamper in ("flipped byte", "foreign key"):

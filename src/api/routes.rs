@@ -78,6 +78,7 @@ const SETTING_GROUPS: &[&str] = &[
     "aws",
     "bootstrap-commands",
     "bootstrap-containers",
+    "boot",
 ];
 
 const ROUTES: &[(&str, &[&str])] = &[
@@ -724,6 +725,7 @@ impl Api {
                 let mut v = crate::boot::report::snapshot();
                 v["watchdog"] = json!(if crate::boot::watchdog::armed() { "armed" } else { "off" });
                 v["firmware"] = crate::bootctl::firmware_report().unwrap_or(Value::Null);
+                v["cmdline"] = crate::bootctl::cmdline_report();
                 v["services"] = self.supervisor().map(|s| s.timeline()).unwrap_or_else(|| json!([]));
                 Response::json(200, &v)
             }
@@ -856,6 +858,7 @@ mod tests {
             aws: Some(Aws::default()),
             bootstrap_commands: Some(Default::default()),
             bootstrap_containers: Some(Default::default()),
+            boot: Some(Default::default()),
         };
         let v = serde_json::to_value(all).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();

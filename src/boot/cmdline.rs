@@ -12,8 +12,17 @@
 //! | `berth.watchdog=off` | leave the hardware watchdog unarmed (it is armed on every boot) |
 //! | `berth.watchdog-timeout=SECS` | the watchdog's timeout (default 60) |
 //! | `berth.fault=hang-on-trial\|hang-after-ready` | fault injection for the watchdog tests: PID 1's main loop stops |
+//!
+//! **Init arguments.** Words after ` -- ` are not the kernel's: it hands them to PID 1 as its
+//! arguments (`settings.boot.init-parameters` puts them there; see `settings::boot`). Berth
+//! reads them from the same `/proc/cmdline` text (stage 1 and stage 2 alike, so nothing has to
+//! be carried across the exec), and there only the keys in `settings::boot::INIT_KEYS` count:
+//! they override the image's value of the same key; any other word there is ignored with a
+//! warning, so an init argument can never name the slot, the root hash or the SELinux mode.
 
 use std::collections::BTreeMap;
+
+use log::warn;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Cmdline {
@@ -23,13 +32,35 @@ pub struct Cmdline {
 impl Cmdline {
     pub fn parse(text: &str) -> Cmdline {
         let mut keys = BTreeMap::new();
-        for word in split(text) {
+        let words = split(text);
+        let (kernel, init) = match words.iter().position(|w| w == "--") {
+            Some(i) => (&words[..i], &words[i + 1..]),
+            None => (&words[..], &[][..]),
+        };
+        for word in kernel {
             if let Some(rest) = word.strip_prefix("berth.") {
                 let (k, v) = rest.split_once('=').unwrap_or((rest, "1"));
                 keys.insert(k.to_string(), v.to_string());
             }
         }
+        for word in init {
+            let (k, v) = word.split_once('=').unwrap_or((word, "1"));
+            match k.strip_prefix("berth.") {
+                Some(key) if crate::settings::boot::INIT_KEYS.iter().any(|(known, _)| *known == k) => {
+                    keys.insert(key.to_string(), v.to_string());
+                }
+                _ => warn!(
+                    "init argument {word:?} ignored: not one Berth's init takes (settings::boot::INIT_KEYS)"
+                ),
+            }
+        }
         Cmdline { keys }
+    }
+
+    /// The words after ` -- ` that Berth took (for the log).
+    pub fn init_arguments(text: &str) -> Vec<String> {
+        let words = split(text);
+        words.iter().position(|w| w == "--").map(|i| words[i + 1..].to_vec()).unwrap_or_default()
     }
 
     pub fn read() -> Cmdline {
@@ -82,6 +113,20 @@ mod tests {
         assert_eq!(c.get("hostname"), Some("a b"));
         assert_eq!(c.get("console"), None);
         assert_eq!(c.get_u64("missing", 10), 10);
+    }
+
+    #[test]
+    fn init_arguments_after_the_separator_override_only_known_keys() {
+        let c = Cmdline::parse(
+            "console=ttyS0 berth.slot=A berth.health-timeout=300 -- berth.health-timeout=600 berth.slot=B \
+             berth.selinux=permissive berth.rootwait=7 splash",
+        );
+        assert_eq!(c.get("health-timeout"), Some("600"), "an init argument overrides the image's");
+        assert_eq!(c.get_u64("rootwait", 10), 7);
+        assert_eq!(c.get("slot"), Some("A"), "berth.slot is not an init argument: ignored");
+        assert_eq!(c.get("selinux"), None);
+        assert_eq!(Cmdline::init_arguments("a -- b c"), ["b", "c"]);
+        assert!(Cmdline::init_arguments("a b").is_empty());
     }
 
     #[test]

@@ -25,6 +25,13 @@
 //! firmware update fails is undone, so the GPT record and the firmware never disagree for
 //! long, and stage 1 makes them agree again at every boot ([`GptBootControl::sync_firmware`]).
 //!
+//! The next boot's command line (`settings.boot`) goes where the firmware reads it: the UEFI
+//! entries' optional data without Secure Boot ([`uefi`]), each slot's `cmdline.txt` on a Pi
+//! ([`rpi`]). Stage 2 hands the settings over with [`set_boot_settings`]; from then on every
+//! transaction writes them again (so a slot the updater wrote gets its own line), and
+//! [`cmdline_report`] says what each slot's next boot gets, or why nothing can be set here
+//! ([`boot_settings_support`]).
+//!
 //! On a Raspberry Pi the firmware boots the partition `autoboot.txt` names, or once its
 //! `[tryboot]` partition after a `reboot "0 tryboot"`: [`rpi`] rewrites `autoboot.txt` after
 //! every transaction the same way ([`install_rpi`]), and [`restart_argument`] makes every
@@ -291,7 +298,11 @@ pub fn install_uefi(disk: &Path, sector: u64, efivars: &Path) -> Result<(), Erro
         let label = slot.label("BOOT");
         gpt.by_name(&label).map(|p| uefi::Hd::of(&p)).ok_or(Error::MissingPartition(label))
     };
-    let fw = uefi::UefiFirmware { vars: uefi::Vars::new(efivars), boot: [hd(Slot::A)?, hd(Slot::B)?] };
+    let fw = uefi::UefiFirmware {
+        vars: uefi::Vars::new(efivars),
+        boot: [hd(Slot::A)?, hd(Slot::B)?],
+        next_cmdline: None,
+    };
     *firmware() = Some(Firmware::Uefi(fw));
     Ok(())
 }
@@ -324,7 +335,8 @@ pub fn install_rpi(disk: &Path, sector: u64, at: rpi::Location) -> Result<[u32; 
         gpt.by_name(&label).map(|p| p.number).ok_or(Error::MissingPartition(label))
     };
     let boot = [number(Slot::A)?, number(Slot::B)?];
-    *firmware() = Some(Firmware::Rpi(rpi::RpiFirmware { at, boot }, disk.to_path_buf(), sector));
+    *firmware() =
+        Some(Firmware::Rpi(rpi::RpiFirmware { at, boot, next_cmdline: None }, disk.to_path_buf(), sector));
     Ok(boot)
 }
 
@@ -370,6 +382,96 @@ pub fn firmware_report() -> Option<serde_json::Value> {
         "secure_boot": fw.vars.secure_boot(),
         "lockdown": std::fs::read_to_string("/sys/kernel/security/lockdown").ok().map(|l| l.trim().to_string()),
     }))
+}
+
+/// Whether this boot's path lets Berth give the next boot a command line: Ok, or why not
+/// (the refusal `settings.boot` gets). `backend` and `secure_boot` are stage 1's findings.
+pub fn boot_settings_support(backend: &str, secure_boot: bool) -> Result<(), String> {
+    match (backend, secure_boot) {
+        ("uefi", false) | ("rpi", _) => Ok(()),
+        ("uefi", true) => {
+            Err("refused on this node: UEFI Secure Boot is on, and it authenticates the kernel \
+                               command line (the signed UKI's, which carries the dm-verity root hash), so \
+                               nothing written at run time can change it; build an image with the \
+                               arguments instead (BERTH_CMDLINE_EXTRA in scripts/build-uki, docs/boot.md)"
+                .into())
+        }
+        _ => Err("refused on this node: it was booted without a boot loader Berth controls (direct \
+                  kernel boot, e.g. QEMU -kernel), so whoever starts the kernel gives its command line \
+                  (QEMU's -append); set the arguments there"
+            .into()),
+    }
+}
+
+/// The disk and the slots' BOOT partitions (devices) that [`set_boot_settings`] writes to,
+/// registered by stage 2 once it knows them.
+static BOOT_PARTS: Mutex<Option<(PathBuf, u64, [PathBuf; 2])>> = Mutex::new(None);
+
+pub fn register_boot_partitions(disk: &Path, sector: u64, parts: [PathBuf; 2]) {
+    *BOOT_PARTS.lock().unwrap_or_else(|e| e.into_inner()) = Some((disk.to_path_buf(), sector, parts));
+}
+
+/// Give the firmware `boot` (settings.boot) for the slots' next command lines and write them
+/// now. Returns whether anything was written, or None where nothing is told (no firmware
+/// backend: direct kernel boot, dev mode).
+pub fn set_boot_settings(boot: &crate::settings::boot::Boot) -> Result<Option<bool>, Error> {
+    let Some((disk, sector, parts)) = BOOT_PARTS.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+        return Ok(None);
+    };
+    {
+        let mut fw = firmware();
+        match fw.as_mut() {
+            Some(Firmware::Uefi(f)) => {
+                f.next_cmdline =
+                    Some(uefi::NextCmdline { boot: boot.clone(), ukis: parts.map(uefi::UkiAt::Partition) })
+            }
+            Some(Firmware::Rpi(f, ..)) => {
+                f.next_cmdline =
+                    Some(rpi::NextCmdline { boot: boot.clone(), parts: parts.map(rpi::Location::Partition) })
+            }
+            None => return Ok(None),
+        }
+    }
+    GptBootControl::new(&disk, sector).sync_firmware()
+}
+
+/// The command line `slot`'s next boot gets, as the firmware holds it now: Ok(None) for the
+/// UKI's own line (an entry without optional data), which is read from the UKI only when
+/// `read_own` (it mounts the slot's BOOT partition; slow under emulation, so not for the API).
+/// None without a firmware backend, or before stage 2 handed the settings over.
+pub fn next_cmdline(slot: Slot, read_own: bool) -> Option<Result<Option<String>, String>> {
+    match firmware().as_ref()? {
+        Firmware::Uefi(f) => {
+            let next = f.next_cmdline.as_ref()?;
+            Some(match f.entry_cmdlines()[slot as usize].clone() {
+                Ok(None) if read_own => next.ukis[slot as usize].own_cmdline(slot).map(Some),
+                other => other,
+            })
+        }
+        Firmware::Rpi(f, ..) => f.cmdlines().map(|l| l[slot as usize].clone().map(Some)),
+    }
+}
+
+/// The kernel command line of this boot, and what each slot's next boot gets (or why that
+/// cannot be known or set), for `GET /boot`.
+pub fn cmdline_report() -> serde_json::Value {
+    let current = std::fs::read_to_string("/proc/cmdline").ok().map(|l| l.trim_end().to_string());
+    let show = |r: Result<Option<String>, String>| match r {
+        Ok(line) => serde_json::json!(line),
+        Err(e) => serde_json::json!({"error": e}),
+    };
+    let source = match firmware().as_ref() {
+        Some(Firmware::Uefi(_)) => "boot entries",
+        Some(Firmware::Rpi(..)) => "cmdline.txt",
+        None => "",
+    };
+    // null: the UKI's own command line (its entry carries none).
+    let next = match (next_cmdline(Slot::A, false), next_cmdline(Slot::B, false)) {
+        (Some(a), Some(b)) => serde_json::json!({"A": show(a), "B": show(b), "source": source}),
+        _ => serde_json::Value::Null,
+    };
+    let why_not = crate::settings::boot::node_refusal();
+    serde_json::json!({"current": current, "next": next, "settable": why_not.is_none(), "why_not": why_not})
 }
 
 /// The slot the running UKI was loaded from, as the firmware says (UEFI backend only).

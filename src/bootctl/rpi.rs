@@ -25,6 +25,16 @@
 //! the next write replaces), and stage 1 applies the record again at every boot, so a
 //! transaction cut between the GPT and `autoboot.txt` is finished then.
 //!
+//! **The next boot's command line.** The firmware hands the kernel the `cmdline.txt` of the
+//! partition it boots (one line; no signature on a Pi). With `settings.boot` parameters, each
+//! bootable slot's `cmdline.txt` becomes the image's own line followed by them
+//! ([`write_cmdline`]; `settings::boot::compose`). The image's line is kept beside it as
+//! `cmdline.base.txt` the first time, so it is never lost or doubled; a slot the updater wrote
+//! has a fresh `cmdline.txt` (and no `cmdline.base.txt`), which is taken as its base when the
+//! slot is activated. Both files are written atomically as `autoboot.txt` is, the base first:
+//! a power cut leaves the old `cmdline.txt` or the new one. Stage 1, which does not read
+//! settings, leaves `cmdline.txt` as it is.
+//!
 //! Stage 1 learns what the firmware did from the device tree it was handed:
 //! `/chosen/bootloader/partition` (the partition it booted) and `/chosen/bootloader/tryboot`
 //! ([`Bootloader::read`]). The slot that runs is the one whose BOOT partition that is.
@@ -45,8 +55,16 @@ const AUTOBOOT_MAX: usize = 512;
 pub const BOOTLOADER_DT: &str = "/proc/device-tree/chosen/bootloader";
 /// The restart argument that makes the kernel set the firmware's tryboot flag.
 pub const TRYBOOT_ARG: &str = "0 tryboot";
-/// Where stage 1 and 2 mount `BERTH-AUTOBOOT` while they rewrite `autoboot.txt`.
+/// Where stage 1 and 2 mount `BERTH-AUTOBOOT` while they rewrite `autoboot.txt` (and a slot's
+/// BOOT partition while its `cmdline.txt` is rewritten; boot control's lock makes it one at a
+/// time).
 pub const MOUNT: &str = "/run/berth/autoboot";
+/// The kernel command line the firmware gives the kernel, on each slot's BOOT partition.
+pub const CMDLINE: &str = "cmdline.txt";
+/// The image's own `cmdline.txt`, kept the first time settings add to it.
+pub const CMDLINE_BASE: &str = "cmdline.base.txt";
+/// A `cmdline.txt` is one line; the kernel takes at most 2048 bytes of it.
+const CMDLINE_MAX: u64 = 4096;
 
 #[derive(Debug)]
 pub enum Error {
@@ -197,35 +215,124 @@ pub enum Location {
     Partition(PathBuf),
 }
 
+/// What each slot's `cmdline.txt` should say (stage 2, from `settings.boot`).
+#[derive(Debug, Clone)]
+pub struct NextCmdline {
+    pub boot: crate::settings::boot::Boot,
+    /// BERTH-BOOT-A and BERTH-BOOT-B.
+    pub parts: [Location; 2],
+}
+
 /// The Raspberry Pi firmware, as boot control tells it.
 #[derive(Debug, Clone)]
 pub struct RpiFirmware {
     pub at: Location,
     /// Partition numbers of BERTH-BOOT-A and BERTH-BOOT-B.
     pub boot: [u32; 2],
+    /// The slots' command lines; None leaves `cmdline.txt` as it is (stage 1).
+    pub next_cmdline: Option<NextCmdline>,
+}
+
+fn read_small(path: &Path) -> Result<String, Error> {
+    let len = fs::metadata(path).map_err(|e| Error::Io(path.to_path_buf(), e))?.len();
+    if len > CMDLINE_MAX {
+        return Err(Error::Invalid(path.to_path_buf(), format!("{len} bytes, not one command line")));
+    }
+    fs::read_to_string(path).map_err(|e| Error::Io(path.to_path_buf(), e))
+}
+
+fn write(path: &Path, text: &str) -> Result<(), Error> {
+    crate::settings::store::write_atomic(path, text.as_bytes()).map_err(|e| match e {
+        crate::settings::store::Error::Io { path, error } => Error::Io(path, error),
+        other => Error::Invalid(path.to_path_buf(), other.to_string()),
+    })
+}
+
+/// Make `dir`'s `cmdline.txt` the image's line with `boot`'s parameters (see the module docs).
+/// Returns whether it was rewritten.
+pub fn write_cmdline(dir: &Path, boot: &crate::settings::boot::Boot) -> Result<bool, Error> {
+    let (path, base_path) = (dir.join(CMDLINE), dir.join(CMDLINE_BASE));
+    let now = read_small(&path)?;
+    let base = match read_small(&base_path) {
+        Ok(b) => b,
+        Err(Error::Io(_, e)) if e.kind() == io::ErrorKind::NotFound => {
+            if !boot.adds_anything() {
+                return Ok(false);
+            }
+            // The base first: cut after it, cmdline.txt is still the image's line.
+            write(&base_path, &now)?;
+            now.clone()
+        }
+        Err(e) => return Err(e),
+    };
+    let want = if boot.adds_anything() {
+        let line = crate::settings::boot::compose(base.lines().next().unwrap_or(""), boot)
+            .map_err(|why| Error::Invalid(path.clone(), why))?;
+        format!("{line}\n")
+    } else {
+        base
+    };
+    if now == want {
+        return Ok(false);
+    }
+    write(&path, &want)?;
+    Ok(true)
+}
+
+/// Run `f` in `at`'s directory: a directory as it is, a FAT partition mounted at [`MOUNT`] for
+/// the time `f` runs (read-only unless `write`).
+fn with_location<T>(
+    at: &Location,
+    write: bool,
+    f: impl FnOnce(&Path) -> Result<T, Error>,
+) -> Result<T, Error> {
+    match at {
+        Location::Dir(dir) => f(dir),
+        Location::Partition(dev) => {
+            let dir = Path::new(MOUNT);
+            fs::create_dir_all(dir).map_err(|e| Error::Io(dir.to_path_buf(), e))?;
+            let flags = crate::sys::MS_NOSUID
+                | crate::sys::MS_NODEV
+                | crate::sys::MS_NOEXEC
+                | if write { 0 } else { crate::sys::MS_RDONLY };
+            crate::sys::mount(Some(&dev.to_string_lossy()), dir, Some("vfat"), flags, None)
+                .map_err(|e| Error::Mount(dev.clone(), e))?;
+            let r = f(dir);
+            // Unmounting writes back whatever FAT metadata is still cached.
+            let unmounted = crate::sys::umount(dir, 0).map_err(|e| Error::Io(dir.to_path_buf(), e));
+            let r = r?;
+            unmounted?;
+            Ok(r)
+        }
+    }
 }
 
 impl RpiFirmware {
     fn with_dir<T>(&self, write: bool, f: impl FnOnce(&Path) -> Result<T, Error>) -> Result<T, Error> {
-        match &self.at {
-            Location::Dir(dir) => f(dir),
-            Location::Partition(dev) => {
-                let dir = Path::new(MOUNT);
-                fs::create_dir_all(dir).map_err(|e| Error::Io(dir.to_path_buf(), e))?;
-                let flags = crate::sys::MS_NOSUID
-                    | crate::sys::MS_NODEV
-                    | crate::sys::MS_NOEXEC
-                    | if write { 0 } else { crate::sys::MS_RDONLY };
-                crate::sys::mount(Some(&dev.to_string_lossy()), dir, Some("vfat"), flags, None)
-                    .map_err(|e| Error::Mount(dev.clone(), e))?;
-                let r = f(dir);
-                // Unmounting writes back whatever FAT metadata is still cached.
-                let unmounted = crate::sys::umount(dir, 0).map_err(|e| Error::Io(dir.to_path_buf(), e));
-                let r = r?;
-                unmounted?;
-                Ok(r)
+        with_location(&self.at, write, f)
+    }
+
+    /// Each bootable slot's `cmdline.txt` as `next_cmdline` says (nothing without it). A slot
+    /// that cannot boot is left alone: it is written when it is activated.
+    fn apply_cmdlines(&self, slots: Slots) -> Result<bool, Error> {
+        let Some(next) = &self.next_cmdline else { return Ok(false) };
+        let mut wrote = false;
+        for (slot, at) in [Slot::A, Slot::B].into_iter().zip(&next.parts) {
+            if slots[slot].bootable() {
+                wrote |= with_location(at, true, |dir| write_cmdline(dir, &next.boot))?;
             }
         }
+        Ok(wrote)
+    }
+
+    /// The `cmdline.txt` of each slot, as the firmware will read it.
+    pub fn cmdlines(&self) -> Option<[Result<String, String>; 2]> {
+        let next = self.next_cmdline.as_ref()?;
+        Some([0, 1].map(|i| {
+            with_location(&next.parts[i], false, |dir| read_small(&dir.join(CMDLINE)))
+                .map(|t| t.trim_end().to_string())
+                .map_err(|e| e.to_string())
+        }))
     }
 
     /// What `autoboot.txt` says now.
@@ -237,18 +344,17 @@ impl RpiFirmware {
         })
     }
 
-    /// Make `autoboot.txt` say what `slots` means. Returns whether it was rewritten.
+    /// Make the slots' `cmdline.txt` and `autoboot.txt` say what `slots` means. Returns whether
+    /// anything was rewritten.
     pub fn apply(&self, slots: Slots) -> Result<bool, Error> {
+        let cmdlines = self.apply_cmdlines(slots)?;
         let want = Autoboot::for_slots(slots, self.boot).render();
         self.with_dir(true, |dir| {
             let path = dir.join(AUTOBOOT);
             if fs::read_to_string(&path).is_ok_and(|now| now == want) {
-                return Ok(false);
+                return Ok(cmdlines);
             }
-            crate::settings::store::write_atomic(&path, want.as_bytes()).map_err(|e| match e {
-                crate::settings::store::Error::Io { path, error } => Error::Io(path, error),
-                other => Error::Invalid(path.clone(), other.to_string()),
-            })?;
+            write(&path, &want)?;
             Ok(true)
         })
     }
@@ -294,7 +400,7 @@ mod tests {
 
     fn pi(name: &str, a: SlotState, b: SlotState) -> Pi {
         let dir = TempDir::new(name);
-        let fw = RpiFirmware { at: Location::Dir(dir.path().to_path_buf()), boot: BOOT };
+        let fw = RpiFirmware { at: Location::Dir(dir.path().to_path_buf()), boot: BOOT, next_cmdline: None };
         let slots = Slots { a, b };
         fw.apply(slots).unwrap();
         Pi { slots, fw, dir }
@@ -454,7 +560,8 @@ mod tests {
             let parsed = Autoboot::parse(&seen).unwrap();
             assert!([2, 5].contains(&parsed.default), "{what}: the firmware boots a good slot");
             // Next boot: stage 1 applies the record (B committed) again.
-            let fw = RpiFirmware { at: Location::Dir(dir.path().to_path_buf()), boot: BOOT };
+            let fw =
+                RpiFirmware { at: Location::Dir(dir.path().to_path_buf()), boot: BOOT, next_cmdline: None };
             assert_eq!(fw.apply(committed).unwrap(), seen != new, "{what}");
             assert_eq!(fs::read_to_string(dir.path().join(AUTOBOOT)).unwrap(), new, "{what}");
             assert_eq!(fw.read().unwrap(), Autoboot { default: 5, tryboot: 5 }, "{what}");
@@ -481,5 +588,110 @@ mod tests {
         assert_eq!(Bootloader { partition: 1, tryboot: false }.slot(BOOT), None);
         fs::write(dir.path().join("partition"), b"5\0").unwrap();
         assert!(Bootloader::read(dir.path()).unwrap_err().to_string().contains("32-bit cell"));
+    }
+
+    fn boot_settings(v: serde_json::Value) -> crate::settings::boot::Boot {
+        crate::settings::model::parse_for(&serde_json::json!({ "boot": v }), None).unwrap().boot.unwrap()
+    }
+
+    const IMAGE_LINE: &str = "console=tty1 console=ttyS1,115200 panic=10 berth.rootwait=60\n";
+
+    #[test]
+    fn cmdline_txt_gets_the_parameters_and_keeps_the_image_line() {
+        let dir = TempDir::new("rpi-cmdline");
+        let d = dir.path();
+        fs::write(d.join(CMDLINE), IMAGE_LINE).unwrap();
+        let none = boot_settings(serde_json::json!({"reboot-to-reconcile": false}));
+        assert!(!write_cmdline(d, &none).unwrap(), "nothing to add: untouched");
+        assert!(!d.join(CMDLINE_BASE).exists());
+        let p = boot_settings(serde_json::json!({"kernel-parameters": {"nosmt": []},
+                                                 "init-parameters": {"berth.rootwait": ["90"]}}));
+        assert!(write_cmdline(d, &p).unwrap());
+        let want =
+            "console=tty1 console=ttyS1,115200 panic=10 berth.rootwait=60 nosmt -- berth.rootwait=90\n";
+        assert_eq!(fs::read_to_string(d.join(CMDLINE)).unwrap(), want);
+        assert_eq!(fs::read_to_string(d.join(CMDLINE_BASE)).unwrap(), IMAGE_LINE);
+        assert!(!write_cmdline(d, &p).unwrap(), "the same again: no write (SD cards wear), not doubled");
+        let q = boot_settings(serde_json::json!({"kernel-parameters": {"console": ["tty0"]}}));
+        write_cmdline(d, &q).unwrap();
+        assert_eq!(
+            fs::read_to_string(d.join(CMDLINE)).unwrap(),
+            "console=tty1 console=ttyS1,115200 panic=10 berth.rootwait=60 console=tty0\n"
+        );
+        // The parameters removed: the image's line again.
+        assert!(write_cmdline(d, &none).unwrap());
+        assert_eq!(fs::read_to_string(d.join(CMDLINE)).unwrap(), IMAGE_LINE);
+        // An oversized file is refused, not read whole.
+        fs::write(d.join(CMDLINE_BASE), "x".repeat(5000)).unwrap();
+        assert!(write_cmdline(d, &q).is_err());
+    }
+
+    /// Power cuts while settings are first applied to `cmdline.txt`: the base written in part
+    /// or whole, `cmdline.txt`'s temporary file in part or whole, renamed. The firmware always
+    /// reads a whole line, the image's or the new one, and applying again ends with the new one.
+    #[test]
+    fn power_cut_while_cmdline_txt_is_rewritten() {
+        let p = boot_settings(serde_json::json!({"kernel-parameters": {"nosmt": []}}));
+        let new = "console=tty1 console=ttyS1,115200 panic=10 berth.rootwait=60 nosmt\n";
+        let (tmp, tmp_base) = (format!(".{CMDLINE}.tmp"), format!(".{CMDLINE_BASE}.tmp"));
+        type Cut<'a> = (&'a str, &'a dyn Fn(&Path));
+        let cuts: [Cut; 6] = [
+            ("before anything", &|_| {}),
+            ("base's temporary file in part", &|d| fs::write(d.join(&tmp_base), &IMAGE_LINE[..9]).unwrap()),
+            ("base written", &|d| fs::write(d.join(CMDLINE_BASE), IMAGE_LINE).unwrap()),
+            ("cmdline's temporary file in part", &|d| {
+                fs::write(d.join(CMDLINE_BASE), IMAGE_LINE).unwrap();
+                fs::write(d.join(&tmp), &new[..20]).unwrap()
+            }),
+            ("cmdline's temporary file whole", &|d| {
+                fs::write(d.join(CMDLINE_BASE), IMAGE_LINE).unwrap();
+                fs::write(d.join(&tmp), new).unwrap()
+            }),
+            ("renamed", &|d| {
+                fs::write(d.join(CMDLINE_BASE), IMAGE_LINE).unwrap();
+                fs::write(d.join(CMDLINE), new).unwrap()
+            }),
+        ];
+        for (what, cut) in cuts {
+            let dir = TempDir::new("rpi-cmdline-cut");
+            let d = dir.path();
+            fs::write(d.join(CMDLINE), IMAGE_LINE).unwrap();
+            cut(d);
+            let seen = fs::read_to_string(d.join(CMDLINE)).unwrap();
+            assert!(seen == IMAGE_LINE || seen == new, "{what}: the firmware reads {seen:?}");
+            write_cmdline(d, &p).unwrap();
+            assert_eq!(fs::read_to_string(d.join(CMDLINE)).unwrap(), new, "{what}");
+            assert_eq!(fs::read_to_string(d.join(CMDLINE_BASE)).unwrap(), IMAGE_LINE, "{what}");
+        }
+    }
+
+    #[test]
+    fn apply_writes_the_bootable_slots_cmdline_txt() {
+        let (a, b) = (TempDir::new("rpi-boot-a"), TempDir::new("rpi-boot-b"));
+        for d in [&a, &b] {
+            fs::write(d.path().join(CMDLINE), IMAGE_LINE).unwrap();
+        }
+        let dir = TempDir::new("rpi-autoboot");
+        let fw = RpiFirmware {
+            at: Location::Dir(dir.path().to_path_buf()),
+            boot: BOOT,
+            next_cmdline: Some(NextCmdline {
+                boot: boot_settings(serde_json::json!({"kernel-parameters": {"nosmt": []}})),
+                parts: [Location::Dir(a.path().to_path_buf()), Location::Dir(b.path().to_path_buf())],
+            }),
+        };
+        assert!(fw.apply(Slots { a: st(1, 0, true), b: st(0, 0, false) }).unwrap());
+        assert!(fs::read_to_string(a.path().join(CMDLINE)).unwrap().ends_with("nosmt\n"));
+        assert_eq!(
+            fs::read_to_string(b.path().join(CMDLINE)).unwrap(),
+            IMAGE_LINE,
+            "B cannot boot: untouched"
+        );
+        // An update wrote B (a fresh cmdline.txt) and activates it.
+        fs::write(b.path().join(CMDLINE), "new image line\n").unwrap();
+        fw.apply(Slots { a: st(1, 0, true), b: st(2, 1, false) }).unwrap();
+        assert_eq!(fs::read_to_string(b.path().join(CMDLINE)).unwrap(), "new image line nosmt\n");
+        let lines = fw.cmdlines().unwrap();
+        assert_eq!(lines[1].as_deref(), Ok("new image line nosmt"));
     }
 }

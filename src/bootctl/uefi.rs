@@ -15,10 +15,23 @@
 //!
 //! Entries are `Boot####` load options named `Berth A` and `Berth B`, whose device path is the
 //! slot's BOOT partition (by its GPT number, start, size and unique GUID) and the slot's UKI,
-//! `\EFI\BERTH\A.EFI` or `\EFI\BERTH\B.EFI`. They carry no optional data: without Secure Boot,
-//! systemd-stub would take an entry's optional data as the kernel command line instead of the
-//! UKI's own (PLATFORM-NOTES). Entries are created when missing (the first boot, after NVRAM
-//! was cleared) at the lowest free number; variables are only written when they change.
+//! `\EFI\BERTH\A.EFI` or `\EFI\BERTH\B.EFI`. Entries are created when missing (the first
+//! boot, after NVRAM was cleared) at the lowest free number; variables are only written when
+//! they change.
+//!
+//! **The next boot's command line.** Without Secure Boot, systemd-stub takes an entry's
+//! optional data (UTF-16, its first character printable) as the kernel command line *instead
+//! of* the UKI's own `.cmdline` section; with Secure Boot on it ignores it. So an entry carries
+//! no optional data unless `settings.boot` adds parameters on a machine without Secure Boot
+//! ([`NextCmdline`]); then it carries the slot's own line, read from the `.cmdline` section of
+//! that slot's UKI on its BOOT partition ([`pe_section`]; never `/proc/cmdline`, which is the
+//! running slot's), followed by the parameters (`settings::boot::compose`). It is computed
+//! again at every transaction, so a UKI the updater wrote into a slot gets its own line (its
+//! root hash) when the slot is activated; a slot that is not bootable gets no optional data, so
+//! a UKI half-written into it never stops a transaction. Stage 1, which does not read settings,
+//! leaves the entries' optional data as it finds it. The removable-media path
+//! (`\EFI\BOOT\BOOTX64.EFI`, the first boot before entries exist) has no entry and so no
+//! optional data: the first boot always has the image's own line.
 //!
 //! efivarfs marks variables immutable; the flag is cleared just before a write or delete.
 
@@ -56,9 +69,20 @@ pub fn entry_name(slot: Slot) -> String {
 
 #[derive(Debug)]
 pub enum Error {
-    Io { var: String, error: io::Error },
-    Malformed { var: String, why: String },
+    Io {
+        var: String,
+        error: io::Error,
+    },
+    Malformed {
+        var: String,
+        why: String,
+    },
     NoFreeEntry,
+    /// A slot's command line for its entry could not be made (its UKI unreadable, too long).
+    Cmdline {
+        slot: Slot,
+        why: String,
+    },
 }
 
 impl fmt::Display for Error {
@@ -67,6 +91,7 @@ impl fmt::Display for Error {
             Error::Io { var, error } => write!(f, "EFI variable {var}: {error}"),
             Error::Malformed { var, why } => write!(f, "EFI variable {var} is malformed: {why}"),
             Error::NoFreeEntry => write!(f, "no free Boot#### number"),
+            Error::Cmdline { slot, why } => write!(f, "the command line for slot {slot}'s entry: {why}"),
         }
     }
 }
@@ -198,12 +223,155 @@ pub struct LoadOption {
     pub description: String,
     pub hd: Option<Hd>,
     pub path: Option<String>,
-    /// Bytes after the device path (must be empty for Berth's entries).
+    /// Bytes after the device path: empty, or a command line for systemd-stub
+    /// ([`cmdline_data`]).
     pub optional_data: Vec<u8>,
 }
 
 fn utf16z(s: &str) -> Vec<u8> {
     s.encode_utf16().chain([0]).flat_map(|u| u.to_le_bytes()).collect()
+}
+
+/// A command line as a load option's optional data for systemd-stub: UTF-16LE with a
+/// terminating NUL. The stub takes it only if its first character is above 0x1F, and keeps
+/// the low byte of each character, so the line must be printable ASCII (settings are checked
+/// for that; anything else is refused here too).
+pub fn cmdline_data(line: &str) -> Result<Vec<u8>, String> {
+    if line.is_empty() || !line.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) || line.starts_with(' ') {
+        return Err(
+            "a command line for systemd-stub must be printable ASCII, not starting with a space".into()
+        );
+    }
+    Ok(utf16z(line))
+}
+
+/// The command line in an entry's optional data, if it holds one ([`cmdline_data`]'s form).
+pub fn data_cmdline(data: &[u8]) -> Option<String> {
+    if data.len() < 2 || !data.len().is_multiple_of(2) {
+        return None;
+    }
+    let units: Vec<u16> =
+        data.chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).take_while(|&u| u != 0).collect();
+    (units.first().is_some_and(|&u| u > 0x1f)).then(|| String::from_utf16_lossy(&units))
+}
+
+/// PE headers, section table and a `.cmdline` are read with these bounds: a UKI's headers sit
+/// in its first pages, the PE format allows at most 96 sections, and no command line is longer
+/// than the kernel's 2048 bytes.
+const PE_HEADER_MAX: u64 = 64 * 1024;
+const PE_SECTIONS_MAX: usize = 96;
+const SECTION_MAX: usize = 4096;
+
+/// The contents of section `name` (`.cmdline`) of the PE file `f`, or None when it has none.
+/// Only the DOS header's `e_lfanew`, the COFF header and the section table are read: no
+/// checksum or signature (the firmware checks those when it loads the file).
+pub fn pe_section<R: std::io::Read + std::io::Seek>(
+    f: &mut R,
+    name: &str,
+) -> Result<Option<Vec<u8>>, String> {
+    use std::io::SeekFrom;
+    let mut read_at = |at: u64, len: usize| -> Result<Vec<u8>, String> {
+        let mut buf = vec![0u8; len];
+        f.seek(SeekFrom::Start(at)).map_err(|e| e.to_string())?;
+        f.read_exact(&mut buf).map_err(|e| format!("{len} bytes at {at}: {e} (truncated?)"))?;
+        Ok(buf)
+    };
+    let dos = read_at(0, 64)?;
+    if &dos[0..2] != b"MZ" {
+        return Err("not a PE file (no MZ header)".into());
+    }
+    let pe = u32::from_le_bytes(dos[60..64].try_into().expect("4 bytes")) as u64;
+    if pe > PE_HEADER_MAX {
+        return Err(format!("PE header at {pe}, past the first {PE_HEADER_MAX} bytes"));
+    }
+    let coff = read_at(pe, 24)?;
+    if &coff[0..4] != b"PE\0\0" {
+        return Err("not a PE file (no PE signature)".into());
+    }
+    let sections = u16::from_le_bytes([coff[6], coff[7]]) as usize;
+    let optional = u16::from_le_bytes([coff[20], coff[21]]) as u64;
+    if sections > PE_SECTIONS_MAX {
+        return Err(format!("{sections} sections, more than the format's {PE_SECTIONS_MAX}"));
+    }
+    let table = read_at(pe + 24 + optional, 40 * sections)?;
+    for s in table.chunks(40) {
+        let end = s[..8].iter().position(|&b| b == 0).unwrap_or(8);
+        if &s[..end] != name.as_bytes() {
+            continue;
+        }
+        let u32_at = |i: usize| u32::from_le_bytes(s[i..i + 4].try_into().expect("4 bytes"));
+        let (virtual_size, raw_size, raw_at) = (u32_at(8) as usize, u32_at(16) as usize, u32_at(20) as u64);
+        // The raw data is padded to the file alignment; the virtual size is the contents'.
+        let len = if virtual_size == 0 { raw_size } else { virtual_size.min(raw_size) };
+        if len > SECTION_MAX {
+            return Err(format!("section {name} holds {len} bytes, more than {SECTION_MAX}"));
+        }
+        return read_at(raw_at, len).map(Some);
+    }
+    Ok(None)
+}
+
+/// A UKI's built-in command line: its `.cmdline` section, as text without trailing NULs and
+/// white space.
+pub fn uki_cmdline(path: &Path) -> Result<String, String> {
+    let mut f = fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let raw = pe_section(&mut f, ".cmdline")
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .ok_or_else(|| format!("{} has no .cmdline section", path.display()))?;
+    let text = String::from_utf8(raw).map_err(|_| format!("{}: .cmdline is not UTF-8", path.display()))?;
+    Ok(text.trim_end_matches(['\0', '\n', ' ']).to_string())
+}
+
+/// Where a slot's UKI is read from: a file (the unit tests'), or the slot's BOOT partition,
+/// mounted read-only at [`ESP_MOUNT`] for the time of one read.
+#[derive(Debug, Clone)]
+pub enum UkiAt {
+    #[cfg_attr(not(test), allow(dead_code))]
+    File(PathBuf),
+    Partition(PathBuf),
+}
+
+/// Where a BOOT partition is mounted while its UKI's command line is read (callers hold the
+/// firmware's lock in `bootctl`, so one at a time).
+pub const ESP_MOUNT: &str = "/run/berth/esp";
+
+impl UkiAt {
+    /// The UKI's own command line (its `.cmdline` section).
+    pub fn own_cmdline(&self, slot: Slot) -> Result<String, String> {
+        match self {
+            UkiAt::File(p) => uki_cmdline(p),
+            UkiAt::Partition(dev) => {
+                let dir = Path::new(ESP_MOUNT);
+                fs::create_dir_all(dir).map_err(|e| format!("{ESP_MOUNT}: {e}"))?;
+                let flags = crate::sys::MS_RDONLY
+                    | crate::sys::MS_NOSUID
+                    | crate::sys::MS_NODEV
+                    | crate::sys::MS_NOEXEC;
+                crate::sys::mount(Some(&dev.to_string_lossy()), dir, Some("vfat"), flags, None)
+                    .map_err(|e| format!("mounting {} at {ESP_MOUNT}: {e}", dev.display()))?;
+                let rel = uki_path(slot).replace('\\', "/");
+                let r = uki_cmdline(&dir.join(rel.trim_start_matches('/')));
+                let _ = crate::sys::umount(dir, 0);
+                r
+            }
+        }
+    }
+}
+
+/// What the entries' optional data should say (stage 2, from `settings.boot`).
+#[derive(Debug, Clone)]
+pub struct NextCmdline {
+    pub boot: crate::settings::boot::Boot,
+    /// Slot A's and B's UKIs.
+    pub ukis: [UkiAt; 2],
+}
+
+impl NextCmdline {
+    /// The command line `slot`'s entry gives it: its UKI's own with the parameters.
+    pub fn line(&self, slot: Slot) -> Result<String, String> {
+        let base = self.ukis[slot as usize].own_cmdline(slot)?;
+        crate::settings::boot::compose(&base, &self.boot)
+    }
 }
 
 impl LoadOption {
@@ -326,6 +494,8 @@ pub struct UefiFirmware {
     pub vars: Vars,
     /// BOOT-A and BOOT-B.
     pub boot: [Hd; 2],
+    /// The entries' command lines; None leaves their optional data as it is (stage 1).
+    pub next_cmdline: Option<NextCmdline>,
 }
 
 impl UefiFirmware {
@@ -335,8 +505,10 @@ impl UefiFirmware {
         let mut written = Vec::new();
         let mut entries = [0u16; 2];
         for (i, slot) in [Slot::A, Slot::B].into_iter().enumerate() {
-            let want = LoadOption::new(&entry_name(slot), self.boot[i], &uki_path(slot));
-            let n = match self.find_entry(slot)? {
+            let mut want = LoadOption::new(&entry_name(slot), self.boot[i], &uki_path(slot));
+            let found = self.find_entry(slot)?;
+            want.optional_data = self.optional_data(slot, slots, found)?;
+            let n = match found {
                 Some(n) => n,
                 None => self.free_entry(&entries[..i])?,
             };
@@ -380,6 +552,35 @@ impl UefiFirmware {
             info!("firmware boot entries: wrote {}", written.join(", "));
         }
         Ok(Applied { entries, boot_order: new_order, boot_next: trial, written })
+    }
+
+    /// The optional data of `slot`'s entry (`found`: its number, if it exists): see the module
+    /// docs.
+    fn optional_data(&self, slot: Slot, slots: Slots, found: Option<u16>) -> Result<Vec<u8>, Error> {
+        let Some(next) = &self.next_cmdline else {
+            let now = match found {
+                Some(n) => self.vars.get(&boot_var(n), GLOBAL)?.and_then(|raw| LoadOption::decode(&raw).ok()),
+                None => None,
+            };
+            return Ok(now.map(|o| o.optional_data).unwrap_or_default());
+        };
+        if !next.boot.adds_anything() || self.vars.secure_boot() || !slots[slot].bootable() {
+            return Ok(Vec::new());
+        }
+        let line = next.line(slot).map_err(|why| Error::Cmdline { slot, why })?;
+        cmdline_data(&line).map_err(|why| Error::Cmdline { slot, why })
+    }
+
+    /// The command line each slot's entry gives the next boot of that slot, as the firmware
+    /// holds it now: Ok(None) for the UKI's own (no optional data), or why it cannot be read.
+    pub fn entry_cmdlines(&self) -> [Result<Option<String>, String>; 2] {
+        [Slot::A, Slot::B].map(|slot| {
+            let n = self.find_entry(slot).map_err(|e| e.to_string())?.ok_or("no entry yet")?;
+            let raw =
+                self.vars.get(&boot_var(n), GLOBAL).map_err(|e| e.to_string())?.ok_or("no entry yet")?;
+            let opt = LoadOption::decode(&raw)?;
+            Ok(data_cmdline(&opt.optional_data))
+        })
     }
 
     /// The numbers of slot A's and B's entries (0xFFFF where one is missing).
@@ -471,6 +672,7 @@ mod tests {
                     guid: guid("aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"),
                 },
             ],
+            next_cmdline: None,
         }
     }
 
@@ -582,5 +784,164 @@ mod tests {
         fw.vars.set("LoaderDevicePartUUID", LOADER, &uuid).unwrap();
         assert_eq!(fw.loaded_from(), Some(Slot::B));
         assert!(booted_as_uki(&fw.vars.dir));
+    }
+
+    /// A minimal PE file as objcopy leaves a UKI: DOS header, PE signature, COFF header, an
+    /// optional header of `opt` bytes, and the named sections' data after the table, each
+    /// padded to 512 bytes (raw size) with its contents' length as its virtual size.
+    pub(crate) fn pe(sections: &[(&str, &[u8])]) -> Vec<u8> {
+        let opt = 240usize;
+        let mut f = vec![0u8; 0x80];
+        f[0..2].copy_from_slice(b"MZ");
+        f[60..64].copy_from_slice(&0x80u32.to_le_bytes());
+        f.extend_from_slice(b"PE\0\0");
+        let mut coff = [0u8; 20];
+        coff[0..2].copy_from_slice(&0x8664u16.to_le_bytes());
+        coff[2..4].copy_from_slice(&(sections.len() as u16).to_le_bytes());
+        coff[16..18].copy_from_slice(&(opt as u16).to_le_bytes());
+        f.extend_from_slice(&coff);
+        f.extend(std::iter::repeat_n(0u8, opt));
+        let mut at = (f.len() + 40 * sections.len()).div_ceil(512) * 512;
+        let mut data = Vec::new();
+        for (name, body) in sections {
+            let mut h = [0u8; 40];
+            h[..name.len()].copy_from_slice(name.as_bytes());
+            let raw = body.len().div_ceil(512) * 512;
+            h[8..12].copy_from_slice(&(body.len() as u32).to_le_bytes());
+            h[16..20].copy_from_slice(&(raw as u32).to_le_bytes());
+            h[20..24].copy_from_slice(&(at as u32).to_le_bytes());
+            f.extend_from_slice(&h);
+            let mut padded = body.to_vec();
+            padded.resize(raw, 0);
+            data.push((at, padded));
+            at += raw;
+        }
+        for (at, body) in data {
+            f.resize(at, 0);
+            f.extend_from_slice(&body);
+        }
+        f
+    }
+
+    #[test]
+    fn pe_cmdline_section_is_found_and_bad_files_are_errors() {
+        let line = b"console=ttyS0 panic=10 berth.slot=A berth.verity.roothash=ab12";
+        let good = pe(&[(".osrel", b"ID=berth\n"), (".cmdline", line), (".linux", &[0x90; 700])]);
+        let read = |b: &[u8]| pe_section(&mut std::io::Cursor::new(b.to_vec()), ".cmdline");
+        assert_eq!(read(&good).unwrap().as_deref(), Some(&line[..]));
+        assert_eq!(read(&pe(&[(".linux", b"x")])).unwrap(), None, "no .cmdline: None");
+        // Truncated anywhere: in the headers, the section table, the .cmdline data (at 1024).
+        for cut in [10, 0x82, 0x80 + 24 + 100, 0x80 + 24 + 240 + 50, 1024 + 30] {
+            assert!(read(&good[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut not_mz = good.clone();
+        not_mz[0] = b'X';
+        assert!(read(&not_mz).unwrap_err().contains("MZ"));
+        let mut far = good.clone();
+        far[60..64].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(read(&far).unwrap_err().contains("past the first"));
+        let mut many = good.clone();
+        many[0x80 + 6..0x80 + 8].copy_from_slice(&1000u16.to_le_bytes());
+        assert!(read(&many).unwrap_err().contains("sections"));
+        let huge = pe(&[(".cmdline", &[b'a'; 5000])]);
+        assert!(read(&huge).unwrap_err().contains("more than 4096"));
+        // A UKI file: trailing NULs and newline dropped.
+        let dir = crate::testing::TempDir::new("pe-uki");
+        let path = dir.path().join("A.EFI");
+        fs::write(&path, pe(&[(".cmdline", b"a b\n\0\0")])).unwrap();
+        assert_eq!(uki_cmdline(&path).unwrap(), "a b");
+        fs::write(&path, b"MZ").unwrap();
+        assert!(uki_cmdline(&path).is_err());
+    }
+
+    #[test]
+    fn optional_data_is_utf16_with_a_nul_and_only_printable_ascii() {
+        let d = cmdline_data("a=1 b").unwrap();
+        assert_eq!(d, b"a\0=\x001\0 \0b\0\0\0");
+        assert_eq!(data_cmdline(&d).as_deref(), Some("a=1 b"));
+        assert!(cmdline_data("").is_err() && cmdline_data(" a").is_err() && cmdline_data("é").is_err());
+        assert!(cmdline_data("a\tb").is_err());
+        assert_eq!(data_cmdline(&[]), None);
+        assert_eq!(data_cmdline(&[1, 0, 0, 0]), None, "the stub ignores data starting below 0x20");
+    }
+
+    fn with_ukis(name: &str, params: serde_json::Value) -> (UefiFirmware, crate::testing::TempDir) {
+        let dir = crate::testing::TempDir::new(name);
+        let mut fw = firmware(name);
+        let ukis = [Slot::A, Slot::B].map(|s| {
+            let p = dir.path().join(format!("{s}.EFI"));
+            let line = format!(
+                "console=ttyS0 berth.slot={s} berth.verity.roothash={}",
+                if s == Slot::A { "aa" } else { "bb" }
+            );
+            fs::write(&p, pe(&[(".cmdline", line.as_bytes())])).unwrap();
+            UkiAt::File(p)
+        });
+        let boot = crate::settings::model::parse_for(&serde_json::json!({ "boot": params }), None)
+            .unwrap()
+            .boot
+            .unwrap();
+        fw.next_cmdline = Some(NextCmdline { boot, ukis });
+        (fw, dir)
+    }
+
+    fn entry_data(fw: &UefiFirmware, n: u16) -> Vec<u8> {
+        LoadOption::decode(&fw.vars.get(&boot_var(n), GLOBAL).unwrap().unwrap()).unwrap().optional_data
+    }
+
+    #[test]
+    fn parameters_go_into_each_bootable_slots_entry_with_its_own_line() {
+        let (fw, dir) = with_ukis(
+            "params",
+            serde_json::json!({"kernel-parameters": {"nosmt": [], "console": ["tty0"]},
+                               "init-parameters": {"berth.health-timeout": ["600"]}}),
+        );
+        let r = fw.apply(slots((1, 0, true), (2, 1, false))).unwrap();
+        let lines = fw.entry_cmdlines();
+        assert_eq!(
+            lines[0].as_ref().unwrap().as_deref(),
+            Some("console=ttyS0 berth.slot=A berth.verity.roothash=aa console=tty0 nosmt -- berth.health-timeout=600")
+        );
+        assert!(lines[1]
+            .as_ref()
+            .unwrap()
+            .as_deref()
+            .unwrap()
+            .contains("berth.slot=B berth.verity.roothash=bb console=tty0"));
+        // A new UKI written into B (an update): B's entry follows it at the next transaction.
+        let b = dir.path().join("B.EFI");
+        fs::write(&b, pe(&[(".cmdline", b"console=ttyS0 berth.slot=B berth.verity.roothash=cc")])).unwrap();
+        fw.apply(slots((1, 0, true), (3, 1, false))).unwrap();
+        assert!(data_cmdline(&entry_data(&fw, r.entries[1]))
+            .unwrap()
+            .contains("roothash=cc console=tty0 nosmt"));
+        // A slot that cannot boot gets no optional data, and its unreadable UKI is no error.
+        fs::write(&b, b"half-written").unwrap();
+        fw.apply(slots((1, 0, true), (0, 0, false))).unwrap();
+        assert!(entry_data(&fw, r.entries[1]).is_empty());
+        // ... but a bootable slot whose UKI cannot be read fails the transaction.
+        let e = fw.apply(slots((1, 0, true), (2, 1, false))).unwrap_err();
+        assert!(e.to_string().contains("slot B"), "{e}");
+    }
+
+    #[test]
+    fn no_parameters_secure_boot_or_stage1_mean_no_new_optional_data() {
+        let (mut fw, _dir) = with_ukis("noparams", serde_json::json!({"reboot-to-reconcile": true}));
+        let r = fw.apply(slots((1, 0, true), (1, 0, true))).unwrap();
+        assert!(entry_data(&fw, r.entries[0]).is_empty(), "nothing to add: the UKI's own line");
+        // Stage 1 (no settings) keeps what stage 2 wrote.
+        let (with, _d2) = with_ukis("keep", serde_json::json!({"kernel-parameters": {"nosmt": []}}));
+        fw.next_cmdline = with.next_cmdline.clone();
+        fw.apply(slots((1, 0, true), (1, 0, true))).unwrap();
+        let data = entry_data(&fw, r.entries[0]);
+        assert!(data_cmdline(&data).unwrap().ends_with("nosmt"));
+        fw.next_cmdline = None;
+        assert!(fw.apply(slots((1, 0, true), (1, 0, true))).unwrap().written.is_empty());
+        assert_eq!(entry_data(&fw, r.entries[0]), data);
+        // Secure Boot on: the stub would ignore it, so none is written.
+        fw.next_cmdline = with.next_cmdline.clone();
+        fw.vars.set("SecureBoot", GLOBAL, &[1]).unwrap();
+        fw.apply(slots((1, 0, true), (1, 0, true))).unwrap();
+        assert!(entry_data(&fw, r.entries[0]).is_empty());
     }
 }

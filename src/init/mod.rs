@@ -17,6 +17,7 @@
 //! with a notice on the console and in `GET /boot`, because a known-good slot that reboots on
 //! every boot is a brick.
 
+pub mod bootparams;
 pub mod bootstrap;
 mod ec2;
 mod etc;
@@ -143,6 +144,7 @@ const PHASES: &[Phase] = &[
     ("containerd-config", settings::render_containerd_config),
     ("containerd", services::start_containerd),
     ("settings", settings::apply_settings),
+    ("reconcile-boot", bootparams::reconcile),
     ("network", network::start),
     ("services", services::declare),
     ("updater", updates::start),
@@ -201,6 +203,11 @@ fn stage2() -> ! {
         }),
     };
     info!("stage2 start slot={} version={}", handoff.slot, handoff.version);
+    let init_args =
+        boot::cmdline::Cmdline::init_arguments(&fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    if !init_args.is_empty() {
+        info!("init arguments (after --): {}", init_args.join(" "));
+    }
     report::adopt(handoff.phases.clone(), handoff.notices.clone());
     let cmdline = Cmdline::read();
     // Stage 1 armed the watchdog; it is fed from here on, for the life of the system.
@@ -250,6 +257,7 @@ fn stage2() -> ! {
             }
         }
     }
+    bootparams::register_partitions(&ctx);
     for (name, phase) in ec2::phases(PHASES, ctx.ec2) {
         let (t, start_ms) = (Instant::now(), report::uptime_ms());
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| phase(&mut ctx)))

@@ -35,6 +35,8 @@ const FALLBACK_DATASTORE: &str = "/run/berth/datastore";
 pub fn open_datastore(ctx: &mut Ctx) -> Result<(), BootError> {
     // Variant-only settings (settings.aws) are accepted on their variant only.
     crate::settings::model::set_variant(&ctx.handoff.variant);
+    // settings.boot only where this boot's path lets Berth set the next command line.
+    super::bootparams::declare_support(ctx);
     let store = match Datastore::open(&datastore_dir()) {
         Ok(s) => s,
         Err(e) => {

@@ -56,6 +56,9 @@ pub struct Settings {
     /// `settings.bootstrap-containers.NAME` (see [`super::bootstrap`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bootstrap_containers: Option<BTreeMap<String, super::bootstrap::BootstrapContainer>>,
+    /// `settings.boot`: the next boot's kernel and init parameters (see [`super::boot`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub boot: Option<super::boot::Boot>,
 }
 
 /// `settings.aws`: Bottlerocket's keys, accepted on the `aws` variant only.
@@ -1268,6 +1271,7 @@ impl Settings {
             }
         }
         super::bootstrap::validate(self)?;
+        super::boot::validate(self)?;
         super::static_pods::validate(self)?;
         for (name, hc) in self.host_containers.iter().flatten() {
             if name.is_empty()
@@ -1699,12 +1703,6 @@ mod tests {
     #[test]
     fn bottlerocket_keys_refused_with_reasons() {
         let cases = [
-            (json!({"boot": {"reboot-to-reconcile": true}}), "settings.boot", "signed UKI"),
-            (
-                json!({"boot": {"kernel-parameters": {"console": ["tty0"]}}}),
-                "settings.boot",
-                "BERTH_CMDLINE_EXTRA",
-            ),
             (json!({"metrics": {"send-metrics": true}}), "settings.metrics.send-metrics", "sends no metrics"),
             (
                 json!({"metrics": {"metrics-url": "https://m"}}),

@@ -20,13 +20,6 @@ pub struct Refusal {
 /// Refused whatever their value. Paths are dotted from `settings.`.
 pub const REFUSED: &[Refusal] = &[
     Refusal {
-        key: "boot",
-        why: "not supported on Berth: the kernel command line is part of the slot's signed UKI \
-              (it carries the dm-verity root hash), so settings cannot change it; use \
-              settings.kernel.sysctl and settings.kernel.lockdown for runtime knobs, or build \
-              the image with the arguments (BERTH_CMDLINE_EXTRA, docs/boot.md)",
-    },
-    Refusal {
         key: "metrics.metrics-url",
         why: "Berth sends no metrics, so there is no metrics URL; service health is in \
               GET /services",

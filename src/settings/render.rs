@@ -591,6 +591,14 @@ pub fn apply(
             }
         }
     }
+    if touched("boot") {
+        // The next boot's command line (boot control; nothing where it has no firmware to tell).
+        match crate::bootctl::set_boot_settings(&s.boot.clone().unwrap_or_default()) {
+            Ok(Some(true)) => done.push("next boot's command line written".into()),
+            Ok(_) => {}
+            Err(e) => errors.push(format!("next boot's command line: {e}")),
+        }
+    }
     if errors.is_empty() {
         Ok(done)
     } else {
