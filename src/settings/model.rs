@@ -978,6 +978,17 @@ impl Settings {
                     "at most 256 entries, each a host, domain or CIDR without spaces or commas",
                 ));
             }
+            // What the updater reads the same way (an https:// proxy is for the services only).
+            if let Some(p) = n.https_proxy.as_deref().filter(|p| !p.starts_with("https://")) {
+                if let Err(e) = crate::http::proxy::Proxy::new(p, np) {
+                    let key = if e.starts_with("no-proxy") {
+                        "settings.network.no-proxy"
+                    } else {
+                        "settings.network.https-proxy"
+                    };
+                    return Err(invalid(key, e));
+                }
+            }
         }
         if let Some(d) = &self.dns {
             let ns = d.name_servers.as_deref().unwrap_or_default();
@@ -1601,6 +1612,16 @@ mod tests {
                 "proxy URL",
             ),
             (json!({"network": {"no-proxy": ["a,b"]}}), "settings.network.no-proxy", "commas"),
+            (
+                json!({"network": {"https-proxy": "http://p:3128/path"}}),
+                "settings.network.https-proxy",
+                "no path",
+            ),
+            (
+                json!({"network": {"https-proxy": "p:3128", "no-proxy": ["10.0.0.0/40"]}}),
+                "settings.network.no-proxy",
+                "'10.0.0.0/40' is not a host",
+            ),
             (
                 json!({"dns": {"name-servers": ["8.8.8.8", "1.1.1.1", "9.9.9.9", "8.8.4.4"]}}),
                 "settings.dns.name-servers",
