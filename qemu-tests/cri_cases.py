@@ -10,8 +10,8 @@ from berthvm import VM, ROOT
 from cases import case, _poll, _host_container_user_data, assert_no_avc_denials
 
 STEPS = ("Version", "Status", "PullImage", "RunPodSandbox", "PodSandboxStatus", "CreateContainer",
-         "StartContainer", "ContainerStatus", "cgroup", "reach", "log", "ExecSync", "StopContainer",
-         "RemoveContainer", "StopPodSandbox", "RemovePodSandbox", "ListPodSandbox")
+         "StartContainer", "ContainerStatus", "cgroup", "reach", "log", "ExecSync", "limits",
+         "StopContainer", "RemoveContainer", "StopPodSandbox", "RemovePodSandbox", "ListPodSandbox")
 
 
 def cri_client(arch):
@@ -20,6 +20,34 @@ def cri_client(arch):
                        check=True)
     with open(r.stdout.strip(), "rb") as f:
         return f.read()
+
+
+# Values unlike containerd's defaults: one default capability dropped, one added, other limits.
+OCI_DEFAULTS = """[settings.oci-defaults.capabilities]
+net-admin = true
+mknod = false
+[settings.oci-defaults.resource-limits.max-open-files]
+hard-limit = 20000
+soft-limit = 10000
+"""
+
+# Linux's capability numbers (include/uapi/linux/capability.h) of the base spec's defaults
+# (src/settings/render.rs DEFAULT_CAPABILITIES) and of the ones the case changes.
+CAP_NUMBERS = {"chown": 0, "dac-override": 1, "fowner": 3, "fsetid": 4, "kill": 5, "setgid": 6,
+               "setuid": 7, "setpcap": 8, "net-bind-service": 10, "net-admin": 12, "net-raw": 13,
+               "sys-chroot": 18, "mknod": 27, "audit-write": 29, "setfcap": 31}
+DEFAULT_CAPS = {"audit-write", "chown", "dac-override", "fowner", "fsetid", "kill", "mknod",
+                "net-bind-service", "net-raw", "setfcap", "setgid", "setpcap", "setuid", "sys-chroot"}
+
+
+def check_oci_defaults(text):
+    """The `cri: proc:` lines of the client against OCI_DEFAULTS."""
+    proc = dict(re.findall(r"cri: proc: (Cap\w+|Max open files|Max core file size):?\s+(.*)", text))
+    want = sum(1 << CAP_NUMBERS[c] for c in (DEFAULT_CAPS - {"mknod"}) | {"net-admin"})
+    for s in ("CapBnd", "CapEff", "CapPrm"):
+        assert int(proc[s], 16) == want, (s, proc, hex(want))
+    soft, hard = proc["Max open files"].split()[:2]
+    assert (soft, hard) == ("10000", "20000"), proc
 
 
 @case(arches=("x86_64", "arm64"))
@@ -31,7 +59,9 @@ def cri_pod_lifecycle(arch):
     network, and stop and remove leave nothing (IP released). No SELinux denial on the way.
     The host has an IPv6 address by SLAAC from QEMU's user network.
     The network comes from the kernel command line's netdog.default-interface (DHCPv4; its
-    optional dhcp6 is logged as not applied yet)."""
+    optional dhcp6 is logged as not applied yet).
+    The container has the capabilities and rlimits settings.oci-defaults gives (NET_ADMIN
+    added, MKNOD dropped, NOFILE 10000/20000), as its own /proc shows them through ExecSync."""
     from registry import Registry
     client = cri_client(arch)
     with Registry() as reg:
@@ -45,6 +75,7 @@ def cri_pod_lifecycle(arch):
         assert runner == own, (runner, own)
         ud = _host_container_user_data("cri", runner, True, reg)
         ud += f'[settings.kubernetes]\npod-infra-container-image = "{pause}"\n'
+        ud += OCI_DEFAULTS
         # The network as Bottlerocket's cloud images give it, on the kernel command line.
         with VM(arch, user_data=ud, append="netdog.default-interface=eth0:dhcp4,dhcp6?") as vm:
             vm.start()
@@ -63,6 +94,7 @@ def cri_pod_lifecycle(arch):
             for s in STEPS:
                 assert f"cri: {s} ok" in text, (s, text[-4000:])
             assert f"sandbox image {pause}" in text, text[-4000:]
+            check_oci_defaults(text)
             # IPv6 SLAAC on QEMU's user network (prefix fec0::/64 by default): the kernel's
             # autoconfiguration from slirp's router advertisements, on the host's eth0.
             v6 = re.search(r"cri: host ipv6: (.*)", text).group(1)
