@@ -365,15 +365,19 @@ async fn lifecycle(sandbox_image: &str, image: &str) -> Res<()> {
     step("ExecSync", format!("stdout {out:?}, stderr {err:?}, exit 3"));
 
     // What the container's process spec gives its processes (containerd builds it from the
-    // base spec, settings.oci-defaults): capabilities and rlimits, one `cri: proc:` line each,
-    // for the case to check against the settings.
+    // base spec, settings.oci-defaults): the capabilities and rlimits of the container's own
+    // process (`main`) and of a process ExecSync starts in it (`exec`), one `cri: proc:` line
+    // each, for the case to check against the settings.
     let ex = rt
         .exec_sync(cri::ExecSyncRequest {
             container_id: ctr.clone(),
             cmd: vec![
                 "/bin/sh".into(),
                 "-c".into(),
-                "grep -E '^Cap(Bnd|Eff|Prm):' /proc/self/status; grep -E '^Max (open files|core file size)' /proc/self/limits"
+                r#"for p in main:$(pidof cri-client) exec:self; do
+                     { grep -E '^Cap(Bnd|Eff|Prm):' /proc/${p#*:}/status
+                       grep -E '^Max (open files|core file size)' /proc/${p#*:}/limits; } | sed "s/^/${p%%:*} /"
+                   done"#
                     .into(),
             ],
             timeout: 30,
@@ -382,7 +386,7 @@ async fn lifecycle(sandbox_image: &str, image: &str) -> Res<()> {
         .map_err(e("ExecSync"))?
         .into_inner();
     let out = String::from_utf8_lossy(&ex.stdout);
-    if ex.exit_code != 0 || out.lines().count() != 5 {
+    if ex.exit_code != 0 || out.lines().count() != 10 {
         return Err(format!("ExecSync of the limits: stdout {out:?} exit {}", ex.exit_code));
     }
     for line in out.lines() {
