@@ -643,7 +643,9 @@ def eks_node_user_data_accepted_and_effective(arch):
     host container user-data, sysctls, lockdown, registry mirrors in table form and
     credentials, proxy, DNS, pki, oci-defaults, container-runtime; without [settings.aws],
     which only the aws variant takes) is accepted as a whole at first boot, and each effect is
-    there as the host has it: kubelet's KubeletConfiguration, containerd's config (whose CRI
+    there as the host has it: kubelet's KubeletConfiguration (with Bottlerocket's newer keys:
+    reserved CPUs, memory manager, CPU manager options, swap, image GC ages), /etc/hosts
+    (settings.network.hosts), containerd's config (whose CRI
     plugin loads with it) and base OCI spec, resolv.conf, containerd's proxy environment, the
     CA in the trust bundle, the lockdown mode in securityfs, a sysctl, the user-data file; no
     SELinux denial on the way."""
