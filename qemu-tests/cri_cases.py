@@ -64,12 +64,12 @@ def cri_pod_lifecycle(arch):
     the pod an IP on a bridge, the container starts, its status and CRI-format log file are
     right, ExecSync returns output and exit status, the pod answers at its IP from the host's
     network, and stop and remove leave nothing (IP released). No SELinux denial on the way.
-    The host has an IPv6 address by SLAAC from QEMU's user network.
-    The network comes from the kernel command line's netdog.default-interface (DHCPv4; its
-    optional dhcp6 is logged as not applied yet).
     The container has the capabilities and rlimits settings.oci-defaults gives (NET_ADMIN
     added, MKNOD dropped, NOFILE 10000/20000), as /proc shows them through ExecSync (an exec'd
-    process: the same capabilities and hard limit)."""
+    process: the same capabilities and hard limit).
+    The host has an IPv6 address by SLAAC from QEMU's user network.
+    The network comes from the kernel command line's netdog.default-interface (DHCPv4; its
+    optional dhcp6 is logged as not applied yet)."""
     from registry import Registry
     client = cri_client(arch)
     with Registry() as reg:
