@@ -610,6 +610,7 @@ show kubelet-config $R/etc/kubernetes/kubelet/config.json
 show containerd $R/etc/containerd/config.toml
 show cri-base $R/etc/containerd/cri-base.json
 show resolv $R/etc/resolv.conf
+show hosts $R/etc/hosts
 grep -qF CALINE $R/etc/pki/tls/certs/ca-bundle.crt && echo ca=trusted || echo ca=absent
 show user-data /.bottlerocket/host-containers/current/user-data
 set -- $(pidof containerd)
@@ -642,7 +643,9 @@ def eks_node_user_data_accepted_and_effective(arch):
     host container user-data, sysctls, lockdown, registry mirrors in table form and
     credentials, proxy, DNS, pki, oci-defaults, container-runtime; without [settings.aws],
     which only the aws variant takes) is accepted as a whole at first boot, and each effect is
-    there as the host has it: kubelet's KubeletConfiguration, containerd's config (whose CRI
+    there as the host has it: kubelet's KubeletConfiguration (with Bottlerocket's newer keys:
+    reserved CPUs, memory manager, CPU manager options, swap, image GC ages), /etc/hosts
+    (settings.network.hosts), containerd's config (whose CRI
     plugin loads with it) and base OCI spec, resolv.conf, containerd's proxy environment, the
     CA in the trust bundle, the lockdown mode in securityfs, a sysctl, the user-data file; no
     SELinux denial on the way."""
@@ -680,7 +683,7 @@ def eks_node_user_data_accepted_and_effective(arch):
                 return ("probe-done" in text, text)
             _, out = _poll(probed, 400)
             sec = _sections(out)
-            assert {"kubelet-config", "containerd", "cri-base", "resolv", "user-data",
+            assert {"kubelet-config", "containerd", "cri-base", "resolv", "hosts", "user-data",
                     "containerd-env"} <= set(sec), out[-6000:]
             # kubelet reads its configuration as KubeletConfiguration JSON.
             k = json.loads(sec["kubelet-config"])
@@ -694,6 +697,14 @@ def eks_node_user_data_accepted_and_effective(arch):
             assert k["imageGCHighThresholdPercent"] == 85 and k["imageGCLowThresholdPercent"] == 80, k
             assert k["allowedUnsafeSysctls"] == ["net.core.somaxconn", "net.ipv4.ip_local_port_range"], k
             assert k["shutdownGracePeriod"] == "30s" and k["seccompDefault"] is True, k
+            # Bottlerocket's newer kubelet keys, by kubelet's own field names.
+            assert k["reservedSystemCPUs"] == "0" and k["memoryManagerPolicy"] == "Static", k
+            assert k["reservedMemory"] == [{"numaNode": 0, "limits": {"memory": "1349Mi"}}], k
+            assert k["cpuManagerPolicyOptions"] == {"full-pcpus-only": "true"}, k
+            assert k["memorySwap"] == {"swapBehavior": "NoSwap"}, k
+            assert (k["imageMaximumGCAge"], k["imageMinimumGCAge"]) == ("168h", "2m"), k
+            # settings.network.hosts in /etc/hosts.
+            assert "10.0.2.2 registry.internal.example mirror.internal.example" in sec["hosts"].splitlines(), sec
             # containerd: mirrors, credentials and runtime values, and its CRI plugin loads them.
             c = tomllib.loads(sec["containerd"])
             cri = c["plugins"]["io.containerd.grpc.v1.cri"]

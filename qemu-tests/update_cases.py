@@ -20,6 +20,7 @@ import time
 from berthvm import VM, BUILD, gpt_partitions, slot_states
 from cases import _poll, case, flip_byte, host_berth, assert_no_avc_denials
 from testpki import make_pki
+from connect_proxy import ConnectProxy
 
 KEYS = os.environ.get("BERTH_UPDATE_KEYS", os.path.join(BUILD, "update-keys"))
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -501,8 +502,9 @@ def update_over_https_with_a_private_ca(arch):
     """The repository is served over HTTPS with a certificate from a test CA: refresh is refused
     (unknown issuer) until settings.pki trusts that CA; then a server with a certificate from
     another CA, one with an expired certificate and one with a certificate for another name
-    are each refused, the reason in /updates/status; and refresh and prepare succeed over
-    HTTPS from the good server."""
+    are each refused, the reason in /updates/status; a proxy in settings.network.https-proxy
+    that refuses the CONNECT is the refresh's error; and refresh and prepare succeed over HTTPS
+    from the good server through a CONNECT proxy, whose log shows the tunnels."""
     with tempfile.TemporaryDirectory(prefix="berth-pki-") as d:
         pki = make_pki(d)
         with Repo(arch, ["v2"], tls=pki["good"]) as repo, VM(arch, raw=True) as vm:
@@ -527,11 +529,26 @@ def update_over_https_with_a_private_ca(arch):
                 err = s["most_recent_command"]["stderr"]
                 assert "TLS handshake with 10.0.2.2 failed" in err and reasons[name] in err, (name, err)
                 assert s["update_state"] == "Idle", (name, s)
-            configure(vm, repo, trust)
-            s = run_command(vm, "refresh-updates", "refresh")
-            assert s["update_state"] == "Available" and s["chosen_update"]["version"] == "0.2.0", s
-            s = run_command(vm, "prepare-update", "prepare")
-            assert s["update_state"] == "Staged" and s["staging_partition"]["image"]["version"] == "0.2.0", s
+            # Through settings.network.https-proxy: a proxy's refusal is the command's error; then
+            # refresh and prepare go through a CONNECT tunnel (the proxy's log shows each).
+            with ConnectProxy(refuse="403 Forbidden") as refusing:
+                configure(vm, repo, {**trust, "network": {"https-proxy": refusing.url()}})
+                s = run_command(vm, "refresh-updates", "refresh", want="Failed")
+                err = s["most_recent_command"]["stderr"]
+                want = f"through the proxy {refusing.url()}: CONNECT 10.0.2.2:{repo.port} refused: " \
+                       "'HTTP/1.1 403 Forbidden'"
+                assert want in err, err
+                assert refusing.log and set(refusing.log) == {f"CONNECT 10.0.2.2:{repo.port} HTTP/1.1"}, \
+                    refusing.log
+            with ConnectProxy() as proxy:
+                configure(vm, repo, {**trust, "network": {"https-proxy": proxy.url()}})
+                s = run_command(vm, "refresh-updates", "refresh")
+                assert s["update_state"] == "Available" and s["chosen_update"]["version"] == "0.2.0", s
+                s = run_command(vm, "prepare-update", "prepare")
+                assert s["update_state"] == "Staged" and s["staging_partition"]["image"]["version"] == "0.2.0", s
+                # One connection per fetch (Connection: close), each a tunnel to the repository.
+                tunnels = [line for line in proxy.log if line == f"CONNECT 10.0.2.2:{repo.port} HTTP/1.1"]
+                assert len(tunnels) >= 4 and tunnels == proxy.log, proxy.log
 
 
 # ---------------------------------------------------------------- Bottlerocket's update operator

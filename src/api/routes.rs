@@ -604,7 +604,8 @@ impl Api {
             return Response::error(503, "no updater here (dev mode has no A/B slots)");
         };
         let settings = self.store.lock().unwrap_or_else(|p| p.into_inner()).settings();
-        match u.command(cmd, &settings.updates.unwrap_or_default()) {
+        let net = crate::update::Network::of(&settings);
+        match u.command_via(cmd, &settings.updates.unwrap_or_default(), &net) {
             Ok(true) => Response::json(
                 202,
                 &json!({"accepted": cmd.name(), "status": "/updates/status", "progress": "/updates/progress"}),

@@ -144,6 +144,7 @@ fn download(url: &Url, trust_bundle: Option<std::path::PathBuf>) -> std::result:
         io_timeout: FETCH_DEADLINE,
         deadline: Some(Instant::now() + FETCH_DEADLINE),
         trust_bundle,
+        proxy: None,
     };
     let (target, host) = crate::update::transport::target_and_host(url);
     let mut conn = Connection::open(url, &opts).map_err(|e| e.to_string())?;

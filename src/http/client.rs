@@ -10,8 +10,8 @@
 //! Bounds: [`Options`] gives each connect attempt `connect_timeout`, each read and write
 //! `io_timeout`, and everything together an optional `deadline`. Heads are at most
 //! [`MAX_HEAD_BYTES`]; bodies are bounded by whoever reads them ([`Body::read_all`] takes a
-//! maximum; the update transport streams). Not supported: proxies, content codings,
-//! HTTP/2.
+//! maximum; the update transport streams). A proxy in [`Options`] tunnels the connections it
+//! applies to ([`super::proxy`]). Not supported: content codings, HTTP/2.
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -25,6 +25,7 @@ use url::{Host, Url};
 use super::body::Body;
 use super::head::{is_token, parse_response, ResponseHead};
 use super::io::{is_timeout, Buffered, Timed, Timeouts};
+use super::proxy::Proxy;
 use super::tls::{self, TlsError, TlsStream};
 use super::MAX_HEAD_BYTES;
 
@@ -102,6 +103,8 @@ pub struct Options {
     pub deadline: Option<Instant>,
     /// The PEM file of trusted CAs for https (`None`: [`tls::default_bundle`]).
     pub trust_bundle: Option<PathBuf>,
+    /// The proxy for the URLs it applies to ([`Connection::open`] only).
+    pub proxy: Option<Proxy>,
 }
 
 impl Default for Options {
@@ -111,13 +114,14 @@ impl Default for Options {
             io_timeout: Duration::from_secs(30),
             deadline: None,
             trust_bundle: None,
+            proxy: None,
         }
     }
 }
 
 impl Options {
     /// `wanted`, but no later than the deadline; an error once the deadline has passed.
-    fn bounded(&self, wanted: Duration) -> Result<Duration, Error> {
+    pub(crate) fn bounded(&self, wanted: Duration) -> Result<Duration, Error> {
         match self.deadline {
             None => Ok(wanted),
             Some(d) => match d.checked_duration_since(Instant::now()) {
@@ -156,6 +160,13 @@ pub enum Error {
     },
     /// The answer (or the request to be sent) breaks HTTP or a limit.
     Malformed(String),
+    /// The proxy could not be reached or did not open the tunnel; `retry`: a network failure
+    /// rather than a refusal.
+    Proxy {
+        proxy: String,
+        why: String,
+        retry: bool,
+    },
 }
 
 impl fmt::Display for Error {
@@ -169,6 +180,7 @@ impl fmt::Display for Error {
             Error::NoResponse(cause) => write!(f, "no response: {}", cause_text(cause)),
             Error::Io { during, cause } => write!(f, "{during}: {}", cause_text(cause)),
             Error::Malformed(why) => f.write_str(why),
+            Error::Proxy { proxy, why, .. } => write!(f, "through the proxy {proxy}: {why}"),
         }
     }
 }
@@ -323,7 +335,8 @@ impl Connection {
     }
 
     /// Connect to the server of an `http://` or `https://` URL: each address the host resolves
-    /// to in turn, then the TLS handshake for https (certificate checked for the URL's host).
+    /// to in turn (or a tunnel through `opts.proxy` when it applies to the URL), then the TLS
+    /// handshake for https (SNI and the certificate checked for the URL's host).
     pub fn open(url: &Url, opts: &Options) -> Result<Connection, Error> {
         let tls = match url.scheme() {
             "http" => false,
@@ -331,32 +344,15 @@ impl Connection {
             other => return Err(Error::Url(format!("'{other}://' is not http:// or https://"))),
         };
         let port = url.port_or_known_default().unwrap_or(if tls { 443 } else { 80 });
-        let (addrs, name): (Vec<SocketAddr>, String) = match url.host() {
-            Some(Host::Ipv4(ip)) => (vec![(ip, port).into()], ip.to_string()),
-            Some(Host::Ipv6(ip)) => (vec![(ip, port).into()], ip.to_string()),
-            Some(Host::Domain(name)) => {
-                let addrs = (name, port)
-                    .to_socket_addrs()
-                    .map_err(|cause| Error::Resolve { host: name.to_string(), cause })?
-                    .collect();
-                (addrs, name.to_string())
-            }
+        let name = match url.host() {
+            Some(Host::Ipv4(ip)) => ip.to_string(),
+            Some(Host::Ipv6(ip)) => ip.to_string(),
+            Some(Host::Domain(name)) => name.to_string(),
             None => return Err(Error::Url(format!("{url} has no host"))),
         };
-        let mut last = None;
-        let mut stream = None;
-        for addr in addrs {
-            let timeout = opts.bounded(opts.connect_timeout)?;
-            match TcpStream::connect_timeout(&addr, timeout) {
-                Ok(s) => {
-                    stream = Some(s);
-                    break;
-                }
-                Err(cause) => last = Some(Error::Connect { addr: addr.to_string(), cause }),
-            }
-        }
-        let Some(tcp) = stream else {
-            return Err(last.unwrap_or_else(|| Error::Url(format!("'{name}' resolved to no address"))));
+        let tcp = match opts.proxy.as_ref().filter(|p| p.applies_to(url)) {
+            Some(proxy) => proxy.tunnel(&name, port, opts)?,
+            None => Connection::direct(&name, port, opts)?,
         };
         if !tls {
             return Ok(Connection::new(Stream::Tcp(tcp), opts));
@@ -373,6 +369,26 @@ impl Connection {
             other => Error::Tls(other),
         })?;
         Ok(Connection::new(Stream::Tls(Box::new(stream)), opts))
+    }
+
+    /// A TCP connection to `name:port`: each address it resolves to in turn.
+    fn direct(name: &str, port: u16, opts: &Options) -> Result<TcpStream, Error> {
+        let addrs: Vec<SocketAddr> = match name.parse::<std::net::IpAddr>() {
+            Ok(ip) => vec![(ip, port).into()],
+            Err(_) => (name, port)
+                .to_socket_addrs()
+                .map_err(|cause| Error::Resolve { host: name.to_string(), cause })?
+                .collect(),
+        };
+        let mut last = None;
+        for addr in addrs {
+            let timeout = opts.bounded(opts.connect_timeout)?;
+            match TcpStream::connect_timeout(&addr, timeout) {
+                Ok(s) => return Ok(s),
+                Err(cause) => last = Some(Error::Connect { addr: addr.to_string(), cause }),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Url(format!("'{name}' resolved to no address"))))
     }
 
     /// Send `req` and read the head of its answer.

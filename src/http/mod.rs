@@ -31,6 +31,7 @@ pub mod body;
 pub mod client;
 pub mod head;
 pub mod io;
+pub mod proxy;
 pub mod server;
 #[cfg(test)]
 pub mod testing;

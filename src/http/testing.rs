@@ -177,3 +177,89 @@ pub fn base64(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
+
+/// What a [`ConnectProxy`] does with a CONNECT.
+#[derive(Debug, Clone)]
+pub enum ProxyMode {
+    /// Open the tunnel; a host named in `names` is reached at that address instead of resolved.
+    Tunnel { names: Vec<(String, std::net::SocketAddr)> },
+    /// Answer this status line (e.g. "403 Forbidden") and close.
+    Refuse(&'static str),
+    /// Answer with these raw bytes and close.
+    Raw(Vec<u8>),
+    /// Read the request, then hold the connection open without a word.
+    Silent,
+}
+
+/// An HTTP CONNECT proxy on 127.0.0.1 for tests: it keeps every request head it saw.
+pub struct ConnectProxy {
+    pub port: u16,
+    heads: Arc<Mutex<Vec<String>>>,
+}
+
+impl ConnectProxy {
+    pub fn start(mode: ProxyMode) -> ConnectProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let log = heads.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let (Ok(mut client), log, mode) = (stream, log.clone(), mode.clone()) else { continue };
+                std::thread::spawn(move || {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") && client.read(&mut byte).is_ok_and(|n| n == 1) {
+                        head.push(byte[0]);
+                    }
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    log.lock().unwrap().push(head.clone());
+                    let target =
+                        head.strip_prefix("CONNECT ").and_then(|r| r.split(' ').next()).unwrap_or("");
+                    match mode {
+                        ProxyMode::Refuse(status) => {
+                            let _ = write!(client, "HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
+                        }
+                        ProxyMode::Raw(bytes) => {
+                            let _ = client.write_all(&bytes);
+                        }
+                        ProxyMode::Silent => std::thread::sleep(std::time::Duration::from_secs(30)),
+                        ProxyMode::Tunnel { names } => {
+                            let (host, port) = target.rsplit_once(':').unwrap_or((target, "443"));
+                            let addr = names.iter().find(|(n, _)| n == host).map(|(_, a)| *a);
+                            let origin = match addr {
+                                Some(a) => std::net::TcpStream::connect(a),
+                                None => std::net::TcpStream::connect(format!("{host}:{port}")),
+                            };
+                            let Ok(origin) = origin else {
+                                let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n");
+                                return;
+                            };
+                            let _ = client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n");
+                            let (mut c2, mut o2) = (client.try_clone().unwrap(), origin.try_clone().unwrap());
+                            let up = std::thread::spawn(move || {
+                                let _ = std::io::copy(&mut c2, &mut o2);
+                                let _ = o2.shutdown(std::net::Shutdown::Write);
+                            });
+                            let (mut o, mut c) = (origin, client);
+                            let _ = std::io::copy(&mut o, &mut c);
+                            let _ = c.shutdown(std::net::Shutdown::Write);
+                            let _ = up.join();
+                        }
+                    }
+                });
+            }
+        });
+        ConnectProxy { port, heads }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The request heads it was sent, in order.
+    pub fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+}

@@ -127,6 +127,53 @@ fn tuning(k: &Kubernetes, c: &mut Value) {
         k.shutdown_grace_period_for_critical_pods.as_ref().map(|d| json!(d)),
     );
     set("seccompDefault", k.seccomp_default.map(|b| json!(b)));
+    newer(k, c);
+}
+
+/// Bottlerocket's newer keys, each to its KubeletConfiguration field (only when set).
+fn newer(k: &Kubernetes, c: &mut Value) {
+    let mut set = |field: &str, v: Option<Value>| {
+        if let Some(v) = v {
+            c[field] = v;
+        }
+    };
+    set("reservedSystemCPUs", k.reserved_cpus.as_ref().map(|v| json!(v)));
+    // kubelet takes `Static` and `None`; Bottlerocket also accepts them in lowercase.
+    let policy = k.memory_manager_policy.as_deref().map(|p| {
+        if p.eq_ignore_ascii_case("static") {
+            "Static"
+        } else {
+            "None"
+        }
+    });
+    set("memoryManagerPolicy", policy.map(|p| json!(p)));
+    let reserved: Vec<Value> = k
+        .memory_manager_reserved_memory
+        .iter()
+        .flatten()
+        .filter(|(_, r)| r.enabled == Some(true))
+        .filter_map(|(node, r)| {
+            let limits: serde_json::Map<String, Value> =
+                r.limits().into_iter().map(|(n, q)| (n.to_string(), json!(q))).collect();
+            Some(json!({"numaNode": node.parse::<u32>().ok()?, "limits": limits}))
+        })
+        .collect();
+    set("reservedMemory", (!reserved.is_empty()).then(|| json!(reserved)));
+    let options = k.cpu_manager_policy_options.as_deref().unwrap_or_default();
+    let options: serde_json::Map<String, Value> =
+        options.iter().map(|o| (o.clone(), json!("true"))).collect();
+    set("cpuManagerPolicyOptions", (!options.is_empty()).then(|| json!(options)));
+    set("memorySwap", k.memory_swap_behavior.as_ref().map(|b| json!({"swapBehavior": b})));
+    set("imageMaximumGCAge", k.image_maximum_gc_age.as_ref().map(|d| json!(d)));
+    set("imageMinimumGCAge", k.image_minimum_gc_age.as_ref().map(|d| json!(d)));
+    set("containerLogMaxWorkers", k.container_log_max_workers.map(|n| json!(n)));
+    set("containerLogMonitorInterval", k.container_log_monitor_interval.as_ref().map(|d| json!(d)));
+    // kubelet pulls in parallel only when serial pulls are off.
+    if let Some(n) = k.max_parallel_image_pulls {
+        set("serializeImagePulls", Some(json!(false)));
+        set("maxParallelImagePulls", Some(json!(n)));
+    }
+    set("singleProcessOOMKill", k.single_process_oom_kill.map(|b| json!(b)));
 }
 
 /// The enabled credential providers, by name.

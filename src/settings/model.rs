@@ -236,6 +236,9 @@ pub struct Network {
     /// Hosts not to reach through the proxy (`NO_PROXY`), added to Berth's own.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub no_proxy: Option<Vec<String>>,
+    /// Static `/etc/hosts` entries, Bottlerocket's shape: `[["10.0.0.1", ["a", "b.example"]]]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<Vec<(String, Vec<String>)>>,
 }
 
 /// Parse `a.b.c.d/len`.
@@ -279,6 +282,10 @@ impl Lockdown {
 pub struct Ntp {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub time_servers: Option<Vec<String>>,
+    /// chrony's options for each server line, Bottlerocket's shape (`["iburst", "prefer"]`);
+    /// see [`crate::time::check_options`] for what Berth's client honours.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub options: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -402,6 +409,64 @@ pub struct Kubernetes {
     /// The node's provider ID (`providerID`), `aws:///ZONE/INSTANCE-ID` on EC2.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub provider_id: Option<String>,
+    // Bottlerocket's newer kubelet keys (checked in `validate_newer`, rendered in
+    // `kubelet::newer`).
+    /// CPUs kept for the system (`reservedSystemCPUs`): a cpuset list, `0-1,4`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reserved_cpus: Option<String>,
+    /// `Static` or `None` (also lowercase): `memoryManagerPolicy`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_manager_policy: Option<String>,
+    /// NUMA node → reservation (`reservedMemory`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_manager_reserved_memory: Option<BTreeMap<String, MemoryReservation>>,
+    /// `full-pcpus-only`: `cpuManagerPolicyOptions`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_manager_policy_options: Option<Vec<String>>,
+    /// `NoSwap` or `LimitedSwap`: `memorySwap.swapBehavior`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_swap_behavior: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_maximum_gc_age: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_minimum_gc_age: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_log_max_workers: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_log_monitor_interval: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_parallel_image_pulls: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub single_process_oom_kill: Option<bool>,
+}
+
+/// `settings.kubernetes.memory-manager-reserved-memory.NODE`: Bottlerocket's shape, `enabled`
+/// and the limits by resource.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct MemoryReservation {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    #[serde(rename = "hugepages-2Mi", skip_serializing_if = "Option::is_none")]
+    pub hugepages_2mi: Option<String>,
+    #[serde(rename = "hugepages-1Gi", skip_serializing_if = "Option::is_none")]
+    pub hugepages_1gi: Option<String>,
+}
+
+impl MemoryReservation {
+    /// The limits that are set, by kubelet's resource name.
+    pub fn limits(&self) -> Vec<(&'static str, &str)> {
+        [
+            ("memory", &self.memory),
+            ("hugepages-2Mi", &self.hugepages_2mi),
+            ("hugepages-1Gi", &self.hugepages_1gi),
+        ]
+        .into_iter()
+        .filter_map(|(n, v)| v.as_deref().map(|v| (n, v)))
+        .collect()
+    }
 }
 
 /// `settings.kubernetes.credential-providers.NAME`: a kubelet image credential provider.
@@ -953,6 +1018,113 @@ impl Kubernetes {
     }
 }
 
+/// The most `settings.network.hosts` entries, and names per entry.
+pub const MAX_HOSTS_ENTRIES: usize = 256;
+pub const MAX_NAMES_PER_HOST: usize = 16;
+
+/// A cpuset list as the kernel writes it: `0`, `0-3`, `0-1,4,6-7` (ascending, CPUs < 8192).
+pub fn valid_cpuset(s: &str) -> bool {
+    let mut last: Option<u32> = None;
+    !s.is_empty()
+        && s.len() <= 256
+        && s.split(',').all(|part| {
+            let (a, b) = part.split_once('-').unwrap_or((part, part));
+            let num = |x: &str| {
+                (!x.is_empty() && x.len() <= 4 && x.bytes().all(|c| c.is_ascii_digit()))
+                    .then(|| x.parse::<u32>().ok())
+                    .flatten()
+                    .filter(|&n| n < 8192)
+            };
+            match (num(a), num(b)) {
+                (Some(a), Some(b)) if a <= b && last.is_none_or(|l| a > l) => {
+                    last = Some(b);
+                    true
+                }
+                _ => false,
+            }
+        })
+}
+
+impl Kubernetes {
+    /// Bottlerocket's newer kubelet keys.
+    fn validate_newer(&self) -> Result<(), Invalid> {
+        const K: &str = "settings.kubernetes";
+        if let Some(c) = &self.reserved_cpus {
+            if !valid_cpuset(c) {
+                return Err(invalid(
+                    format!("{K}.reserved-cpus"),
+                    format!("'{c}' is not a CPU list (0-1,4: ascending numbers and ranges)"),
+                ));
+            }
+        }
+        check_one_of(
+            &format!("{K}.memory-manager-policy"),
+            &self.memory_manager_policy,
+            &["Static", "None", "static", "none"],
+        )?;
+        let reserved = self.memory_manager_reserved_memory.iter().flatten();
+        if self.memory_manager_reserved_memory.as_ref().is_some_and(|m| m.len() > 64) {
+            return Err(invalid(format!("{K}.memory-manager-reserved-memory"), "more than 64 NUMA nodes"));
+        }
+        for (node, r) in reserved {
+            let key = format!("{K}.memory-manager-reserved-memory.{node}");
+            if node.is_empty() || node.len() > 4 || !node.bytes().all(|c| c.is_ascii_digit()) {
+                return Err(invalid(key, "the name must be a NUMA node number (0, 1, ...)"));
+            }
+            if r.enabled == Some(true) && r.limits().is_empty() {
+                return Err(invalid(
+                    key,
+                    "an enabled reservation needs memory, hugepages-2Mi or hugepages-1Gi",
+                ));
+            }
+            if let Some((name, q)) = r.limits().into_iter().find(|(_, q)| !valid_quantity(q)) {
+                return Err(invalid(format!("{key}.{name}"), format!("'{q}' is not a quantity (1Gi)")));
+            }
+        }
+        let options = self.cpu_manager_policy_options.as_deref().unwrap_or_default();
+        if let Some(o) = options.iter().find(|o| o.as_str() != "full-pcpus-only") {
+            return Err(invalid(
+                format!("{K}.cpu-manager-policy-options"),
+                format!("'{o}' is not a CPU manager option Bottlerocket takes (full-pcpus-only)"),
+            ));
+        }
+        if !options.is_empty() && !matches!(self.cpu_manager_policy.as_deref(), Some("static" | "Static")) {
+            return Err(invalid(
+                format!("{K}.cpu-manager-policy-options"),
+                "only with cpu-manager-policy = \"static\" (kubelet's rule)",
+            ));
+        }
+        check_one_of(
+            &format!("{K}.memory-swap-behavior"),
+            &self.memory_swap_behavior,
+            &["NoSwap", "LimitedSwap"],
+        )?;
+        for (name, d) in [
+            ("image-maximum-gc-age", &self.image_maximum_gc_age),
+            ("image-minimum-gc-age", &self.image_minimum_gc_age),
+            ("container-log-monitor-interval", &self.container_log_monitor_interval),
+        ] {
+            if let Some(d) = d {
+                if !valid_duration(d) {
+                    return Err(invalid(
+                        format!("{K}.{name}"),
+                        format!("'{d}' is not a duration (1h2m3s4ms)"),
+                    ));
+                }
+            }
+        }
+        for (name, v) in [
+            ("container-log-max-workers", self.container_log_max_workers),
+            ("max-parallel-image-pulls", self.max_parallel_image_pulls),
+        ] {
+            if v.is_some_and(|v| v < 1) {
+                return Err(invalid(format!("{K}.{name}"), "must be at least 1 (kubelet's rule)"));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Settings {
     /// The issue-18 groups: dns, proxy, oci-defaults, container-runtime, registry credentials,
     /// aws files.
@@ -980,6 +1152,41 @@ impl Settings {
                     "settings.network.no-proxy",
                     "at most 256 entries, each a host, domain or CIDR without spaces or commas",
                 ));
+            }
+            let hosts = n.hosts.as_deref().unwrap_or_default();
+            if hosts.len() > MAX_HOSTS_ENTRIES {
+                return Err(invalid(
+                    "settings.network.hosts",
+                    format!("more than {MAX_HOSTS_ENTRIES} entries"),
+                ));
+            }
+            for (ip, names) in hosts {
+                if ip.parse::<std::net::IpAddr>().is_err() {
+                    return Err(invalid("settings.network.hosts", format!("'{ip}' is not an IP address")));
+                }
+                if names.is_empty() || names.len() > MAX_NAMES_PER_HOST {
+                    return Err(invalid(
+                        "settings.network.hosts",
+                        format!("{ip}: between 1 and {MAX_NAMES_PER_HOST} names"),
+                    ));
+                }
+                if let Some(bad) = names.iter().find(|h| !valid_hostname(h)) {
+                    return Err(invalid(
+                        "settings.network.hosts",
+                        format!("{ip}: '{bad}' is not a host name"),
+                    ));
+                }
+            }
+            // What the updater reads the same way (an https:// proxy is for the services only).
+            if let Some(p) = n.https_proxy.as_deref().filter(|p| !p.starts_with("https://")) {
+                if let Err(e) = crate::http::proxy::Proxy::new(p, np) {
+                    let key = if e.starts_with("no-proxy") {
+                        "settings.network.no-proxy"
+                    } else {
+                        "settings.network.https-proxy"
+                    };
+                    return Err(invalid(key, e));
+                }
             }
         }
         if let Some(d) = &self.dns {
@@ -1136,6 +1343,7 @@ impl Settings {
         self.validate_more()?;
         if let Some(k) = &self.kubernetes {
             k.validate_tuning()?;
+            k.validate_newer()?;
         }
         if let Some(m) = &self.motd {
             if m.len() > 16 * 1024 {
@@ -1177,6 +1385,9 @@ impl Settings {
             if v.contains(['\n', '\0']) || v.len() > 4096 {
                 return Err(invalid(key, "value must be one line of at most 4096 bytes"));
             }
+        }
+        if let Some(options) = self.ntp.as_ref().and_then(|n| n.options.as_ref()) {
+            crate::time::check_options(options).map_err(|e| invalid("settings.ntp.options", e))?;
         }
         if let Some(servers) = self.ntp.as_ref().and_then(|n| n.time_servers.as_ref()) {
             let max = crate::time::MAX_SERVERS;
@@ -1390,7 +1601,7 @@ mod tests {
             ),
             (json!([1, 2]), "settings", "wrong shape"),
             (
-                json!({"network": [null, null, null, null, null, null, null]}),
+                json!({"network": [null, null, null, null, null, null, null, null]}),
                 "settings.network",
                 "wrong shape",
             ),
@@ -1606,6 +1817,16 @@ mod tests {
             ),
             (json!({"network": {"no-proxy": ["a,b"]}}), "settings.network.no-proxy", "commas"),
             (
+                json!({"network": {"https-proxy": "http://p:3128/path"}}),
+                "settings.network.https-proxy",
+                "no path",
+            ),
+            (
+                json!({"network": {"https-proxy": "p:3128", "no-proxy": ["10.0.0.0/40"]}}),
+                "settings.network.no-proxy",
+                "'10.0.0.0/40' is not a host",
+            ),
+            (
                 json!({"dns": {"name-servers": ["8.8.8.8", "1.1.1.1", "9.9.9.9", "8.8.4.4"]}}),
                 "settings.dns.name-servers",
                 "more than 3",
@@ -1693,6 +1914,128 @@ mod tests {
         ];
         for (v, key, needle) in bad {
             let e = parse_for(&v, Some("aws")).unwrap_err();
+            assert_eq!(e.key, key, "{v}: {e}");
+            assert!(e.message.contains(needle), "{v}: {e}");
+        }
+    }
+
+    /// Bottlerocket's newer keys: network.hosts, ntp.options and the newer kubelet keys.
+    #[test]
+    fn newer_bottlerocket_keys_good_and_bad() {
+        let good = json!({
+            "kubernetes": {
+                "api-server": "https://k8s:6443", "cpu-manager-policy": "static",
+                "reserved-cpus": "0-1,4", "memory-manager-policy": "static",
+                "memory-manager-reserved-memory": {
+                    "0": {"enabled": true, "memory": "1349Mi", "hugepages-2Mi": "64Mi"},
+                    "1": {"enabled": false, "memory": "1Gi"}
+                },
+                "cpu-manager-policy-options": ["full-pcpus-only"], "memory-swap-behavior": "LimitedSwap",
+                "image-maximum-gc-age": "168h", "image-minimum-gc-age": "2m",
+                "container-log-max-workers": 2, "container-log-monitor-interval": "10s",
+                "max-parallel-image-pulls": 3, "single-process-oom-kill": true
+            },
+            "network": {"hosts": [["10.0.0.1", ["db", "db.corp.example"]], ["fd00::1", ["v6host"]]]},
+            "ntp": {"time-servers": ["pool.ntp.org"], "options": ["iburst", "prefer"]}
+        });
+        let s = parse_for(&good, None).unwrap();
+        assert_eq!(serde_json::to_value(&s).unwrap(), good, "round trip");
+        let k = |v: Value| json!({"kubernetes": v});
+        let bad = [
+            (k(json!({"reserved-cpus": "3-1"})), "settings.kubernetes.reserved-cpus", "not a CPU list"),
+            (k(json!({"reserved-cpus": "0,0"})), "settings.kubernetes.reserved-cpus", "ascending"),
+            (k(json!({"reserved-cpus": "a"})), "settings.kubernetes.reserved-cpus", "not a CPU list"),
+            (
+                k(json!({"memory-manager-policy": "dynamic"})),
+                "settings.kubernetes.memory-manager-policy",
+                "not one of",
+            ),
+            (
+                k(json!({"memory-manager-reserved-memory": {"x": {"enabled": true, "memory": "1Gi"}}})),
+                "settings.kubernetes.memory-manager-reserved-memory.x",
+                "NUMA node number",
+            ),
+            (
+                k(json!({"memory-manager-reserved-memory": {"0": {"enabled": true}}})),
+                "settings.kubernetes.memory-manager-reserved-memory.0",
+                "needs memory",
+            ),
+            (
+                k(json!({"memory-manager-reserved-memory": {"0": {"enabled": true, "memory": "1 G"}}})),
+                "settings.kubernetes.memory-manager-reserved-memory.0.memory",
+                "not a quantity",
+            ),
+            (
+                k(json!({"memory-manager-reserved-memory": {"0": {"enabled": true, "cpu": "1"}}})),
+                "settings.kubernetes.memory-manager-reserved-memory.0.cpu",
+                "unknown field",
+            ),
+            (
+                k(json!({"cpu-manager-policy": "static", "cpu-manager-policy-options": ["align-by-socket"]})),
+                "settings.kubernetes.cpu-manager-policy-options",
+                "full-pcpus-only",
+            ),
+            (
+                k(json!({"cpu-manager-policy-options": ["full-pcpus-only"]})),
+                "settings.kubernetes.cpu-manager-policy-options",
+                "only with cpu-manager-policy",
+            ),
+            (
+                k(json!({"memory-swap-behavior": "UnlimitedSwap"})),
+                "settings.kubernetes.memory-swap-behavior",
+                "not one of",
+            ),
+            (
+                k(json!({"image-maximum-gc-age": "1 week"})),
+                "settings.kubernetes.image-maximum-gc-age",
+                "duration",
+            ),
+            (
+                k(json!({"image-minimum-gc-age": "10"})),
+                "settings.kubernetes.image-minimum-gc-age",
+                "duration",
+            ),
+            (
+                k(json!({"max-parallel-image-pulls": 0})),
+                "settings.kubernetes.max-parallel-image-pulls",
+                "at least 1",
+            ),
+            (
+                k(json!({"container-log-max-workers": -1})),
+                "settings.kubernetes.container-log-max-workers",
+                "at least 1",
+            ),
+            (
+                json!({"network": {"hosts": [["10.0.0.300", ["a"]]]}}),
+                "settings.network.hosts",
+                "not an IP address",
+            ),
+            (
+                json!({"network": {"hosts": [["10.0.0.1", []]]}}),
+                "settings.network.hosts",
+                "between 1 and 16 names",
+            ),
+            (
+                json!({"network": {"hosts": [["10.0.0.1", ["a b"]]]}}),
+                "settings.network.hosts",
+                "'a b' is not a host name",
+            ),
+            (json!({"network": {"hosts": [["10.0.0.1"]]}}), "settings.network.hosts[0]", "invalid length"),
+            (
+                json!({"ntp": {"options": ["minpoll", "4"]}}),
+                "settings.ntp.options",
+                "sets its own poll interval",
+            ),
+            (
+                json!({"ntp": {"options": ["maxpoll 10"]}}),
+                "settings.ntp.options",
+                "'maxpoll' is not supported",
+            ),
+            (json!({"ntp": {"options": ["nts"]}}), "settings.ntp.options", "no authenticated NTP"),
+            (json!({"ntp": {"options": ["xleave"]}}), "settings.ntp.options", "only iburst and prefer"),
+        ];
+        for (v, key, needle) in bad {
+            let e = parse_for(&v, None).unwrap_err();
             assert_eq!(e.key, key, "{v}: {e}");
             assert!(e.message.contains(needle), "{v}: {e}");
         }

@@ -470,7 +470,11 @@ pub fn render_file(name: &str, s: &Settings) -> String {
         "hostname" => format!("{}\n", hostname(s)),
         "hosts" => {
             let h = hostname(s);
-            format!("127.0.0.1 localhost\n::1 localhost\n127.0.1.1 {h}\n")
+            let mut out = format!("127.0.0.1 localhost\n::1 localhost\n127.0.1.1 {h}\n");
+            for (ip, names) in s.network.as_ref().and_then(|n| n.hosts.as_ref()).into_iter().flatten() {
+                out.push_str(&format!("{ip} {}\n", names.join(" ")));
+            }
+            out
         }
         "sysctl" => sysctls(s).iter().map(|(k, v)| format!("{k} = {v}\n")).collect(),
         "containerd" => containerd_plugins() + &containerd_config(s),
@@ -504,7 +508,12 @@ pub fn render_file(name: &str, s: &Settings) -> String {
         "ca-bundle" => trust_bundle(s, &fs::read(tls::IMAGE_BUNDLE).unwrap_or_default()),
         "ntp" => {
             let servers = s.ntp.as_ref().and_then(|n| n.time_servers.clone()).unwrap_or_default();
-            servers.iter().map(|t| format!("server {t} iburst\n")).collect()
+            // The options Berth's client honours (crate::time::check_options); iburst by default.
+            let options =
+                s.ntp.as_ref().and_then(|n| n.options.clone()).unwrap_or_else(|| vec!["iburst".into()]);
+            let options: String =
+                options.iter().flat_map(|o| o.split_whitespace()).map(|o| format!(" {o}")).collect();
+            servers.iter().map(|t| format!("server {t}{options}\n")).collect()
         }
         _ => String::new(),
     }
@@ -662,6 +671,19 @@ mod tests {
     /// are exactly the fixtures under tests/data/settings/rendered/. BERTH_UPDATE_FIXTURES=1
     /// rewrites them (to be read and committed deliberately).
     #[test]
+    fn ntp_options_go_on_each_server_line_and_the_client_reads_the_names() {
+        let s = parse(
+            &json!({"ntp": {"time-servers": ["a.example", "10.0.0.1:123"], "options": ["prefer", "iburst"]}}),
+        )
+        .unwrap();
+        let conf = render_file("ntp", &s);
+        assert_eq!(conf, "server a.example prefer iburst\nserver 10.0.0.1:123 prefer iburst\n");
+        assert_eq!(crate::time::servers_from_conf(&conf), ["a.example", "10.0.0.1:123"]);
+        let s = parse(&json!({"ntp": {"time-servers": ["a.example"]}})).unwrap();
+        assert_eq!(render_file("ntp", &s), "server a.example iburst\n", "iburst by default, as before");
+    }
+
+    #[test]
     fn eks_node_user_data_renders_the_fixtures() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/settings");
         let bytes = fs::read(dir.join("eks-node.toml")).unwrap();
@@ -677,6 +699,7 @@ mod tests {
             ("proxy-env", render_file("proxy-env", &s)),
             ("resolv-conf", resolv_conf(net, s.dns.as_ref())),
             ("aws-config", render_file("aws-config", &s)),
+            ("hosts", render_file("hosts", &s)),
         ];
         let update = std::env::var_os("BERTH_UPDATE_FIXTURES").is_some();
         for (name, text) in files {
@@ -694,6 +717,12 @@ mod tests {
         assert_eq!(k["kubeReserved"]["memory"], "893Mi");
         assert_eq!(k["kubeAPIQPS"], 30);
         assert_eq!(k["imageGCHighThresholdPercent"], 85);
+        assert_eq!(k["reservedSystemCPUs"], "0");
+        assert_eq!(k["memoryManagerPolicy"], "Static");
+        assert_eq!(k["reservedMemory"], json!([{"numaNode": 0, "limits": {"memory": "1349Mi"}}]));
+        assert_eq!(k["cpuManagerPolicyOptions"], json!({"full-pcpus-only": "true"}));
+        assert_eq!(k["memorySwap"], json!({"swapBehavior": "NoSwap"}));
+        assert_eq!((&k["imageMaximumGCAge"], &k["imageMinimumGCAge"]), (&json!("168h"), &json!("2m")));
         let c: toml::Value = toml::from_str(&render_file("containerd", &s)).expect("valid TOML");
         let cri = &c["plugins"]["io.containerd.grpc.v1.cri"];
         assert_eq!(cri["max_concurrent_downloads"].as_integer(), Some(4));

@@ -13,7 +13,7 @@
 //!   `live.json.unreadable-SECONDS`, and the settings start empty;
 //! - settings this version's model does not accept (written by a newer version before a
 //!   rollback, or no longer valid) are kept aside key by key, at the granularity of two levels
-//!   (`kubernetes.memory-swap-behavior`, `host-containers.admin`): they stay in `live.json` untouched,
+//!   (`kubernetes.ids-per-pod`, `host-containers.admin`): they stay in `live.json` untouched,
 //!   are not applied, and come back when a version that knows them boots. A commit that
 //!   changes such a key replaces the kept-aside value.
 //!
@@ -666,16 +666,14 @@ mod tests {
         let stored = json!({
             "motd": "hello",
             "future-group": {"x": 1},
-            "kubernetes": {"cluster-name": "c", "memory-swap-behavior": "LimitedSwap"},
+            "kubernetes": {"cluster-name": "c", "ids-per-pod": 65536},
             "network": {"hostname": 5}
         });
         fs::write(d.join("live.json"), stored.to_string()).unwrap();
         let mut s = Datastore::open(&d).unwrap();
         assert_eq!(s.live(), &json!({"motd": "hello", "kubernetes": {"cluster-name": "c"}, "network": {}}));
         let notes = s.notices().join("\n");
-        for key in
-            ["settings.future-group", "settings.kubernetes.memory-swap-behavior", "settings.network.hostname"]
-        {
+        for key in ["settings.future-group", "settings.kubernetes.ids-per-pod", "settings.network.hostname"] {
             assert!(notes.contains(key), "{key} not reported in {notes}");
         }
         // The older version commits a change; what it does not know is still on disk.
@@ -683,7 +681,7 @@ mod tests {
         s.commit("default").unwrap();
         let on_disk: Value = serde_json::from_slice(&fs::read(d.join("live.json")).unwrap()).unwrap();
         assert_eq!(on_disk["future-group"], json!({"x": 1}));
-        assert_eq!(on_disk["kubernetes"]["memory-swap-behavior"], "LimitedSwap");
+        assert_eq!(on_disk["kubernetes"]["ids-per-pod"], 65536);
         assert_eq!(on_disk["motd"], "changed");
         assert_eq!(on_disk["network"]["hostname"], "h", "the commit's own value replaces the kept-aside one");
         // Reopened, the same split happens again, minus what the commit replaced.

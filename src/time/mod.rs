@@ -236,6 +236,43 @@ fn lock(s: &Mutex<Status>) -> std::sync::MutexGuard<'_, Status> {
     s.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// `settings.ntp.options` (chrony's options for each server line, as Bottlerocket passes them):
+/// what Berth's SNTP client honours is accepted, the rest refused with the reason.
+/// - `iburst`: a quick first synchronisation. Berth's client asks at once when it starts or its
+///   servers change and retries a failed poll after 2 s, so it is what the client does anyway.
+/// - `prefer`: on every server line (Bottlerocket writes the options on each) it prefers none
+///   over another; Berth asks its servers in the order given.
+/// - everything else is refused: `minpoll`/`maxpoll` (the client sets its own interval between
+///   [`POLL_MIN`] and [`POLL_MAX`]), `key`/`nts` (no authenticated NTP), `maxdelay`,
+///   `minstratum`, `polltarget`, `offline`, `xleave`, ... (chrony's selection and tuning, which
+///   an SNTP client does not have).
+pub fn check_options(options: &[String]) -> Result<(), String> {
+    if options.len() > 32 {
+        return Err("more than 32 options".into());
+    }
+    for o in options.iter().flat_map(|o| o.split_whitespace()) {
+        match o {
+            "iburst" | "prefer" => {}
+            "minpoll" | "maxpoll" => {
+                return Err(format!(
+                    "'{o}' is not supported: Berth's SNTP client sets its own poll interval, {} s to {} s, from the offsets it sees (docs/time.md)",
+                    POLL_MIN.as_secs(),
+                    POLL_MAX.as_secs()
+                ))
+            }
+            "key" | "nts" => {
+                return Err(format!("'{o}' is not supported: Berth's SNTP client has no authenticated NTP"))
+            }
+            other => {
+                return Err(format!(
+                    "'{other}' is not supported: Berth's SNTP client honours only iburst and prefer (no chrony source selection or tuning)"
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Where the servers come from: the configured entries, or why they cannot be read.
 pub type ServerSource = Box<dyn Fn() -> Result<Vec<String>, String> + Send>;
 

@@ -341,7 +341,10 @@ fn no_servers_and_bad_entries_are_reported() {
 fn the_servers_are_read_back_from_the_rendered_setting() {
     use crate::settings::model::{Ntp, Settings};
     let entries = vec!["pool.ntp.org".to_string(), "10.0.2.2:12345".into(), "[fd00::1]:1234".into()];
-    let s = Settings { ntp: Some(Ntp { time_servers: Some(entries.clone()) }), ..Default::default() };
+    let s = Settings {
+        ntp: Some(Ntp { time_servers: Some(entries.clone()), ..Default::default() }),
+        ..Default::default()
+    };
     let text = crate::settings::render::render_file("ntp", &s);
     assert_eq!(servers_from_conf(&text), entries);
     let dir = std::env::temp_dir().join(format!("berth-ntpconf-{}", std::process::id()));

@@ -27,6 +27,12 @@
 //! each start it is reconciled with boot control and with the slot that booted ([`Updater::new`]).
 //! Long commands (refresh, prepare) run in the updater's own thread, tough on a current-thread
 //! tokio runtime.
+//!
+//! The network path: each refresh and prepare reaches the repository through
+//! `settings.network.https-proxy` (a CONNECT tunnel, `no-proxy` bypassing it;
+//! [`crate::http::proxy`]) as the settings are when the command is given ([`Network`]), so a
+//! settings change applies to the next command. A proxy the updater cannot use is that
+//! command's error in `GET /updates/status`.
 
 pub mod manifest;
 pub mod repo;
@@ -98,6 +104,29 @@ impl Command {
             Command::Deactivate => &[State::Ready],
             Command::Rollback => &[State::Idle, State::Available, State::Staged],
         }
+    }
+}
+
+/// How the updater reaches its repository: `settings.network.https-proxy` and `no-proxy` as
+/// they are when a command is given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Network {
+    pub https_proxy: Option<String>,
+    pub no_proxy: Vec<String>,
+}
+
+impl Network {
+    pub fn of(settings: &crate::settings::model::Settings) -> Network {
+        let n = settings.network.clone().unwrap_or_default();
+        Network { https_proxy: n.https_proxy, no_proxy: n.no_proxy.unwrap_or_default() }
+    }
+
+    /// The proxy, if one is set; an error names the setting.
+    fn proxy(&self) -> Result<Option<crate::http::proxy::Proxy>, Error> {
+        let Some(url) = self.https_proxy.as_deref().filter(|u| !u.is_empty()) else { return Ok(None) };
+        crate::http::proxy::Proxy::new(url, &self.no_proxy)
+            .map(Some)
+            .map_err(|e| Error::Settings(format!("settings.network.https-proxy: {e}")))
     }
 }
 
@@ -280,7 +309,7 @@ pub struct Updater {
     /// Signalled whenever a command finishes.
     finished: Condvar,
     progress: Progress,
-    tx: Mutex<Option<mpsc::Sender<(Command, UpdateSettings)>>>,
+    tx: Mutex<Option<mpsc::Sender<(Command, UpdateSettings, Network)>>>,
 }
 
 fn now() -> jiff::Timestamp {
@@ -414,11 +443,11 @@ impl Updater {
 
     /// Start the updater thread; commands sent through [`Updater::command`] run there.
     pub fn spawn(self: &Arc<Updater>) -> std::io::Result<()> {
-        let (tx, rx) = mpsc::channel::<(Command, UpdateSettings)>();
+        let (tx, rx) = mpsc::channel::<(Command, UpdateSettings, Network)>();
         let me = self.clone();
         std::thread::Builder::new().name("updater".into()).spawn(move || {
-            for (cmd, settings) in rx {
-                let _ = me.execute(cmd, &settings);
+            for (cmd, settings, net) in rx {
+                let _ = me.execute(cmd, &settings, &net);
             }
         })?;
         *self.tx.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
@@ -480,14 +509,21 @@ impl Updater {
         Ok(())
     }
 
-    /// Accept `cmd` if the state allows it: long commands are handed to the updater thread
-    /// (Ok(true): accepted, still running), short ones are carried out now (Ok(false)).
+    /// [`Updater::command_via`] without a proxy (the tests).
+    #[cfg(test)]
     pub fn command(&self, cmd: Command, settings: &UpdateSettings) -> Result<bool, Error> {
+        self.command_via(cmd, settings, &Network::default())
+    }
+
+    /// Accept `cmd` if the state allows it: long commands are handed to the updater thread
+    /// (Ok(true): accepted, still running), short ones are carried out now (Ok(false)). Refresh
+    /// and prepare reach the repository as `net` says.
+    pub fn command_via(&self, cmd: Command, settings: &UpdateSettings, net: &Network) -> Result<bool, Error> {
         self.admit(cmd)?;
         if cmd.is_long() {
             let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
             if let Some(tx) = tx {
-                if tx.send((cmd, settings.clone())).is_ok() {
+                if tx.send((cmd, settings.clone(), net.clone())).is_ok() {
                     return Ok(true);
                 }
             }
@@ -495,7 +531,7 @@ impl Updater {
             self.finished.notify_all();
             return Err(Error::Unavailable("the updater thread is not running".into()));
         }
-        self.execute(cmd, settings).map(|()| false)
+        self.execute(cmd, settings, net).map(|()| false)
     }
 
     /// Admit and run `cmd` now, in this thread (tests). A refusal is recorded as the command's
@@ -504,7 +540,7 @@ impl Updater {
     pub fn run(&self, cmd: Command, settings: &UpdateSettings) {
         match self.admit(cmd) {
             Ok(()) => {
-                let _ = self.execute(cmd, settings);
+                let _ = self.execute(cmd, settings, &Network::default());
             }
             Err(e) => {
                 error!("update {} refused: {e}", cmd.name());
@@ -515,11 +551,11 @@ impl Updater {
     }
 
     /// Run an admitted command.
-    fn execute(&self, cmd: Command, settings: &UpdateSettings) -> Result<(), Error> {
+    fn execute(&self, cmd: Command, settings: &UpdateSettings, net: &Network) -> Result<(), Error> {
         // A panic must not leave the updater "running" forever: it becomes this command's error.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match cmd {
-            Command::Refresh => self.refresh(settings),
-            Command::Prepare => self.prepare(settings),
+            Command::Refresh => self.refresh(settings, net),
+            Command::Prepare => self.prepare(settings, net),
             Command::Activate => self.activate(),
             Command::Deactivate => self.deactivate(),
             Command::Rollback => self.rollback(),
@@ -585,7 +621,7 @@ impl Updater {
         })
     }
 
-    fn open_repo(&self, s: &UpdateSettings) -> Result<(stage::Repo, Manifest), Error> {
+    fn open_repo(&self, s: &UpdateSettings, net: &Network) -> Result<(stage::Repo, Manifest), Error> {
         let md = s.metadata_base_url.as_deref().filter(|u| !u.is_empty());
         let tg = s.targets_base_url.as_deref().filter(|u| !u.is_empty());
         let (Some(md), Some(tg)) = (md, tg) else {
@@ -595,9 +631,11 @@ impl Updater {
                     .into(),
             ));
         };
+        let transport = transport::HttpTransport { proxy: net.proxy()?, ..Default::default() };
         self.clock_floor();
-        let repo = stage::Repo::load(&self.cfg.trusted_root, &self.cfg.state_dir.join("tuf"), md, tg)
-            .map_err(Error::Repository)?;
+        let repo =
+            stage::Repo::load(&self.cfg.trusted_root, &self.cfg.state_dir.join("tuf"), md, tg, transport)
+                .map_err(Error::Repository)?;
         let manifest = repo.manifest().map_err(Error::Repository)?;
         Ok((repo, manifest))
     }
@@ -652,9 +690,9 @@ impl Updater {
         }
     }
 
-    fn refresh(&self, s: &UpdateSettings) -> Result<String, Error> {
+    fn refresh(&self, s: &UpdateSettings, net: &Network) -> Result<String, Error> {
         let policy = self.policy(s)?;
-        let (_repo, manifest) = self.open_repo(s)?;
+        let (_repo, manifest) = self.open_repo(s, net)?;
         let choice = manifest.choose(&policy, now());
         let mut sh = self.lock();
         let mut msg = match &choice {
@@ -710,9 +748,9 @@ impl Updater {
         Some(note)
     }
 
-    fn prepare(&self, s: &UpdateSettings) -> Result<String, Error> {
+    fn prepare(&self, s: &UpdateSettings, net: &Network) -> Result<String, Error> {
         let policy = self.policy(s)?;
-        let (repo, manifest) = self.open_repo(s)?;
+        let (repo, manifest) = self.open_repo(s, net)?;
         let update = {
             let mut sh = self.lock();
             self.note_offered(&mut sh, &manifest);

@@ -65,6 +65,7 @@ impl Repo {
         datastore: &Path,
         metadata_url: &str,
         targets_url: &str,
+        transport: super::transport::HttpTransport,
     ) -> Result<Repo, String> {
         let root_bytes =
             std::fs::read(root).map_err(|e| format!("trusted root metadata {}: {e}", root.display()))?;
@@ -75,7 +76,7 @@ impl Repo {
             .build()
             .map_err(|e| format!("starting the updater's runtime: {e}"))?;
         let loader = RepositoryLoader::new(&root_bytes, md.clone(), tg)
-            .transport(super::transport::HttpTransport::default())
+            .transport(transport)
             .datastore(datastore)
             .expiration_enforcement(ExpirationEnforcement::Safe);
         let repo = rt

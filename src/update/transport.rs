@@ -39,7 +39,8 @@
 //!
 //! Limits: blocking I/O inside the async API (the updater runs tough on a current-thread runtime
 //! in its own thread, so nothing else waits behind it); resolved addresses are tried in turn,
-//! each within `connect_timeout`; no proxies, content codings or keep-alive. A request that
+//! each within `connect_timeout`; through `proxy` (a CONNECT tunnel, [`crate::http::proxy`]) for
+//! the URLs it applies to; no content codings or keep-alive. A request that
 //! fails before its body begins is not retried here: that is the caller's to decide.
 //!
 //! [`FileNotFound`]: TransportErrorKind::FileNotFound
@@ -64,6 +65,7 @@ use crate::http::body::Body;
 use crate::http::client::{self, Connection, Options, Request};
 use crate::http::head::{Framing, ResponseHead};
 use crate::http::io::is_timeout;
+use crate::http::proxy::Proxy;
 use crate::http::tls::TlsError;
 
 /// Redirects followed per request.
@@ -100,6 +102,8 @@ pub struct HttpTransport {
     pub throughput_window: Duration,
     /// The CAs trusted for https (`None`: the rendered trust bundle, or the image's).
     pub trust_bundle: Option<PathBuf>,
+    /// The proxy (`settings.network.https-proxy`, `no-proxy`) for the URLs it applies to.
+    pub proxy: Option<Proxy>,
     /// Downloads resumed so far (shared by clones), for logs and tests.
     pub resumes: Arc<AtomicU32>,
 }
@@ -115,6 +119,7 @@ impl Default for HttpTransport {
             min_throughput: DEFAULT_MIN_THROUGHPUT,
             throughput_window: DEFAULT_THROUGHPUT_WINDOW,
             trust_bundle: None,
+            proxy: None,
             resumes: Arc::new(AtomicU32::new(0)),
         }
     }
@@ -222,6 +227,7 @@ impl HttpTransport {
             io_timeout: self.read_timeout,
             deadline: Some(deadline),
             trust_bundle: self.trust_bundle.clone(),
+            proxy: self.proxy.clone(),
         };
         let past = |e: client::Error| {
             if Instant::now() >= deadline {
@@ -287,6 +293,7 @@ fn fault(e: client::Error) -> Fault {
         }
         client::Error::Tls(TlsError::Io { .. }) => Fault::Io(e.to_string()),
         client::Error::Tls(_) => Fault::Fatal(TransportErrorKind::Other, e.to_string()),
+        client::Error::Proxy { retry: false, .. } => Fault::Fatal(TransportErrorKind::Other, e.to_string()),
         _ => Fault::Io(e.to_string()),
     }
 }
@@ -618,7 +625,7 @@ impl Download {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::testing::{temp_file, Server, TestCa};
+    use crate::http::testing::{temp_file, ConnectProxy, ProxyMode, Server, TestCa};
     use std::io::Write;
     use tough::IntoVec;
 
@@ -1122,5 +1129,108 @@ mod tests {
         let (_, message) = fetch_err(&t, &server.url("/down"));
         assert!(message.contains("a redirect from https to http is refused"), "{message}");
         assert!(plain.requests().is_empty());
+    }
+
+    // ---- through a proxy ----
+
+    fn via(t: HttpTransport, proxy: &str, no_proxy: &[&str]) -> HttpTransport {
+        let np: Vec<String> = no_proxy.iter().map(|s| s.to_string()).collect();
+        HttpTransport { proxy: Some(Proxy::new(proxy, &np).unwrap()), ..t }
+    }
+
+    #[test]
+    fn https_goes_through_a_connect_tunnel_to_the_origin() {
+        let ca = TestCa::new("Berth test CA");
+        let body = noise(300 * 1024, 7);
+        let served = body.clone();
+        // The name exists only for the proxy: the client cannot have gone around it.
+        let server = Server::start_tls(ca.server(&["repo.test"], false).config(), move |_, req, s| {
+            send_file(s, req, &served, "", false, None)
+        });
+        let origin = format!("127.0.0.1:{}", server.port).parse().unwrap();
+        let proxy = ConnectProxy::start(ProxyMode::Tunnel { names: vec![("repo.test".into(), origin)] });
+        let with_auth = proxy.url().replace("http://", "http://me:s%3Acret@");
+        let t = via(trusting(&ca), &with_auth, &[".example", "10.0.0.0/8"]);
+        let url = format!("https://repo.test:{}/targets/t", server.port);
+        assert!(fetch(&t, &url).unwrap() == *body);
+        let heads = proxy.heads();
+        assert_eq!(heads.len(), 1, "{heads:?}");
+        let want = format!("CONNECT repo.test:{0} HTTP/1.1\r\nHost: repo.test:{0}\r\n", server.port);
+        assert!(heads[0].starts_with(&want), "{heads:?}");
+        assert!(heads[0].contains("\r\nProxy-Authorization: Basic bWU6czpjcmV0\r\n"), "me:s:cret: {heads:?}");
+        // Inside the tunnel: the origin-form request, TLS with the origin's name.
+        let origin_saw = server.requests();
+        assert!(origin_saw[0].starts_with("GET /targets/t HTTP/1.1\r\n"), "{origin_saw:?}");
+        assert!(origin_saw[0].contains(&format!("Host: repo.test:{}", server.port)), "{origin_saw:?}");
+        // Plain http goes through a tunnel as well.
+        let plain = Server::start(|_, _, s| {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain");
+        });
+        let plain_addr = format!("127.0.0.1:{}", plain.port).parse().unwrap();
+        let proxy = ConnectProxy::start(ProxyMode::Tunnel { names: vec![("plain.test".into(), plain_addr)] });
+        let t = via(transport(), &proxy.url(), &[]);
+        assert_eq!(fetch(&t, &format!("http://plain.test:{}/x", plain.port)).unwrap(), b"plain");
+        assert!(proxy.heads()[0].starts_with(&format!("CONNECT plain.test:{} HTTP/1.1", plain.port)));
+        // The certificate is checked for the origin's name, not the proxy's.
+        let wrong = Server::start_tls(ca.server(&["other.test"], false).config(), |_, _, _| {});
+        let wrong_addr = format!("127.0.0.1:{}", wrong.port).parse().unwrap();
+        let proxy = ConnectProxy::start(ProxyMode::Tunnel { names: vec![("repo.test".into(), wrong_addr)] });
+        let t = via(trusting(&ca), &proxy.url(), &[]);
+        let (_, message) = fetch_err(&t, &format!("https://repo.test:{}/x", wrong.port));
+        assert!(message.contains("not valid for the name 'repo.test'"), "{message}");
+    }
+
+    #[test]
+    fn no_proxy_goes_around_the_proxy() {
+        let server = Server::start(|_, _, s| {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\ndirect");
+        });
+        let proxy = ConnectProxy::start(ProxyMode::Refuse("403 Forbidden"));
+        // Loopback is always bypassed; `localhost` by name, and an entry of the user's.
+        for (url, no_proxy) in [
+            (server.url("/x"), &[][..]),
+            (format!("http://localhost:{}/x", server.port), &[][..]),
+            (server.url("/x"), &["127.0.0.0/8"][..]),
+        ] {
+            let t = via(transport(), &proxy.url(), no_proxy);
+            assert_eq!(fetch(&t, &url).unwrap(), b"direct", "{url}");
+        }
+        assert!(proxy.heads().is_empty(), "{:?}", proxy.heads());
+    }
+
+    #[test]
+    fn proxy_failures_are_clear_and_bounded() {
+        let p = |mode| ConnectProxy::start(mode);
+        let big = format!("HTTP/1.1 200 OK\r\nX-Pad: {}\r\n\r\n", "a".repeat(9000)).into_bytes();
+        let cases: [(ConnectProxy, &str); 6] = [
+            (
+                p(ProxyMode::Refuse("403 Forbidden")),
+                "CONNECT repo.test:443 refused: 'HTTP/1.1 403 Forbidden'",
+            ),
+            (p(ProxyMode::Refuse("407 Proxy Authentication Required")), "it wants credentials"),
+            (p(ProxyMode::Raw(Vec::new())), "the proxy closed the connection before answering"),
+            (p(ProxyMode::Raw(b"HTTP/1.1 200 OK\r\nX".to_vec())), "closed the connection after 18 bytes"),
+            (p(ProxyMode::Raw(big)), "the response head is larger than 8192 bytes"),
+            (p(ProxyMode::Silent), "timed out waiting for the proxy's answer (CONNECT repo.test:443)"),
+        ];
+        for (proxy, text) in cases {
+            let t = HttpTransport {
+                read_timeout: Duration::from_millis(300),
+                ..via(transport(), &proxy.url(), &[])
+            };
+            let (kind, message) = fetch_err(&t, "https://repo.test/1.root.json");
+            assert_eq!(kind, TransportErrorKind::Other, "{text}");
+            let want = format!("through the proxy {}: ", proxy.url());
+            assert!(message.contains(&want), "{message}");
+            assert!(message.contains(text), "{message} lacks {text:?}");
+        }
+        // Nothing listens there.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let t = via(transport(), &format!("127.0.0.1:{closed}"), &[]);
+        let (_, message) = fetch_err(&t, "https://repo.test/x");
+        assert!(
+            message.contains(&format!("through the proxy http://127.0.0.1:{closed}: cannot connect")),
+            "{message}"
+        );
     }
 }

@@ -346,6 +346,7 @@ impl Imds {
             io_timeout: self.timeout,
             deadline: Some((Instant::now() + self.timeout).min(deadline)),
             trust_bundle: None,
+            proxy: None,
         };
         let mut conn = Connection::tcp(self.addr, &opts)?;
         let host = self.addr.to_string();

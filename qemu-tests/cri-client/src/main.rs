@@ -17,7 +17,8 @@
 //!    `ContainerStatus` says running; the pod's cgroup exists;
 //! 5. the pod answers on its IP from the host's network (across the bridge);
 //! 6. the container's log file has the CRI format line of its output;
-//! 7. `ExecSync` gets stdout and exit status;
+//! 7. `ExecSync` gets stdout and exit status; a second one prints the process's capability
+//!    sets and rlimits (`cri: proc: ...`, from the base spec settings.oci-defaults renders);
 //! 8. `StopContainer`, `RemoveContainer`, `StopPodSandbox`, `RemovePodSandbox`; the pod is no
 //!    longer listed and its IP is released.
 //!
@@ -362,6 +363,36 @@ async fn lifecycle(sandbox_image: &str, image: &str) -> Res<()> {
         return Err(format!("ExecSync: stdout {out:?} stderr {err:?} exit {}", ex.exit_code));
     }
     step("ExecSync", format!("stdout {out:?}, stderr {err:?}, exit 3"));
+
+    // What the container's process spec gives its processes (containerd builds it from the
+    // base spec, settings.oci-defaults): the capabilities and rlimits of the container's own
+    // process (`main`) and of a process ExecSync starts in it (`exec`), one `cri: proc:` line
+    // each, for the case to check against the settings.
+    let ex = rt
+        .exec_sync(cri::ExecSyncRequest {
+            container_id: ctr.clone(),
+            cmd: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                r#"for p in main:$(pidof cri-client) exec:self; do
+                     { grep -E '^Cap(Bnd|Eff|Prm):' /proc/${p#*:}/status
+                       grep -E '^Max (open files|core file size)' /proc/${p#*:}/limits; } | sed "s/^/${p%%:*} /"
+                   done"#
+                    .into(),
+            ],
+            timeout: 30,
+        })
+        .await
+        .map_err(e("ExecSync"))?
+        .into_inner();
+    let out = String::from_utf8_lossy(&ex.stdout);
+    if ex.exit_code != 0 || out.lines().count() != 10 {
+        return Err(format!("ExecSync of the limits: stdout {out:?} exit {}", ex.exit_code));
+    }
+    for line in out.lines() {
+        println!("cri: proc: {line}");
+    }
+    step("limits", "read by ExecSync");
 
     rt.stop_container(cri::StopContainerRequest { container_id: ctr.clone(), timeout: 5 })
         .await
