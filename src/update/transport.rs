@@ -1013,10 +1013,11 @@ mod tests {
     #[test]
     fn a_server_that_trickles_within_the_read_timeout_is_given_up_on() {
         // Scaled down from "one byte every 29 s with a 30 s read timeout": every read succeeds
-        // in time, so only the throughput bound can end it.
-        let server = Server::start(|_, _, s| trickle(s, 1000, Duration::from_millis(90), 1000));
+        // in time, so only the throughput bound can end it. (25 bytes/s against a 1 s read
+        // timeout: a loaded machine's late wake-ups stay far inside it.)
+        let server = Server::start(|_, _, s| trickle(s, 1000, Duration::from_millis(40), 1000));
         let t = HttpTransport {
-            read_timeout: Duration::from_millis(100),
+            read_timeout: Duration::from_secs(1),
             min_throughput: 100,
             throughput_window: Duration::from_millis(500),
             ..transport()
