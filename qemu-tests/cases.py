@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 
 from berthvm import VM, arch_paths, gpt_partitions, slot_states, ROOT
+from ethpeer import free_udp_port
 
 CASES = []
 
@@ -511,15 +512,6 @@ def static_address_from_settings(arch):
 
 
 # ---------------------------------------------------------------- time (issue 9)
-
-def free_udp_port():
-    import socket
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
 
 class Chronyd:
     """Debian's chronyd serving the host's time on 127.0.0.1:PORT (QEMU's user networking takes
