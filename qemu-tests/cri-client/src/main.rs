@@ -111,6 +111,17 @@ where
     }
 }
 
+/// `ExecSync` of `/bin/sh -c SCRIPT` in container `ctr`, within 30 seconds.
+async fn exec_sh(
+    rt: &mut RuntimeServiceClient<Channel>,
+    ctr: &str,
+    script: &str,
+) -> Result<cri::ExecSyncResponse, tonic::Status> {
+    let cmd = vec!["/bin/sh".into(), "-c".into(), script.into()];
+    let req = cri::ExecSyncRequest { container_id: ctr.into(), cmd, timeout: 30 };
+    Ok(rt.exec_sync(req).await?.into_inner())
+}
+
 async fn connect() -> Res<Channel> {
     let path = host_path(SOCKET);
     poll("the CRI socket", Duration::from_secs(180), || {
@@ -345,19 +356,9 @@ async fn lifecycle(sandbox_image: &str, image: &str) -> Res<()> {
     }
     step("log", format!("{}: {line:?}", cs.log_path));
 
-    let ex = rt
-        .exec_sync(cri::ExecSyncRequest {
-            container_id: ctr.clone(),
-            cmd: vec![
-                "/bin/sh".into(),
-                "-c".into(),
-                "echo exec says hi; cat /etc/hostname; echo to-stderr >&2; exit 3".into(),
-            ],
-            timeout: 30,
-        })
+    let ex = exec_sh(&mut rt, &ctr, "echo exec says hi; cat /etc/hostname; echo to-stderr >&2; exit 3")
         .await
-        .map_err(e("ExecSync"))?
-        .into_inner();
+        .map_err(e("ExecSync"))?;
     let (out, err) = (String::from_utf8_lossy(&ex.stdout), String::from_utf8_lossy(&ex.stderr));
     if out != format!("exec says hi\n{POD_NAME}\n") || err != "to-stderr\n" || ex.exit_code != 3 {
         return Err(format!("ExecSync: stdout {out:?} stderr {err:?} exit {}", ex.exit_code));
@@ -368,23 +369,11 @@ async fn lifecycle(sandbox_image: &str, image: &str) -> Res<()> {
     // base spec, settings.oci-defaults): the capabilities and rlimits of the container's own
     // process (`main`) and of a process ExecSync starts in it (`exec`), one `cri: proc:` line
     // each, for the case to check against the settings.
-    let ex = rt
-        .exec_sync(cri::ExecSyncRequest {
-            container_id: ctr.clone(),
-            cmd: vec![
-                "/bin/sh".into(),
-                "-c".into(),
-                r#"for p in main:$(pidof cri-client) exec:self; do
+    let limits = r#"for p in main:$(pidof cri-client) exec:self; do
                      { grep -E '^Cap(Bnd|Eff|Prm):' /proc/${p#*:}/status
                        grep -E '^Max (open files|core file size)' /proc/${p#*:}/limits; } | sed "s/^/${p%%:*} /"
-                   done"#
-                    .into(),
-            ],
-            timeout: 30,
-        })
-        .await
-        .map_err(e("ExecSync"))?
-        .into_inner();
+                   done"#;
+    let ex = exec_sh(&mut rt, &ctr, limits).await.map_err(e("ExecSync"))?;
     let out = String::from_utf8_lossy(&ex.stdout);
     if ex.exit_code != 0 || out.lines().count() != 10 {
         return Err(format!("ExecSync of the limits: stdout {out:?} exit {}", ex.exit_code));
