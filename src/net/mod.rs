@@ -29,6 +29,8 @@ pub mod dhcp;
 pub mod dhcp6;
 pub mod netlink;
 #[cfg(test)]
+mod netns_lab;
+#[cfg(test)]
 mod netns_test;
 pub mod nettoml;
 

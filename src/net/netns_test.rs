@@ -6,16 +6,15 @@
 //! Needs root, `ip` and `dnsmasq` (Debian: dnsmasq-base), and network namespaces. Where it
 //! cannot run it fails under `scripts/test` and is skipped loudly elsewhere (see
 //! [`crate::testing`]). The namespaces, dnsmasq and the scratch directory go away at the end
-//! whatever happens (see `Lab`'s Drop).
+//! whatever happens (see [`Lab`], shared with the DHCPv6 test).
 
 use std::fs;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::dhcp::{Answer, Client, Timing, UdpTransport};
 use super::netlink::Rtnl;
+use super::netns_lab::{self, find_program, report_field, run, Lab};
 use super::{bring_up, resolv_conf, Configured, NetConfig};
 use crate::testing;
 
@@ -27,23 +26,10 @@ const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 123, 0, 1);
 const STATIC_IP: Ipv4Addr = Ipv4Addr::new(10, 123, 0, 200);
 const DNS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 123, 0, 53), Ipv4Addr::new(10, 123, 0, 54)];
 
-pub(in crate::net) fn find_program(name: &str) -> Option<PathBuf> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let found = path
-        .split(':')
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file());
-    found
-}
-
-/// Why the test cannot run here, if it cannot.
+/// Why the tests cannot run here, if they cannot.
 fn missing() -> Option<String> {
-    if let Some(why) = testing::needs_root() {
+    if let Some(why) = netns_lab::missing() {
         return Some(why);
-    }
-    if find_program("ip").is_none() {
-        return Some("`ip` (iproute2) is not installed".into());
     }
     if find_program("dnsmasq").is_none() {
         return Some("dnsmasq is not installed (Debian package dnsmasq-base)".into());
@@ -51,177 +37,20 @@ fn missing() -> Option<String> {
     None
 }
 
-pub(in crate::net) fn run(args: &[&str]) -> Result<String, String> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
-    if !out.status.success() {
-        return Err(format!(
-            "ip {}: {}: {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Two namespaces joined by a veth pair, and dnsmasq in the server's.
-struct Lab {
-    server_ns: String,
-    client_ns: String,
-    dir: PathBuf,
-    dnsmasq: Option<Child>,
-    made: Vec<String>,
-    /// More dnsmasq arguments (interfaces and ranges beyond veth0's).
-    dnsmasq_extra: Vec<String>,
-}
-
-impl Lab {
-    fn new() -> Lab {
-        let id = std::process::id();
-        Lab {
-            server_ns: format!("berth-dhcps-{id}"),
-            client_ns: format!("berth-dhcpc-{id}"),
-            dir: std::env::temp_dir().join(format!("berth-netns-{id}")),
-            dnsmasq: None,
-            made: Vec::new(),
-            dnsmasq_extra: Vec::new(),
-        }
-    }
-
-    fn add_namespace(&mut self, name: String) -> Result<(), String> {
-        run(&["netns", "add", &name])?;
-        self.made.push(name);
-        Ok(())
-    }
-
-    /// Namespaces, veth pair (veth0 in the server's, eth0 in the client's), server address.
-    fn build(&mut self) -> Result<(), String> {
-        let _ = fs::remove_dir_all(&self.dir);
-        fs::create_dir_all(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
-        self.add_namespace(self.server_ns.clone())?;
-        self.add_namespace(self.client_ns.clone())?;
-        let (s, c) = (self.server_ns.as_str(), self.client_ns.as_str());
-        run(&["-n", s, "link", "add", "veth0", "type", "veth", "peer", "name", "eth0", "netns", c])?;
-        run(&["-n", s, "addr", "add", &format!("{SERVER_IP}/24"), "dev", "veth0"])?;
-        run(&["-n", s, "link", "set", "veth0", "up"])?;
-        run(&["-n", s, "link", "set", "lo", "up"])?;
-        Ok(())
-    }
-
-    fn start_dnsmasq(&mut self) -> Result<(), String> {
-        let log = self.dir.join("dnsmasq.log");
-        let log_file = fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-        let err_file = log_file.try_clone().map_err(|e| e.to_string())?;
-        let dnsmasq = find_program("dnsmasq").ok_or("dnsmasq vanished")?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.server_ns])
-            .arg(dnsmasq)
-            .args([
-                "--keep-in-foreground",
-                "--conf-file",
-                "--no-resolv",
-                "--no-hosts",
-                "--port=0",
-                "--user=root",
-                "--interface=veth0",
-                "--bind-interfaces",
-                "--dhcp-authoritative",
-                "--dhcp-range=10.123.0.50,10.123.0.99,255.255.255.0,2m",
-                "--dhcp-option=option:router,10.123.0.1",
-                "--dhcp-option=option:dns-server,10.123.0.53,10.123.0.54",
-                "--dhcp-option=option:domain-name,berth.test",
-                "--log-dhcp",
-                "--log-facility=-",
-            ])
-            .args(&self.dnsmasq_extra)
-            .arg(format!("--dhcp-leasefile={}", self.dir.join("leases").display()))
-            .arg(format!("--pid-file={}", self.dir.join("dnsmasq.pid").display()))
-            .stdin(Stdio::null())
-            .stdout(log_file)
-            .stderr(err_file)
-            .spawn()
-            .map_err(|e| format!("starting dnsmasq: {e}"))?;
-        self.dnsmasq = Some(child);
-        // Wait until it has its DHCP socket (it logs the range), or has died.
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(5) {
-            if fs::read_to_string(&log).unwrap_or_default().contains("DHCP, IP range") {
-                return Ok(());
-            }
-            if let Some(Ok(Some(status))) = self.dnsmasq.as_mut().map(|c| c.try_wait()) {
-                return Err(format!(
-                    "dnsmasq exited ({status}): {}",
-                    fs::read_to_string(&log).unwrap_or_default()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Err(format!("dnsmasq did not start: {}", fs::read_to_string(&log).unwrap_or_default()))
-    }
-
-    /// Run this binary's child test inside the client namespace; returns its output.
-    fn run_child(&self) -> Result<String, String> {
-        self.run_child_test(CHILD_TEST)
-    }
-
-    fn run_child_test(&self, test: &str) -> Result<String, String> {
-        let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-        let out_path = self.dir.join("child.out");
-        let out = fs::File::create(&out_path).map_err(|e| e.to_string())?;
-        let err = out.try_clone().map_err(|e| e.to_string())?;
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.client_ns])
-            .arg(exe)
-            .args(["--exact", test, "--ignored", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, "1")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .map_err(|e| format!("starting the child test: {e}"))?;
-        let start = Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-                break Some(status);
-            }
-            if start.elapsed() > CHILD_TIMEOUT {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let output = fs::read_to_string(&out_path).unwrap_or_default();
-        match status {
-            Some(s) if s.success() && output.contains("CHILD-OK") => Ok(output),
-            Some(s) => Err(format!("child test failed ({s}):\n{output}")),
-            None => Err(format!("child test timed out after {CHILD_TIMEOUT:?}:\n{output}")),
-        }
-    }
-
-    fn dnsmasq_log(&self) -> String {
-        fs::read_to_string(self.dir.join("dnsmasq.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.dnsmasq.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        // Deleting a namespace destroys the veth pair with it.
-        for ns in self.made.drain(..).rev() {
-            if let Err(e) = run(&["netns", "del", &ns]) {
-                eprintln!("cleanup: {e}");
-            }
-        }
-        let _ = fs::remove_dir_all(&self.dir);
-    }
+/// dnsmasq in the server's namespace: 10.123.0.50-99 on veth0, and `extra` arguments
+/// (interfaces and ranges beyond veth0's).
+fn start_dnsmasq(lab: &mut Lab, extra: &[&str]) -> Result<(), String> {
+    let dnsmasq = find_program("dnsmasq").ok_or("dnsmasq vanished")?;
+    let args = [
+        "--port=0",
+        "--dhcp-authoritative",
+        "--dhcp-range=10.123.0.50,10.123.0.99,255.255.255.0,2m",
+        "--dhcp-option=option:router,10.123.0.1",
+        "--dhcp-option=option:dns-server,10.123.0.53,10.123.0.54",
+        "--dhcp-option=option:domain-name,berth.test",
+        "--log-dhcp",
+    ];
+    lab.start_dnsmasq(&dnsmasq, &[&args, extra].concat(), "DHCP, IP range")
 }
 
 #[test]
@@ -230,37 +59,27 @@ fn dhcp_and_static_in_network_namespaces() {
         return testing::cannot_run(TEST, &why);
     }
     let started = Instant::now();
-    let mut lab = Lab::new();
-    if let Err(e) = lab.build() {
-        if lab.made.is_empty() {
-            // No namespaces here (an unprivileged container): the same as not being root.
-            return testing::cannot_run(TEST, &format!("cannot make a network namespace: {e}"));
-        }
-        panic!("{e}");
+    let mut lab = Lab::new("berth-dhcps", "berth-dhcpc", "berth-netns", CHILD_ENV);
+    if !lab.build_or_skip(TEST, &format!("{SERVER_IP}/24"), &[]) {
+        return;
     }
-    lab.start_dnsmasq().unwrap_or_else(|e| panic!("{e}"));
-    let output =
-        lab.run_child().unwrap_or_else(|e| panic!("{e}\n--- dnsmasq log ---\n{}", lab.dnsmasq_log()));
+    start_dnsmasq(&mut lab, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let output = lab
+        .run_child(CHILD_TEST, CHILD_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}\n--- dnsmasq log ---\n{}", lab.log("dnsmasq.log")));
 
     // The child reported the lease it got and the MAC it used; dnsmasq must agree.
-    let report = output
-        .lines()
-        .find_map(|l| l.split_once("CHILD-OK ").map(|(_, report)| report))
-        .expect("report line");
-    let field = |k: &str| {
-        report
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
-            .unwrap_or_else(|| panic!("no {k} in {report}"))
-            .to_string()
-    };
-    let (leased, mac) = (field("lease"), field("mac"));
+    let (leased, mac) = (report_field(&output, "lease"), report_field(&output, "mac"));
     let leases = fs::read_to_string(lab.dir.join("leases")).unwrap_or_default();
     assert!(
         leases.lines().any(|l| l.contains(&leased) && l.contains(&mac)),
         "dnsmasq has no lease of {leased} to {mac}: {leases:?}"
     );
-    assert!(lab.dnsmasq_log().contains(&format!("DHCPACK(veth0) {leased}")), "{}", lab.dnsmasq_log());
+    assert!(
+        lab.log("dnsmasq.log").contains(&format!("DHCPACK(veth0) {leased}")),
+        "{}",
+        lab.log("dnsmasq.log")
+    );
 
     // What the child left configured (the static address, last), seen by iproute2.
     let addrs = run(&["-n", &lab.client_ns, "-4", "-o", "addr", "show", "dev", "eth0"]).unwrap();
@@ -270,7 +89,7 @@ fn dhcp_and_static_in_network_namespaces() {
     assert!(routes.contains(&format!("default via {SERVER_IP} dev eth0")), "{routes}");
     let lo = run(&["-n", &lab.client_ns, "-4", "-o", "addr", "show", "dev", "lo"]).unwrap();
     assert!(lo.contains("inet 127.0.0.1/8"), "{lo}");
-    eprintln!("--- child ---\n{output}--- dnsmasq ---\n{}", lab.dnsmasq_log());
+    eprintln!("--- child ---\n{output}--- dnsmasq ---\n{}", lab.log("dnsmasq.log"));
     eprintln!("namespace test took {:?}", started.elapsed());
 }
 
@@ -419,15 +238,9 @@ fn net_toml_devices_in_network_namespaces() {
     if let Some(why) = missing() {
         return testing::cannot_run(DEVICES_TEST, &why);
     }
-    let mut lab = Lab::new();
-    lab.server_ns = format!("berth-devs-{}", std::process::id());
-    lab.client_ns = format!("berth-devc-{}", std::process::id());
-    lab.dir = std::env::temp_dir().join(format!("berth-netns-devs-{}", std::process::id()));
-    if let Err(e) = lab.build() {
-        if lab.made.is_empty() {
-            return testing::cannot_run(DEVICES_TEST, &format!("cannot make a network namespace: {e}"));
-        }
-        panic!("{e}");
+    let mut lab = Lab::new("berth-devs", "berth-devc", "berth-netns-devs", CHILD_ENV);
+    if !lab.build_or_skip(DEVICES_TEST, &format!("{SERVER_IP}/24"), &[]) {
+        return;
     }
     let (s, c) = (lab.server_ns.clone(), lab.client_ns.clone());
     let setup = || -> Result<(), String> {
@@ -445,17 +258,15 @@ fn net_toml_devices_in_network_namespaces() {
         Ok(())
     };
     setup().unwrap_or_else(|e| panic!("{e}"));
-    lab.dnsmasq_extra = [
+    let eth2_range = [
         "--interface=veth2",
         "--dhcp-range=set:two,10.126.0.50,10.126.0.99,255.255.255.0,2m",
         "--dhcp-option=tag:two,option:router,10.126.0.1",
-    ]
-    .map(String::from)
-    .to_vec();
-    lab.start_dnsmasq().unwrap_or_else(|e| panic!("{e}"));
+    ];
+    start_dnsmasq(&mut lab, &eth2_range).unwrap_or_else(|e| panic!("{e}"));
     let output = lab
-        .run_child_test(DEVICES_CHILD)
-        .unwrap_or_else(|e| panic!("{e}\n--- dnsmasq log ---\n{}", lab.dnsmasq_log()));
+        .run_child(DEVICES_CHILD, CHILD_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}\n--- dnsmasq log ---\n{}", lab.log("dnsmasq.log")));
 
     // What the child left, seen by iproute2.
     let eth0 = addrs_of(&c, "-4", "eth0");
@@ -491,7 +302,7 @@ fn net_toml_devices_in_network_namespaces() {
     );
     let links = run(&["-n", &c, "-o", "link", "show"]).unwrap();
     assert!(!links.contains("junk0"), "the deleted link is still there: {links}");
-    eprintln!("--- child ---\n{output}--- dnsmasq ---\n{}", lab.dnsmasq_log());
+    eprintln!("--- child ---\n{output}--- dnsmasq ---\n{}", lab.log("dnsmasq.log"));
 }
 
 /// Runs only as the child of the test above, inside the client namespace: net.toml's plan

@@ -17,10 +17,9 @@
 use std::fs;
 use std::net::{Ipv6Addr, TcpListener, ToSocketAddrs};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::super::netns_test::{find_program, run};
+use super::super::netns_lab::{self, find_program, report_field, run, Lab};
 use super::*;
 use crate::testing;
 
@@ -33,205 +32,59 @@ const SERVER: Ipv6Addr = Ipv6Addr::new(0xfd12, 0x3456, 0, 0, 0, 0, 0, 1);
 const HTTP_PORT: u16 = 8080;
 const BODY: &str = "berth over IPv6\n";
 
-struct Lab {
-    server_ns: String,
-    client_ns: String,
-    dir: PathBuf,
-    etc: PathBuf,
-    children: Vec<Child>,
-    made: Vec<String>,
+/// dnsmasq in the server's namespace: DHCPv6, router advertisements and DNS on veth0.
+fn start_dnsmasq(lab: &mut Lab, dnsmasq: PathBuf) -> Result<(), String> {
+    let args = [
+        "--port=53",
+        "--enable-ra",
+        "--dhcp-range=fd12:3456::100,fd12:3456::1ff,64,2m",
+        "--dhcp-option=option6:dns-server,[fd12:3456::1]",
+        "--dhcp-option=option6:domain-search,berth.test,example.org",
+        "--host-record=www.berth.test,fd12:3456::1",
+        // Answer berth.test from here only: A for an IPv6-only name is an empty answer, not
+        // a refusal for want of upstream servers.
+        "--local=/berth.test/",
+        "--log-dhcp",
+        "--log-queries",
+    ];
+    lab.start_dnsmasq(&dnsmasq, &args, "DHCPv6, IP range")
 }
 
-impl Lab {
-    fn new() -> Lab {
-        let id = std::process::id();
-        let client_ns = format!("berth-dhcp6c-{id}");
-        Lab {
-            server_ns: format!("berth-dhcp6s-{id}"),
-            etc: PathBuf::from("/etc/netns").join(&client_ns),
-            client_ns,
-            dir: std::env::temp_dir().join(format!("berth-netns6-{id}")),
-            children: Vec::new(),
-            made: Vec::new(),
-        }
-    }
-
-    fn build(&mut self) -> Result<(), String> {
-        let _ = fs::remove_dir_all(&self.dir);
-        fs::create_dir_all(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
-        for ns in [self.server_ns.clone(), self.client_ns.clone()] {
-            run(&["netns", "add", &ns])?;
-            self.made.push(ns);
-        }
-        // The client's own resolv.conf (see the module docs); empty until the child writes it.
-        fs::create_dir_all(&self.etc).map_err(|e| format!("{}: {e}", self.etc.display()))?;
-        fs::write(self.etc.join("resolv.conf"), "").map_err(|e| e.to_string())?;
-        let (s, c) = (self.server_ns.as_str(), self.client_ns.as_str());
-        run(&["-n", s, "link", "add", "veth0", "type", "veth", "peer", "name", "eth0", "netns", c])?;
-        run(&["-n", s, "addr", "add", &format!("{SERVER}/64"), "dev", "veth0", "nodad"])?;
-        run(&["-n", s, "link", "set", "veth0", "up"])?;
-        run(&["-n", s, "link", "set", "lo", "up"])?;
-        run(&["-n", c, "link", "set", "lo", "up"])?;
-        // eth0 stays down: bringing it up is the client's job.
-        Ok(())
-    }
-
-    fn spawn(&mut self, ns: &str, program: &[&str], log: &str) -> Result<(), String> {
-        let path = self.dir.join(log);
-        let out = fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let err = out.try_clone().map_err(|e| e.to_string())?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .args(program)
-            .env(CHILD_ENV, "1")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .map_err(|e| format!("starting {}: {e}", program[0]))?;
-        self.children.push(child);
-        Ok(())
-    }
-
-    fn log(&self, name: &str) -> String {
-        fs::read_to_string(self.dir.join(name)).unwrap_or_default()
-    }
-
-    /// Wait until `log` contains `text`, or the last child started exits.
-    fn wait_for(&mut self, log: &str, text: &str, limit: Duration) -> Result<(), String> {
-        let start = Instant::now();
-        while start.elapsed() < limit {
-            if self.log(log).contains(text) {
-                return Ok(());
-            }
-            if let Some(Ok(Some(status))) = self.children.last_mut().map(|c| c.try_wait()) {
-                return Err(format!("{log}: exited ({status}):\n{}", self.log(log)));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Err(format!("{log}: no '{text}' within {limit:?}:\n{}", self.log(log)))
-    }
-
-    fn start_dnsmasq(&mut self, dnsmasq: PathBuf) -> Result<(), String> {
-        let leases = format!("--dhcp-leasefile={}", self.dir.join("leases").display());
-        let pid = format!("--pid-file={}", self.dir.join("dnsmasq.pid").display());
-        let server_ns = self.server_ns.clone();
-        let program = [
-            dnsmasq.to_str().ok_or("dnsmasq's path is not UTF-8")?,
-            "--keep-in-foreground",
-            "--conf-file",
-            "--no-resolv",
-            "--no-hosts",
-            "--port=53",
-            "--user=root",
-            "--interface=veth0",
-            "--bind-interfaces",
-            "--enable-ra",
-            "--dhcp-range=fd12:3456::100,fd12:3456::1ff,64,2m",
-            "--dhcp-option=option6:dns-server,[fd12:3456::1]",
-            "--dhcp-option=option6:domain-search,berth.test,example.org",
-            "--host-record=www.berth.test,fd12:3456::1",
-            // Answer berth.test from here only: A for an IPv6-only name is an empty answer, not
-            // a refusal for want of upstream servers.
-            "--local=/berth.test/",
-            "--log-dhcp",
-            "--log-queries",
-            "--log-facility=-",
-            &leases,
-            &pid,
-        ];
-        self.spawn(&server_ns, &program, "dnsmasq.log")?;
-        self.wait_for("dnsmasq.log", "DHCPv6, IP range", Duration::from_secs(5))
-    }
-
-    fn start_http(&mut self) -> Result<(), String> {
-        let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-        let exe = exe.to_str().ok_or("the test binary's path is not UTF-8")?.to_string();
-        let server_ns = self.server_ns.clone();
-        let args = [exe.as_str(), "--exact", HTTP_TEST, "--ignored", "--nocapture", "--test-threads=1"];
-        self.spawn(&server_ns, &args, "http.log")?;
-        self.wait_for("http.log", "SERVING", Duration::from_secs(10))
-    }
-
-    /// Run the client half in the client namespace; its output when it passed.
-    fn run_client(&mut self) -> Result<String, String> {
-        let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-        let exe = exe.to_str().ok_or("the test binary's path is not UTF-8")?.to_string();
-        let client_ns = self.client_ns.clone();
-        let args = [exe.as_str(), "--exact", CLIENT_TEST, "--ignored", "--nocapture", "--test-threads=1"];
-        self.spawn(&client_ns, &args, "client.log")?;
-        let start = Instant::now();
-        let child = self.children.last_mut().ok_or("no child")?;
-        let status = loop {
-            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-                break Some(status);
-            }
-            if start.elapsed() > CHILD_TIMEOUT {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let output = self.log("client.log");
-        match status {
-            Some(s) if s.success() && output.contains("CHILD-OK") => Ok(output),
-            Some(s) => Err(format!("the client failed ({s}):\n{output}")),
-            None => Err(format!("the client timed out after {CHILD_TIMEOUT:?}:\n{output}")),
-        }
-    }
-
-    fn logs(&self) -> String {
-        format!("--- dnsmasq ---\n{}--- http ---\n{}", self.log("dnsmasq.log"), self.log("http.log"))
-    }
+/// The HTTP server half in the server's namespace.
+fn start_http(lab: &mut Lab) -> Result<(), String> {
+    let server_ns = lab.server_ns.clone();
+    lab.spawn_test(&server_ns, HTTP_TEST, "http.log")?;
+    lab.wait_for("http.log", "SERVING", Duration::from_secs(10))
 }
 
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for mut c in self.children.drain(..) {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for ns in self.made.drain(..).rev() {
-            if let Err(e) = run(&["netns", "del", &ns]) {
-                eprintln!("cleanup: {e}");
-            }
-        }
-        let _ = fs::remove_dir_all(&self.etc);
-        let _ = fs::remove_dir_all(&self.dir);
-    }
+fn logs(lab: &Lab) -> String {
+    format!("--- dnsmasq ---\n{}--- http ---\n{}", lab.log("dnsmasq.log"), lab.log("http.log"))
 }
 
 #[test]
 fn dhcp6_dns_and_http_over_ipv6_in_network_namespaces() {
-    if let Some(why) = testing::needs_root() {
+    if let Some(why) = netns_lab::missing() {
         return testing::cannot_run(TEST, &why);
-    }
-    if find_program("ip").is_none() {
-        return testing::cannot_run(TEST, "`ip` (iproute2) is not installed");
     }
     let Some(dnsmasq) = find_program("dnsmasq") else {
         panic!("{TEST}: dnsmasq is not installed; it is the DHCPv6 server of this test (Debian package dnsmasq-base, see scripts/setup)");
     };
-    let mut lab = Lab::new();
-    if let Err(e) = lab.build() {
-        if lab.made.is_empty() {
-            return testing::cannot_run(TEST, &format!("cannot make a network namespace: {e}"));
-        }
-        panic!("{e}");
+    let mut lab = Lab::new("berth-dhcp6s", "berth-dhcp6c", "berth-netns6", CHILD_ENV);
+    // The client's own resolv.conf (see the module docs); empty until the child writes it.
+    let etc = PathBuf::from("/etc/netns").join(&lab.client_ns);
+    lab.remove_at_end(etc.clone());
+    if !lab.build_or_skip(TEST, &format!("{SERVER}/64"), &["nodad"]) {
+        return;
     }
-    lab.start_dnsmasq(dnsmasq).unwrap_or_else(|e| panic!("{e}"));
-    lab.start_http().unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
-    let output = lab.run_client().unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
-    let report = output.lines().find_map(|l| l.split_once("CHILD-OK ").map(|(_, r)| r)).expect("report line");
-    let field = |k: &str| {
-        report
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
-            .unwrap_or_else(|| panic!("no {k} in {report}"))
-            .to_string()
-    };
-    let (address, mac) = (field("address"), field("mac"));
+    let client_ns = lab.client_ns.clone();
+    // eth0 stays down: bringing it up is the client's job.
+    run(&["-n", &client_ns, "link", "set", "lo", "up"]).unwrap_or_else(|e| panic!("{e}"));
+    fs::create_dir_all(&etc).unwrap_or_else(|e| panic!("{}: {e}", etc.display()));
+    fs::write(etc.join("resolv.conf"), "").unwrap_or_else(|e| panic!("{}: {e}", etc.display()));
+    start_dnsmasq(&mut lab, dnsmasq).unwrap_or_else(|e| panic!("{e}"));
+    start_http(&mut lab).unwrap_or_else(|e| panic!("{e}\n{}", logs(&lab)));
+    let output = lab.run_child(CLIENT_TEST, CHILD_TIMEOUT).unwrap_or_else(|e| panic!("{e}\n{}", logs(&lab)));
+    let (address, mac) = (report_field(&output, "address"), report_field(&output, "mac"));
 
     // dnsmasq's side: the lease, to our DUID-LL (type 3, Ethernet, the MAC), and the replies.
     let leases = fs::read_to_string(lab.dir.join("leases")).unwrap_or_default();
@@ -239,7 +92,7 @@ fn dhcp6_dns_and_http_over_ipv6_in_network_namespaces() {
     assert!(
         leases.lines().any(|l| l.contains(&address) && l.contains(&duid)),
         "dnsmasq has no lease of {address} to {duid}: {leases:?}\n{}",
-        lab.logs()
+        logs(&lab)
     );
     let log = lab.log("dnsmasq.log");
     let steps = ["DHCPSOLICIT(veth0)", "DHCPADVERTISE(veth0)", "DHCPREQUEST(veth0)", "DHCPREPLY(veth0)"];
@@ -247,7 +100,7 @@ fn dhcp6_dns_and_http_over_ipv6_in_network_namespaces() {
         assert!(log.contains(step), "no {step} in dnsmasq's log:\n{log}");
     }
     assert!(log.contains("query[AAAA] www.berth.test"), "the name was not asked over IPv6 DNS:\n{log}");
-    assert!(lab.log("http.log").contains("GET / HTTP/1.1"), "{}", lab.logs());
+    assert!(lab.log("http.log").contains("GET / HTTP/1.1"), "{}", logs(&lab));
 
     // What the client left configured, seen by iproute2: the address, /128, with lifetimes.
     let addrs = run(&["-n", &lab.client_ns, "-6", "addr", "show", "dev", "eth0"]).unwrap();
@@ -260,7 +113,7 @@ fn dhcp6_dns_and_http_over_ipv6_in_network_namespaces() {
         .and_then(|v| v.trim_end_matches("sec").parse::<u32>().ok())
         .unwrap_or_else(|| panic!("no finite valid_lft: {addrs}"));
     assert!((1..=120).contains(&valid), "{addrs}");
-    eprintln!("--- client ---\n{output}{}", lab.logs());
+    eprintln!("--- client ---\n{output}{}", logs(&lab));
 }
 
 /// The client half, run only by the test above, inside the client namespace.
