@@ -76,7 +76,12 @@ fn dhcp6_dns_and_http_over_ipv6_in_network_namespaces() {
     if !lab.build_or_skip(TEST, &format!("{SERVER}/64"), &["nodad"]) {
         return;
     }
-    let client_ns = lab.client_ns.clone();
+    let (server_ns, client_ns) = (lab.server_ns.clone(), lab.client_ns.clone());
+    // veth0's own link-local address only comes (and runs duplicate address detection, about
+    // a second) once the client brings eth0 up, while the client solicits at once: dnsmasq's
+    // first answers would come from fd12:3456::1. A link-local address without DAD is ready.
+    run(&["-n", &server_ns, "addr", "add", "fe80::1/64", "dev", "veth0", "nodad"])
+        .unwrap_or_else(|e| panic!("{e}"));
     // eth0 stays down: bringing it up is the client's job.
     run(&["-n", &client_ns, "link", "set", "lo", "up"]).unwrap_or_else(|e| panic!("{e}"));
     fs::create_dir_all(&etc).unwrap_or_else(|e| panic!("{}: {e}", etc.display()));
