@@ -27,6 +27,8 @@ use log::warn;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Cmdline {
     keys: BTreeMap<String, String>,
+    /// The words after ` -- ` (arguments to init, `settings.boot.init-parameters`).
+    init: Vec<String>,
 }
 
 impl Cmdline {
@@ -54,13 +56,12 @@ impl Cmdline {
                 ),
             }
         }
-        Cmdline { keys }
+        Cmdline { keys, init: init.to_vec() }
     }
 
-    /// The words after ` -- ` that Berth took (for the log).
-    pub fn init_arguments(text: &str) -> Vec<String> {
-        let words = split(text);
-        words.iter().position(|w| w == "--").map(|i| words[i + 1..].to_vec()).unwrap_or_default()
+    /// The words after ` -- ` (for the log; [`Cmdline::get`] has the ones Berth took).
+    pub fn init_arguments(&self) -> &[String] {
+        &self.init
     }
 
     pub fn read() -> Cmdline {
@@ -125,8 +126,8 @@ mod tests {
         assert_eq!(c.get_u64("rootwait", 10), 7);
         assert_eq!(c.get("slot"), Some("A"), "berth.slot is not an init argument: ignored");
         assert_eq!(c.get("selinux"), None);
-        assert_eq!(Cmdline::init_arguments("a -- b c"), ["b", "c"]);
-        assert!(Cmdline::init_arguments("a b").is_empty());
+        assert_eq!(Cmdline::parse("a -- b c").init_arguments(), ["b", "c"]);
+        assert!(Cmdline::parse("a b").init_arguments().is_empty());
     }
 
     #[test]

@@ -203,13 +203,11 @@ fn stage2() -> ! {
         }),
     };
     info!("stage2 start slot={} version={}", handoff.slot, handoff.version);
-    let init_args =
-        boot::cmdline::Cmdline::init_arguments(&fs::read_to_string("/proc/cmdline").unwrap_or_default());
-    if !init_args.is_empty() {
-        info!("init arguments (after --): {}", init_args.join(" "));
+    let cmdline = Cmdline::read();
+    if !cmdline.init_arguments().is_empty() {
+        info!("init arguments (after --): {}", cmdline.init_arguments().join(" "));
     }
     report::adopt(handoff.phases.clone(), handoff.notices.clone());
-    let cmdline = Cmdline::read();
     // Stage 1 armed the watchdog; it is fed from here on, for the life of the system.
     watchdog::install(watchdog::arm(&cmdline, handoff.on_trial));
     let mut ctx = Ctx {
