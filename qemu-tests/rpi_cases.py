@@ -92,9 +92,9 @@ def qemu_dtb(src, dest, boot_partition):
 class Raspi4b(VM):
     """QEMU raspi4b booting the kernel, device tree and initramfs given, the SD card `disk`."""
 
-    def __init__(self, arch, kernel, dtb, initrd, append, disk_size="4G"):
-        # VM's own set-up, with the rpi image as the card (an overlay: QEMU wants an SD card's
-        # size a power of two).
+    def __init__(self, arch, kernel, dtb, initrd, append, disk_size="4G", base=None):
+        # VM's own set-up, with the rpi image (or `base`, a raw copy of it) as the card under an
+        # overlay: QEMU wants an SD card's size a power of two.
         import threading
         self.arch, self.tmp = arch, tempfile.mkdtemp(prefix=f"berth-raspi4b-{arch}-")
         self.disk, self.format = os.path.join(self.tmp, "disk.qcow2"), "qcow2"
@@ -103,9 +103,9 @@ class Raspi4b(VM):
         self.out, self.times, self.since = [], [], 0
         self.lock = threading.Condition()
         self.proc = None
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b",
-                        os.path.join(rpi_dir(arch), "disk.qcow2"), "-F", "qcow2", self.disk, disk_size],
-                       check=True)
+        backing = (base, "raw") if base else (os.path.join(rpi_dir(arch), "disk.qcow2"), "qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing[0], "-F", backing[1],
+                        self.disk, disk_size], check=True)
         self.kernel, self.dtb, self.initrd = kernel, dtb, initrd
         self.append = append
 
@@ -181,11 +181,24 @@ def raspi4b_boots_the_sd_card_image(arch):
     on BOOT-A, a kernel with the tryboot patch), and on QEMU raspi4b its kernel, initramfs and
     (QEMU-adjusted) device tree boot it from the SD card to ready: the Raspberry Pi boot
     control path, containerd, DHCP over usb-net, the API from the host, SELinux enforcing with no
-    denial."""
+    denial, user data from the card's first partition, its settings.boot in BOOT-A's cmdline.txt."""
     d = rpi_dir(arch)
     disk = os.path.join(d, "disk.img")
     boot_a = check_image(disk, os.path.join(d, "kernel"))
     with tempfile.TemporaryDirectory(prefix="berth-raspi4b-") as tmp:
+        # The Pi habit: user data put on the card's first partition (the drive a desktop shows as
+        # BERTH) from another computer, read at the first boot. Its settings.boot reaches the
+        # slot's cmdline.txt, which the firmware would hand the next boot.
+        card = os.path.join(tmp, "card.img")
+        subprocess.run(["cp", "--sparse=always", disk, card], check=True)
+        udf = os.path.join(tmp, "user-data.toml")
+        with open(udf, "w") as f:
+            f.write('[settings]\nmotd = "hello from the Pi"\n[settings.network]\nhostname = "pi-1"\n'
+                    '[settings.boot]\nreboot-to-reconcile = false\n'
+                    '[settings.boot.kernel-parameters]\n"printk.devkmsg" = ["on"]\n'
+                    '[settings.boot.init-parameters]\n"berth.health-timeout" = ["600"]\n')
+        subprocess.run(["mcopy", "-i", fat(card, "BERTH-AUTOBOOT"), udf, "::/user-data.toml"], check=True)
+        base_line = mtype(card, "BERTH-BOOT-A", "cmdline.txt").decode().strip()
         got = {}
         for name in ("Image", "initramfs.gz", "bcm2711-rpi-4-b.dtb"):
             got[name] = os.path.join(tmp, name)
@@ -194,7 +207,7 @@ def raspi4b_boots_the_sd_card_image(arch):
         qemu_dtb(got["bcm2711-rpi-4-b.dtb"], dtb, boot_a)
         append = ("console=ttyAMA0,115200 clk_ignore_unused panic=-1 berth.watchdog=off "
                   "berth.api-serial=ttyUSB0 berth.rootwait=60")
-        with Raspi4b(arch, got["Image"], dtb, got["initramfs.gz"], append) as vm:
+        with Raspi4b(arch, got["Image"], dtb, got["initramfs.gz"], append, base=card) as vm:
             vm.start()
             vm.wait_for(r"Raspberry Pi firmware booted partition %d \(slot A\)" % boot_a, timeout=300)
             m = vm.wait_for(r"berth: network up: (\S+) (\S+) gateway (\S+)", timeout=600)
@@ -221,7 +234,22 @@ def raspi4b_boots_the_sd_card_image(arch):
             st, sel = vm.api("GET", "/selinux", timeout=120)
             assert st == 200 and sel["mode"] == "enforcing" and sel["enforcing"] is True, sel
             assert sel["denials"] == 0 and sel["suppressed"] == 0, sel["recent_denials"]
-            vm.kill()
+            # User data from BERTH-AUTOBOOT, applied as one transaction.
+            st, s = vm.api("GET", "/settings", timeout=120)
+            assert st == 200 and s["motd"] == "hello from the Pi" and s["network"]["hostname"] == "pi-1", s
+            assert "user data from boot partition user-data.toml" in vm.console(), vm.tail(60)
+            wanted = ["printk.devkmsg=on", "--", "berth.health-timeout=600"]
+            nxt = (report.get("cmdline") or {}).get("next") or {}
+            assert all(w in str(nxt.get("A")).split() for w in wanted), report.get("cmdline")
+            # QMP quit: QEMU writes back the overlay as it exits (a kill would lose its tables).
+            vm.qmp("quit")
+            vm.wait_exit(60)
+            after = os.path.join(tmp, "after.img")
+            subprocess.run(["qemu-img", "convert", "-O", "raw", vm.disk, after], check=True)
+            line = mtype(after, "BERTH-BOOT-A", "cmdline.txt").decode()
+            assert line.split()[:len(base_line.split())] == base_line.split(), (base_line, line)
+            assert all(w in line.split() for w in wanted), line
+            assert mtype(after, "BERTH-BOOT-A", "cmdline.base.txt").decode().strip() == base_line
 
 
 def main(argv):
