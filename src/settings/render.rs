@@ -566,6 +566,11 @@ pub fn apply(
         let path = etc.join(file.path);
         let text = render_file(name, s);
         let mode = if SECRET_FILES.contains(name) { 0o600 } else { 0o644 };
+        if unchanged(&path, text.as_bytes(), mode) {
+            // Boot renders containerd's files before containerd starts and everything after it:
+            // the second pass leaves a file that already says this alone.
+            continue;
+        }
         let r = path.parent().map_or(Ok(()), fs::create_dir_all).map_err(|e| e.to_string()).and_then(|_| {
             crate::settings::store::write_atomic_mode(&path, text.as_bytes(), mode).map_err(|e| e.to_string())
         });
@@ -615,6 +620,17 @@ pub fn apply(
     }
 }
 
+/// Whether `path` already holds exactly `text` with permission bits `mode`.
+fn unchanged(path: &Path, text: &[u8], mode: u32) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    match fs::metadata(path) {
+        Ok(m) if m.is_file() && m.len() == text.len() as u64 && m.permissions().mode() & 0o7777 == mode => {
+            fs::read(path).is_ok_and(|now| now == text)
+        }
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -636,6 +652,21 @@ mod tests {
         assert_eq!(fs::read_to_string(d.join("host/sysctl/vm.swappiness")).unwrap(), "7\n");
         assert!(fs::read_to_string(d.join("etc/hosts")).unwrap().contains("127.0.1.1 n1"));
         assert_eq!(fs::read_to_string(d.join("etc/sysctl.d/90-berth.conf")).unwrap(), "vm.swappiness = 7\n");
+        // A file that already says what it would be told is left alone (same inode); one that
+        // differs, in text or in mode, is replaced.
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let ino = |p: &str| fs::metadata(d.join(p)).unwrap().ino();
+        let (motd, hosts) = (ino("etc/motd"), ino("etc/hosts"));
+        let done = apply(&s, None, &d.join("etc"), &host).unwrap();
+        assert!(!done.iter().any(|x| x.starts_with("rendered")), "{done:?}");
+        assert_eq!((ino("etc/motd"), ino("etc/hosts")), (motd, hosts));
+        fs::set_permissions(d.join("etc/motd"), fs::Permissions::from_mode(0o600)).unwrap();
+        let s2 = parse(&json!({"motd": "hello", "network": {"hostname": "n2"}})).unwrap();
+        let done = apply(&s2, None, &d.join("etc"), &host).unwrap();
+        assert!(done.contains(&format!("rendered {}", d.join("etc/hosts").display())), "{done:?}");
+        assert!(done.contains(&format!("rendered {}", d.join("etc/motd").display())), "{done:?}");
+        assert_ne!((ino("etc/motd"), ino("etc/hosts")), (motd, hosts));
+        assert_eq!(fs::metadata(d.join("etc/motd")).unwrap().permissions().mode() & 0o777, 0o644);
         fs::remove_dir_all(&d).unwrap();
     }
 
