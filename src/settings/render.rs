@@ -566,7 +566,7 @@ pub fn apply(
         let path = etc.join(file.path);
         let text = render_file(name, s);
         let mode = if SECRET_FILES.contains(name) { 0o600 } else { 0o644 };
-        if unchanged(&path, text.as_bytes(), mode) {
+        if crate::settings::store::holds(&path, text.as_bytes(), mode) {
             // Boot renders containerd's files before containerd starts and everything after it:
             // the second pass leaves a file that already says this alone.
             continue;
@@ -617,17 +617,6 @@ pub fn apply(
         Ok(done)
     } else {
         Err(errors.join("; "))
-    }
-}
-
-/// Whether `path` already holds exactly `text` with permission bits `mode`.
-fn unchanged(path: &Path, text: &[u8], mode: u32) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    match fs::metadata(path) {
-        Ok(m) if m.is_file() && m.len() == text.len() as u64 && m.permissions().mode() & 0o7777 == mode => {
-            fs::read(path).is_ok_and(|now| now == text)
-        }
-        _ => false,
     }
 }
 

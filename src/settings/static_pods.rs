@@ -95,7 +95,7 @@ pub fn sync(s: &Settings, dir: &Path) -> Result<Vec<String>, String> {
     }
     for (name, data) in &want {
         let path = dir.join(name);
-        if fs::read(&path).ok().as_deref() == Some(data.as_slice()) {
+        if super::store::holds(&path, data, 0o644) {
             continue;
         }
         super::store::write_atomic_mode(&path, data, 0o644).map_err(|e| e.to_string())?;

@@ -116,6 +116,18 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
     move |error| Error::Io { path: path.to_path_buf(), error }
 }
 
+/// Whether `path` is a file that already holds exactly `data` with permission bits `mode`
+/// (so writing it again would change nothing).
+pub fn holds(path: &Path, data: &[u8], mode: u32) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    match fs::metadata(path) {
+        Ok(m) if m.is_file() && m.len() == data.len() as u64 && m.permissions().mode() & 0o7777 == mode => {
+            fs::read(path).is_ok_and(|now| now == data)
+        }
+        _ => false,
+    }
+}
+
 /// Write `data` to `path` atomically (temp file, fsync, rename, fsync of the directory).
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
     write_atomic_mode(path, data, 0o666)
